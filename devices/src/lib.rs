@@ -1,0 +1,13 @@
+//! Emulated devices for rvmm.
+//!
+//! Devices here know nothing of KVM: they see register reads and writes through [`BusDevice`]
+//! and raise interrupts through a [`vm_superio::Trigger`] (an eventfd wired to an irqfd in
+//! production, a counter in tests).
+
+mod bus_device;
+pub mod legacy;
+mod trigger;
+
+pub use bus_device::BusDevice;
+pub use trigger::EventFdTrigger;
+pub use vm_superio::Trigger;

@@ -1,0 +1,284 @@
+//! The command line: `rvmm run ...`, validated into a [`VmConfig`].
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use vmm_core::{CpuProfile, VmConfig};
+
+/// rvmm: a small KVM virtual machine monitor.
+#[derive(Debug, Parser)]
+#[command(name = "rvmm", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest kernel and run it until it powers off or resets.
+    Run(RunArgs),
+}
+
+/// `rvmm run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs / initrd image.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=-1"
+    )]
+    pub cmdline: String,
+    /// Guest RAM, with a K, M, G or T suffix (bytes without one).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u8,
+    /// Serial console: stdio, file=PATH or socket=PATH.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    pub serial: String,
+    /// CPU features shown to the guest: auto (pvm-safe when /sys/module/kvm_pvm exists,
+    /// host otherwise), host or pvm-safe.
+    #[arg(long, value_name = "PROFILE", default_value = "auto")]
+    pub cpu_profile: String,
+    /// KVM device.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialMode {
+    /// The launcher's stdin/stdout.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// A unix socket a console client connects to.
+    Socket(PathBuf),
+}
+
+/// A flag's value is invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {reason}")]
+pub struct InvalidFlag {
+    flag: &'static str,
+    reason: String,
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> InvalidFlag {
+    InvalidFlag {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Parses a size such as `512M`, `1G`, `2GiB` or `1048576`.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    let number: u64 = number.parse().ok()?;
+    let shift = match suffix.trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
+/// Parses `--serial`.
+pub fn parse_serial(text: &str) -> Result<SerialMode, InvalidFlag> {
+    let nonempty = |path: &str| {
+        if path.is_empty() {
+            Err(invalid("serial", format!("'{text}' needs a path")))
+        } else {
+            Ok(PathBuf::from(path))
+        }
+    };
+    match text.split_once('=') {
+        None if text == "stdio" => Ok(SerialMode::Stdio),
+        Some(("file", path)) => nonempty(path).map(SerialMode::File),
+        Some(("socket", path)) => nonempty(path).map(SerialMode::Socket),
+        _ => Err(invalid(
+            "serial",
+            format!("'{text}' is not stdio, file=PATH or socket=PATH"),
+        )),
+    }
+}
+
+/// Parses `--cpu-profile`; `auto` asks the host.
+pub fn parse_cpu_profile(text: &str, kvm_pvm_loaded: bool) -> Result<CpuProfile, InvalidFlag> {
+    match text {
+        "auto" => Ok(CpuProfile::for_host(kvm_pvm_loaded)),
+        other => other.parse().map_err(|_| {
+            invalid(
+                "cpu-profile",
+                format!("'{other}' is not auto, host or pvm-safe"),
+            )
+        }),
+    }
+}
+
+fn existing_file(flag: &'static str, path: &Path) -> Result<PathBuf, InvalidFlag> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(path.to_owned()),
+        Ok(_) => Err(invalid(
+            flag,
+            format!("{} is not a regular file", path.display()),
+        )),
+        Err(e) => Err(invalid(flag, format!("{}: {e}", path.display()))),
+    }
+}
+
+impl RunArgs {
+    /// Validates the flags into a VM configuration and a console mode.
+    pub fn to_config(&self, kvm_pvm_loaded: bool) -> Result<(VmConfig, SerialMode), InvalidFlag> {
+        let memory_bytes = parse_size(&self.memory).ok_or_else(|| {
+            invalid(
+                "memory",
+                format!("'{}' is not a size like 512M", self.memory),
+            )
+        })?;
+        if self.vcpus == 0 || self.vcpus > vmm_core::mptable::MAX_VCPUS {
+            return Err(invalid(
+                "vcpus",
+                format!(
+                    "{} is out of range 1 to {}",
+                    self.vcpus,
+                    vmm_core::mptable::MAX_VCPUS
+                ),
+            ));
+        }
+        vmm_core::memory::MemoryLayout::new(memory_bytes)
+            .map_err(|e| invalid("memory", e.to_string()))?;
+        let config = VmConfig {
+            vcpus: self.vcpus,
+            memory_bytes,
+            kernel: existing_file("kernel", &self.kernel)?,
+            initrd: self
+                .initrd
+                .as_deref()
+                .map(|p| existing_file("initrd", p))
+                .transpose()?,
+            cmdline: self.cmdline.clone(),
+            cpu_profile: parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?,
+            kvm_path: self.kvm_device.clone(),
+        };
+        Ok((config, parse_serial(&self.serial)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["rvmm", "run", "--kernel", "/proc/self/exe"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => a,
+        }
+    }
+
+    #[test]
+    fn sizes_accept_binary_suffixes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("64MB"), Some(64 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12X"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("-1M"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn serial_modes_parse_and_bad_ones_name_the_flag() {
+        assert_eq!(parse_serial("stdio").unwrap(), SerialMode::Stdio);
+        assert_eq!(
+            parse_serial("file=/tmp/x").unwrap(),
+            SerialMode::File("/tmp/x".into())
+        );
+        assert_eq!(
+            parse_serial("socket=/run/s").unwrap(),
+            SerialMode::Socket("/run/s".into())
+        );
+        for bad in ["file=", "tty", "socket", "pipe=/x"] {
+            let err = parse_serial(bad).unwrap_err().to_string();
+            assert!(err.starts_with("--serial: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn cpu_profile_auto_follows_the_host() {
+        assert_eq!(
+            parse_cpu_profile("auto", true).unwrap(),
+            CpuProfile::PvmSafe
+        );
+        assert_eq!(parse_cpu_profile("auto", false).unwrap(), CpuProfile::Host);
+        assert_eq!(parse_cpu_profile("host", true).unwrap(), CpuProfile::Host);
+        assert!(
+            parse_cpu_profile("turbo", true)
+                .unwrap_err()
+                .to_string()
+                .starts_with("--cpu-profile")
+        );
+    }
+
+    #[test]
+    fn valid_flags_become_a_vm_config() {
+        let (config, serial) = args(&["--memory", "64M", "--vcpus", "2"])
+            .to_config(false)
+            .unwrap();
+        assert_eq!(config.memory_bytes, 64 << 20);
+        assert_eq!(config.vcpus, 2);
+        assert_eq!(config.cpu_profile, CpuProfile::Host);
+        assert_eq!(serial, SerialMode::Stdio);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["--vcpus", "0"], "--vcpus"),
+            (&["--vcpus", "33"], "--vcpus"),
+            (&["--memory", "1M"], "--memory"),
+            (&["--memory", "lots"], "--memory"),
+            (&["--initrd", "/nonexistent/initrd"], "--initrd"),
+            (&["--cpu-profile", "x"], "--cpu-profile"),
+        ];
+        for (extra, flag) in cases {
+            let err = args(extra).to_config(false).unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_or_non_file_kernel_is_rejected() {
+        let mut a = args(&[]);
+        a.kernel = "/nonexistent/vmlinux".into();
+        let err = a.to_config(false).unwrap_err().to_string();
+        assert!(err.starts_with("--kernel: /nonexistent/vmlinux"), "{err}");
+        a.kernel = "/tmp".into();
+        assert!(
+            a.to_config(false)
+                .unwrap_err()
+                .to_string()
+                .contains("not a regular file")
+        );
+    }
+}

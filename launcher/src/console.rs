@@ -1,0 +1,165 @@
+//! The serial console's host side: where guest output goes and where input comes from.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use vmm_core::{Serial, SerialOutput};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::cli::SerialMode;
+
+/// A connected console client, shared by the output writer and the acceptor.
+type Client = Arc<Mutex<Option<UnixStream>>>;
+
+/// Guest output for a socket console: written to the attached client, dropped while none is.
+struct SocketOutput(Client);
+
+impl Write for SocketOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut client = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stream) = client.as_mut() {
+            if stream.write_all(buf).is_err() {
+                // The client went away; the guest must not notice.
+                *client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The console's host side once set up.
+pub struct Console {
+    /// Where guest output goes.
+    pub output: SerialOutput,
+    mode: SerialMode,
+    socket: Option<(UnixListener, Client)>,
+    raw_tty: bool,
+}
+
+impl Console {
+    /// Opens the output for `mode` (creates the file or binds the socket).
+    pub fn open(mode: &SerialMode) -> anyhow::Result<Self> {
+        let mut socket = None;
+        let output: SerialOutput = match mode {
+            SerialMode::Stdio => Box::new(io::stdout()),
+            SerialMode::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("--serial: cannot open {}", path.display()))?,
+            ),
+            SerialMode::Socket(path) => {
+                let listener = bind_private_socket(path)
+                    .with_context(|| format!("--serial: cannot listen on {}", path.display()))?;
+                let client: Client = Arc::new(Mutex::new(None));
+                socket = Some((listener, client.clone()));
+                Box::new(SocketOutput(client))
+            }
+        };
+        Ok(Self {
+            output,
+            mode: mode.clone(),
+            socket,
+            raw_tty: false,
+        })
+    }
+
+    /// Starts feeding host input to the guest's UART (stdin or socket clients).
+    pub fn start_input(&mut self, serial: Arc<Mutex<Serial>>) {
+        match self.mode {
+            SerialMode::Stdio => {
+                let stdin = io::stdin();
+                if stdin.is_terminal() {
+                    // Keys (Ctrl-C included) go to the guest, as on a real console.
+                    self.raw_tty = stdin.lock().set_raw_mode().is_ok();
+                }
+                spawn_input("serial-stdin", io::stdin(), serial);
+            }
+            SerialMode::File(_) => {}
+            SerialMode::Socket(_) => {
+                if let Some((listener, client)) = self.socket.take() {
+                    spawn_acceptor(listener, client, serial);
+                }
+            }
+        }
+    }
+
+    /// Restores the terminal and removes the socket.
+    pub fn close(&self) {
+        if self.raw_tty {
+            let _ = io::stdin().lock().set_canon_mode();
+        }
+        if let SerialMode::Socket(path) = &self.mode {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn spawn_input<R: Read + Send + 'static>(name: &str, mut input: R, serial: Arc<Mutex<Serial>>) {
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                queue_all(&serial, &buf[..n]);
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("Serial input disabled: cannot start its thread: {e}");
+    }
+}
+
+/// Queues all of `bytes`, waiting for the guest to drain the 64-byte FIFO when it is full.
+fn queue_all(serial: &Mutex<Serial>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let taken = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_input(bytes);
+        bytes = &bytes[taken..];
+        if taken == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn spawn_acceptor(listener: UnixListener, client: Client, serial: Arc<Mutex<Serial>>) {
+    let spawned = std::thread::Builder::new()
+        .name("serial-socket".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let Ok(reader) = stream.try_clone() else {
+                    continue;
+                };
+                // A new client replaces the old one, as a console re-attach does.
+                *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                spawn_input("serial-client", reader, serial.clone());
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("Serial socket disabled: cannot start its thread: {e}");
+    }
+}

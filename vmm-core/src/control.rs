@@ -1,0 +1,368 @@
+//! The VM's run state, shared by the vCPU threads and whoever drives the VM: pause, resume and
+//! stop requests, and the reason the VM stopped.
+
+use std::fmt;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use devices::Trigger;
+
+use crate::vcpu::kick_thread;
+
+/// What the vCPUs are asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Run the guest.
+    Running,
+    /// Stay out of the guest until resumed.
+    Paused,
+    /// Leave the run loop for good.
+    Stopping,
+}
+
+/// The guest registers shown when the guest dies, so a user can see what it was doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegisterSnapshot {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+}
+
+impl fmt::Display for RegisterSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rip={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            self.rip, self.cr0, self.cr3, self.cr4, self.efer
+        )
+    }
+}
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reset itself (i8042 pulse or reset event): a microVM treats that as its end.
+    Reset,
+    /// The guest powered off.
+    PowerOff,
+    /// The host asked the VM to stop.
+    Requested,
+    /// The guest triple-faulted.
+    TripleFault {
+        /// The vCPU that faulted.
+        vcpu: u8,
+        /// Its registers.
+        regs: Option<RegisterSnapshot>,
+    },
+    /// The guest reported a crash.
+    GuestCrash {
+        /// The reporting vCPU.
+        vcpu: u8,
+    },
+    /// KVM could not run the guest: the exit named, with the registers at that point.
+    KvmFailure {
+        /// The vCPU.
+        vcpu: u8,
+        /// The exit and its details.
+        exit: String,
+        /// Its registers.
+        regs: Option<RegisterSnapshot>,
+    },
+}
+
+/// How the VM's end is reported to a process supervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest shut down or reset, or the host stopped it.
+    Clean,
+    /// The guest crashed.
+    GuestCrash,
+    /// The VMM could not keep running the guest.
+    VmmError,
+}
+
+impl StopReason {
+    /// The class of ending.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Reset | Self::PowerOff | Self::Requested => Outcome::Clean,
+            Self::TripleFault { .. } | Self::GuestCrash { .. } => Outcome::GuestCrash,
+            Self::KvmFailure { .. } => Outcome::VmmError,
+        }
+    }
+}
+
+fn with_regs(f: &mut fmt::Formatter<'_>, regs: &Option<RegisterSnapshot>) -> fmt::Result {
+    match regs {
+        Some(regs) => write!(f, " ({regs})"),
+        None => Ok(()),
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Reset => write!(f, "Guest reset"),
+            Self::PowerOff => write!(f, "Guest powered off"),
+            Self::Requested => write!(f, "Stopped on request"),
+            Self::TripleFault { vcpu, regs } => {
+                write!(f, "Guest triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")?;
+                with_regs(f, regs)
+            }
+            Self::GuestCrash { vcpu } => write!(f, "Guest reported a crash on vCPU {vcpu}"),
+            Self::KvmFailure { vcpu, exit, regs } => {
+                write!(f, "KVM cannot run vCPU {vcpu}: {exit}")?;
+                with_regs(f, regs)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct VcpuSlot {
+    thread: Option<libc::pthread_t>,
+    parked: bool,
+    exited: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    run: RunState,
+    reason: Option<StopReason>,
+    vcpus: Vec<VcpuSlot>,
+}
+
+/// Run state and stop reason shared by the vCPUs and the VM's owner.
+#[derive(Debug)]
+pub struct VmControl {
+    shared: Mutex<Shared>,
+    changed: Condvar,
+}
+
+impl VmControl {
+    /// Control for `vcpus` vCPUs, initially running.
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            shared: Mutex::new(Shared {
+                run: RunState::Running,
+                reason: None,
+                vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current run state.
+    pub fn state(&self) -> RunState {
+        self.lock().run
+    }
+
+    /// Why the VM stopped, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.lock().reason.clone()
+    }
+
+    fn kick_all(shared: &Shared) {
+        for slot in &shared.vcpus {
+            if let (Some(thread), false) = (slot.thread, slot.exited) {
+                kick_thread(thread);
+            }
+        }
+    }
+
+    /// Asks every vCPU to stop; the first reason given is kept.
+    pub fn request_stop(&self, reason: StopReason) {
+        let mut shared = self.lock();
+        shared.reason.get_or_insert(reason);
+        shared.run = RunState::Stopping;
+        Self::kick_all(&shared);
+        self.changed.notify_all();
+    }
+
+    /// Takes every vCPU out of the guest and waits until they are all parked. Returns false
+    /// when the VM is not running.
+    pub fn pause(&self) -> bool {
+        let mut shared = self.lock();
+        if shared.run != RunState::Running {
+            return false;
+        }
+        shared.run = RunState::Paused;
+        Self::kick_all(&shared);
+        while shared.run == RunState::Paused && shared.vcpus.iter().any(|v| !v.parked && !v.exited)
+        {
+            shared = self.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
+        }
+        shared.run == RunState::Paused
+    }
+
+    /// Lets paused vCPUs run again. Returns false when the VM is not paused.
+    pub fn resume(&self) -> bool {
+        let mut shared = self.lock();
+        if shared.run != RunState::Paused {
+            return false;
+        }
+        shared.run = RunState::Running;
+        self.changed.notify_all();
+        true
+    }
+
+    /// Called by vCPU `index`'s thread before it first enters the guest.
+    pub(crate) fn vcpu_started(&self, index: usize, thread: libc::pthread_t) {
+        let mut shared = self.lock();
+        shared.vcpus[index].thread = Some(thread);
+        if shared.run != RunState::Running {
+            // A request made before this thread registered could not kick it.
+            kick_thread(thread);
+        }
+    }
+
+    /// Called by vCPU `index` before each entry: blocks while paused, false once stopping.
+    pub(crate) fn vcpu_may_run(&self, index: usize) -> bool {
+        let mut shared = self.lock();
+        loop {
+            match shared.run {
+                RunState::Running => return true,
+                RunState::Stopping => return false,
+                RunState::Paused => {
+                    shared.vcpus[index].parked = true;
+                    self.changed.notify_all();
+                    shared = self.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
+                    shared.vcpus[index].parked = false;
+                }
+            }
+        }
+    }
+
+    /// Called by vCPU `index`'s thread as it leaves; it is never kicked again.
+    pub(crate) fn vcpu_exited(&self, index: usize) {
+        let mut shared = self.lock();
+        shared.vcpus[index].exited = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until every vCPU thread has left and returns why the VM stopped.
+    pub fn wait_stopped(&self) -> StopReason {
+        let mut shared = self.lock();
+        while !shared.vcpus.iter().all(|v| v.exited) {
+            shared = self.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
+        }
+        shared.reason.clone().unwrap_or(StopReason::Requested)
+    }
+}
+
+/// The i8042's reset line: a guest reset ends the VM.
+#[derive(Debug, Clone)]
+pub struct ResetTrigger(pub std::sync::Arc<VmControl>);
+
+impl Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request_stop(StopReason::Reset);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn first_stop_reason_wins() {
+        let control = VmControl::new(0);
+        control.request_stop(StopReason::Reset);
+        control.request_stop(StopReason::Requested);
+        assert_eq!(control.wait_stopped(), StopReason::Reset);
+        assert_eq!(control.state(), RunState::Stopping);
+    }
+
+    #[test]
+    fn pause_waits_for_vcpus_to_park_and_resume_releases_them() {
+        let control = Arc::new(VmControl::new(2));
+        let workers: Vec<_> = (0..2)
+            .map(|i| {
+                let c = control.clone();
+                thread::spawn(move || {
+                    let mut entries = 0;
+                    while c.vcpu_may_run(i) {
+                        entries += 1;
+                        thread::yield_now();
+                    }
+                    c.vcpu_exited(i);
+                    entries
+                })
+            })
+            .collect();
+        assert!(control.pause());
+        assert_eq!(control.state(), RunState::Paused);
+        assert!(!control.pause(), "already paused");
+        assert!(control.resume());
+        assert!(!control.resume(), "already running");
+        control.request_stop(StopReason::Requested);
+        assert_eq!(control.wait_stopped(), StopReason::Requested);
+        for w in workers {
+            assert!(w.join().unwrap() > 0);
+        }
+    }
+
+    #[test]
+    fn stop_while_paused_releases_parked_vcpus() {
+        let control = Arc::new(VmControl::new(1));
+        let c = control.clone();
+        let worker = thread::spawn(move || {
+            while c.vcpu_may_run(0) {
+                thread::yield_now();
+            }
+            c.vcpu_exited(0);
+        });
+        assert!(control.pause());
+        control.request_stop(StopReason::PowerOff);
+        assert_eq!(control.wait_stopped(), StopReason::PowerOff);
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn reset_trigger_requests_a_reset_stop() {
+        let control = Arc::new(VmControl::new(0));
+        ResetTrigger(control.clone()).trigger().unwrap();
+        assert_eq!(control.stop_reason(), Some(StopReason::Reset));
+    }
+
+    #[test]
+    fn outcomes_and_messages_name_the_cause() {
+        assert_eq!(StopReason::Reset.outcome(), Outcome::Clean);
+        let tf = StopReason::TripleFault {
+            vcpu: 0,
+            regs: Some(RegisterSnapshot {
+                rip: 0x100_0000,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(tf.outcome(), Outcome::GuestCrash);
+        let msg = tf.to_string();
+        assert!(
+            msg.contains("triple fault") && msg.contains("rip=0x1000000"),
+            "{msg}"
+        );
+        let fail = StopReason::KvmFailure {
+            vcpu: 1,
+            exit: "KVM_EXIT_INTERNAL_ERROR (emulation failure)".into(),
+            regs: None,
+        };
+        assert_eq!(fail.outcome(), Outcome::VmmError);
+        assert!(fail.to_string().contains("vCPU 1: KVM_EXIT_INTERNAL_ERROR"));
+    }
+}

@@ -1,0 +1,19 @@
+//! rvmm's virtual machine: guest memory, the KVM VM and its vCPUs, boot loading, CPUID, the
+//! port I/O and MMIO buses, and the VM's lifecycle. Knows nothing of HTTP, gRPC or Kubernetes.
+
+pub mod boot;
+pub mod builder;
+pub mod bus;
+pub mod control;
+pub mod cpuid;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{BuildError, RunningVm, Serial, SerialOutput, Vm, VmConfig, build_vm};
+pub use control::{Outcome, RunState, StopReason, VmControl};
+pub use cpuid::CpuProfile;

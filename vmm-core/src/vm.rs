@@ -1,0 +1,109 @@
+//! The KVM VM: opening /dev/kvm, the in-kernel irqchip and PIT, KVM's private pages and the
+//! guest memory slots.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::memory::GuestMemoryMmap;
+
+/// The KVM device.
+pub const KVM_PATH: &str = "/dev/kvm";
+
+/// Errors creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("Cannot open {}", path.display())]
+    OpenKvm {
+        /// The device path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM lacks a capability rvmm needs.
+    #[error("KVM lacks the {0} capability")]
+    MissingCapability(&'static str),
+    /// A VM-level ioctl failed.
+    #[error("Cannot {0}")]
+    Ioctl(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// Opens the KVM device at `path`.
+pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+    let open_err = |source| VmError::OpenKvm {
+        path: path.to_owned(),
+        source,
+    };
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(&cpath).map_err(open_err)
+}
+
+/// Checks the capabilities rvmm relies on.
+pub fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the VM with an in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Ioctl("create the VM", e))?;
+    vm.set_tss_address(KVM_TSS_START as usize)
+        .map_err(|e| VmError::Ioctl("set the TSS address", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(|e| VmError::Ioctl("set the identity map address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Ioctl("create the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Ioctl("create the PIT", e))?;
+    Ok(vm)
+}
+
+/// Registers every guest RAM region as a KVM memory slot.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| {
+                VmError::Ioctl(
+                    "find a guest memory mapping",
+                    kvm_ioctls::Error::new(libc::EFAULT),
+                )
+            })?;
+        let slot_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes, owned by the Vm
+        // together with this VM fd and unmapped only after the fd is closed.
+        unsafe { vm.set_user_memory_region(slot_region) }
+            .map_err(|e| VmError::Ioctl("register guest memory", e))?;
+    }
+    Ok(())
+}
