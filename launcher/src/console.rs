@@ -23,11 +23,11 @@ struct SocketOutput(Client);
 impl Write for SocketOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut client = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stream) = client.as_mut() {
-            if stream.write_all(buf).is_err() {
-                // The client went away; the guest must not notice.
-                *client = None;
-            }
+        if let Some(stream) = client.as_mut()
+            && stream.write_all(buf).is_err()
+        {
+            // The client went away; the guest must not notice.
+            *client = None;
         }
         Ok(buf.len())
     }

@@ -56,14 +56,14 @@ pub enum BootError {
         /// Kernel path.
         path: PathBuf,
     },
-    /// linux-loader rejected the kernel.
-    #[error("Cannot load kernel {}", path.display())]
+    /// linux-loader rejected the kernel. Its errors print their own causes, so the cause is
+    /// shown here rather than chained (the chain would repeat it).
+    #[error("Cannot load kernel {}: {cause}", path.display())]
     LoadKernel {
         /// Kernel path.
         path: PathBuf,
         /// Cause.
-        #[source]
-        source: linux_loader::loader::Error,
+        cause: linux_loader::loader::Error,
     },
     /// The initrd cannot be opened or read.
     #[error("Cannot read initrd {}", path.display())]
@@ -161,9 +161,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         path: path.to_owned(),
         source,
     };
-    let load_err = |source| BootError::LoadKernel {
+    let load_err = |cause| BootError::LoadKernel {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let mut file = File::open(path).map_err(read_err)?;
     let himem = Some(GuestAddress(HIMEM_START));

@@ -103,18 +103,19 @@ pub struct Vm {
 pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, BuildError> {
     check_vcpu_count(config.vcpus)?;
     let layout = MemoryLayout::new(config.memory_bytes)?;
+    let mem = create_guest_memory(&layout)?;
+    // The user's files are checked before KVM is touched.
+    let kernel = setup_boot(&mem, &layout, config)?;
+    setup_mptable(&mem, config.vcpus)?;
     let kvm = open_kvm(&config.kvm_path)?;
     check_capabilities(&kvm)?;
     let vm_fd = create_vm(&kvm)?;
-    let mem = create_guest_memory(&layout)?;
     register_memory(&vm_fd, &mem)?;
     let control = Arc::new(VmControl::new(usize::from(config.vcpus)));
     let mut pio = Bus::new("port I/O");
     let mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out)?;
     attach_i8042(&mut pio, &control)?;
-    let kernel = setup_boot(&mem, &layout, config)?;
-    setup_mptable(&mem, config.vcpus)?;
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel)?;
     Ok(Vm {
         vcpus,

@@ -291,30 +291,41 @@ mod tests {
 
     #[test]
     fn pause_waits_for_vcpus_to_park_and_resume_releases_them() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let control = Arc::new(VmControl::new(2));
+        let entries = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let workers: Vec<_> = (0..2)
             .map(|i| {
-                let c = control.clone();
+                let (c, entries) = (control.clone(), entries.clone());
                 thread::spawn(move || {
-                    let mut entries = 0;
                     while c.vcpu_may_run(i) {
-                        entries += 1;
+                        entries[i].fetch_add(1, Ordering::SeqCst);
                         thread::yield_now();
                     }
                     c.vcpu_exited(i);
-                    entries
                 })
             })
             .collect();
+        let wait_for_entries = |at_least: [usize; 2]| {
+            while (0..2).any(|i| entries[i].load(Ordering::SeqCst) < at_least[i]) {
+                thread::yield_now();
+            }
+        };
+        wait_for_entries([1, 1]);
         assert!(control.pause());
         assert_eq!(control.state(), RunState::Paused);
+        // Parked vCPUs do not enter the guest.
+        let frozen = [0, 1].map(|i| entries[i].load(Ordering::SeqCst));
+        thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(frozen, [0, 1].map(|i| entries[i].load(Ordering::SeqCst)));
         assert!(!control.pause(), "already paused");
         assert!(control.resume());
         assert!(!control.resume(), "already running");
+        wait_for_entries([frozen[0] + 1, frozen[1] + 1]);
         control.request_stop(StopReason::Requested);
         assert_eq!(control.wait_stopped(), StopReason::Requested);
         for w in workers {
-            assert!(w.join().unwrap() > 0);
+            w.join().unwrap();
         }
     }
 

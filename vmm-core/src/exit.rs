@@ -128,7 +128,7 @@ mod tests {
     #[test]
     fn port_io_goes_to_the_port_bus() {
         let (pio, mmio, port_dev, _) = buses();
-        let action = handle_kvm_exit(Ok(VcpuExit::IoOut(0x3f8, &[b'x'])), &pio, &mmio);
+        let action = handle_kvm_exit(Ok(VcpuExit::IoOut(0x3f8, b"x")), &pio, &mmio);
         assert_eq!(action, ExitAction::Continue);
         assert_eq!(port_dev.lock().unwrap().0, vec![(0, vec![b'x'])]);
         let mut data = [0u8; 1];

@@ -81,7 +81,7 @@ impl MemoryLayout {
                 max: MAX_MEMORY_BYTES,
             });
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::Unaligned(size));
         }
         Ok(Self { size })

@@ -33,10 +33,10 @@ impl<T: Trigger + Send> BusDevice for I8042<T> {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let ([byte], Ok(reg)) = (data, u8::try_from(offset)) {
-            if let Err(e) = self.controller.write(reg, *byte) {
-                log::error!("i8042 reset event failed: {e:?}");
-            }
+        if let ([byte], Ok(reg)) = (data, u8::try_from(offset))
+            && let Err(e) = self.controller.write(reg, *byte)
+        {
+            log::error!("i8042 reset event failed: {e:?}");
         }
     }
 }

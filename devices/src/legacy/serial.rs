@@ -60,10 +60,10 @@ where
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // The UART has byte-wide registers only; wider or out-of-range reads float high.
         data.fill(0xff);
-        if let ([byte], Ok(reg)) = (data, u8::try_from(offset)) {
-            if u64::from(reg) < SERIAL_PORT_LEN {
-                *byte = self.uart.read(reg);
-            }
+        if let ([byte], Ok(reg)) = (data, u8::try_from(offset))
+            && u64::from(reg) < SERIAL_PORT_LEN
+        {
+            *byte = self.uart.read(reg);
         }
     }
 
@@ -141,9 +141,9 @@ mod tests {
     #[test]
     fn wide_or_out_of_range_accesses_are_ignored() {
         let mut serial = SerialConsole::new(CountingTrigger::default(), Vec::new());
-        serial.write(THR, &[b'a', b'b']);
-        serial.write(u64::MAX, &[b'c']);
-        serial.write(8, &[b'd']);
+        serial.write(THR, b"ab");
+        serial.write(u64::MAX, b"c");
+        serial.write(8, b"d");
         assert!(serial.output().is_empty());
         let mut wide = [0u8; 4];
         serial.read(0, &mut wide);

@@ -1,0 +1,104 @@
+//! Shared by the KVM tests: KVM detection, the tiny test guests, running `rvmm`.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Whether tests that need /dev/kvm can run. Without it they skip with a printed reason, except
+/// under CI=true, where a skipped VMM test would make a green run meaningless.
+pub fn kvm_available(test: &str) -> bool {
+    let reason = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => return true,
+        Err(e) => format!("/dev/kvm cannot be opened: {e}"),
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: {reason}; CI=true requires KVM");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
+/// Builds the tiny guests once per test binary and returns the path of `<name>.elf`.
+pub fn tiny_guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let out = workspace().join("target").join("tiny-guests");
+        let status = Command::new("bash")
+            .arg(workspace().join("guest-images/tiny/build"))
+            .arg(&out)
+            .status()
+            .expect("run guest-images/tiny/build");
+        assert!(status.success(), "building the tiny guests failed");
+        out
+    });
+    dir.join(format!("{name}.elf"))
+}
+
+/// The rvmm binary under test.
+pub fn rvmm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvmm"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `rvmm` with `args`, killing it after `timeout`.
+pub fn run_rvmm(args: &[&str], timeout: Duration) -> Output {
+    let mut child = rvmm().args(args).spawn().expect("spawn rvmm");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            let out = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
+            panic!(
+                "rvmm {args:?} still running after {timeout:?} (killed: {status}); console:\n{out}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+/// Console lines of a finished run.
+pub fn lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
