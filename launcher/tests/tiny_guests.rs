@@ -165,3 +165,29 @@ fn kvm_forced_pvm_safe_and_host_profiles_both_boot_the_tiny_guest() {
         assert_eq!(out.status.code(), Some(0), "{profile}: {out:?}");
     }
 }
+
+#[test]
+fn kvm_instruction_kvm_cannot_emulate_stops_with_internal_error_and_registers() {
+    if !kvm_available("popcnt") {
+        return;
+    }
+    let out = boot("popcnt", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // Guest code runs in KVM's emulator here, which has no popcnt.
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(lines(&out), vec!["popcnt: executing"]);
+        assert!(
+            stderr.contains("KVM_EXIT_INTERNAL_ERROR (emulation failure"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("instruction bytes f3 48 0f b8"), "{stderr}");
+        assert!(
+            stderr.contains("rip=0x") && stderr.contains("efer=0x"),
+            "{stderr}"
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert_eq!(lines(&out), vec!["popcnt: executing", "popcnt: result 8"]);
+    }
+}
