@@ -7,6 +7,7 @@
 mod bus_device;
 pub mod legacy;
 mod trigger;
+pub mod virtio;
 
 pub use bus_device::BusDevice;
 pub use trigger::EventFdTrigger;

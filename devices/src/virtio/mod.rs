@@ -1,0 +1,110 @@
+//! Virtio devices and the virtio-mmio transport (virtio 1.x, MMIO version 2).
+//!
+//! A device implements [`VirtioDevice`]: what it offers (type, queues, features, config
+//! space) and [`VirtioDevice::activate`], which hands it the queues once the driver is ready.
+//! The device then runs a worker thread of its own that owns the queues, is woken by the queue
+//! eventfds (KVM ioeventfds in a VM) and signals the driver through a [`VirtioInterrupt`].
+
+pub mod mmio;
+pub mod rng;
+mod worker;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use worker::{STOP_EVENT, WorkerHandle, spawn_worker};
+
+/// Guest memory as devices see it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Device type: network card.
+pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+/// Device type: block device.
+pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+/// Device type: entropy source.
+pub const TYPE_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+
+/// The "modern" virtio 1.x feature every rvmm device offers and requires.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Why the device interrupts the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// Used buffers were added to a queue.
+    Queue,
+    /// The configuration space changed (or the device needs a reset).
+    Config,
+}
+
+/// How a device worker signals the driver. Generic so tests can count interrupts.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raises an interrupt of `kind`.
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+
+    /// The device hit an error it cannot recover from without a reset (for example queue
+    /// memory outside guest RAM): sets DEVICE_NEEDS_RESET and tells the driver.
+    fn signal_needs_reset(&self);
+}
+
+/// A queue handed to the device at activation, with the eventfd the driver kicks it through.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// The queue, as the driver set it up.
+    pub queue: Queue,
+    /// Written (by KVM or the transport) when the driver notifies this queue.
+    pub notify: EventFd,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up fewer queues than the device needs.
+    #[error("Device needs {expected} queues, the driver set up {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues given.
+        got: usize,
+    },
+    /// Setting up the worker failed.
+    #[error("Cannot start the device worker")]
+    Worker(#[source] std::io::Error),
+    /// The device is already active.
+    #[error("Device is already active")]
+    AlreadyActive,
+}
+
+/// A virtio device, independent of the transport that exposes it.
+pub trait VirtioDevice: Send {
+    /// Virtio device type (`TYPE_BLOCK`, ...).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Features offered to the driver (including [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+
+    /// The features the driver accepted (a subset of [`VirtioDevice::features`]).
+    fn ack_features(&mut self, features: u64);
+
+    /// Reads the device-specific configuration space at `offset`. Out-of-range bytes read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device-specific configuration space. Read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the device: from now on its worker owns `queues`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+
+    /// Stops the worker (if any) so the device can be activated again; called when the driver
+    /// resets the device.
+    fn reset(&mut self);
+}
