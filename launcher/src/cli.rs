@@ -53,6 +53,9 @@ pub struct RunArgs {
     /// KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+    /// Give the guest a virtio-rng entropy device backed by the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
 }
 
 /// Where the serial console goes.
@@ -177,6 +180,7 @@ impl RunArgs {
             cmdline: self.cmdline.clone(),
             cpu_profile: parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?,
             kvm_path: self.kvm_device.clone(),
+            rng: self.rng,
         };
         Ok((config, parse_serial(&self.serial)?))
     }

@@ -52,6 +52,7 @@ fn ticker_config(vcpus: u8) -> VmConfig {
         cmdline: String::new(),
         cpu_profile: CpuProfile::detect(),
         kvm_path: "/dev/kvm".into(),
+        rng: false,
     }
 }
 

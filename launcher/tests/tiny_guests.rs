@@ -191,3 +191,34 @@ fn kvm_instruction_kvm_cannot_emulate_stops_with_internal_error_and_registers() 
         assert_eq!(lines(&out), vec!["popcnt: executing", "popcnt: result 8"]);
     }
 }
+
+/// The `cpuid:` line for `leaf` as (eax, ebx, ecx, edx).
+fn cpuid_line(lines: &[String], leaf: &str) -> [u64; 4] {
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("cpuid: {leaf} ")))
+        .unwrap_or_else(|| panic!("no {leaf} line in {lines:?}"));
+    let mut regs = [0u64; 4];
+    for (reg, field) in regs.iter_mut().zip(line.split_whitespace().skip(2)) {
+        let hex = field.split_once("=0x").unwrap().1;
+        *reg = u64::from_str_radix(hex, 16).unwrap();
+    }
+    regs
+}
+
+#[test]
+fn kvm_pvm_safe_profile_hides_cx16_and_shows_the_vcpu_topology_to_the_guest() {
+    if !kvm_available("cpuid") {
+        return;
+    }
+    let out = boot("cpuid", &["--cpu-profile", "pvm-safe"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines = lines(&out);
+    let [_, ebx, ecx, _] = cpuid_line(&lines, "leaf1");
+    // cmpxchg16b is what the emulator fails on first; its bit must be gone.
+    assert_eq!(ecx & (1 << 13), 0, "cx16 visible: {ecx:#x}");
+    assert_eq!(ebx >> 24, 0, "initial APIC ID of vCPU 0");
+    assert_eq!((ebx >> 16) & 0xff, 1, "one logical processor");
+    let [_, ebx, _, _] = cpuid_line(&lines, "leaf80000008");
+    assert_ne!(ebx & (1 << 2), 0, "XSAVEERPTR hidden: {ebx:#x}");
+}

@@ -4,22 +4,27 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use devices::EventFdTrigger;
 use devices::legacy::{
     COM1_IRQ, COM1_PORT_BASE, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_LEN,
     SerialConsole,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use devices::virtio::VirtioDevice;
+use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::rng::Rng;
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{
     BootError, LoadedKernel, build_cmdline, load_initrd, load_kernel, write_boot_params,
     write_cmdline,
 };
 use crate::bus::{Bus, BusError};
-use crate::control::{ResetTrigger, RunState, StopReason, VmControl};
+use crate::control::{ResetTrigger, StopReason, VmControl};
 use crate::cpuid::{CpuProfile, VcpuTopology, vcpu_cpuid};
+use crate::layout::{VIRTIO_MMIO_DEVICE_SIZE, virtio_slot};
+use crate::lifecycle::RunningVm;
 use crate::memory::{GuestMemoryMmap, MemoryError, MemoryLayout, create_guest_memory};
 use crate::mptable::{MAX_VCPUS, MptableError, setup_mptable};
 use crate::regs::{RegsError, write_boot_tables};
@@ -48,6 +53,8 @@ pub struct VmConfig {
     pub cpu_profile: CpuProfile,
     /// The KVM device.
     pub kvm_path: PathBuf,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
 }
 
 /// Errors building a VM. Each names the step that failed.
@@ -80,6 +87,21 @@ pub enum BuildError {
     /// vCPU creation or configuration.
     #[error("Cannot set up the vCPUs")]
     Vcpu(#[from] VcpuError),
+    /// More virtio devices than MMIO slots and interrupt lines.
+    #[error("Too many virtio devices: at most {0}")]
+    TooManyDevices(usize),
+    /// A virtio transport could not be created.
+    #[error("Cannot create the virtio-mmio transport of device {index}")]
+    Transport {
+        /// The device's slot.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: devices::virtio::mmio::TransportError,
+    },
+    /// KVM_IOEVENTFD failed.
+    #[error("Cannot register the queue notifier of virtio device {0}")]
+    IoEvent(usize, #[source] kvm_ioctls::Error),
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("Cannot read KVM's supported CPUID")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
@@ -105,7 +127,9 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     let layout = MemoryLayout::new(config.memory_bytes)?;
     let mem = create_guest_memory(&layout)?;
     // The user's files are checked before KVM is touched.
-    let kernel = setup_boot(&mem, &layout, config)?;
+    let virtio_devices = create_virtio_devices(config)?;
+    let slots = virtio_slots(virtio_devices.len())?;
+    let kernel = setup_boot(&mem, &layout, config, &virtio_cmdline(&slots))?;
     setup_mptable(&mem, config.vcpus)?;
     let kvm = open_kvm(&config.kvm_path)?;
     check_capabilities(&kvm)?;
@@ -113,9 +137,10 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     register_memory(&vm_fd, &mem)?;
     let control = Arc::new(VmControl::new(usize::from(config.vcpus)));
     let mut pio = Bus::new("port I/O");
-    let mmio = Bus::new("MMIO");
+    let mut mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out)?;
     attach_i8042(&mut pio, &control)?;
+    attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio_devices, &slots)?;
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel)?;
     Ok(Vm {
         vcpus,
@@ -160,17 +185,73 @@ fn setup_boot(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     config: &VmConfig,
+    device_cmdline: &[String],
 ) -> Result<LoadedKernel, BuildError> {
     let kernel = load_kernel(mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(mem, layout, kernel.end, path)?),
         None => None,
     };
-    let cmdline = build_cmdline(&config.cmdline, &[])?;
+    let cmdline = build_cmdline(&config.cmdline, device_cmdline)?;
     let cmdline_size = write_cmdline(mem, &cmdline)?;
     write_boot_params(mem, layout, &kernel, cmdline_size, initrd)?;
     write_boot_tables(mem, kernel.entry)?;
     Ok(kernel)
+}
+
+/// The virtio devices the configuration asks for, in slot order.
+fn create_virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if config.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    Ok(devices)
+}
+
+/// An MMIO window and interrupt line for each of `count` devices.
+fn virtio_slots(count: usize) -> Result<Vec<(u64, u32)>, BuildError> {
+    (0..count)
+        .map(|i| virtio_slot(i).ok_or(BuildError::TooManyDevices(i)))
+        .collect()
+}
+
+/// How the guest kernel learns of each device (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
+fn virtio_cmdline(slots: &[(u64, u32)]) -> Vec<String> {
+    slots
+        .iter()
+        .map(|(base, irq)| format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+        .collect()
+}
+
+/// Puts each device behind a virtio-mmio transport: interrupts through an irqfd, queue
+/// notifications through ioeventfds so the vCPU thread never runs device code.
+fn attach_virtio_devices(
+    vm_fd: &VmFd,
+    mmio: &mut Bus,
+    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    slots: &[(u64, u32)],
+) -> Result<(), BuildError> {
+    for (index, (device, &(base, irq))) in devices.into_iter().zip(slots).enumerate() {
+        let line = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Irq("virtio", e))?;
+        vm_fd
+            .register_irqfd(&line, irq)
+            .map_err(|e| BuildError::Irq("virtio", e.into()))?;
+        let transport = MmioTransport::new(device, mem.clone(), line)
+            .map_err(|source| BuildError::Transport { index, source })?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+            vm_fd
+                .register_ioevent(event, &notify, queue as u32)
+                .map_err(|e| BuildError::IoEvent(index, e))?;
+        }
+        mmio.insert(
+            base,
+            VIRTIO_MMIO_DEVICE_SIZE,
+            Arc::new(Mutex::new(transport)),
+        )?;
+    }
+    Ok(())
 }
 
 fn setup_vcpus(
@@ -244,64 +325,5 @@ impl Vm {
             _mem: self.mem,
             layout: self.layout,
         })
-    }
-}
-
-/// A VM whose vCPUs are running (or paused).
-#[derive(Debug)]
-pub struct RunningVm {
-    threads: Vec<JoinHandle<()>>,
-    control: Arc<VmControl>,
-    serial: Arc<Mutex<Serial>>,
-    _vm_fd: VmFd,
-    _mem: GuestMemoryMmap,
-    layout: MemoryLayout,
-}
-
-impl RunningVm {
-    /// The guest's serial console.
-    pub fn serial(&self) -> Arc<Mutex<Serial>> {
-        self.serial.clone()
-    }
-
-    /// Shared run control (pause, resume, stop from other threads).
-    pub fn control(&self) -> Arc<VmControl> {
-        self.control.clone()
-    }
-
-    /// Current run state.
-    pub fn state(&self) -> RunState {
-        self.control.state()
-    }
-
-    /// Guest RAM size in bytes.
-    pub fn memory_bytes(&self) -> u64 {
-        self.layout.size()
-    }
-
-    /// Takes every vCPU out of the guest; false when the VM was not running.
-    pub fn pause(&self) -> bool {
-        self.control.pause()
-    }
-
-    /// Lets the vCPUs run again; false when the VM was not paused.
-    pub fn resume(&self) -> bool {
-        self.control.resume()
-    }
-
-    /// Stops the VM.
-    pub fn stop(&self) {
-        self.control.request_stop(StopReason::Requested);
-    }
-
-    /// Waits for the VM to stop, joins the vCPU threads and says why it stopped.
-    pub fn wait(self) -> StopReason {
-        let reason = self.control.wait_stopped();
-        for thread in self.threads {
-            if thread.join().is_err() {
-                log::error!("A vCPU thread panicked");
-            }
-        }
-        reason
     }
 }

@@ -53,3 +53,34 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 /// RAM that does not fit under the hole continues here.
 pub const HIGH_RAM_START: u64 = 1 << 32;
+
+/// First interrupt line for virtio-mmio devices (0-4 are the PIT, keyboard, cascade, COM2,
+/// COM1).
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
+/// Last interrupt line: the IOAPIC has 24 pins.
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+/// Size of one virtio-mmio device's register window.
+pub const VIRTIO_MMIO_DEVICE_SIZE: u64 = 0x1000;
+
+/// The MMIO window and interrupt line of the `index`th virtio device, if there is room.
+pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
+    let irq = VIRTIO_IRQ_FIRST.checked_add(u32::try_from(index).ok()?)?;
+    let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_DEVICE_SIZE;
+    (irq <= VIRTIO_IRQ_LAST
+        && base + VIRTIO_MMIO_DEVICE_SIZE <= VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE)
+        .then_some((base, irq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slots_are_consecutive_pages_with_their_own_irqs_until_the_pins_run_out() {
+        assert_eq!(virtio_slot(0), Some((0xd000_0000, 5)));
+        assert_eq!(virtio_slot(1), Some((0xd000_1000, 6)));
+        assert_eq!(virtio_slot(18), Some((0xd001_2000, 23)));
+        assert_eq!(virtio_slot(19), None);
+        assert_eq!(virtio_slot(usize::MAX), None);
+    }
+}

@@ -8,12 +8,14 @@ pub mod control;
 pub mod cpuid;
 pub mod exit;
 pub mod layout;
+pub mod lifecycle;
 pub mod memory;
 pub mod mptable;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{BuildError, RunningVm, Serial, SerialOutput, Vm, VmConfig, build_vm};
+pub use builder::{BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
+pub use lifecycle::RunningVm;

@@ -9,7 +9,8 @@ use crate::memory::GuestMemoryMmap;
 /// The most vCPUs whose entries fit in the 1 KiB the table has in the EBDA.
 pub const MAX_VCPUS: u8 = 32;
 
-const ISA_IRQS: u8 = 16;
+/// IOAPIC pins routed: the ISA IRQs and 16..23, which virtio-mmio devices use.
+const IOAPIC_PINS: u8 = 24;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const SPEC_REV: u8 = 4;
@@ -74,8 +75,8 @@ pub fn mptable_bytes(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
-    for irq in 0..ISA_IRQS {
-        // Bus IRQ n → IOAPIC pin n, conforming polarity and trigger.
+    for irq in 0..IOAPIC_PINS {
+        // Bus IRQ n → IOAPIC pin n, conforming polarity and trigger (edge, active high).
         entries.extend_from_slice(&[MP_INTSRC, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
@@ -181,7 +182,7 @@ mod tests {
         assert_eq!(off, table.len());
         assert_eq!(cpus, vec![(0, 3), (1, 1), (2, 1)]);
         assert_eq!(ioapics, 1);
-        assert_eq!(intsrcs, 16);
+        assert_eq!(intsrcs, 24);
     }
 
     #[test]

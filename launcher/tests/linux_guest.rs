@@ -1,0 +1,137 @@
+//! End to end: the Linux guest from guest-images/build boots on rvmm, its /init runs every
+//! in-guest check and resets the VM. Needs KVM and the built image (scripts/test builds it and
+//! sets RVMM_GUEST_IMAGE_DIR); skips with a reason without them, except under CI=true.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, rvmm};
+
+/// Emulated guests are slow here: about a minute to init.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn image_dir(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("RVMM_GUEST_IMAGE_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: RVMM_GUEST_IMAGE_DIR is not set; CI=true requires the Linux guest")
+        }
+        None => {
+            eprintln!("SKIPPED {test}: RVMM_GUEST_IMAGE_DIR is not set (run guest-images/build)");
+            None
+        }
+    }
+}
+
+/// `key=value` lines of the image's manifest.
+fn manifest(dir: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(dir.join("manifest")).expect("read the image manifest");
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+struct Boot {
+    console: Vec<String>,
+    init_marker_secs: Option<f64>,
+    code: Option<i32>,
+    stderr: String,
+}
+
+/// Boots the image with `extra` rvmm flags, echoing the console, timing the init marker.
+fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
+    let m = manifest(dir);
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let cmdline = if pvm { &m["cmdline"] } else { &m["cmdline_hw"] };
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--kernel",
+        &m["vmlinux"],
+        "--initrd",
+        &m["initramfs"],
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "256M",
+    ];
+    args.extend_from_slice(extra);
+    let start = Instant::now();
+    let mut child = rvmm()
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rvmm");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((start.elapsed(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut console = Vec::new();
+    let mut init_marker_secs = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((at, line)) => {
+                let line = line.trim_end_matches('\r').to_string();
+                eprintln!("[{:7.2}] {line}", at.as_secs_f64());
+                if line.starts_with("RVMM-INIT ") && init_marker_secs.is_none() {
+                    init_marker_secs = Some(at.as_secs_f64());
+                }
+                console.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if start.elapsed() > BOOT_TIMEOUT {
+                    let _ = child.kill();
+                    panic!("guest did not finish within {BOOT_TIMEOUT:?}");
+                }
+            }
+        }
+    }
+    let output = child.wait_with_output().unwrap();
+    Boot {
+        console,
+        init_marker_secs,
+        code: output.status.code(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
+    let test = "linux guest";
+    let Some(dir) = image_dir(test) else { return };
+    if !kvm_available(test) {
+        return;
+    }
+    let boot = boot_linux(&dir, &["--rng"]);
+    assert_eq!(boot.code, Some(0), "rvmm failed: {}", boot.stderr);
+    let secs = boot
+        .init_marker_secs
+        .expect("no RVMM-INIT marker on the console");
+    eprintln!("rvmm start to init marker: {secs:.1} s");
+    let checks: Vec<&String> = boot
+        .console
+        .iter()
+        .filter(|l| l.starts_with("RVMM-CHECK "))
+        .collect();
+    assert!(!checks.is_empty(), "no checks ran");
+    let failed: Vec<&&String> = checks.iter().filter(|l| l.contains(" FAIL")).collect();
+    assert!(failed.is_empty(), "failed checks: {failed:?}");
+    for required in ["proc", "cmdline", "memory", "rng"] {
+        let ok = format!("RVMM-CHECK {required} ok");
+        assert!(boot.console.contains(&ok), "missing '{ok}'");
+    }
+    assert!(boot.console.contains(&"RVMM-DONE".to_string()));
+}
