@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+use devices::virtio::block::{BlockConfig, Engine};
 use vmm_core::{CpuProfile, VmConfig};
+
+use crate::keyvalue::KeyValues;
 
 /// rvmm: a small KVM virtual machine monitor.
 #[derive(Debug, Parser)]
@@ -56,6 +59,10 @@ pub struct RunArgs {
     /// Give the guest a virtio-rng entropy device backed by the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-blk disk over a file or block device (repeatable; /dev/vda, /dev/vdb, ...):
+    /// path=PATH[,readonly=on][,id=NAME][,engine=sync|io_uring].
+    #[arg(long, value_name = "OPTIONS")]
+    pub disk: Vec<String>,
 }
 
 /// Where the serial console goes.
@@ -136,6 +143,61 @@ pub fn parse_cpu_profile(text: &str, kvm_pvm_loaded: bool) -> Result<CpuProfile,
     }
 }
 
+const DISK_KEYS: &[&str] = &["path", "readonly", "id", "engine"];
+/// GET_ID answers with at most 20 bytes.
+const DISK_ID_MAX: usize = 20;
+
+/// Parses one `--disk` entry.
+pub fn parse_disk(entry: &str) -> Result<BlockConfig, InvalidFlag> {
+    let bad = |reason: String| invalid("disk", format!("{entry}: {reason}"));
+    let kv = KeyValues::parse(entry, DISK_KEYS).map_err(|e| bad(e.to_string()))?;
+    let path = PathBuf::from(kv.required("path").map_err(|e| bad(e.to_string()))?);
+    let readonly = kv
+        .switch("readonly", false)
+        .map_err(|e| bad(e.to_string()))?;
+    let engine = match kv.get("engine") {
+        None | Some("sync") => Engine::Sync,
+        Some("io_uring") => Engine::IoUring,
+        Some(other) => return Err(bad(format!("engine={other}: expected sync or io_uring"))),
+    };
+    let id = kv.get("id").map(str::to_string);
+    if let Some(id) = &id
+        && (id.is_empty() || id.len() > DISK_ID_MAX)
+    {
+        return Err(bad(format!("id must be 1 to {DISK_ID_MAX} bytes")));
+    }
+    // A block device is fine too; a directory or a missing path is not.
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => return Err(bad(format!("{} is a directory", path.display()))),
+        Ok(_) => {}
+        Err(e) => return Err(bad(format!("{}: {e}", path.display()))),
+    }
+    Ok(BlockConfig {
+        path,
+        readonly,
+        id,
+        engine,
+    })
+}
+
+fn parse_disks(entries: &[String]) -> Result<Vec<BlockConfig>, InvalidFlag> {
+    let disks: Vec<BlockConfig> = entries
+        .iter()
+        .map(|e| parse_disk(e))
+        .collect::<Result<_, _>>()?;
+    for (i, disk) in disks.iter().enumerate() {
+        if let Some(id) = &disk.id
+            && disks[..i].iter().any(|d| d.id.as_ref() == Some(id))
+        {
+            return Err(invalid(
+                "disk",
+                format!("{}: id '{id}' is used twice", entries[i]),
+            ));
+        }
+    }
+    Ok(disks)
+}
+
 fn existing_file(flag: &'static str, path: &Path) -> Result<PathBuf, InvalidFlag> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(path.to_owned()),
@@ -181,6 +243,7 @@ impl RunArgs {
             cpu_profile: parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?,
             kvm_path: self.kvm_device.clone(),
             rng: self.rng,
+            disks: parse_disks(&self.disk)?,
         };
         Ok((config, parse_serial(&self.serial)?))
     }
@@ -269,6 +332,58 @@ mod tests {
             let err = args(extra).to_config(false).unwrap_err().to_string();
             assert!(err.starts_with(flag), "{extra:?}: {err}");
         }
+    }
+
+    #[test]
+    fn disk_entries_become_block_configs() {
+        let disk = parse_disk("path=/proc/self/exe,readonly=on,id=root,engine=io_uring").unwrap();
+        assert_eq!(disk.path, PathBuf::from("/proc/self/exe"));
+        assert!(disk.readonly);
+        assert_eq!(disk.id.as_deref(), Some("root"));
+        assert_eq!(disk.engine, Engine::IoUring);
+        let disk = parse_disk("path=/proc/self/exe").unwrap();
+        assert!(!disk.readonly);
+        assert_eq!(disk.engine, Engine::Sync);
+    }
+
+    #[test]
+    fn bad_disk_entries_name_the_entry_and_the_problem() {
+        let cases = [
+            ("readonly=on", "'path' is required"),
+            (
+                "path=/nonexistent/disk.img",
+                "/nonexistent/disk.img: No such file",
+            ),
+            ("path=/tmp", "is a directory"),
+            (
+                "path=/proc/self/exe,engine=aio",
+                "engine=aio: expected sync or io_uring",
+            ),
+            (
+                "path=/proc/self/exe,readonly=maybe",
+                "readonly=maybe: expected on or off",
+            ),
+            ("path=/proc/self/exe,size=1G", "unknown key 'size'"),
+            (
+                "path=/proc/self/exe,id=aaaaaaaaaaaaaaaaaaaaa",
+                "id must be 1 to 20 bytes",
+            ),
+        ];
+        for (entry, reason) in cases {
+            let err = parse_disk(entry).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--disk: {entry}: ")), "{err}");
+            assert!(err.contains(reason), "{entry}: {err}");
+        }
+        let twice = vec![
+            "path=/proc/self/exe,id=a".to_string(),
+            "path=/proc/self/exe,id=a".into(),
+        ];
+        assert!(
+            parse_disks(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("id 'a' is used twice")
+        );
     }
 
     #[test]

@@ -87,3 +87,19 @@ fn unopenable_kvm_device_is_a_vmm_error_naming_the_device() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("Cannot open /nonexistent/kvm"), "{stderr}");
 }
+
+#[test]
+fn missing_disk_path_names_the_disk_entry() {
+    let kernel = tiny_guest("hello");
+    let (code, stderr) = rejected(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        "path=/nonexistent/pvc/disk.img,id=pvc",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--disk: path=/nonexistent/pvc/disk.img,id=pvc: /nonexistent/pvc/disk.img"),
+        "{stderr}"
+    );
+}

@@ -53,6 +53,7 @@ fn ticker_config(vcpus: u8) -> VmConfig {
         cpu_profile: CpuProfile::detect(),
         kvm_path: "/dev/kvm".into(),
         rng: false,
+        disks: Vec::new(),
     }
 }
 

@@ -108,6 +108,15 @@ fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
     }
 }
 
+/// Reads `path` out of an ext4 image with debugfs (e2fsprogs), as the host sees the file.
+fn read_from_ext4(image: &Path, path: &str) -> String {
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", &format!("cat {path}"), image.to_str().unwrap()])
+        .output()
+        .expect("run debugfs (e2fsprogs)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     let test = "linux guest";
@@ -115,7 +124,14 @@ fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     if !kvm_available(test) {
         return;
     }
-    let boot = boot_linux(&dir, &["--rng"]);
+    // The guest writes to its disk: a copy keeps the built image pristine.
+    let disk = std::env::temp_dir().join(format!("rvmm-e2e-{}.ext4", std::process::id()));
+    std::fs::copy(&manifest(&dir)["rootfs"], &disk).unwrap();
+    let disk_option = format!("path={},id=rootfs,engine=io_uring", disk.display());
+    let boot = boot_linux(&dir, &["--rng", "--disk", &disk_option]);
+    let written = read_from_ext4(&disk, "/guest-wrote.txt");
+    std::fs::remove_file(&disk).unwrap();
+
     assert_eq!(boot.code, Some(0), "rvmm failed: {}", boot.stderr);
     let secs = boot
         .init_marker_secs
@@ -129,9 +145,11 @@ fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     assert!(!checks.is_empty(), "no checks ran");
     let failed: Vec<&&String> = checks.iter().filter(|l| l.contains(" FAIL")).collect();
     assert!(failed.is_empty(), "failed checks: {failed:?}");
-    for required in ["proc", "cmdline", "memory", "rng"] {
+    for required in ["proc", "cmdline", "memory", "rng", "blk"] {
         let ok = format!("RVMM-CHECK {required} ok");
         assert!(boot.console.contains(&ok), "missing '{ok}'");
     }
     assert!(boot.console.contains(&"RVMM-DONE".to_string()));
+    // Synced by the guest before its reset, so on the host file after rvmm exits.
+    assert_eq!(written, "written by the rvmm guest\n");
 }

@@ -11,6 +11,7 @@ use devices::legacy::{
     SerialConsole,
 };
 use devices::virtio::VirtioDevice;
+use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
@@ -55,6 +56,8 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<BlockConfig>,
 }
 
 /// Errors building a VM. Each names the step that failed.
@@ -87,6 +90,15 @@ pub enum BuildError {
     /// vCPU creation or configuration.
     #[error("Cannot set up the vCPUs")]
     Vcpu(#[from] VcpuError),
+    /// A disk cannot be opened or used.
+    #[error("Cannot attach disk {index}")]
+    Disk {
+        /// Position among the disks.
+        index: usize,
+        /// Cause (names the path).
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
     /// More virtio devices than MMIO slots and interrupt lines.
     #[error("Too many virtio devices: at most {0}")]
     TooManyDevices(usize),
@@ -202,6 +214,11 @@ fn setup_boot(
 /// The virtio devices the configuration asks for, in slot order.
 fn create_virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block =
+            Block::new(disk.clone()).map_err(|source| BuildError::Disk { index, source })?;
+        devices.push(Box::new(block));
+    }
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }

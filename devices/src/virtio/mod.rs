@@ -5,6 +5,7 @@
 //! The device then runs a worker thread of its own that owns the queues, is woken by the queue
 //! eventfds (KVM ioeventfds in a VM) and signals the driver through a [`VirtioInterrupt`].
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 mod worker;

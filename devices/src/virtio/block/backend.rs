@@ -1,0 +1,518 @@
+//! Disk I/O behind virtio-blk: the [`DiskBackend`] trait and its two engines, synchronous
+//! system calls and io_uring. Both move data directly between the disk file and guest memory.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{IoUring, opcode, register::Probe, squeue, types};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::super::GuestMemoryMmap;
+
+/// How the device does its disk I/O.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// Blocking system calls on the worker thread (`preadv`, `pwritev`, ...).
+    #[default]
+    Sync,
+    /// io_uring: requests are submitted in batches and complete asynchronously. Falls back to
+    /// [`Engine::Sync`] (with a warning) when the host cannot set up a ring.
+    IoUring,
+}
+
+/// One disk operation. Data buffers are guest addresses already checked against guest memory.
+#[derive(Clone, Copy, Debug)]
+pub enum DiskOp<'a> {
+    /// Read `data.len` bytes at `offset` into the guest buffers.
+    Read {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Guest buffers, in order.
+        data: &'a [(GuestAddress, u32)],
+    },
+    /// Write the guest buffers at `offset`.
+    Write {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Guest buffers, in order.
+        data: &'a [(GuestAddress, u32)],
+    },
+    /// Make every write completed so far durable.
+    Flush,
+    /// Deallocate a byte range (advisory: a host that cannot do it succeeds anyway).
+    Discard {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Zero a byte range; with `unmap` the host may deallocate it.
+    WriteZeroes {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Deallocating is allowed.
+        unmap: bool,
+    },
+}
+
+/// Finished operations: the token given to [`DiskBackend::start`] and the result.
+pub type Completions = Vec<(u64, io::Result<()>)>;
+
+/// Where a virtio-blk device's I/O goes. Request parsing and the queue are not its business.
+pub trait DiskBackend: Send {
+    /// Starts `op` on behalf of `token`. Returns the result if the operation completed now;
+    /// `None` means it completes later and shows up in [`DiskBackend::reap`].
+    fn start(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        op: DiskOp<'_>,
+        token: u64,
+    ) -> Option<io::Result<()>>;
+
+    /// Hands the operations started since the last call to the host (one system call for a
+    /// batch). A failure leaves them queued for the next call.
+    fn submit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Appends the operations that finished since the last call to `done`.
+    fn reap(&mut self, _done: &mut Completions) {}
+
+    /// An eventfd that becomes readable when [`DiskBackend::reap`] has something; `None` for
+    /// backends that complete everything in [`DiskBackend::start`].
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// The engine actually used.
+    fn engine(&self) -> Engine;
+}
+
+/// Opens the engine `wanted` over `file`; io_uring falls back to the synchronous engine with a
+/// logged reason when the host cannot provide it.
+pub fn open_backend(wanted: Engine, file: File) -> Box<dyn DiskBackend> {
+    match wanted {
+        Engine::Sync => Box::new(SyncEngine::new(file)),
+        Engine::IoUring => match file.try_clone().and_then(IoUringEngine::new) {
+            Ok(engine) => Box::new(engine),
+            Err(e) => {
+                log::warn!("virtio-blk: io_uring unavailable, using synchronous I/O: {e}");
+                Box::new(SyncEngine::new(file))
+            }
+        },
+    }
+}
+
+/// iovecs pointing into guest memory.
+#[derive(Debug, Default)]
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are only dereferenced by the kernel, during system calls (or io_uring
+// operations) made while the guest memory they point into is mapped; nothing in the vector is
+// tied to the thread that built it.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// Replaces the content with iovecs for `data`, split at guest memory region boundaries.
+    fn fill(&mut self, mem: &GuestMemoryMmap, data: &[(GuestAddress, u32)]) -> io::Result<()> {
+        self.0.clear();
+        for &(addr, len) in data {
+            for slice in mem.get_slices(addr, len as usize) {
+                let slice = slice.map_err(io::Error::other)?;
+                let guard = slice.ptr_guard_mut();
+                self.0.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: guard.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn total(&self) -> u64 {
+        self.0.iter().map(|v| v.iov_len as u64).sum()
+    }
+}
+
+/// At most this many iovecs per `preadv`/`pwritev` (the kernel's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+/// Zero buffer size for writing zeroes when the host cannot zero a range itself.
+const ZERO_CHUNK: usize = 64 * 1024;
+
+/// Blocking I/O on the worker thread.
+#[derive(Debug)]
+pub struct SyncEngine {
+    file: File,
+    iovecs: IoVecs,
+}
+
+impl SyncEngine {
+    /// An engine doing its I/O on `file`.
+    pub fn new(file: File) -> Self {
+        Self {
+            file,
+            iovecs: IoVecs::default(),
+        }
+    }
+
+    fn rw(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        data: &[(GuestAddress, u32)],
+        mut offset: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        self.iovecs.fill(mem, data)?;
+        let iovecs = &mut self.iovecs.0;
+        let mut first = 0;
+        while first < iovecs.len() {
+            let count = (iovecs.len() - first).min(IOV_MAX);
+            let offset_arg = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let iov = iovecs[first..].as_ptr();
+            let fd = self.file.as_raw_fd();
+            let n = if write {
+                // SAFETY: `iov` points to `count` iovecs describing guest memory that is mapped
+                // for as long as `mem` lives; the kernel only reads through them.
+                unsafe { libc::pwritev(fd, iov, count as libc::c_int, offset_arg) }
+            } else {
+                // SAFETY: as above; the kernel writes into guest memory, which the guest
+                // handed over to the device for this request.
+                unsafe { libc::preadv(fd, iov, count as libc::c_int, offset_arg) }
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                // Past the end of the file (or a device that stopped taking data).
+                return Err(if write {
+                    io::ErrorKind::WriteZero.into()
+                } else {
+                    io::ErrorKind::UnexpectedEof.into()
+                });
+            }
+            offset += n as u64;
+            first += advance(&mut iovecs[first..], n as usize);
+        }
+        Ok(())
+    }
+}
+
+/// Consumes `n` bytes from the front of `iovecs`; returns how many iovecs are fully done.
+fn advance(iovecs: &mut [libc::iovec], mut n: usize) -> usize {
+    let mut done = 0;
+    for v in iovecs.iter_mut() {
+        if n < v.iov_len {
+            // The pointer stays inside the buffer: `n` is below its length.
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        done += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    done
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    loop {
+        // SAFETY: plain system call on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Whether a fallocate error means "this file system or device cannot do that mode".
+fn unsupported(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS))
+}
+
+fn write_zeroes_by_hand(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+fn discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    match fallocate(file, PUNCH_HOLE, offset, len) {
+        // Discard is a hint; a host that cannot deallocate just keeps the data.
+        Err(e) if unsupported(&e) => Ok(()),
+        other => other,
+    }
+}
+
+fn write_zeroes(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+    let mode = if unmap { PUNCH_HOLE } else { ZERO_RANGE };
+    match fallocate(file, mode, offset, len) {
+        Err(e) if unsupported(&e) => write_zeroes_by_hand(file, offset, len),
+        other => other,
+    }
+}
+
+impl DiskBackend for SyncEngine {
+    fn start(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        op: DiskOp<'_>,
+        _token: u64,
+    ) -> Option<io::Result<()>> {
+        Some(match op {
+            DiskOp::Read { offset, data } => self.rw(mem, data, offset, false),
+            DiskOp::Write { offset, data } => self.rw(mem, data, offset, true),
+            DiskOp::Flush => self.file.sync_data(),
+            DiskOp::Discard { offset, len } => discard(&self.file, offset, len),
+            DiskOp::WriteZeroes { offset, len, unmap } => {
+                write_zeroes(&self.file, offset, len, unmap)
+            }
+        })
+    }
+
+    fn engine(&self) -> Engine {
+        Engine::Sync
+    }
+}
+
+/// Submission queue entries of the ring; the completion queue gets the kernel's default
+/// (twice as many) and the kernel keeps overflowing completions rather than dropping them.
+const RING_ENTRIES: u32 = 256;
+
+/// What an io_uring operation slot needs to remember until its completion.
+#[derive(Debug, Default)]
+struct Slot {
+    token: u64,
+    /// Bytes a read or write must transfer; a shorter result is an error.
+    expected: u64,
+    /// Set for write-zeroes, so an unsupported fallocate mode can be done by hand.
+    zero_range: Option<(u64, u64)>,
+    /// Discards succeed even when the host cannot deallocate.
+    discard: bool,
+    /// Kept until completion: the kernel may read the array when the operation is issued.
+    iovecs: IoVecs,
+}
+
+/// Asynchronous I/O through io_uring, completions signalled on an eventfd.
+///
+/// FLUSH ordering: the fsync SQE carries `IO_DRAIN`, so the kernel starts it only after every
+/// operation submitted before it has completed (and starts later ones only after it).
+pub struct IoUringEngine {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    event: EventFd,
+    file: File,
+}
+
+impl std::fmt::Debug for IoUringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoUringEngine")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IoUringEngine {
+    /// Sets up a ring for `file`; fails when io_uring is unavailable or lacks an operation.
+    pub fn new(file: File) -> io::Result<Self> {
+        let ring = IoUring::new(RING_ENTRIES)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        let needed = [
+            opcode::Readv::CODE,
+            opcode::Writev::CODE,
+            opcode::Fsync::CODE,
+            opcode::Fallocate::CODE,
+        ];
+        if let Some(op) = needed.iter().find(|op| !probe.is_supported(**op)) {
+            return Err(io::Error::other(format!(
+                "io_uring operation {op} is not supported"
+            )));
+        }
+        let event = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            event,
+            file,
+        })
+    }
+
+    fn slot(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::default());
+            (self.slots.len() - 1) as u32
+        })
+    }
+
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer the entry points to (the slot's iovecs and the guest memory
+            // they describe) stays valid until its completion is reaped: slots are only reused
+            // after that, and Drop waits for everything in flight.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            // Queue full: hand what is there to the kernel to make room.
+            self.ring.submit()?;
+        }
+    }
+}
+
+impl DiskBackend for IoUringEngine {
+    fn start(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        op: DiskOp<'_>,
+        token: u64,
+    ) -> Option<io::Result<()>> {
+        let index = self.slot();
+        let fd = types::Fd(self.file.as_raw_fd());
+        let slot = &mut self.slots[index as usize];
+        slot.token = token;
+        slot.expected = 0;
+        slot.zero_range = None;
+        slot.discard = false;
+        let entry = match op {
+            DiskOp::Read { offset, data } | DiskOp::Write { offset, data } => {
+                if let Err(e) = slot.iovecs.fill(mem, data) {
+                    self.free.push(index);
+                    return Some(Err(e));
+                }
+                slot.expected = slot.iovecs.total();
+                let (ptr, len) = (slot.iovecs.0.as_ptr(), slot.iovecs.0.len() as u32);
+                if matches!(op, DiskOp::Read { .. }) {
+                    opcode::Readv::new(fd, ptr, len).offset(offset).build()
+                } else {
+                    opcode::Writev::new(fd, ptr, len).offset(offset).build()
+                }
+            }
+            DiskOp::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+            DiskOp::Discard { offset, len } => {
+                slot.discard = true;
+                opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(PUNCH_HOLE)
+                    .build()
+            }
+            DiskOp::WriteZeroes { offset, len, unmap } => {
+                slot.zero_range = Some((offset, len));
+                let mode = if unmap { PUNCH_HOLE } else { ZERO_RANGE };
+                opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build()
+            }
+        };
+        match self.push(entry.user_data(u64::from(index))) {
+            Ok(()) => {
+                self.in_flight += 1;
+                None
+            }
+            Err(e) => {
+                self.free.push(index);
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.ring.submit().map(|_| ())
+    }
+
+    fn reap(&mut self, done: &mut Completions) {
+        for cqe in self.ring.completion() {
+            let index = cqe.user_data() as usize;
+            let result = cqe.result();
+            let Some(slot) = self.slots.get(index) else {
+                log::error!("virtio-blk: io_uring completion for unknown slot {index}");
+                continue;
+            };
+            let outcome = if result < 0 {
+                let err = io::Error::from_raw_os_error(-result);
+                match (slot.zero_range, slot.discard) {
+                    (Some((offset, len)), _) if unsupported(&err) => {
+                        write_zeroes_by_hand(&self.file, offset, len)
+                    }
+                    (_, true) if unsupported(&err) => Ok(()),
+                    _ => Err(err),
+                }
+            } else if (result as u64) < slot.expected {
+                // io_uring already retries short buffered transfers; what is left is the end
+                // of the file or a full disk.
+                Err(io::ErrorKind::UnexpectedEof.into())
+            } else {
+                Ok(())
+            };
+            done.push((slot.token, outcome));
+            self.free.push(index as u32);
+            self.in_flight -= 1;
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.event.as_raw_fd())
+    }
+
+    fn engine(&self) -> Engine {
+        Engine::IoUring
+    }
+}
+
+impl Drop for IoUringEngine {
+    fn drop(&mut self) {
+        // The kernel may still be writing guest memory and reading the iovecs of operations in
+        // flight: wait for them before the slots and the file go away.
+        let mut done = Vec::new();
+        while self.in_flight > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("virtio-blk: cannot wait for in-flight io_uring operations: {e}");
+                // Better leak the iovecs than let the kernel read freed memory.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+            done.clear();
+            self.reap(&mut done);
+        }
+    }
+}

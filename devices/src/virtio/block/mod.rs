@@ -1,0 +1,385 @@
+//! virtio-blk (virtio 1.x §5.2): a disk backed by a host file or block device.
+//!
+//! [`Block`] is the device as the transport sees it; its worker is a [`BlockHandler`] running
+//! requests through a [`DiskBackend`] (synchronous system calls or io_uring, see [`Engine`]).
+
+mod backend;
+mod handler;
+mod request;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+pub use backend::{
+    Completions, DiskBackend, DiskOp, Engine, IoUringEngine, SyncEngine, open_backend,
+};
+pub use handler::{BlockHandler, DiskContext};
+pub use request::{
+    BlockRequest, ID_BYTES, ParseError, RejectedRequest, RequestLimits, RequestType, SECTOR_SIZE,
+    SectorRange,
+};
+
+use super::{
+    ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice,
+    VirtioInterrupt, WorkerHandle, spawn_worker,
+};
+
+/// Size of the device's only queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data descriptors per request at most (`seg_max`): the queue minus header and status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Bytes per data descriptor at most (`size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Sectors per discard or write-zeroes range at most (2 GiB - 512).
+pub const MAX_RANGE_SECTORS: u32 = (u32::MAX >> 9) - 1;
+/// Ranges per discard or write-zeroes request at most.
+pub const MAX_RANGES: u32 = 32;
+/// Discard granularity hint, in sectors (4 KiB).
+const DISCARD_ALIGNMENT: u32 = 8;
+/// Length of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
+const CONFIG_LEN: usize = 60;
+
+/// How to set up a [`Block`] device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Disk image or block device.
+    pub path: PathBuf,
+    /// Open read-only and offer `VIRTIO_BLK_F_RO`.
+    pub readonly: bool,
+    /// GET_ID answer, at most 20 bytes; default: the file name.
+    pub id: Option<String>,
+    /// I/O engine.
+    pub engine: Engine,
+}
+
+/// Errors creating a [`Block`] device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The disk cannot be opened.
+    #[error("Cannot open disk {path}")]
+    Open {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk size cannot be read.
+    #[error("Cannot get the size of disk {path}")]
+    Size {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configured id does not fit GET_ID.
+    #[error("Disk id {0:?} is longer than {ID_BYTES} bytes")]
+    IdTooLong(String),
+}
+
+/// Per-device statistics. Counts completed requests; `errors` counts every request answered
+/// with a status other than OK (malformed, unsupported or failed).
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// Reads completed.
+    pub reads: AtomicU64,
+    /// Writes completed.
+    pub writes: AtomicU64,
+    /// Bytes read by completed reads.
+    pub bytes_read: AtomicU64,
+    /// Bytes written by completed writes.
+    pub bytes_written: AtomicU64,
+    /// Flushes completed.
+    pub flushes: AtomicU64,
+    /// Requests answered IOERR or UNSUPP.
+    pub errors: AtomicU64,
+}
+
+impl BlockCounters {
+    /// Loads a counter (relaxed: statistics only).
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// The virtio-blk device.
+#[derive(Debug)]
+pub struct Block {
+    file: File,
+    path: PathBuf,
+    readonly: bool,
+    engine: Engine,
+    id: [u8; ID_BYTES],
+    capacity: u64,
+    config: [u8; CONFIG_LEN],
+    acked: u64,
+    counters: Arc<BlockCounters>,
+    worker: Option<WorkerHandle>,
+}
+
+impl Block {
+    /// Opens the disk of `config`.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let BlockConfig {
+            path,
+            readonly,
+            id,
+            engine,
+        } = config;
+        let id = device_id(&path, id.as_deref())?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(&path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        // lseek works for block devices too, whose metadata length is 0.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?;
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible",
+                path.display(),
+                size % SECTOR_SIZE
+            );
+        }
+        let capacity = size / SECTOR_SIZE;
+        let engine = resolve_engine(engine, &file);
+        Ok(Self {
+            file,
+            path,
+            readonly,
+            engine,
+            id,
+            capacity,
+            config: config_space(capacity),
+            acked: 0,
+            counters: Arc::new(BlockCounters::default()),
+            worker: None,
+        })
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The engine in use (io_uring may have fallen back to synchronous I/O).
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The GET_ID answer.
+    pub fn id(&self) -> &[u8; ID_BYTES] {
+        &self.id
+    }
+
+    /// Request statistics, shared with the worker.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    /// The limits requests are checked against (what the configuration space announces).
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            capacity: self.capacity,
+            seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
+            max_discard_sectors: MAX_RANGE_SECTORS,
+            max_discard_seg: MAX_RANGES,
+            max_write_zeroes_sectors: MAX_RANGE_SECTORS,
+            max_write_zeroes_seg: MAX_RANGES,
+        }
+    }
+
+    /// Builds the worker for `queue` without starting a thread: [`VirtioDevice::activate`]
+    /// runs it with `spawn_worker`; tests and benchmarks drive it directly. The handler's queue
+    /// eventfd is `queue.notify`; an io_uring backend adds a completion eventfd
+    /// ([`BlockHandler::completion_fd`]) that the handler registers itself when run as an
+    /// event subscriber.
+    pub fn handler<I: ?Sized + VirtioInterrupt>(
+        &self,
+        mem: GuestMemoryMmap,
+        queue: ActiveQueue,
+        interrupt: Arc<I>,
+    ) -> std::io::Result<BlockHandler<I>> {
+        let backend = open_backend(self.engine, self.file.try_clone()?);
+        let disk = DiskContext {
+            limits: self.limits(),
+            read_only: self.readonly,
+            id: self.id,
+            counters: self.counters.clone(),
+        };
+        Ok(BlockHandler::new(
+            mem,
+            queue.queue,
+            queue.notify,
+            interrupt,
+            backend,
+            disk,
+        ))
+    }
+}
+
+/// Checks once that io_uring works, so a device reports the engine it will really use.
+fn resolve_engine(wanted: Engine, file: &File) -> Engine {
+    if wanted != Engine::IoUring {
+        return wanted;
+    }
+    match file.try_clone().and_then(IoUringEngine::new) {
+        Ok(_) => Engine::IoUring,
+        Err(e) => {
+            log::warn!("virtio-blk: io_uring unavailable, using synchronous I/O: {e}");
+            Engine::Sync
+        }
+    }
+}
+
+/// The GET_ID answer: the configured id or the disk's file name, NUL-padded.
+fn device_id(path: &std::path::Path, id: Option<&str>) -> Result<[u8; ID_BYTES], BlockError> {
+    let mut out = [0u8; ID_BYTES];
+    let bytes = match id {
+        Some(id) if id.len() > ID_BYTES => return Err(BlockError::IdTooLong(id.to_string())),
+        Some(id) => id.as_bytes(),
+        None => path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or_default(),
+    };
+    let n = bytes.len().min(ID_BYTES);
+    out[..n].copy_from_slice(&bytes[..n]);
+    Ok(out)
+}
+
+/// `struct virtio_blk_config`, little-endian.
+fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put =
+        |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
+    put(0, &capacity.to_le_bytes());
+    put(8, &SIZE_MAX.to_le_bytes());
+    put(12, &SEG_MAX.to_le_bytes());
+    // geometry (16..20) and topology (24..32) are not offered: zeros.
+    put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+    // Writes land in the host page cache until a FLUSH.
+    put(32, &[1]);
+    put(34, &1u16.to_le_bytes());
+    put(36, &MAX_RANGE_SECTORS.to_le_bytes());
+    put(40, &MAX_RANGES.to_le_bytes());
+    put(44, &DISCARD_ALIGNMENT.to_le_bytes());
+    put(48, &MAX_RANGE_SECTORS.to_le_bytes());
+    put(52, &MAX_RANGES.to_le_bytes());
+    // write_zeroes_may_unmap: the UNMAP flag is honoured with a hole punch.
+    put(56, &[1]);
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if self.readonly {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start >= CONFIG_LEN {
+            return;
+        }
+        let n = data.len().min(CONFIG_LEN - start);
+        data[..n].copy_from_slice(&self.config[start..start + n]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered.
+        log::debug!(
+            "virtio-blk: ignoring a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let handler = self
+            .handler(mem, queues.remove(0), interrupt)
+            .map_err(ActivateError::Worker)?;
+        let name = format!(
+            "virtio-blk-{}",
+            String::from_utf8_lossy(&self.id).trim_end_matches('\0')
+        );
+        self.worker = Some(spawn_worker(&name, handler).map_err(ActivateError::Worker)?);
+        log::debug!(
+            "virtio-blk: {} active ({:?} engine)",
+            self.path.display(),
+            self.engine
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.acked = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_io;
+#[cfg(test)]
+mod tests_parse;
