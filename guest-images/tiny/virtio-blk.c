@@ -1,51 +1,14 @@
 /* virtio-blk: minimal virtio-mmio (MMIO version 2, virtio 1.x) block driver.
  *
- * Finds the device from "virtio_mmio.device=<size>@<base>:<irq>" on the
- * kernel command line (as Linux does), brings it up (virtio 1.x §3.1.1,
+ * Finds the device from the first "virtio_mmio.device=<size>@<base>:<irq>"
+ * token on the kernel command line whose device is a block device (as Linux
+ * does, see virtio.c), brings it up (virtio 1.x §3.1.1,
  * §4.2.3), sets up queue 0 with 8 entries in our own .bss, and runs
  * read / write / flush / read-back / get-id / out-of-range requests, polling
  * the used ring with interrupts disabled. */
-#include "tiny.h"
-
-/* virtio-mmio registers (offsets from the device base) */
-#define VM_MAGIC          0x000     /* "virt" */
-#define VM_VERSION        0x004
-#define VM_DEVICE_ID      0x008
-#define VM_DEV_FEATURES   0x010
-#define VM_DEV_FEAT_SEL   0x014
-#define VM_DRV_FEATURES   0x020
-#define VM_DRV_FEAT_SEL   0x024
-#define VM_QUEUE_SEL      0x030
-#define VM_QUEUE_NUM_MAX  0x034
-#define VM_QUEUE_NUM      0x038
-#define VM_QUEUE_READY    0x044
-#define VM_QUEUE_NOTIFY   0x050
-#define VM_INT_STATUS     0x060
-#define VM_INT_ACK        0x064
-#define VM_STATUS         0x070
-#define VM_QUEUE_DESC     0x080     /* low, high at +4 */
-#define VM_QUEUE_DRIVER   0x090     /* avail ring */
-#define VM_QUEUE_DEVICE   0x0a0     /* used ring */
-#define VM_CONFIG_GEN     0x0fc
-#define VM_CONFIG         0x100     /* virtio_blk_config: u64 capacity first */
-
-#define VIRTIO_MAGIC      0x74726976
-#define VIRTIO_ID_BLOCK   2
-
-/* device status bits */
-#define ST_ACKNOWLEDGE    1
-#define ST_DRIVER         2
-#define ST_DRIVER_OK      4
-#define ST_FEATURES_OK    8
-#define ST_FAILED         0x80
+#include "virtio.h"
 
 #define F_BLK_FLUSH       (1UL << 9)
-#define F_VERSION_1       (1UL << 32)
-
-/* split virtqueue */
-#define QSIZE             8
-#define DESC_F_NEXT       1
-#define DESC_F_WRITE      2     /* device writes this buffer */
 
 #define BLK_T_IN          0
 #define BLK_T_OUT         1
@@ -54,187 +17,45 @@
 #define SECTOR_SIZE       512
 #define ID_BYTES          20
 
-/* Each poll also reads InterruptStatus (one VM exit), so this bound is a
- * few seconds on hardware and under the instruction emulator alike. */
-#define POLL_MAX          500000
-
-#define CMDLINE_MAX       4096
-
-/* volatile access to a plain object (ring fields the device writes) */
-#define VOL(x) (*(volatile __typeof__(x) *)&(x))
-
-struct vring_desc  { u64 addr; u32 len; u16 flags; u16 next; };
-struct vring_avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
-struct vring_used_elem { u32 id; u32 len; };
-struct vring_used  { u16 flags; u16 idx; struct vring_used_elem ring[QSIZE]; u16 avail_event; };
-
-/* Queue 0, in one page of our own .bss. */
-static struct {
-    struct vring_desc desc[QSIZE];                          /* 16-byte aligned */
-    struct vring_avail avail;                               /* 2-byte aligned */
-    struct vring_used used __attribute__((aligned(4)));     /* 4-byte aligned */
-} vq __attribute__((aligned(4096)));
+static struct virtq vq;         /* queue 0 */
 
 static struct { u32 type; u32 reserved; u64 sector; } req_hdr __attribute__((aligned(16)));
 static u8 req_status;
 static u8 rbuf[SECTOR_SIZE] __attribute__((aligned(16)));
 static u8 wbuf[SECTOR_SIZE] __attribute__((aligned(16)));
 static u8 idbuf[ID_BYTES] __attribute__((aligned(16)));
-static char cmdline[CMDLINE_MAX + 1];
-
-static u64 base;                /* MMIO base of the device */
-static u16 avail_idx;           /* our copy of avail->idx */
-static u16 used_seen;           /* used->idx we have consumed up to */
-
-static u32 mr(u32 off) { return rd32(base + off); }
-static void mw(u32 off, u32 v) { wr32(base + off, v); }
-
-static void print_hex_short(u64 v)     /* lowercase hex, no leading zeros */
-{
-    static const char digits[] = "0123456789abcdef";
-    int shift = 60;
-    while (shift > 0 && !((v >> shift) & 0xf))
-        shift -= 4;
-    for (; shift >= 0; shift -= 4)
-        print_char(digits[(v >> shift) & 0xf]);
-}
-
-static __attribute__((noreturn)) void fail(const char *what)
-{
-    print("virtio-blk: FAIL ");
-    print(what);
-    print_char('\n');
-    reset();
-}
-
-/* Device-side failure: name the step and the device status, set FAILED. */
-static __attribute__((noreturn)) void fail_status(const char *what, u32 status)
-{
-    print("virtio-blk: FAIL ");
-    print(what);
-    print(", status ");
-    print_dec(status);
-    print_char('\n');
-    mw(VM_STATUS, status | ST_FAILED);
-    reset();
-}
-
-/* ---- command line: virtio_mmio.device=<size>@<base>:<irq>[:<id>] ---- */
-
-/* Number with optional 0x prefix (hex) else decimal; NULL if no digits. */
-static const char *parse_num(const char *s, u64 *out)
-{
-    u64 v = 0;
-    u32 radix = 10, ndigits = 0;
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-        radix = 16;
-        s += 2;
-    }
-    for (;; s++, ndigits++) {
-        char c = *s;
-        u32 d;
-        if (c >= '0' && c <= '9')
-            d = (u32)(c - '0');
-        else if (radix == 16 && c >= 'a' && c <= 'f')
-            d = (u32)(c - 'a' + 10);
-        else if (radix == 16 && c >= 'A' && c <= 'F')
-            d = (u32)(c - 'A' + 10);
-        else
-            break;
-        v = v * radix + d;
-    }
-    *out = v;
-    return ndigits ? s : 0;
-}
-
-static void read_cmdline(u64 bp)
-{
-    u64 ptr = rd32(bp + BP_CMD_LINE_PTR);
-    u32 size = rd32(bp + BP_CMDLINE_SIZE);
-    if (size == 0 || size > CMDLINE_MAX)
-        size = CMDLINE_MAX;
-    for (u32 i = 0; ptr && i < size; i++) {
-        cmdline[i] = (char)rd8(ptr + i);
-        if (!cmdline[i])
-            break;
-    }
-}
-
-/* Returns 1 and fills *base_out / *irq_out from the first token. */
-static int find_device(u64 *base_out, u64 *irq_out)
-{
-    static const char key[] = "virtio_mmio.device=";
-    size_t klen = sizeof(key) - 1;
-    const char *s = cmdline;
-
-    for (;;) {
-        while (*s == ' ' || *s == '\t')
-            s++;
-        if (!*s)
-            return 0;
-        if (memcmp(s, key, klen) == 0)
-            break;
-        while (*s && *s != ' ' && *s != '\t')
-            s++;
-    }
-    s += klen;
-
-    u64 size;
-    s = parse_num(s, &size);
-    if (!s)
-        return -1;
-    if (*s == 'K' || *s == 'k' || *s == 'M' || *s == 'm' || *s == 'G' || *s == 'g')
-        s++;                    /* size itself is not needed */
-    if (*s++ != '@' || !(s = parse_num(s, base_out)) || *s++ != ':' || !parse_num(s, irq_out))
-        return -1;
-    return 1;
-}
-
-/* ---- virtqueue requests ---- */
-
-static void set_desc(int i, void *buf, u32 len, u16 flags)
-{
-    vq.desc[i].addr = (u64)buf;
-    vq.desc[i].len = len;
-    vq.desc[i].flags = flags | DESC_F_NEXT;
-    vq.desc[i].next = (u16)(i + 1);
-}
 
 /* One request: header, optional data buffer, status byte (descriptors 0..2,
  * head 0). Returns the status byte the device wrote (0xff if it did not). */
 static u8 blk_request(const char *op, u32 type, u64 sector, void *data, u32 len, int device_writes)
 {
     int n = 0;
+    u32 id, used_len;
 
     req_hdr.type = type;
     req_hdr.reserved = 0;
     req_hdr.sector = sector;
     req_status = 0xff;
 
-    set_desc(n++, &req_hdr, sizeof(req_hdr), 0);
-    if (len)
-        set_desc(n++, data, len, device_writes ? DESC_F_WRITE : 0);
-    set_desc(n++, &req_status, 1, DESC_F_WRITE);
-    vq.desc[n - 1].flags = DESC_F_WRITE;        /* end of chain */
-    vq.desc[n - 1].next = 0;
+    vq_set_desc(&vq, n, &req_hdr, sizeof(req_hdr), 0, n + 1);
+    n++;
+    if (len) {
+        vq_set_desc(&vq, n, data, len, device_writes ? DESC_F_WRITE : 0, n + 1);
+        n++;
+    }
+    vq_set_desc(&vq, n, &req_status, 1, DESC_F_WRITE, -1);     /* end of chain */
 
-    vq.avail.ring[avail_idx % QSIZE] = 0;       /* chain head */
-    barrier();                                  /* ring + descriptors before idx */
-    VOL(vq.avail.idx) = ++avail_idx;
-    barrier();
-    mw(VM_QUEUE_NOTIFY, 0);
+    vq_push(&vq, 0);                            /* chain head */
+    vq_kick(&vq);
 
-    for (u32 i = 0; i < POLL_MAX && VOL(vq.used.idx) == used_seen; i++)
+    for (u32 i = 0; i < POLL_MAX && VOL(vq.used.idx) == vq.used_seen; i++)
         (void)mr(VM_INT_STATUS);
-    if (VOL(vq.used.idx) == used_seen) {
+    if (!vq_pop(&vq, &id, &used_len)) {
         print("virtio-blk: FAIL timeout waiting for ");
         print(op);
         print_char('\n');
         reset();
     }
-    barrier();                                  /* used->idx before the data */
-    u32 id = VOL(vq.used.ring[used_seen % QSIZE].id);
-    used_seen++;
     mw(VM_INT_ACK, mr(VM_INT_STATUS));
     if (id != 0) {
         print("virtio-blk: FAIL used ring id ");
@@ -260,74 +81,9 @@ static void print_status(const char *what, u8 status)
 
 static u64 init_device(void)
 {
-    u32 v = mr(VM_MAGIC);
-    if (v != VIRTIO_MAGIC) {
-        print("virtio-blk: FAIL bad magic 0x");
-        print_hex_short(v);
-        print_char('\n');
-        reset();
-    }
-    if ((v = mr(VM_VERSION)) != 2) {
-        print("virtio-blk: FAIL mmio version ");
-        print_dec(v);
-        print_char('\n');
-        reset();
-    }
-    if ((v = mr(VM_DEVICE_ID)) != VIRTIO_ID_BLOCK) {
-        print("virtio-blk: FAIL device id ");
-        print_dec(v);
-        print_char('\n');
-        reset();
-    }
-
-    mw(VM_STATUS, 0);
-    for (u32 i = 0; i < 1000 && (v = mr(VM_STATUS)) != 0; i++)
-        ;
-    if (v != 0)
-        fail_status("reset", v);
-    mw(VM_STATUS, ST_ACKNOWLEDGE);
-    mw(VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
-
-    mw(VM_DEV_FEAT_SEL, 0);
-    u64 features = mr(VM_DEV_FEATURES);
-    mw(VM_DEV_FEAT_SEL, 1);
-    features |= (u64)mr(VM_DEV_FEATURES) << 32;
-    if (!(features & F_VERSION_1))
-        fail_status("device does not offer VIRTIO_F_VERSION_1", mr(VM_STATUS));
-    features &= F_VERSION_1 | F_BLK_FLUSH;
-    mw(VM_DRV_FEAT_SEL, 0);
-    mw(VM_DRV_FEATURES, (u32)features);
-    mw(VM_DRV_FEAT_SEL, 1);
-    mw(VM_DRV_FEATURES, (u32)(features >> 32));
-
-    mw(VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
-    v = mr(VM_STATUS);
-    if (!(v & ST_FEATURES_OK))
-        fail_status("FEATURES_OK not accepted", v);
-
-    mw(VM_QUEUE_SEL, 0);
-    if (mr(VM_QUEUE_READY) != 0)
-        fail_status("queue 0 already ready", mr(VM_STATUS));
-    u32 qmax = mr(VM_QUEUE_NUM_MAX);
-    if (qmax < QSIZE) {
-        print("virtio-blk: FAIL queue 0 QueueNumMax ");
-        print_dec(qmax);
-        print_char('\n');
-        reset();
-    }
-    mw(VM_QUEUE_NUM, QSIZE);
-    mw(VM_QUEUE_DESC, (u32)(u64)&vq.desc);
-    mw(VM_QUEUE_DESC + 4, (u32)((u64)&vq.desc >> 32));
-    mw(VM_QUEUE_DRIVER, (u32)(u64)&vq.avail);
-    mw(VM_QUEUE_DRIVER + 4, (u32)((u64)&vq.avail >> 32));
-    mw(VM_QUEUE_DEVICE, (u32)(u64)&vq.used);
-    mw(VM_QUEUE_DEVICE + 4, (u32)((u64)&vq.used >> 32));
-    mw(VM_QUEUE_READY, 1);
-
-    mw(VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
-    v = mr(VM_STATUS);
-    if (v != (ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK))
-        fail_status("DRIVER_OK", v);
+    u64 features = virtio_negotiate(F_BLK_FLUSH);
+    virtio_setup_queue(0, &vq);
+    virtio_driver_ok();
     return features;
 }
 
@@ -349,14 +105,11 @@ void guest_main(void *boot_params)
     static const char pattern[] = "rvmm-tiny-write!";     /* 16 bytes */
     u64 irq;
 
+    virtio_name = "virtio-blk";
     read_cmdline((u64)boot_params);
-    int found = find_device(&base, &irq);
-    if (found == 0)
-        fail("no virtio_mmio.device= on the command line");
-    if (found < 0)
-        fail("cannot parse virtio_mmio.device= (want <size>@<base>:<irq>)");
+    virtio_find(VIRTIO_ID_BLOCK, &irq);
     print("virtio-blk: device at 0x");
-    print_hex_short(base);
+    print_hex_short(virtio_base);
     print(" irq ");
     print_dec(irq);
     print_char('\n');

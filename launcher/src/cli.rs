@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// Give the guest a virtio-rng entropy device backed by the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// On SIGTERM/SIGINT the guest gets Ctrl-Alt-Del; after this many seconds it is stopped.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub grace_period_seconds: u64,
     /// A virtio-blk disk over a file or block device (repeatable; /dev/vda, /dev/vdb, ...):
     /// path=PATH[,readonly=on][,id=NAME][,engine=sync|io_uring].
     #[arg(long, value_name = "OPTIONS")]

@@ -6,9 +6,11 @@
 mod cli;
 mod console;
 mod keyvalue;
+mod shutdown;
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use vmm_core::boot::BootError;
@@ -17,6 +19,7 @@ use vmm_core::{BuildError, Outcome, VmConfig};
 
 use crate::cli::{Cli, Command, RunArgs};
 use crate::console::Console;
+use crate::shutdown::ShutdownSignals;
 
 const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -57,6 +60,15 @@ fn build_error_code(err: &BuildError) -> u8 {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
+    let signals = match ShutdownSignals::block() {
+        Ok(signals) => signals,
+        Err(e) => {
+            return fail(
+                EXIT_VMM_ERROR,
+                &anyhow::Error::new(e).context("Cannot block signals"),
+            );
+        }
+    };
     let (config, serial_mode) = match args.to_config(Path::new(KVM_PVM_MODULE).exists()) {
         Ok(parsed) => parsed,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
@@ -65,12 +77,18 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(console) => console,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
-    let code = boot(&config, &mut console);
+    let grace = Duration::from_secs(args.grace_period_seconds);
+    let code = boot(&config, &mut console, signals, grace);
     console.close();
     code
 }
 
-fn boot(config: &VmConfig, console: &mut Console) -> ExitCode {
+fn boot(
+    config: &VmConfig,
+    console: &mut Console,
+    signals: ShutdownSignals,
+    grace: Duration,
+) -> ExitCode {
     log::info!(
         "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
         config.kernel.display(),
@@ -91,6 +109,9 @@ fn boot(config: &VmConfig, console: &mut Console) -> ExitCode {
         Ok(running) => running,
         Err(e) => return fail(EXIT_VMM_ERROR, &anyhow::Error::new(e)),
     };
+    if let Err(e) = signals.handle(running.handle(), grace) {
+        log::error!("Shutdown signals will not be handled: {e}");
+    }
     let reason = running.wait();
     match reason.outcome() {
         Outcome::Clean => {

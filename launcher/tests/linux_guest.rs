@@ -41,15 +41,21 @@ fn manifest(dir: &Path) -> BTreeMap<String, String> {
 struct Boot {
     console: Vec<String>,
     init_marker_secs: Option<f64>,
+    /// When `sigterm_at` was seen and SIGTERM sent, and how long rvmm took to exit after it.
+    sigterm_to_exit_secs: Option<f64>,
     code: Option<i32>,
     stderr: String,
 }
 
-/// Boots the image with `extra` rvmm flags, echoing the console, timing the init marker.
-fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
+/// Boots the image with `extra` rvmm flags and `extra_cmdline` for the guest, echoing the
+/// console and timing the init marker. When the console shows `sigterm_at`, rvmm gets SIGTERM.
+fn boot_linux(dir: &Path, extra: &[&str], extra_cmdline: &str, sigterm_at: Option<&str>) -> Boot {
     let m = manifest(dir);
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let cmdline = if pvm { &m["cmdline"] } else { &m["cmdline_hw"] };
+    let cmdline = format!(
+        "{} {extra_cmdline}",
+        if pvm { &m["cmdline"] } else { &m["cmdline_hw"] }
+    );
     let mut args: Vec<&str> = vec![
         "run",
         "--kernel",
@@ -57,7 +63,7 @@ fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
         "--initrd",
         &m["initramfs"],
         "--cmdline",
-        cmdline,
+        &cmdline,
         "--memory",
         "256M",
     ];
@@ -80,6 +86,7 @@ fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
     });
     let mut console = Vec::new();
     let mut init_marker_secs = None;
+    let mut sigterm_sent: Option<Instant> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok((at, line)) => {
@@ -87,6 +94,11 @@ fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
                 eprintln!("[{:7.2}] {line}", at.as_secs_f64());
                 if line.starts_with("RVMM-INIT ") && init_marker_secs.is_none() {
                     init_marker_secs = Some(at.as_secs_f64());
+                }
+                if sigterm_at == Some(line.as_str()) && sigterm_sent.is_none() {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                    sigterm_sent = Some(Instant::now());
                 }
                 console.push(line);
             }
@@ -103,6 +115,7 @@ fn boot_linux(dir: &Path, extra: &[&str]) -> Boot {
     Boot {
         console,
         init_marker_secs,
+        sigterm_to_exit_secs: sigterm_sent.map(|t| t.elapsed().as_secs_f64()),
         code: output.status.code(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
@@ -128,7 +141,7 @@ fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     let disk = std::env::temp_dir().join(format!("rvmm-e2e-{}.ext4", std::process::id()));
     std::fs::copy(&manifest(&dir)["rootfs"], &disk).unwrap();
     let disk_option = format!("path={},id=rootfs,engine=io_uring", disk.display());
-    let boot = boot_linux(&dir, &["--rng", "--disk", &disk_option]);
+    let boot = boot_linux(&dir, &["--rng", "--disk", &disk_option], "", None);
     let written = read_from_ext4(&disk, "/guest-wrote.txt");
     std::fs::remove_file(&disk).unwrap();
 
@@ -152,4 +165,37 @@ fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     assert!(boot.console.contains(&"RVMM-DONE".to_string()));
     // Synced by the guest before its reset, so on the host file after rvmm exits.
     assert_eq!(written, "written by the rvmm guest\n");
+}
+
+#[test]
+fn kvm_sigterm_shuts_the_linux_guest_down_through_ctrl_alt_del() {
+    let test = "linux graceful shutdown";
+    let Some(dir) = image_dir(test) else { return };
+    if !kvm_available(test) {
+        return;
+    }
+    // A grace period far longer than the guest needs: an exit well before it is the guest's
+    // own reboot, not the timer.
+    let boot = boot_linux(
+        &dir,
+        &["--grace-period-seconds", "240"],
+        "rvmm.hold",
+        Some("RVMM-HOLD"),
+    );
+    assert_eq!(boot.code, Some(0), "rvmm failed: {}", boot.stderr);
+    let after = boot
+        .sigterm_to_exit_secs
+        .expect("the guest never reached RVMM-HOLD");
+    eprintln!("SIGTERM to rvmm exit: {after:.1} s");
+    assert!(
+        after < 120.0,
+        "took {after:.1} s: the grace timer, not the guest, ended the VM"
+    );
+    assert!(
+        boot.console
+            .iter()
+            .any(|l| l.contains("reboot: Restarting system")),
+        "the guest did not reboot on Ctrl-Alt-Del"
+    );
+    assert!(boot.stderr.contains("Ctrl-Alt-Del"), "{}", boot.stderr);
 }

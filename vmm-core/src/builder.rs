@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::EventFdTrigger;
 use devices::legacy::{
-    COM1_IRQ, COM1_PORT_BASE, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_LEN,
-    SerialConsole,
+    COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN,
+    SERIAL_PORT_LEN, SerialConsole,
 };
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::{Block, BlockConfig};
@@ -36,6 +36,8 @@ use crate::vm::{VmError, check_capabilities, create_vm, open_kvm, register_memor
 pub type SerialOutput = Box<dyn Write + Send>;
 /// The guest's serial console.
 pub type Serial = SerialConsole<EventFdTrigger, SerialOutput>;
+/// The i8042 controller: resets end the VM, keyboard input raises IRQ 1.
+pub type Keyboard = I8042<ResetTrigger, EventFdTrigger>;
 
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
@@ -127,6 +129,7 @@ pub struct Vm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
+    keyboard: Arc<Mutex<Keyboard>>,
     // Dropped in this order: the VM fd before the memory it maps.
     vm_fd: VmFd,
     mem: GuestMemoryMmap,
@@ -151,7 +154,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     let mut pio = Bus::new("port I/O");
     let mut mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out)?;
-    attach_i8042(&mut pio, &control)?;
+    let keyboard = attach_i8042(&vm_fd, &mut pio, &control)?;
     attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio_devices, &slots)?;
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel)?;
     Ok(Vm {
@@ -160,6 +163,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         serial,
+        keyboard,
         vm_fd,
         mem,
         layout,
@@ -187,10 +191,18 @@ fn attach_serial(
     Ok(serial)
 }
 
-fn attach_i8042(pio: &mut Bus, control: &Arc<VmControl>) -> Result<(), BuildError> {
-    let i8042 = Arc::new(Mutex::new(I8042::new(ResetTrigger(control.clone()))));
-    pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
-    Ok(())
+fn attach_i8042(
+    vm_fd: &VmFd,
+    pio: &mut Bus,
+    control: &Arc<VmControl>,
+) -> Result<Arc<Mutex<Keyboard>>, BuildError> {
+    let irq = EventFdTrigger::new().map_err(|e| BuildError::Irq("keyboard", e))?;
+    vm_fd
+        .register_irqfd(&irq, I8042_KBD_IRQ)
+        .map_err(|e| BuildError::Irq("keyboard", e.into()))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(ResetTrigger(control.clone()), irq)));
+    pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone())?;
+    Ok(i8042)
 }
 
 fn setup_boot(
@@ -338,6 +350,7 @@ impl Vm {
             threads,
             control: self.control,
             serial: self.serial,
+            keyboard: self.keyboard,
             _vm_fd: self.vm_fd,
             _mem: self.mem,
             layout: self.layout,

@@ -18,4 +18,4 @@ pub mod vm;
 pub use builder::{BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
-pub use lifecycle::RunningVm;
+pub use lifecycle::{RunningVm, VmHandle};

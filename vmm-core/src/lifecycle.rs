@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 
 use kvm_ioctls::VmFd;
 
-use crate::builder::Serial;
+use crate::builder::{Keyboard, Serial};
 use crate::control::{RunState, StopReason, VmControl};
 use crate::memory::{GuestMemoryMmap, MemoryLayout};
 
@@ -15,6 +15,7 @@ pub struct RunningVm {
     pub(crate) threads: Vec<JoinHandle<()>>,
     pub(crate) control: Arc<VmControl>,
     pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) keyboard: Arc<Mutex<Keyboard>>,
     // Kept alive while the vCPUs run; the VM fd is closed before the memory is unmapped.
     pub(crate) _vm_fd: VmFd,
     pub(crate) _mem: GuestMemoryMmap,
@@ -52,6 +53,20 @@ impl RunningVm {
         self.control.resume()
     }
 
+    /// Presses Ctrl-Alt-Del on the guest's keyboard: a Linux guest reboots in an orderly way,
+    /// which ends a microVM (`reboot=k`).
+    pub fn send_ctrl_alt_del(&self) {
+        self.handle().send_ctrl_alt_del();
+    }
+
+    /// A handle other threads use to control the VM (signal handlers, an API server).
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            control: self.control.clone(),
+            keyboard: self.keyboard.clone(),
+        }
+    }
+
     /// Stops the VM.
     pub fn stop(&self) {
         self.control.request_stop(StopReason::Requested);
@@ -66,5 +81,32 @@ impl RunningVm {
             }
         }
         reason
+    }
+}
+
+/// Controls a running VM from any thread.
+#[derive(Clone, Debug)]
+pub struct VmHandle {
+    control: Arc<VmControl>,
+    keyboard: Arc<Mutex<Keyboard>>,
+}
+
+impl VmHandle {
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) {
+        self.keyboard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trigger_ctrl_alt_del();
+    }
+
+    /// Stops the VM now.
+    pub fn stop(&self) {
+        self.control.request_stop(StopReason::Requested);
+    }
+
+    /// Current run state.
+    pub fn state(&self) -> RunState {
+        self.control.state()
     }
 }

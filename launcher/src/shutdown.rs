@@ -1,0 +1,72 @@
+//! SIGTERM and SIGINT ask the guest to shut down (Ctrl-Alt-Del); if it has not stopped after
+//! the grace period, or a second signal comes, the VM is stopped hard.
+
+use std::io;
+use std::time::Duration;
+
+use vmm_core::VmHandle;
+
+/// The shutdown signals, blocked in every thread so one thread can take them with sigwait.
+pub struct ShutdownSignals {
+    set: libc::sigset_t,
+}
+
+impl ShutdownSignals {
+    /// Blocks SIGTERM and SIGINT in the calling thread and every thread it spawns afterwards.
+    /// Call before any other thread starts.
+    pub fn block() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(Self { set })
+    }
+
+    /// Handles the signals for `vm` on a thread of its own.
+    pub fn handle(self, vm: VmHandle, grace: Duration) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut asked = false;
+                loop {
+                    let mut signal = 0;
+                    // SAFETY: `self.set` is initialised and `signal` is a valid out pointer.
+                    if unsafe { libc::sigwait(&self.set, &mut signal) } != 0 {
+                        continue;
+                    }
+                    if asked {
+                        log::warn!("Second shutdown signal: stopping the VM now");
+                        vm.stop();
+                        return;
+                    }
+                    asked = true;
+                    log::warn!(
+                        "Signal {signal}: asking the guest to shut down (Ctrl-Alt-Del), {} s grace",
+                        grace.as_secs()
+                    );
+                    vm.send_ctrl_alt_del();
+                    let timed = vm.clone();
+                    let timer = std::thread::Builder::new()
+                        .name("grace".into())
+                        .spawn(move || {
+                            std::thread::sleep(grace);
+                            log::warn!("Grace period over: stopping the VM");
+                            timed.stop();
+                        });
+                    if let Err(e) = timer {
+                        log::error!("Cannot start the grace timer, stopping now: {e}");
+                        vm.stop();
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
