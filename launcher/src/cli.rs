@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use devices::virtio::block::{BlockConfig, Engine};
+use devices::virtio::net::NetConfig;
 use vmm_core::{CpuProfile, VmConfig};
 
 use crate::keyvalue::KeyValues;
@@ -66,6 +67,10 @@ pub struct RunArgs {
     /// path=PATH[,readonly=on][,id=NAME][,engine=sync|io_uring].
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
+    /// A virtio-net interface on an existing tap device (repeatable; eth0, eth1, ...):
+    /// tap=NAME[,mac=MAC][,mtu=N][,id=NAME].
+    #[arg(long, value_name = "OPTIONS")]
+    pub net: Vec<String>,
 }
 
 /// Where the serial console goes.
@@ -201,6 +206,79 @@ fn parse_disks(entries: &[String]) -> Result<Vec<BlockConfig>, InvalidFlag> {
     Ok(disks)
 }
 
+const NET_KEYS: &[&str] = &["tap", "mac", "mtu", "id"];
+
+/// Parses a MAC address such as `52:54:00:12:34:56`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Parses one `--net` entry.
+pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
+    let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
+    let kv = KeyValues::parse(entry, NET_KEYS).map_err(|e| bad(e.to_string()))?;
+    let tap = kv
+        .required("tap")
+        .map_err(|e| bad(e.to_string()))?
+        .to_string();
+    let mac = match kv.get("mac") {
+        None => None,
+        Some(text) => {
+            let mac = parse_mac(text).ok_or_else(|| {
+                bad(format!(
+                    "mac={text}: expected six hex bytes like 52:54:00:12:34:56"
+                ))
+            })?;
+            if mac[0] & 1 != 0 {
+                return Err(bad(format!(
+                    "mac={text}: a multicast address cannot be a NIC's"
+                )));
+            }
+            Some(mac)
+        }
+    };
+    let mtu = match kv.get("mtu") {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u16>()
+                .ok()
+                .filter(|m| (68..=65535).contains(m))
+                .ok_or_else(|| bad(format!("mtu={text}: expected 68 to 65535")))?,
+        ),
+    };
+    Ok(NetConfig {
+        tap,
+        mac,
+        mtu,
+        id: kv.get("id").map(str::to_string),
+    })
+}
+
+fn parse_nets(entries: &[String]) -> Result<Vec<NetConfig>, InvalidFlag> {
+    let nets: Vec<NetConfig> = entries
+        .iter()
+        .map(|e| parse_net(e))
+        .collect::<Result<_, _>>()?;
+    for (i, net) in nets.iter().enumerate() {
+        if nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(invalid(
+                "net",
+                format!("{}: tap '{}' is used twice", entries[i], net.tap),
+            ));
+        }
+    }
+    Ok(nets)
+}
+
 fn existing_file(flag: &'static str, path: &Path) -> Result<PathBuf, InvalidFlag> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(path.to_owned()),
@@ -247,6 +325,7 @@ impl RunArgs {
             kvm_path: self.kvm_device.clone(),
             rng: self.rng,
             disks: parse_disks(&self.disk)?,
+            nets: parse_nets(&self.net)?,
         };
         Ok((config, parse_serial(&self.serial)?))
     }
@@ -386,6 +465,40 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("id 'a' is used twice")
+        );
+    }
+
+    #[test]
+    fn net_entries_become_net_configs() {
+        let net = parse_net("tap=tap0,mac=02:00:00:aa:bb:cc,mtu=1400,id=eth0").unwrap();
+        assert_eq!(net.tap, "tap0");
+        assert_eq!(net.mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(net.mtu, Some(1400));
+        assert_eq!(net.id.as_deref(), Some("eth0"));
+        assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
+    }
+
+    #[test]
+    fn bad_net_entries_name_the_entry_and_the_problem() {
+        let cases = [
+            ("mac=02:00:00:00:00:01", "'tap' is required"),
+            ("tap=tap0,mac=02:00:00:00:00", "expected six hex bytes"),
+            ("tap=tap0,mac=02:00:00:00:00:0g", "expected six hex bytes"),
+            ("tap=tap0,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=tap0,mtu=20", "mtu=20: expected 68 to 65535"),
+            ("tap=tap0,queues=2", "unknown key 'queues'"),
+        ];
+        for (entry, reason) in cases {
+            let err = parse_net(entry).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--net: {entry}: ")), "{err}");
+            assert!(err.contains(reason), "{entry}: {err}");
+        }
+        let twice = vec!["tap=tap0".to_string(), "tap=tap0,id=b".into()];
+        assert!(
+            parse_nets(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("tap 'tap0' is used twice")
         );
     }
 

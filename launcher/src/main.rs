@@ -44,9 +44,10 @@ fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
 /// Configuration mistakes (exit 2) versus failures of the VMM or host (exit 1).
 fn build_error_code(err: &BuildError) -> u8 {
     match err {
-        BuildError::VcpuCount(_) | BuildError::Memory(_) | BuildError::Disk { .. } => {
-            EXIT_BAD_CONFIG
-        }
+        BuildError::VcpuCount(_)
+        | BuildError::Memory(_)
+        | BuildError::Disk { .. }
+        | BuildError::Net { .. } => EXIT_BAD_CONFIG,
         BuildError::Boot(
             BootError::ReadKernel { .. }
             | BootError::NotAKernel { .. }

@@ -54,6 +54,7 @@ fn ticker_config(vcpus: u8) -> VmConfig {
         kvm_path: "/dev/kvm".into(),
         rng: false,
         disks: Vec::new(),
+        nets: Vec::new(),
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
 use common::{kvm_available, rvmm};
 
 /// Emulated guests are slow here: about a minute to init.
@@ -49,7 +50,13 @@ struct Boot {
 
 /// Boots the image with `extra` rvmm flags and `extra_cmdline` for the guest, echoing the
 /// console and timing the init marker. When the console shows `sigterm_at`, rvmm gets SIGTERM.
-fn boot_linux(dir: &Path, extra: &[&str], extra_cmdline: &str, sigterm_at: Option<&str>) -> Boot {
+fn boot_linux(
+    dir: &Path,
+    extra: &[&str],
+    extra_cmdline: &str,
+    sigterm_at: Option<&str>,
+    net: Option<&TestNetwork>,
+) -> Boot {
     let m = manifest(dir);
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     let cmdline = format!(
@@ -69,7 +76,15 @@ fn boot_linux(dir: &Path, extra: &[&str], extra_cmdline: &str, sigterm_at: Optio
     ];
     args.extend_from_slice(extra);
     let start = Instant::now();
-    let mut child = rvmm()
+    let mut command = match net {
+        Some(net) => {
+            let mut c = net.command(env!("CARGO_BIN_EXE_rvmm"));
+            c.stdin(Stdio::null()).stdout(Stdio::piped());
+            c
+        }
+        None => rvmm(),
+    };
+    let mut child = command
         .args(&args)
         .stderr(Stdio::piped())
         .spawn()
@@ -121,13 +136,35 @@ fn boot_linux(dir: &Path, extra: &[&str], extra_cmdline: &str, sigterm_at: Optio
     }
 }
 
+const NC_PORT: u16 = 7777;
+
+/// Accepts one TCP connection on argv[1]:argv[2], saves up to 64 KiB it receives to argv[3].
+const TCP_SINK: &str = r#"
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(1)
+srv.settimeout(900)
+conn, _ = srv.accept()
+conn.settimeout(120)
+data = b""
+while len(data) < 65536:
+    chunk = conn.recv(65536 - len(data))
+    if not chunk:
+        break
+    data += chunk
+open(sys.argv[3], "wb").write(data)
+conn.close()
+"#;
+
 /// Reads `path` out of an ext4 image with debugfs (e2fsprogs), as the host sees the file.
-fn read_from_ext4(image: &Path, path: &str) -> String {
+fn read_from_ext4(image: &Path, path: &str) -> Vec<u8> {
     let out = std::process::Command::new("debugfs")
         .args(["-R", &format!("cat {path}"), image.to_str().unwrap()])
         .output()
         .expect("run debugfs (e2fsprogs)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out.stdout
 }
 
 #[test]
@@ -141,9 +178,31 @@ fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     let disk = std::env::temp_dir().join(format!("rvmm-e2e-{}.ext4", std::process::id()));
     std::fs::copy(&manifest(&dir)["rootfs"], &disk).unwrap();
     let disk_option = format!("path={},id=rootfs,engine=io_uring", disk.display());
-    let boot = boot_linux(&dir, &["--rng", "--disk", &disk_option], "", None);
+    let Some(net) = test_network("e2e") else {
+        return;
+    };
+    let received = std::env::temp_dir().join(format!("rvmm-e2e-{}.nc", std::process::id()));
+    let mut listener = net
+        .command("python3")
+        .args([
+            "-c",
+            TCP_SINK,
+            HOST_IP,
+            &NC_PORT.to_string(),
+            received.to_str().unwrap(),
+        ])
+        .spawn()
+        .expect("start the TCP listener");
+    let cmdline = format!("rvmm.ip={GUEST_IP} rvmm.peer={HOST_IP} rvmm.nc_port={NC_PORT}");
+    let flags = ["--rng", "--disk", &disk_option, "--net", "tap=tap0,id=eth0"];
+    let boot = boot_linux(&dir, &flags, &cmdline, None, Some(&net));
     let written = read_from_ext4(&disk, "/guest-wrote.txt");
+    let random = read_from_ext4(&disk, "/random.bin");
     std::fs::remove_file(&disk).unwrap();
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let sent = std::fs::read(&received).unwrap_or_default();
+    let _ = std::fs::remove_file(&received);
 
     assert_eq!(boot.code, Some(0), "rvmm failed: {}", boot.stderr);
     let secs = boot
@@ -158,13 +217,23 @@ fn kvm_linux_guest_boots_to_init_passes_its_checks_and_resets() {
     assert!(!checks.is_empty(), "no checks ran");
     let failed: Vec<&&String> = checks.iter().filter(|l| l.contains(" FAIL")).collect();
     assert!(failed.is_empty(), "failed checks: {failed:?}");
-    for required in ["proc", "cmdline", "memory", "rng", "blk"] {
+    for required in ["proc", "cmdline", "memory", "rng", "blk", "net"] {
         let ok = format!("RVMM-CHECK {required} ok");
         assert!(boot.console.contains(&ok), "missing '{ok}'");
     }
     assert!(boot.console.contains(&"RVMM-DONE".to_string()));
     // Synced by the guest before its reset, so on the host file after rvmm exits.
-    assert_eq!(written, "written by the rvmm guest\n");
+    assert_eq!(
+        String::from_utf8_lossy(&written),
+        "written by the rvmm guest\n"
+    );
+    // What the guest sent over TCP through virtio-net and the tap, byte for byte.
+    assert_eq!(sent.len(), 65536, "bytes received over TCP");
+    assert_eq!(random.len(), 1 << 20, "random.bin read back from the image");
+    assert!(
+        sent == random[..65536],
+        "TCP payload differs from random.bin"
+    );
 }
 
 #[test]
@@ -176,12 +245,8 @@ fn kvm_sigterm_shuts_the_linux_guest_down_through_ctrl_alt_del() {
     }
     // A grace period far longer than the guest needs: an exit well before it is the guest's
     // own reboot, not the timer.
-    let boot = boot_linux(
-        &dir,
-        &["--grace-period-seconds", "240"],
-        "rvmm.hold",
-        Some("RVMM-HOLD"),
-    );
+    let flags = ["--grace-period-seconds", "240"];
+    let boot = boot_linux(&dir, &flags, "rvmm.hold", Some("RVMM-HOLD"), None);
     assert_eq!(boot.code, Some(0), "rvmm failed: {}", boot.stderr);
     let after = boot
         .sigterm_to_exit_secs

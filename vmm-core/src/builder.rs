@@ -13,6 +13,7 @@ use devices::legacy::{
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::rng::Rng;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -60,6 +61,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces on existing taps, in the order the guest sees them.
+    pub nets: Vec<NetConfig>,
 }
 
 /// Errors building a VM. Each names the step that failed.
@@ -100,6 +103,15 @@ pub enum BuildError {
         /// Cause (names the path).
         #[source]
         source: devices::virtio::block::BlockError,
+    },
+    /// A network interface cannot be set up.
+    #[error("Cannot attach network interface {index}")]
+    Net {
+        /// Position among the interfaces.
+        index: usize,
+        /// Cause (names the tap).
+        #[source]
+        source: devices::virtio::net::NetError,
     },
     /// More virtio devices than MMIO slots and interrupt lines.
     #[error("Too many virtio devices: at most {0}")]
@@ -230,6 +242,10 @@ fn create_virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>
         let block =
             Block::new(disk.clone()).map_err(|source| BuildError::Disk { index, source })?;
         devices.push(Box::new(block));
+    }
+    for (index, net) in config.nets.iter().enumerate() {
+        let nic = Net::new(net.clone()).map_err(|source| BuildError::Net { index, source })?;
+        devices.push(Box::new(nic));
     }
     if config.rng {
         devices.push(Box::new(Rng::new()));

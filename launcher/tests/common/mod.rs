@@ -1,6 +1,8 @@
 //! Shared by the KVM tests: KVM detection, the tiny test guests, running `rvmm`.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod netns;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -121,6 +121,15 @@ impl IoVecs {
     fn fill(&mut self, mem: &GuestMemoryMmap, data: &[(GuestAddress, u32)]) -> io::Result<()> {
         self.0.clear();
         for &(addr, len) in data {
+            // Fast path: the buffer is inside one region.
+            if let Ok(slice) = mem.get_slice(addr, len as usize) {
+                let guard = slice.ptr_guard_mut();
+                self.0.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: guard.len(),
+                });
+                continue;
+            }
             for slice in mem.get_slices(addr, len as usize) {
                 let slice = slice.map_err(io::Error::other)?;
                 let guard = slice.ptr_guard_mut();
@@ -175,7 +184,19 @@ impl SyncEngine {
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             let iov = iovecs[first..].as_ptr();
             let fd = self.file.as_raw_fd();
-            let n = if write {
+            let n = if count == 1 {
+                // One buffer (the common case): pread/pwrite skip the kernel's iovec import.
+                let v = iovecs[first];
+                if write {
+                    // SAFETY: `v` describes guest memory mapped for as long as `mem` lives; the
+                    // kernel only reads it.
+                    unsafe { libc::pwrite(fd, v.iov_base, v.iov_len, offset_arg) }
+                } else {
+                    // SAFETY: as above; the kernel writes into guest memory the guest handed
+                    // over to the device for this request.
+                    unsafe { libc::pread(fd, v.iov_base, v.iov_len, offset_arg) }
+                }
+            } else if write {
                 // SAFETY: `iov` points to `count` iovecs describing guest memory that is mapped
                 // for as long as `mem` lives; the kernel only reads through them.
                 unsafe { libc::pwritev(fd, iov, count as libc::c_int, offset_arg) }

@@ -266,21 +266,15 @@ impl BlockRequest {
         let Some(header) = chain.next() else {
             return Err(reject(None, ParseError::NoStatus));
         };
-        // The header is read only once the status is known to be usable; until then only its
-        // shape is checked.
+        let mut raw_header = [0u8; HEADER_SIZE as usize];
         let header_ok = !header.is_write_only()
             && header.len() == HEADER_SIZE
-            && mem.check_range(header.addr(), HEADER_SIZE as usize);
+            && read_guest(mem, header.addr(), &mut raw_header);
         let (request_type, sector) = if header_ok {
-            // The range was checked just above, so these reads cannot fail.
-            let raw_type = mem.read_obj::<u32>(header.addr()).unwrap_or_default();
-            let sector = mem
-                .read_obj::<u64>(header.addr().unchecked_add(8))
-                .unwrap_or_default();
-            (
-                RequestType::from(u32::from_le(raw_type)),
-                u64::from_le(sector),
-            )
+            let (t, rest) = raw_header.split_at(4);
+            let t = u32::from_le_bytes(t.try_into().unwrap_or_default());
+            let sector = u64::from_le_bytes(rest[4..].try_into().unwrap_or_default());
+            (RequestType::from(t), sector)
         } else {
             (RequestType::Unsupported(u32::MAX), 0)
         };
@@ -316,7 +310,7 @@ impl BlockRequest {
         };
         if !status.is_write_only()
             || status.len() == 0
-            || !mem.check_range(status.addr(), status.len() as usize)
+            || !in_memory(mem, status.addr(), status.len())
         {
             return Err(reject(None, ParseError::NoStatus));
         }
@@ -399,7 +393,7 @@ impl BlockRequest {
         if matches!(t, RequestType::In | RequestType::Out) && desc.len() > limits.size_max {
             return Err(ParseError::SegmentTooLong(desc.len()));
         }
-        if !mem.check_range(desc.addr(), desc.len() as usize) {
+        if !in_memory(mem, desc.addr(), desc.len()) {
             return Err(ParseError::BadAddress {
                 addr: desc.addr().0,
                 len: desc.len(),
@@ -485,6 +479,24 @@ fn decode_range(
         num_sectors,
         unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
     })
+}
+
+/// Whether `addr..addr+len` is guest memory. The single-region lookup comes first: it is the
+/// common case and this runs for every descriptor.
+fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> bool {
+    mem.get_slice(addr, len as usize).is_ok() || mem.check_range(addr, len as usize)
+}
+
+/// Reads `buf.len()` bytes at `addr`; false if they are not all guest memory.
+fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &mut [u8]) -> bool {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(slice) => {
+            slice.copy_to(buf);
+            true
+        }
+        // Spanning two regions (or not memory at all).
+        Err(_) => mem.read_slice(buf, addr).is_ok(),
+    }
 }
 
 fn reject(status_addr: Option<GuestAddress>, error: ParseError) -> RejectedRequest {
