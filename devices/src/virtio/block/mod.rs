@@ -39,7 +39,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Bytes per data descriptor at most (`size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
-/// Sectors per discard or write-zeroes range at most (2 GiB - 512).
+/// Sectors per discard or write-zeroes range at most (just under 4 GiB).
 pub const MAX_RANGE_SECTORS: u32 = (u32::MAX >> 9) - 1;
 /// Ranges per discard or write-zeroes request at most.
 pub const MAX_RANGES: u32 = 32;
