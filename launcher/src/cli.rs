@@ -7,6 +7,7 @@ use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig;
 use vmm_core::{CpuProfile, VmConfig};
 
+use crate::config::VmConfigFile;
 use crate::keyvalue::KeyValues;
 
 /// rvmm: a small KVM virtual machine monitor.
@@ -28,28 +29,29 @@ pub enum Command {
 /// `rvmm run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The VM as a JSON file with Cloud Hypervisor's VmConfig field names (cpus.boot_vcpus,
+    /// memory.size, payload.kernel|initramfs|cmdline, disks[], net[], rng, serial); replaces
+    /// the VM flags below.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// Initramfs / initrd image.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(
-        long,
-        value_name = "STR",
-        default_value = "console=ttyS0 reboot=k panic=-1"
-    )]
-    pub cmdline: String,
-    /// Guest RAM, with a K, M, G or T suffix (bytes without one).
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    pub memory: String,
-    /// Number of vCPUs (1 to 32).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub vcpus: u8,
-    /// Serial console: stdio, file=PATH or socket=PATH.
-    #[arg(long, value_name = "MODE", default_value = "stdio")]
-    pub serial: String,
+    /// Kernel command line [default: console=ttyS0 reboot=k panic=-1].
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest RAM, with a K, M, G or T suffix (bytes without one) [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs, 1 to 32 [default: 1].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u8>,
+    /// Serial console: stdio, file=PATH, socket=PATH or off [default: stdio].
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<String>,
     /// CPU features shown to the guest: auto (pvm-safe when /sys/module/kvm_pvm exists,
     /// host otherwise), host or pvm-safe.
     #[arg(long, value_name = "PROFILE", default_value = "auto")]
@@ -82,6 +84,8 @@ pub enum SerialMode {
     File(PathBuf),
     /// A unix socket a console client connects to.
     Socket(PathBuf),
+    /// Output discarded, no input.
+    Off,
 }
 
 /// A flag's value is invalid.
@@ -129,11 +133,12 @@ pub fn parse_serial(text: &str) -> Result<SerialMode, InvalidFlag> {
     };
     match text.split_once('=') {
         None if text == "stdio" => Ok(SerialMode::Stdio),
+        None if text == "off" => Ok(SerialMode::Off),
         Some(("file", path)) => nonempty(path).map(SerialMode::File),
         Some(("socket", path)) => nonempty(path).map(SerialMode::Socket),
         _ => Err(invalid(
             "serial",
-            format!("'{text}' is not stdio, file=PATH or socket=PATH"),
+            format!("'{text}' is not stdio, file=PATH, socket=PATH or off"),
         )),
     }
 }
@@ -153,7 +158,7 @@ pub fn parse_cpu_profile(text: &str, kvm_pvm_loaded: bool) -> Result<CpuProfile,
 
 const DISK_KEYS: &[&str] = &["path", "readonly", "id", "engine"];
 /// GET_ID answers with at most 20 bytes.
-const DISK_ID_MAX: usize = 20;
+pub(crate) const DISK_ID_MAX: usize = 20;
 
 /// Parses one `--disk` entry.
 pub fn parse_disk(entry: &str) -> Result<BlockConfig, InvalidFlag> {
@@ -279,55 +284,97 @@ fn parse_nets(entries: &[String]) -> Result<Vec<NetConfig>, InvalidFlag> {
     Ok(nets)
 }
 
-fn existing_file(flag: &'static str, path: &Path) -> Result<PathBuf, InvalidFlag> {
+/// `path` if it is a regular file, else why not.
+pub(crate) fn existing_file(path: &Path) -> Result<PathBuf, String> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(path.to_owned()),
-        Ok(_) => Err(invalid(
-            flag,
-            format!("{} is not a regular file", path.display()),
-        )),
-        Err(e) => Err(invalid(flag, format!("{}: {e}", path.display()))),
+        Ok(_) => Err(format!("{} is not a regular file", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
 impl RunArgs {
-    /// Validates the flags into a VM configuration and a console mode.
-    pub fn to_config(&self, kvm_pvm_loaded: bool) -> Result<(VmConfig, SerialMode), InvalidFlag> {
-        let memory_bytes = parse_size(&self.memory).ok_or_else(|| {
-            invalid(
-                "memory",
-                format!("'{}' is not a size like 512M", self.memory),
+    /// The VM configuration and console mode, from `--config` or from the flags.
+    pub fn to_config(&self, kvm_pvm_loaded: bool) -> anyhow::Result<(VmConfig, SerialMode)> {
+        let cpu_profile = parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?;
+        let Some(file) = &self.config else {
+            return Ok(self.flags_to_config(cpu_profile)?);
+        };
+        let given: Vec<&str> = [
+            ("--kernel", self.kernel.is_some()),
+            ("--initrd", self.initrd.is_some()),
+            ("--cmdline", self.cmdline.is_some()),
+            ("--memory", self.memory.is_some()),
+            ("--vcpus", self.vcpus.is_some()),
+            ("--serial", self.serial.is_some()),
+            ("--rng", self.rng),
+            ("--disk", !self.disk.is_empty()),
+            ("--net", !self.net.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if !given.is_empty() {
+            return Err(invalid(
+                "config",
+                format!("the file describes the VM: drop {}", given.join(", ")),
             )
-        })?;
-        if self.vcpus == 0 || self.vcpus > vmm_core::mptable::MAX_VCPUS {
+            .into());
+        }
+        let context = || format!("--config {}", file.display());
+        let parsed =
+            VmConfigFile::load(file).map_err(|e| anyhow::Error::new(e).context(context()))?;
+        parsed
+            .validate(&self.kvm_device, cpu_profile)
+            .map_err(|e| anyhow::Error::new(e).context(context()))
+    }
+
+    fn flags_to_config(
+        &self,
+        cpu_profile: CpuProfile,
+    ) -> Result<(VmConfig, SerialMode), InvalidFlag> {
+        let memory = self.memory.as_deref().unwrap_or("512M");
+        let memory_bytes = parse_size(memory)
+            .ok_or_else(|| invalid("memory", format!("'{memory}' is not a size like 512M")))?;
+        let vcpus = self.vcpus.unwrap_or(1);
+        let max = vmm_core::mptable::MAX_VCPUS;
+        if vcpus == 0 || vcpus > max {
             return Err(invalid(
                 "vcpus",
-                format!(
-                    "{} is out of range 1 to {}",
-                    self.vcpus,
-                    vmm_core::mptable::MAX_VCPUS
-                ),
+                format!("{vcpus} is out of range 1 to {max}"),
             ));
         }
         vmm_core::memory::MemoryLayout::new(memory_bytes)
             .map_err(|e| invalid("memory", e.to_string()))?;
+        let kernel = self
+            .kernel
+            .as_deref()
+            .ok_or_else(|| invalid("kernel", "required (or --config FILE)"))?;
         let config = VmConfig {
-            vcpus: self.vcpus,
+            vcpus,
             memory_bytes,
-            kernel: existing_file("kernel", &self.kernel)?,
+            kernel: existing_file(kernel).map_err(|r| invalid("kernel", r))?,
             initrd: self
                 .initrd
                 .as_deref()
-                .map(|p| existing_file("initrd", p))
+                .map(|p| existing_file(p).map_err(|r| invalid("initrd", r)))
                 .transpose()?,
-            cmdline: self.cmdline.clone(),
-            cpu_profile: parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?,
+            cmdline: self
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cpu_profile,
             kvm_path: self.kvm_device.clone(),
             rng: self.rng,
             disks: parse_disks(&self.disk)?,
             nets: parse_nets(&self.net)?,
         };
-        Ok((config, parse_serial(&self.serial)?))
+        Ok((
+            config,
+            parse_serial(self.serial.as_deref().unwrap_or("stdio"))?,
+        ))
     }
 }
 
@@ -505,10 +552,10 @@ mod tests {
     #[test]
     fn missing_or_non_file_kernel_is_rejected() {
         let mut a = args(&[]);
-        a.kernel = "/nonexistent/vmlinux".into();
+        a.kernel = Some("/nonexistent/vmlinux".into());
         let err = a.to_config(false).unwrap_err().to_string();
         assert!(err.starts_with("--kernel: /nonexistent/vmlinux"), "{err}");
-        a.kernel = "/tmp".into();
+        a.kernel = Some("/tmp".into());
         assert!(
             a.to_config(false)
                 .unwrap_err()

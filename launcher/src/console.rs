@@ -52,6 +52,7 @@ impl Console {
         let mut socket = None;
         let output: SerialOutput = match mode {
             SerialMode::Stdio => Box::new(io::stdout()),
+            SerialMode::Off => Box::new(io::sink()),
             SerialMode::File(path) => Box::new(
                 OpenOptions::new()
                     .create(true)
@@ -86,7 +87,7 @@ impl Console {
                 }
                 spawn_input("serial-stdin", io::stdin(), serial);
             }
-            SerialMode::File(_) => {}
+            SerialMode::File(_) | SerialMode::Off => {}
             SerialMode::Socket(_) => {
                 if let Some((listener, client)) = self.socket.take() {
                     spawn_acceptor(listener, client, serial);

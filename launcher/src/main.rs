@@ -4,6 +4,7 @@
 //! 3 guest crash.
 
 mod cli;
+mod config;
 mod console;
 mod keyvalue;
 mod shutdown;
@@ -72,7 +73,7 @@ fn run(args: &RunArgs) -> ExitCode {
     };
     let (config, serial_mode) = match args.to_config(Path::new(KVM_PVM_MODULE).exists()) {
         Ok(parsed) => parsed,
-        Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
+        Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
     let mut console = match Console::open(&serial_mode) {
         Ok(console) => console,

@@ -175,6 +175,15 @@ impl SyncEngine {
         mut offset: u64,
         write: bool,
     ) -> io::Result<()> {
+        // One buffer inside one region (the common case): no iovec array, and pread/pwrite
+        // skip the kernel's iovec import.
+        if let [(addr, len)] = *data
+            && len > 0
+            && let Ok(slice) = mem.get_slice(addr, len as usize)
+        {
+            let guard = slice.ptr_guard_mut();
+            return self.rw_one(guard.as_ptr(), guard.len(), offset, write);
+        }
         self.iovecs.fill(mem, data)?;
         let iovecs = &mut self.iovecs.0;
         let mut first = 0;
@@ -222,6 +231,49 @@ impl SyncEngine {
             }
             offset += n as u64;
             first += advance(&mut iovecs[first..], n as usize);
+        }
+        Ok(())
+    }
+}
+
+impl SyncEngine {
+    /// Transfers `len` bytes between the guest buffer at `buf` and the disk at `offset`.
+    /// `buf..buf + len` must be a slice of guest memory that stays mapped during the call
+    /// (the caller borrows the guest memory it came from).
+    fn rw_one(&self, buf: *mut u8, len: usize, mut offset: u64, write: bool) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let mut done = 0usize;
+        while done < len {
+            let offset_arg = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // `done < len`, so the pointer stays inside the buffer.
+            let ptr = buf.wrapping_add(done).cast::<libc::c_void>();
+            let n = if write {
+                // SAFETY: `ptr..ptr + len - done` is the tail of the guest buffer, mapped for
+                // the whole call (see above); the kernel only reads it.
+                unsafe { libc::pwrite(fd, ptr, len - done, offset_arg) }
+            } else {
+                // SAFETY: as above; the kernel writes into guest memory the guest handed over
+                // to the device for this request.
+                unsafe { libc::pread(fd, ptr, len - done, offset_arg) }
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                // Past the end of the file (or a device that stopped taking data).
+                return Err(if write {
+                    io::ErrorKind::WriteZero.into()
+                } else {
+                    io::ErrorKind::UnexpectedEof.into()
+                });
+            }
+            offset += n as u64;
+            done += n as usize;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::super::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use super::BlockCounters;
 use super::backend::{Completions, DiskBackend, DiskOp};
+use super::guest::GuestView;
 use super::request::{
     BlockRequest, ID_BYTES, RejectedRequest, RequestLimits, RequestType, SECTOR_SIZE,
 };
@@ -51,6 +52,37 @@ struct InFlight {
     failed: bool,
 }
 
+/// Statistics of the current batch, published to the shared [`BlockCounters`] once per batch
+/// (an atomic add per request and counter is a locked instruction on the hot path).
+#[derive(Debug, Default)]
+struct BatchCounters {
+    reads: u64,
+    writes: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    flushes: u64,
+    errors: u64,
+}
+
+impl BatchCounters {
+    /// Adds the batch to `shared` and starts a new batch.
+    fn publish(&mut self, shared: &BlockCounters) {
+        let batch = std::mem::take(self);
+        for (counter, n) in [
+            (&shared.reads, batch.reads),
+            (&shared.writes, batch.writes),
+            (&shared.bytes_read, batch.bytes_read),
+            (&shared.bytes_written, batch.bytes_written),
+            (&shared.flushes, batch.flushes),
+            (&shared.errors, batch.errors),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Events the block worker waits for.
 #[repr(u32)]
 enum BlockEvent {
@@ -64,6 +96,8 @@ enum BlockEvent {
 #[allow(missing_debug_implementations)]
 pub struct BlockHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
     mem: GuestMemoryMmap,
+    /// The same memory, for the per-request header, buffer and status accesses.
+    view: GuestView,
     queue: Queue,
     notify: EventFd,
     interrupt: Arc<I>,
@@ -81,6 +115,8 @@ pub struct BlockHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
     added: usize,
     /// Set after a queue error: the device waits for a reset.
     broken: bool,
+    /// Statistics not yet added to `disk.counters`.
+    stats: BatchCounters,
 }
 
 impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
@@ -94,6 +130,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         disk: DiskContext,
     ) -> Self {
         Self {
+            view: GuestView::new(mem.clone()),
             mem,
             queue,
             notify,
@@ -108,6 +145,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             done: Vec::new(),
             added: 0,
             broken: false,
+            stats: BatchCounters::default(),
         }
     }
 
@@ -130,6 +168,12 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     /// Takes every available request, starts it, and returns those already completed.
     /// Returns how many requests were completed by this call.
     pub fn process_queue(&mut self) -> Result<usize, virtio_queue::Error> {
+        let result = self.serve_queue();
+        self.stats.publish(&self.disk.counters);
+        result
+    }
+
+    fn serve_queue(&mut self) -> Result<usize, virtio_queue::Error> {
         let mut completed = 0;
         loop {
             self.queue.disable_notification(&self.mem)?;
@@ -138,7 +182,9 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                     break;
                 };
                 let head = chain.head_index();
-                let parsed = self.request.parse_into(chain, &self.mem, &self.disk.limits);
+                let parsed = self
+                    .request
+                    .parse_in_view(chain, &self.view, &self.disk.limits);
                 completed += self.start_request(head, parsed)?;
             }
             if self.busy >= MAX_IN_FLIGHT {
@@ -165,11 +211,17 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         if self.backend.completion_fd().is_none() {
             return Ok(0);
         }
+        let result = self.serve_completions();
+        self.stats.publish(&self.disk.counters);
+        result
+    }
+
+    fn serve_completions(&mut self) -> Result<usize, virtio_queue::Error> {
         let mut completed = self.reap()?;
         self.notify_guest()?;
         if self.throttled && self.busy < MAX_IN_FLIGHT {
             self.throttled = false;
-            completed += self.process_queue()?;
+            completed += self.serve_queue()?;
         }
         Ok(completed)
     }
@@ -222,7 +274,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     ) -> Result<usize, virtio_queue::Error> {
         if let Err(rejected) = parsed {
             log::debug!("virtio-blk: rejected request: {}", rejected.error);
-            self.disk.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.errors += 1;
             let len = match rejected.status_addr {
                 Some(addr) => u32::from(self.write_status(addr, rejected.error.status())),
                 None => 0,
@@ -239,83 +291,100 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 (VIRTIO_BLK_S_OK as u8, self.write_id())
             };
             if status != VIRTIO_BLK_S_OK as u8 {
-                self.disk.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors += 1;
             }
             let status_len = u32::from(self.write_status(self.request.status_addr, status));
             self.complete(head, used + status_len)?;
             return Ok(1);
         }
 
-        let ops = match req.request_type {
-            RequestType::Discard | RequestType::WriteZeroes => req.ranges.len() as u32,
-            _ => 1,
-        };
         let used_len = match req.request_type {
             RequestType::In => req.data_len + 1,
             _ => 1,
         };
-        let token = self.free.pop().unwrap_or_else(|| {
-            self.in_flight.push(InFlight::default());
-            (self.in_flight.len() - 1) as u32
-        });
-        self.in_flight[token as usize] = InFlight {
+        let entry = InFlight {
             head,
             status_addr: req.status_addr,
             request_type: Some(req.request_type),
             used_len,
             bytes: req.data_len,
-            ops_left: ops,
+            ops_left: 1,
             failed: false,
         };
-        self.busy += 1;
-
         let offset = req.sector * SECTOR_SIZE;
-        let token64 = u64::from(token);
-        let started = match req.request_type {
-            RequestType::In => self.backend.start(
-                &self.mem,
-                DiskOp::Read {
-                    offset,
-                    data: &req.data,
-                },
-                token64,
-            ),
-            RequestType::Out => self.backend.start(
-                &self.mem,
-                DiskOp::Write {
-                    offset,
-                    data: &req.data,
-                },
-                token64,
-            ),
-            RequestType::Flush => self.backend.start(&self.mem, DiskOp::Flush, token64),
-            _ => {
-                // Discard / write-zeroes: one operation per range.
-                for range in &req.ranges {
-                    let op = if req.request_type == RequestType::Discard {
-                        DiskOp::Discard {
-                            offset: range.offset(),
-                            len: range.len(),
-                        }
-                    } else {
-                        DiskOp::WriteZeroes {
-                            offset: range.offset(),
-                            len: range.len(),
-                            unmap: range.unmap,
-                        }
-                    };
-                    if let Some(outcome) = self.backend.start(&self.mem, op, token64) {
-                        self.done.push((token64, outcome));
-                    }
-                }
-                None
-            }
+        let op = match req.request_type {
+            RequestType::In => DiskOp::Read {
+                offset,
+                data: &req.data,
+            },
+            RequestType::Out => DiskOp::Write {
+                offset,
+                data: &req.data,
+            },
+            RequestType::Flush => DiskOp::Flush,
+            _ => return self.start_ranges(entry),
         };
-        if let Some(outcome) = started {
-            self.done.push((token64, outcome));
+        // The slot this request gets if the operation completes later; taken only then, so a
+        // synchronous completion (the sync engine, a page-cache hit) never touches the table.
+        let token = self
+            .free
+            .last()
+            .copied()
+            .unwrap_or(self.in_flight.len() as u32);
+        match self.backend.start(&self.mem, op, u64::from(token)) {
+            Some(outcome) => {
+                let mut entry = entry;
+                if let Err(e) = outcome {
+                    log::debug!("virtio-blk: I/O error: {e}");
+                    entry.failed = true;
+                }
+                self.finish_request(entry)?;
+                Ok(1)
+            }
+            None => {
+                let taken = self.take_slot();
+                debug_assert_eq!(taken, token);
+                self.in_flight[taken as usize] = entry;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Starts a discard or write-zeroes request: one operation per range.
+    fn start_ranges(&mut self, mut entry: InFlight) -> Result<usize, virtio_queue::Error> {
+        entry.ops_left = self.request.ranges.len() as u32;
+        let token = self.take_slot();
+        self.in_flight[token as usize] = entry;
+        let token64 = u64::from(token);
+        let discard = self.request.request_type == RequestType::Discard;
+        for range in &self.request.ranges {
+            let op = if discard {
+                DiskOp::Discard {
+                    offset: range.offset(),
+                    len: range.len(),
+                }
+            } else {
+                DiskOp::WriteZeroes {
+                    offset: range.offset(),
+                    len: range.len(),
+                    unmap: range.unmap,
+                }
+            };
+            if let Some(outcome) = self.backend.start(&self.mem, op, token64) {
+                self.done.push((token64, outcome));
+            }
         }
         // Synchronous results were parked in `done`; complete them now.
         self.finish_done()
+    }
+
+    /// A free slot of the in-flight table, counted as busy.
+    fn take_slot(&mut self) -> u32 {
+        self.busy += 1;
+        self.free.pop().unwrap_or_else(|| {
+            self.in_flight.push(InFlight::default());
+            (self.in_flight.len() - 1) as u32
+        })
     }
 
     /// Accounts one finished operation; completes its request when it was the last one.
@@ -339,25 +408,28 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         let entry = std::mem::take(entry);
         self.free.push(token as u32);
         self.busy -= 1;
+        self.finish_request(entry)?;
+        Ok(1)
+    }
 
-        let counters = &self.disk.counters;
+    /// Writes the status of a request whose operations are all done and returns it.
+    fn finish_request(&mut self, entry: InFlight) -> Result<(), virtio_queue::Error> {
+        let stats = &mut self.stats;
         let status = if entry.failed {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
+            stats.errors += 1;
             VIRTIO_BLK_S_IOERR as u8
         } else {
             let bytes = u64::from(entry.bytes);
             match entry.request_type {
                 Some(RequestType::In) => {
-                    counters.reads.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+                    stats.reads += 1;
+                    stats.bytes_read += bytes;
                 }
                 Some(RequestType::Out) => {
-                    counters.writes.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+                    stats.writes += 1;
+                    stats.bytes_written += bytes;
                 }
-                Some(RequestType::Flush) => {
-                    counters.flushes.fetch_add(1, Ordering::Relaxed);
-                }
+                Some(RequestType::Flush) => stats.flushes += 1,
                 _ => {}
             }
             VIRTIO_BLK_S_OK as u8
@@ -369,14 +441,13 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         } else {
             entry.used_len
         };
-        self.complete(entry.head, len)?;
-        Ok(1)
+        self.complete(entry.head, len)
     }
 
     /// Writes the status byte; false if it could not be written.
     fn write_status(&self, addr: GuestAddress, status: u8) -> bool {
         // The address was checked at parse time; the guest cannot unmap its memory under us.
-        self.mem.write_obj(status, addr).is_ok()
+        self.view.write_u8(addr, status)
     }
 
     /// Writes the id into the GET_ID buffers; returns the bytes written.

@@ -4,6 +4,7 @@
 //! requests through a [`DiskBackend`] (synchronous system calls or io_uring, see [`Engine`]).
 
 mod backend;
+mod guest;
 mod handler;
 mod request;
 

@@ -12,6 +12,45 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::super::GuestMemoryMmap;
+use super::guest::GuestView;
+
+/// The guest memory accesses parsing needs: through vm-memory, or through a [`GuestView`].
+trait GuestAccess {
+    fn mem(&self) -> &GuestMemoryMmap;
+    /// Whether `addr..addr + len` is guest memory.
+    fn in_memory(&self, addr: GuestAddress, len: u32) -> bool;
+    /// The request header at `addr`, if it is guest memory.
+    fn read_header(&self, addr: GuestAddress) -> Option<[u8; HEADER_SIZE as usize]>;
+}
+
+impl GuestAccess for GuestMemoryMmap {
+    fn mem(&self) -> &GuestMemoryMmap {
+        self
+    }
+
+    fn in_memory(&self, addr: GuestAddress, len: u32) -> bool {
+        in_memory(self, addr, len)
+    }
+
+    fn read_header(&self, addr: GuestAddress) -> Option<[u8; HEADER_SIZE as usize]> {
+        let mut raw = [0u8; HEADER_SIZE as usize];
+        read_guest(self, addr, &mut raw).then_some(raw)
+    }
+}
+
+impl GuestAccess for GuestView {
+    fn mem(&self) -> &GuestMemoryMmap {
+        GuestView::mem(self)
+    }
+
+    fn in_memory(&self, addr: GuestAddress, len: u32) -> bool {
+        GuestView::in_memory(self, addr, len)
+    }
+
+    fn read_header(&self, addr: GuestAddress) -> Option<[u8; HEADER_SIZE as usize]> {
+        self.read_array(addr)
+    }
+}
 
 /// Sector size of the virtio-blk protocol, whatever the host's block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -251,12 +290,40 @@ impl BlockRequest {
     /// nothing per request).
     pub fn parse_into<C>(
         &mut self,
-        mut chain: C,
+        chain: C,
         mem: &GuestMemoryMmap,
         limits: &RequestLimits,
     ) -> Result<(), RejectedRequest>
     where
         C: Iterator<Item = Descriptor>,
+    {
+        self.parse_with(chain, mem, limits)
+    }
+
+    /// [`BlockRequest::parse_into`] through the worker's [`GuestView`] (same checks, fewer
+    /// lookups).
+    pub(crate) fn parse_in_view<C>(
+        &mut self,
+        chain: C,
+        view: &GuestView,
+        limits: &RequestLimits,
+    ) -> Result<(), RejectedRequest>
+    where
+        C: Iterator<Item = Descriptor>,
+    {
+        self.parse_with(chain, view, limits)
+    }
+
+    #[inline]
+    fn parse_with<C, M>(
+        &mut self,
+        mut chain: C,
+        mem: &M,
+        limits: &RequestLimits,
+    ) -> Result<(), RejectedRequest>
+    where
+        C: Iterator<Item = Descriptor>,
+        M: GuestAccess + ?Sized,
     {
         self.data.clear();
         self.ranges.clear();
@@ -266,11 +333,13 @@ impl BlockRequest {
         let Some(header) = chain.next() else {
             return Err(reject(None, ParseError::NoStatus));
         };
-        let mut raw_header = [0u8; HEADER_SIZE as usize];
-        let header_ok = !header.is_write_only()
-            && header.len() == HEADER_SIZE
-            && read_guest(mem, header.addr(), &mut raw_header);
-        let (request_type, sector) = if header_ok {
+        let raw_header = if !header.is_write_only() && header.len() == HEADER_SIZE {
+            mem.read_header(header.addr())
+        } else {
+            None
+        };
+        let header_ok = raw_header.is_some();
+        let (request_type, sector) = if let Some(raw_header) = raw_header {
             let (t, rest) = raw_header.split_at(4);
             let t = u32::from_le_bytes(t.try_into().unwrap_or_default());
             let sector = u64::from_le_bytes(rest[4..].try_into().unwrap_or_default());
@@ -310,7 +379,7 @@ impl BlockRequest {
         };
         if !status.is_write_only()
             || status.len() == 0
-            || !in_memory(mem, status.addr(), status.len())
+            || !mem.in_memory(status.addr(), status.len())
         {
             return Err(reject(None, ParseError::NoStatus));
         }
@@ -354,7 +423,7 @@ impl BlockRequest {
             }
             RequestType::GetId => {}
             RequestType::Discard | RequestType::WriteZeroes => {
-                if let Err(e) = self.parse_ranges(mem, limits) {
+                if let Err(e) = self.parse_ranges(mem.mem(), limits) {
                     return fail(e);
                 }
             }
@@ -363,12 +432,12 @@ impl BlockRequest {
         Ok(())
     }
 
-    fn check_data(
+    fn check_data<M: GuestAccess + ?Sized>(
         &self,
         desc: &Descriptor,
         direction: DataDirection,
         segments: u32,
-        mem: &GuestMemoryMmap,
+        mem: &M,
         limits: &RequestLimits,
     ) -> Result<(), ParseError> {
         let t = self.request_type;
@@ -393,7 +462,7 @@ impl BlockRequest {
         if matches!(t, RequestType::In | RequestType::Out) && desc.len() > limits.size_max {
             return Err(ParseError::SegmentTooLong(desc.len()));
         }
-        if !in_memory(mem, desc.addr(), desc.len()) {
+        if !mem.in_memory(desc.addr(), desc.len()) {
             return Err(ParseError::BadAddress {
                 addr: desc.addr().0,
                 len: desc.len(),

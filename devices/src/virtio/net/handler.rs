@@ -5,23 +5,29 @@
 //! back to the available ring and the worker waits for the backend to become writable: no frame
 //! is lost.
 //!
-//! RX: a frame is read only once a guest chain is at hand, straight into that chain's buffers,
-//! with a host bounce buffer behind them for what does not fit. With `VIRTIO_NET_F_MRG_RXBUF`
+//! RX: a frame is read only once a guest chain is at hand. Each descriptor's guest address is
+//! checked and translated once, when the chain is popped. A chain of at most [`BOUNCE_READ_MAX`]
+//! bytes (mergeable buffers) takes the frame through a host bounce buffer: one plain `read`,
+//! then a copy of the frame (header with `num_buffers` already set) into the chain, cheaper for
+//! such frames than a `readv` straight into guest memory. A larger chain is read into directly,
+//! with the bounce buffer behind it for what does not fit. With `VIRTIO_NET_F_MRG_RXBUF`
 //! the overflow is copied into further chains (`num_buffers` says how many); without it a frame
 //! larger than its chain is dropped and counted. When the guest has no buffer left the backend
 //! is no longer polled for reads (frames wait in the tap's own queue) until the driver kicks the
 //! rx queue. A frame already read that needs more buffers than are posted waits in the bounce
 //! buffer (one pending frame) and goes first once the driver adds buffers; it is dropped and
 //! counted only if the whole ring could not hold it.
+//!
+//! Statistics are counted locally and added to the shared [`NetCounters`] once per batch.
 
 use std::io;
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,6 +45,10 @@ pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 const RX_BUDGET: usize = 256;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
+/// Largest rx chain a frame is read into through the bounce buffer (then copied): up to a page,
+/// the copy costs less than `readv`'s iovec import on top of `read`. Larger chains are read
+/// into directly.
+pub(super) const BOUNCE_READ_MAX: usize = 4096;
 
 /// Events the net worker waits for.
 #[repr(u32)]
@@ -74,10 +84,45 @@ struct RxChain {
     valid: bool,
 }
 
+/// Statistics counted during a batch, added to [`NetCounters`] at its end.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    rx_packets: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+    rx_errors: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+    tx_errors: u64,
+}
+
+impl Tally {
+    /// Adds the batch's counts to `counters` (one atomic add per non-zero counter).
+    fn flush(&mut self, counters: &NetCounters) {
+        let t = std::mem::take(self);
+        for (counter, n) in [
+            (&counters.rx_packets, t.rx_packets),
+            (&counters.rx_bytes, t.rx_bytes),
+            (&counters.rx_dropped, t.rx_dropped),
+            (&counters.rx_errors, t.rx_errors),
+            (&counters.tx_packets, t.tx_packets),
+            (&counters.tx_bytes, t.tx_bytes),
+            (&counters.tx_dropped, t.tx_dropped),
+            (&counters.tx_errors, t.tx_errors),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// The worker's side of a virtio-net device: owns both queues and the backend.
 #[allow(missing_debug_implementations)]
 pub struct NetHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
-    mem: GuestMemoryMmap,
+    /// Shared so the rx path can hold guest slices while it updates the handler.
+    mem: Arc<GuestMemoryMmap>,
     rx: Queue,
     rx_notify: EventFd,
     tx: Queue,
@@ -90,13 +135,15 @@ pub struct NetHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
     bounce: Vec<u8>,
     /// Length of the frame waiting in `bounce` for guest buffers.
     pending: Option<usize>,
-    /// Writable buffers of the chain taking a frame's header.
-    head_descs: Vec<(GuestAddress, usize)>,
-    /// Writable buffers of a further chain of a merged frame.
-    more_descs: Vec<(GuestAddress, usize)>,
+    /// Writable buffers of the chain taking a frame's header (storage only, empty at rest).
+    head_iovs: IovecCache,
+    /// Writable buffers of a further chain of a merged frame (storage only, empty at rest).
+    more_iovs: IovecCache,
     /// Further chains of a merged frame and their used lengths.
     more_chains: Vec<(u16, u32)>,
     iov_cache: IovecCache,
+    /// Statistics of the current batch, not yet added to `counters`.
+    tally: Tally,
     /// The guest has no rx buffer: the backend is not polled for reads.
     rx_stalled: bool,
     /// The backend refused a frame: tx waits for it to become writable.
@@ -125,7 +172,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         mrg_rxbuf: bool,
     ) -> Self {
         Self {
-            mem,
+            mem: Arc::new(mem),
             rx: rx.queue,
             rx_notify: rx.notify,
             tx: tx.queue,
@@ -136,10 +183,11 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
             mrg_rxbuf,
             bounce: vec![0; MAX_BUFFER_LEN + 1],
             pending: None,
-            head_descs: Vec::new(),
-            more_descs: Vec::new(),
+            head_iovs: IovecCache::default(),
+            more_iovs: IovecCache::default(),
             more_chains: Vec::new(),
             iov_cache: IovecCache::default(),
+            tally: Tally::default(),
             rx_stalled: false,
             tx_blocked: false,
             backend_gone: false,
@@ -182,26 +230,31 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         if self.tx_blocked {
             return Ok(0);
         }
+        let result = self.tx_drain();
+        self.tally.flush(&self.counters);
+        let sent = result?;
+        signal(
+            &mut self.tx,
+            &self.mem,
+            &mut self.tx_added,
+            &*self.interrupt,
+        )?;
+        Ok(sent)
+    }
+
+    fn tx_drain(&mut self) -> Result<usize, virtio_queue::Error> {
+        let mem = &*self.mem;
         let mut sent = 0;
         'drain: loop {
-            self.tx.disable_notification(&self.mem)?;
-            while let Some(chain) = self.tx.iter(&self.mem)?.next() {
+            self.tx.disable_notification(mem)?;
+            while let Some(chain) = self.tx.iter(mem)?.next() {
                 let head = chain.head_index();
                 let mut bufs = IoBufs::new(std::mem::take(&mut self.iov_cache));
                 let mut valid = true;
-                'gather: for desc in chain {
-                    if desc.is_write_only() {
+                for desc in chain {
+                    if desc.is_write_only() || !push_guest(&mut bufs, mem, &desc) {
                         valid = false;
                         break;
-                    }
-                    for slice in self.mem.get_slices(desc.addr(), desc.len() as usize) {
-                        match slice {
-                            Ok(slice) => bufs.push_slice(&slice),
-                            Err(_) => {
-                                valid = false;
-                                break 'gather;
-                            }
-                        }
                     }
                 }
                 let len = bufs.len();
@@ -211,16 +264,15 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                     None
                 };
                 self.iov_cache = bufs.into_cache();
-                let counters = &self.counters;
+                let tally = &mut self.tally;
                 match result {
                     None => {
                         log::debug!("virtio-net: malformed tx chain ({len} bytes)");
-                        counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        tally.tx_errors += 1;
                     }
                     Some(Ok(_)) => {
-                        counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                        let bytes = (len - VNET_HDR_LEN) as u64;
-                        counters.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        tally.tx_packets += 1;
+                        tally.tx_bytes += (len - VNET_HDR_LEN) as u64;
                         sent += 1;
                     }
                     Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -231,35 +283,39 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                     }
                     Some(Err(e)) => {
                         log::debug!("virtio-net: backend refused a frame: {e}");
-                        counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                        tally.tx_dropped += 1;
                     }
                 }
-                self.tx.add_used(&self.mem, head, 0)?;
+                self.tx.add_used(mem, head, 0)?;
                 self.tx_added += 1;
             }
-            if !self.tx.enable_notification(&self.mem)? {
+            if !self.tx.enable_notification(mem)? {
                 break;
             }
         }
-        signal(
-            &mut self.tx,
-            &self.mem,
-            &mut self.tx_added,
-            &*self.interrupt,
-        )?;
         Ok(sent)
     }
 
     /// Receives frames from the backend while the guest has buffers (at most a budget's
     /// worth); returns how many were delivered.
     pub fn process_rx(&mut self) -> Result<usize, virtio_queue::Error> {
-        let mut delivered = 0;
         self.rx_stalled = false;
+        // Guest slices borrow this, not `self`, while the frame is handled.
+        let mem = Arc::clone(&self.mem);
+        let result = self.rx_drain(&mem);
+        self.tally.flush(&self.counters);
+        let delivered = result?;
+        signal(&mut self.rx, &mem, &mut self.rx_added, &*self.interrupt)?;
+        Ok(delivered)
+    }
+
+    fn rx_drain(&mut self, mem: &GuestMemoryMmap) -> Result<usize, virtio_queue::Error> {
+        let mut delivered = 0;
         // The driver need not kick while buffers remain: re-enabled when they run out.
-        self.rx.disable_notification(&self.mem)?;
+        self.rx.disable_notification(mem)?;
         let mut budget = RX_BUDGET;
         while budget > 0 && !self.backend_gone {
-            match self.rx_frame()? {
+            match self.rx_frame(mem)? {
                 RxStep::Delivered => {
                     delivered += 1;
                     budget -= 1;
@@ -272,7 +328,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                     // that just came.
                     let next = self.rx.next_avail();
                     self.rx.set_next_avail(self.rx_seen);
-                    let more = self.rx.enable_notification(&self.mem);
+                    let more = self.rx.enable_notification(mem);
                     self.rx.set_next_avail(next);
                     if more? {
                         continue;
@@ -282,12 +338,6 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                 }
             }
         }
-        signal(
-            &mut self.rx,
-            &self.mem,
-            &mut self.rx_added,
-            &*self.interrupt,
-        )?;
         Ok(delivered)
     }
 
@@ -310,86 +360,88 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         Ok(())
     }
 
-    fn rx_frame(&mut self) -> Result<RxStep, virtio_queue::Error> {
-        let mut descs = std::mem::take(&mut self.head_descs);
-        let step = self.rx_frame_into(&mut descs);
-        self.head_descs = descs;
+    fn rx_frame(&mut self, mem: &GuestMemoryMmap) -> Result<RxStep, virtio_queue::Error> {
+        let mut head = IoBufs::new(std::mem::take(&mut self.head_iovs));
+        let step = self.rx_frame_into(mem, &mut head);
+        self.head_iovs = head.into_cache();
         step
     }
 
-    fn rx_frame_into(
+    fn rx_frame_into<'m>(
         &mut self,
-        descs: &mut Vec<(GuestAddress, usize)>,
+        mem: &'m GuestMemoryMmap,
+        head: &mut IoBufs<'m>,
     ) -> Result<RxStep, virtio_queue::Error> {
-        let Some(first) = self.pop_rx_chain(descs)? else {
+        let Some(first) = self.pop_rx_chain(mem, head)? else {
             return Ok(RxStep::NoBuffers);
         };
         if !first.valid || first.cap < VNET_HDR_LEN {
             log::debug!("virtio-net: malformed rx chain");
-            self.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
-            self.complete_rx(first.head, 0)?;
+            self.tally.rx_errors += 1;
+            self.complete_rx(mem, first.head, 0)?;
             return Ok(RxStep::Dropped);
         }
-        let (len, rest) = match self.pending.take() {
-            Some(len) => {
-                // The waiting frame's start goes to this chain.
-                let n = len.min(first.cap);
-                copy_to_guest(&self.mem, descs, &self.bounce[..n]);
-                (len, n..len)
-            }
-            None => match self.read_frame(descs, first.cap) {
-                Ok(n) if (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&n) => {
-                    (n, 0..n.saturating_sub(first.cap))
-                }
-                Ok(n) => {
+        let (len, from) = match self.pending.take() {
+            // Waiting whole in the bounce buffer.
+            Some(len) => (len, 0),
+            None => match self.read_frame(head, first.cap) {
+                (Ok(n), from) if (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&n) => (n, from),
+                (Ok(n), _) => {
                     log::debug!("virtio-net: dropping a {n}-byte frame from the backend");
                     self.rx.go_to_previous_position();
-                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.tally.rx_dropped += 1;
                     return Ok(RxStep::Dropped);
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     self.rx.go_to_previous_position();
                     if e.kind() != io::ErrorKind::WouldBlock {
                         log::error!("virtio-net: cannot read from the backend: {e}");
-                        self.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                        self.tally.rx_errors += 1;
                         self.backend_gone = true;
                     }
                     return Ok(RxStep::Empty);
                 }
             },
         };
-        self.finish_frame(first, descs, len, rest)
+        self.finish_frame(mem, first, head, len, from)
     }
 
-    /// Reads a frame into the chain's buffers, then the bounce buffer.
-    fn read_frame(&mut self, descs: &[(GuestAddress, usize)], cap: usize) -> io::Result<usize> {
+    /// Reads a frame for the chain whose `cap` bytes of buffers are `head`. Also returns where
+    /// the frame starts to be in the bounce buffer (at its own offsets): 0 when read whole
+    /// through it (small chains), `cap` when read straight into the chain, the bounce buffer
+    /// taking what does not fit.
+    fn read_frame(&mut self, head: &IoBufs<'_>, cap: usize) -> (io::Result<usize>, usize) {
         let mut bufs = IoBufs::new(std::mem::take(&mut self.iov_cache));
-        for &(addr, len) in descs {
-            // Checked by pop_rx_chain.
-            for slice in self.mem.get_slices(addr, len).flatten() {
-                bufs.push_slice(&slice);
+        // Room for one byte more than the largest frame, to tell an oversized one.
+        let from = if cap <= BOUNCE_READ_MAX {
+            bufs.push_bytes(&mut self.bounce[..]);
+            0
+        } else {
+            bufs.extend_from(head);
+            if let Some(spill) = self.bounce.get_mut(cap..) {
+                bufs.push_bytes(spill);
             }
-        }
-        // One byte more than the largest frame, to tell an oversized one.
-        let spill = (MAX_BUFFER_LEN + 1).saturating_sub(cap);
-        bufs.push_bytes(&mut self.bounce[..spill]);
+            cap
+        };
         let result = self.backend.read_frame(&bufs);
         self.iov_cache = bufs.into_cache();
-        result
+        (result, from)
     }
 
-    /// Completes a frame of `len` bytes whose start is in the chain `first` and whose
-    /// `rest` is in the bounce buffer.
-    fn finish_frame(
+    /// Completes a frame of `len` bytes for the chain `first` (buffers `head`) and, with
+    /// merged buffers, further chains. The frame's bytes from `from` on are in the bounce
+    /// buffer at their own offsets; those before `from` are already in `head`.
+    fn finish_frame<'m>(
         &mut self,
+        mem: &'m GuestMemoryMmap,
         first: RxChain,
-        descs: &[(GuestAddress, usize)],
+        head: &IoBufs<'m>,
         len: usize,
-        rest: Range<usize>,
+        from: usize,
     ) -> Result<RxStep, virtio_queue::Error> {
-        if rest.is_empty() {
-            write_at(&self.mem, descs, NUM_BUFFERS_OFFSET, &1u16.to_le_bytes());
-            self.complete_rx(first.head, len as u32)?;
+        if len <= first.cap {
+            self.deliver_head(head, len, from, 1);
+            self.complete_rx(mem, first.head, len as u32)?;
             self.count_rx(len);
             return Ok(RxStep::Delivered);
         }
@@ -400,17 +452,18 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                 first.cap
             );
             self.rx.go_to_previous_position();
-            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            self.tally.rx_dropped += 1;
             return Ok(RxStep::Dropped);
         }
         let mut more = std::mem::take(&mut self.more_chains);
-        let mut more_descs = std::mem::take(&mut self.more_descs);
         more.clear();
+        let mut bufs = IoBufs::new(std::mem::take(&mut self.more_iovs));
         let mut popped_descs = first.descs;
-        let mut at = rest.start;
+        let mut at = first.cap;
         let mut malformed = None;
-        while at < rest.end {
-            let Some(chain) = self.pop_rx_chain(&mut more_descs)? else {
+        while at < len {
+            bufs = IoBufs::new(bufs.into_cache());
+            let Some(chain) = self.pop_rx_chain(mem, &mut bufs)? else {
                 break;
             };
             popped_descs += chain.descs;
@@ -418,61 +471,76 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                 malformed = Some(chain.head);
                 break;
             }
-            let n = chain.cap.min(rest.end - at);
-            copy_to_guest(&self.mem, &more_descs, &self.bounce[at..at + n]);
+            let n = chain.cap.min(len - at);
+            bufs.write_at(0, &self.bounce[at..at + n]);
             more.push((chain.head, n as u32));
             at += n;
         }
+        self.more_iovs = bufs.into_cache();
         let step = if let Some(bad) = malformed {
             // Give everything back empty: the frame's buffers must be consecutive.
             log::debug!("virtio-net: malformed rx chain in a merged frame");
-            self.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
-            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-            self.complete_rx(first.head, 0)?;
+            self.tally.rx_errors += 1;
+            self.tally.rx_dropped += 1;
+            self.complete_rx(mem, first.head, 0)?;
             for &(head, _) in &more {
-                self.complete_rx(head, 0)?;
+                self.complete_rx(mem, head, 0)?;
             }
-            self.complete_rx(bad, 0)?;
+            self.complete_rx(mem, bad, 0)?;
             RxStep::Dropped
-        } else if at < rest.end {
+        } else if at < len {
             for _ in 0..=more.len() {
                 self.rx.go_to_previous_position();
             }
             if popped_descs >= usize::from(self.rx.size()) {
                 log::debug!("virtio-net: a {len}-byte frame does not fit the whole rx ring");
-                self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                self.tally.rx_dropped += 1;
                 RxStep::Dropped
             } else {
-                if rest.start == 0 {
-                    // Freshly read: gather the whole frame in the bounce buffer to wait there.
-                    self.bounce.copy_within(rest.clone(), first.cap);
-                    copy_from_guest(&self.mem, descs, &mut self.bounce[..first.cap]);
-                }
+                // Gather the whole frame in the bounce buffer to wait there.
+                head.read_into(&mut self.bounce[..from]);
                 self.pending = Some(len);
                 RxStep::NoBuffers
             }
         } else {
             let count = (1 + more.len()) as u16;
-            write_at(&self.mem, descs, NUM_BUFFERS_OFFSET, &count.to_le_bytes());
-            self.complete_rx(first.head, len.min(first.cap) as u32)?;
+            self.deliver_head(head, first.cap, from, count);
+            self.complete_rx(mem, first.head, first.cap as u32)?;
             for &(head, used) in &more {
-                self.complete_rx(head, used)?;
+                self.complete_rx(mem, head, used)?;
             }
             self.count_rx(len);
             RxStep::Delivered
         };
         self.more_chains = more;
-        self.more_descs = more_descs;
         Ok(step)
     }
 
-    /// Pops the next rx chain, its writable buffers into `descs`; `None` when the ring is
-    /// empty.
-    fn pop_rx_chain(
+    /// Puts the frame's first `n` bytes into the chain's buffers `head` (those before `from`
+    /// are there already), with `num_buffers` set to `count`.
+    fn deliver_head(&mut self, head: &IoBufs<'_>, n: usize, from: usize, count: u16) {
+        let num_buffers = count.to_le_bytes();
+        let field = NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + num_buffers.len();
+        if from == 0 {
+            // One copy, header included.
+            self.bounce[field].copy_from_slice(&num_buffers);
+            head.write_at(0, &self.bounce[..n]);
+        } else {
+            head.write_at(field.start, &num_buffers);
+            if n > from {
+                head.write_at(from, &self.bounce[from..n]);
+            }
+        }
+    }
+
+    /// Pops the next rx chain, its writable buffers (each checked to be guest memory and
+    /// translated, once) into `bufs`, which must be empty; `None` when the ring is empty.
+    fn pop_rx_chain<'m>(
         &mut self,
-        descs: &mut Vec<(GuestAddress, usize)>,
+        mem: &'m GuestMemoryMmap,
+        bufs: &mut IoBufs<'m>,
     ) -> Result<Option<RxChain>, virtio_queue::Error> {
-        let Some(chain) = self.rx.iter(&self.mem)?.next() else {
+        let Some(chain) = self.rx.iter(mem)?.next() else {
             self.rx_seen = self.rx.next_avail();
             return Ok(None);
         };
@@ -482,31 +550,31 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
             descs: 0,
             valid: true,
         };
-        descs.clear();
         for desc in chain {
             out.descs += 1;
-            let len = desc.len() as usize;
-            let in_memory = self.mem.get_slices(desc.addr(), len).all(|s| s.is_ok());
-            if !desc.is_write_only() || !in_memory {
+            // Past a bad descriptor the rest are only counted.
+            if out.valid && !(desc.is_write_only() && push_guest(bufs, mem, &desc)) {
                 out.valid = false;
-                continue;
             }
-            descs.push((desc.addr(), len));
-            out.cap += len;
         }
+        out.cap = bufs.len();
         Ok(Some(out))
     }
 
-    fn complete_rx(&mut self, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
-        self.rx.add_used(&self.mem, head, len)?;
+    fn complete_rx(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        self.rx.add_used(mem, head, len)?;
         self.rx_added += 1;
         Ok(())
     }
 
-    fn count_rx(&self, len: usize) {
-        self.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-        let bytes = (len - VNET_HDR_LEN) as u64;
-        self.counters.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    fn count_rx(&mut self, len: usize) {
+        self.tally.rx_packets += 1;
+        self.tally.rx_bytes += (len - VNET_HDR_LEN) as u64;
     }
 
     /// Registers the backend descriptor for what the worker waits for now.
@@ -565,45 +633,25 @@ fn signal<I: ?Sized + VirtioInterrupt>(
     Ok(())
 }
 
-/// Writes `bytes` at `offset` into the buffers `descs` (checked to be guest memory).
-fn write_at(mem: &GuestMemoryMmap, descs: &[(GuestAddress, usize)], offset: usize, bytes: &[u8]) {
-    let mut skip = offset;
-    let mut src = bytes;
-    for &(addr, len) in descs {
-        if src.is_empty() {
-            break;
-        }
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(src.len());
-        if let Err(e) = mem.write_slice(&src[..n], addr.unchecked_add(skip as u64)) {
-            log::debug!("virtio-net: cannot write an rx buffer: {e}");
-        }
-        src = &src[n..];
-        skip = 0;
+/// Appends the guest buffer of `desc` to `bufs`, checked and translated once; false if any of
+/// it is not guest memory.
+fn push_guest<'m>(bufs: &mut IoBufs<'m>, mem: &'m GuestMemoryMmap, desc: &Descriptor) -> bool {
+    let len = desc.len() as usize;
+    if len == 0 {
+        return true;
     }
-}
-
-/// Copies `bytes` into the buffers `descs`, in order, as far as they go.
-fn copy_to_guest(mem: &GuestMemoryMmap, descs: &[(GuestAddress, usize)], bytes: &[u8]) {
-    write_at(mem, descs, 0, bytes);
-}
-
-/// Fills `out` from the buffers `descs`, in order.
-fn copy_from_guest(mem: &GuestMemoryMmap, descs: &[(GuestAddress, usize)], out: &mut [u8]) {
-    let mut at = 0;
-    for &(addr, len) in descs {
-        if at == out.len() {
-            break;
-        }
-        let n = len.min(out.len() - at);
-        if let Err(e) = mem.read_slice(&mut out[at..at + n], addr) {
-            log::debug!("virtio-net: cannot read an rx buffer: {e}");
-        }
-        at += n;
+    if let Ok(slice) = mem.get_slice(desc.addr(), len) {
+        bufs.push_slice(&slice);
+        return true;
     }
+    // Across regions, or not guest memory at all.
+    for slice in mem.get_slices(desc.addr(), len) {
+        match slice {
+            Ok(slice) => bufs.push_slice(&slice),
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 impl<I: ?Sized + VirtioInterrupt> MutEventSubscriber for NetHandler<I> {

@@ -173,6 +173,50 @@ fn merged_frame_waits_for_more_buffers_and_goes_first_when_they_come() {
 }
 
 #[test]
+fn merged_frame_starting_in_a_large_chain_waits_and_is_reassembled() {
+    let mem = memory();
+    let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), 16);
+    let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), 16);
+    let mut t = TestNet::new(&mem, &rxq, &txq, linux_features());
+    // Larger than the bounce-read limit: read straight into, the rest spilling over.
+    let parts = [(RX_BUF + 0x2_0000, 3000, W), (RX_BUF + 0x2_2000, 2000, W)];
+    const { assert!(5000 > super::handler::BOUNCE_READ_MAX) };
+    rxq.add_desc_chains(&chain(0, &parts), 0).unwrap();
+    let big = frame(7000, 11);
+    t.send(&Hdr::tso4(), &big);
+
+    assert_eq!(t.handler.process_rx().unwrap(), 0);
+    assert!(t.handler.has_pending_frame());
+    assert_eq!(used_count(&rxq), 0, "no partial frame reaches the guest");
+
+    post_small_buffers(&rxq, 2, 3, 1024);
+    assert_eq!(t.handler.process_rx().unwrap(), 1);
+    assert!(!t.handler.has_pending_frame());
+    assert_eq!(used_count(&rxq), 3);
+    let last = 12 + 7000 - 5000 - 1024;
+    assert_eq!(used(&rxq, 0), (0, 5000));
+    assert_eq!(used(&rxq, 1), (2, 1024));
+    assert_eq!(used(&rxq, 2), (3, last as u32));
+    let mut got = read_guest(&mem, RX_BUF + 0x2_0000, 3000);
+    got.extend(read_guest(&mem, RX_BUF + 0x2_2000, 2000));
+    got.extend(read_guest(&mem, RX_BUF + 0x2000, 1024));
+    got.extend(read_guest(&mem, RX_BUF + 0x3000, last + 1));
+    assert_eq!(got.pop(), Some(0), "nothing written past the frame");
+    let hdr = Hdr::parse(&got);
+    assert_eq!(hdr.num_buffers, 3);
+    assert_eq!(
+        Hdr {
+            num_buffers: 0,
+            ..hdr
+        },
+        Hdr::tso4()
+    );
+    assert_eq!(&got[12..], &big[..]);
+    assert_eq!(t.counter(|c| &c.rx_packets), 1);
+    assert_eq!(t.counter(|c| &c.rx_bytes), 7000);
+}
+
+#[test]
 fn frame_larger_than_the_whole_rx_ring_is_dropped_and_counted() {
     let mem = memory();
     // The whole ring, so the mock's used ring overlaps the end of the available one (see

@@ -1,0 +1,117 @@
+//! A lookup-light view of guest memory for the per-request accesses of the worker.
+//!
+//! Every request checks its header, data and status addresses and later writes its status.
+//! Through [`GuestMemoryMmap`] each of those is a region search through several pointers
+//! (collection, `Arc`, mapping), which the page-cache copy of the I/O itself has usually
+//! evicted from the L1 cache by the next request. [`GuestView`] keeps the bounds and host
+//! addresses of the first regions inline, so the common case is a few compares on one cache
+//! line; anything else (more regions, a buffer spanning two) goes to vm-memory as before.
+
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+use super::super::GuestMemoryMmap;
+
+/// Regions kept inline (low memory and memory above the 32-bit hole cover most guests).
+const FAST_REGIONS: usize = 2;
+
+#[derive(Clone, Copy, Debug)]
+struct FastRegion {
+    start: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+impl FastRegion {
+    const EMPTY: Self = Self {
+        start: 0,
+        len: 0,
+        host: std::ptr::null_mut(),
+    };
+}
+
+/// Guest memory with its first regions resolved to host addresses. The memory has no dirty
+/// bitmap (`GuestMemoryMmap<()>`), so writing through a host address skips no logging.
+#[derive(Debug)]
+pub(crate) struct GuestView {
+    /// Keeps the regions (and so the host mappings `fast` points into) alive.
+    mem: GuestMemoryMmap,
+    fast: [FastRegion; FAST_REGIONS],
+}
+
+// SAFETY: the raw pointers are host addresses of mappings owned by `mem` (through `Arc`s),
+// which is itself `Send`; they are only dereferenced for volatile accesses to guest memory,
+// which any thread holding the memory may make.
+unsafe impl Send for GuestView {}
+
+impl GuestView {
+    /// A view of `mem` (which it keeps alive).
+    pub(crate) fn new(mem: GuestMemoryMmap) -> Self {
+        let mut fast = [FastRegion::EMPTY; FAST_REGIONS];
+        for (slot, region) in fast.iter_mut().zip(mem.iter()) {
+            // A region without a host mapping stays empty: vm-memory handles it.
+            if let Ok(len) = usize::try_from(region.len())
+                && let Ok(slice) = region.get_slice(MemoryRegionAddress(0), len)
+            {
+                *slot = FastRegion {
+                    start: region.start_addr().raw_value(),
+                    len: region.len(),
+                    host: slice.ptr_guard_mut().as_ptr(),
+                };
+            }
+        }
+        Self { mem, fast }
+    }
+
+    /// The memory behind the view.
+    pub(crate) fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host address of `addr..addr + len` when it lies inside one of the inline regions.
+    #[inline]
+    fn host(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+        for r in &self.fast {
+            // Wraps to a huge value below `start`, so one compare checks both ends; the
+            // length check cannot overflow because `off < r.len`.
+            let off = addr.raw_value().wrapping_sub(r.start);
+            if off < r.len && len as u64 <= r.len - off {
+                // In bounds of the mapping: `off + len <= r.len`.
+                return Some(r.host.wrapping_add(off as usize));
+            }
+        }
+        None
+    }
+
+    /// Whether `addr..addr + len` is guest memory.
+    #[inline]
+    pub(crate) fn in_memory(&self, addr: GuestAddress, len: u32) -> bool {
+        self.host(addr, len as usize).is_some() || self.mem.check_range(addr, len as usize)
+    }
+
+    /// Reads the `N` bytes at `addr`; `None` if they are not all guest memory.
+    #[inline]
+    pub(crate) fn read_array<const N: usize>(&self, addr: GuestAddress) -> Option<[u8; N]> {
+        if let Some(ptr) = self.host(addr, N) {
+            // SAFETY: `host` checked that the N bytes at `ptr` are inside a mapping owned by
+            // `self.mem`; a byte array has alignment 1; the access is volatile because the
+            // guest may write the memory concurrently.
+            return Some(unsafe { std::ptr::read_volatile(ptr.cast::<[u8; N]>()) });
+        }
+        let mut buf = [0u8; N];
+        self.mem.read_slice(&mut buf, addr).ok().map(|()| buf)
+    }
+
+    /// Writes one byte at `addr`; false if it is not guest memory.
+    #[inline]
+    pub(crate) fn write_u8(&self, addr: GuestAddress, value: u8) -> bool {
+        if let Some(ptr) = self.host(addr, 1) {
+            // SAFETY: `host` checked that the byte at `ptr` is inside a mapping owned by
+            // `self.mem`; volatile because the guest may access it concurrently.
+            unsafe { std::ptr::write_volatile(ptr, value) };
+            return true;
+        }
+        self.mem.write_obj(value, addr).is_ok()
+    }
+}

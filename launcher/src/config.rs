@@ -1,0 +1,396 @@
+//! `rvmm run --config vm.json`: a VM described in JSON with Cloud Hypervisor's `VmConfig` field
+//! names where rvmm has the feature. Unknown fields are rejected, and every error names the
+//! field (`disks[1].path: ...`).
+
+use std::path::{Path, PathBuf};
+
+use devices::virtio::block::{BlockConfig, Engine};
+use devices::virtio::net::NetConfig as NicConfig;
+use serde::{Deserialize, Serialize};
+use vmm_core::{CpuProfile, VmConfig};
+
+use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
+
+const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// The file's top level.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigFile {
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    /// Guest RAM.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// What the guest boots.
+    pub payload: PayloadConfig,
+    /// virtio-blk disks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    /// virtio-rng.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
+    /// The 16550 console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
+}
+
+/// `cpus`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpusConfig {
+    /// vCPUs started at boot.
+    pub boot_vcpus: u8,
+    /// rvmm has no vCPU hotplug: equal to `boot_vcpus` when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u8>,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self {
+            boot_vcpus: 1,
+            max_vcpus: None,
+        }
+    }
+}
+
+/// `memory`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes.
+    pub size: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_MEMORY_BYTES,
+        }
+    }
+}
+
+/// `payload`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// `disks[]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// File or block device.
+    pub path: PathBuf,
+    /// Guest writes fail.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Name (and the GET_ID string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// rvmm's I/O engine: `sync` (default) or `io_uring`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+}
+
+/// `net[]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An existing tap device.
+    pub tap: String,
+    /// Guest MAC (`52:54:00:12:34:56`); random when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// MTU offered to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// `rng`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// Entropy source; rvmm reads the host's `getrandom`, which is `/dev/urandom`'s pool.
+    pub src: PathBuf,
+}
+
+/// `serial.mode`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum SerialModeName {
+    /// No console output.
+    Off,
+    /// No console output.
+    Null,
+    /// The launcher's terminal.
+    Tty,
+    /// Appended to `serial.file`.
+    File,
+    /// A unix socket at `serial.socket`.
+    Socket,
+}
+
+/// `serial`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Where output goes.
+    pub mode: SerialModeName,
+    /// For `File`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// For `Socket`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("Cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not JSON, or not the expected shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The field path (`disks[1].readonly`), `.` for the top level.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field path.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl VmConfigFile {
+    /// Parses JSON text, naming the field of any shape error.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| ConfigError::Parse {
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        })
+    }
+
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Checks every field and produces the VM configuration and console mode.
+    pub fn validate(
+        &self,
+        kvm_path: &Path,
+        cpu_profile: CpuProfile,
+    ) -> Result<(VmConfig, SerialMode), ConfigError> {
+        let max = vmm_core::mptable::MAX_VCPUS;
+        let vcpus = self.cpus.boot_vcpus;
+        if vcpus == 0 || vcpus > max {
+            return Err(invalid(
+                "cpus.boot_vcpus",
+                format!("{vcpus} is out of range 1 to {max}"),
+            ));
+        }
+        if let Some(m) = self.cpus.max_vcpus
+            && m != vcpus
+        {
+            return Err(invalid(
+                "cpus.max_vcpus",
+                "must equal boot_vcpus (no vCPU hotplug)",
+            ));
+        }
+        vmm_core::memory::MemoryLayout::new(self.memory.size)
+            .map_err(|e| invalid("memory.size", e.to_string()))?;
+        let kernel = existing_file(&self.payload.kernel)
+            .map_err(|reason| invalid("payload.kernel", reason))?;
+        let initrd = match &self.payload.initramfs {
+            Some(p) => Some(existing_file(p).map_err(|r| invalid("payload.initramfs", r))?),
+            None => None,
+        };
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| disk(i, d, &self.disks[..i]))
+            .collect::<Result<_, _>>()?;
+        let nets = self
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| nic(i, n, &self.net[..i]))
+            .collect::<Result<_, _>>()?;
+        if let Some(rng) = &self.rng
+            && !matches!(rng.src.to_str(), Some("/dev/urandom" | "/dev/random"))
+        {
+            return Err(invalid(
+                "rng.src",
+                format!(
+                    "{}: rvmm's entropy comes from getrandom (/dev/urandom)",
+                    rng.src.display()
+                ),
+            ));
+        }
+        let serial = match &self.serial {
+            None => SerialMode::Stdio,
+            Some(s) => serial(s)?,
+        };
+        let config = VmConfig {
+            vcpus,
+            memory_bytes: self.memory.size,
+            kernel,
+            initrd,
+            cmdline: self
+                .payload
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cpu_profile,
+            kvm_path: kvm_path.to_owned(),
+            rng: self.rng.is_some(),
+            disks,
+            nets,
+        };
+        Ok((config, serial))
+    }
+}
+
+fn disk(index: usize, d: &DiskConfig, before: &[DiskConfig]) -> Result<BlockConfig, ConfigError> {
+    let field = |name: &str| format!("disks[{index}].{name}");
+    match std::fs::metadata(&d.path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(invalid(
+                field("path"),
+                format!("{} is a directory", d.path.display()),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(invalid(field("path"), format!("{}: {e}", d.path.display()))),
+    }
+    if let Some(id) = &d.id {
+        if id.is_empty() || id.len() > DISK_ID_MAX {
+            return Err(invalid(
+                field("id"),
+                format!("must be 1 to {DISK_ID_MAX} bytes"),
+            ));
+        }
+        if before.iter().any(|b| b.id.as_ref() == Some(id)) {
+            return Err(invalid(field("id"), format!("'{id}' is used twice")));
+        }
+    }
+    let engine = match d.engine.as_deref() {
+        None | Some("sync") => Engine::Sync,
+        Some("io_uring") => Engine::IoUring,
+        Some(other) => {
+            return Err(invalid(
+                field("engine"),
+                format!("'{other}': expected sync or io_uring"),
+            ));
+        }
+    };
+    Ok(BlockConfig {
+        path: d.path.clone(),
+        readonly: d.readonly,
+        id: d.id.clone(),
+        engine,
+    })
+}
+
+fn nic(index: usize, n: &NetConfig, before: &[NetConfig]) -> Result<NicConfig, ConfigError> {
+    let field = |name: &str| format!("net[{index}].{name}");
+    if n.tap.is_empty() {
+        return Err(invalid(field("tap"), "must name a tap device"));
+    }
+    if before.iter().any(|b| b.tap == n.tap) {
+        return Err(invalid(field("tap"), format!("'{}' is used twice", n.tap)));
+    }
+    let mac = match &n.mac {
+        None => None,
+        Some(text) => {
+            let mac = parse_mac(text).ok_or_else(|| {
+                invalid(
+                    field("mac"),
+                    format!("'{text}' is not like 52:54:00:12:34:56"),
+                )
+            })?;
+            if mac[0] & 1 != 0 {
+                return Err(invalid(
+                    field("mac"),
+                    format!("'{text}' is a multicast address"),
+                ));
+            }
+            Some(mac)
+        }
+    };
+    if let Some(mtu) = n.mtu
+        && mtu < 68
+    {
+        return Err(invalid(field("mtu"), format!("{mtu} is below 68")));
+    }
+    Ok(NicConfig {
+        tap: n.tap.clone(),
+        mac,
+        mtu: n.mtu,
+        id: n.id.clone(),
+    })
+}
+
+fn serial(s: &SerialConfig) -> Result<SerialMode, ConfigError> {
+    let path = |p: &Option<PathBuf>, name: &str| {
+        p.clone().ok_or_else(|| {
+            invalid(
+                format!("serial.{name}"),
+                format!("required with mode {:?}", s.mode),
+            )
+        })
+    };
+    Ok(match s.mode {
+        SerialModeName::Off | SerialModeName::Null => SerialMode::Off,
+        SerialModeName::Tty => SerialMode::Stdio,
+        SerialModeName::File => SerialMode::File(path(&s.file, "file")?),
+        SerialModeName::Socket => SerialMode::Socket(path(&s.socket, "socket")?),
+    })
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,0 +1,169 @@
+use super::*;
+
+fn write_temp(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("rvmm-config-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn validate(text: &str) -> Result<(VmConfig, SerialMode), ConfigError> {
+    VmConfigFile::from_json(text)?.validate(Path::new("/dev/kvm"), CpuProfile::Host)
+}
+
+fn error(text: &str) -> String {
+    validate(text).unwrap_err().to_string()
+}
+
+#[test]
+fn cloud_hypervisor_field_names_become_a_vm_config() {
+    let disk = write_temp("disk.img", "");
+    let json = format!(
+        r#"{{
+            "cpus": {{"boot_vcpus": 2, "max_vcpus": 2}},
+            "memory": {{"size": 268435456}},
+            "payload": {{"kernel": "/proc/self/exe", "cmdline": "console=ttyS0 quiet"}},
+            "disks": [{{"path": "{}", "readonly": true, "id": "root"}}],
+            "net": [{{"tap": "tap0", "mac": "02:00:00:00:00:01", "mtu": 1400, "id": "eth0"}}],
+            "rng": {{"src": "/dev/urandom"}},
+            "serial": {{"mode": "File", "file": "/tmp/console.log"}}
+        }}"#,
+        disk.display()
+    );
+    let (config, serial) = validate(&json).unwrap();
+    assert_eq!(config.vcpus, 2);
+    assert_eq!(config.memory_bytes, 256 << 20);
+    assert_eq!(config.cmdline, "console=ttyS0 quiet");
+    assert!(config.rng);
+    assert_eq!(config.disks.len(), 1);
+    assert!(config.disks[0].readonly);
+    assert_eq!(config.disks[0].id.as_deref(), Some("root"));
+    assert_eq!(config.nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    assert_eq!(config.nets[0].mtu, Some(1400));
+    assert_eq!(serial, SerialMode::File("/tmp/console.log".into()));
+    std::fs::remove_file(disk).unwrap();
+}
+
+#[test]
+fn defaults_fill_what_the_file_leaves_out() {
+    let (config, serial) = validate(r#"{"payload": {"kernel": "/proc/self/exe"}}"#).unwrap();
+    assert_eq!(config.vcpus, 1);
+    assert_eq!(config.memory_bytes, 512 << 20);
+    assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+    assert!(!config.rng && config.disks.is_empty() && config.nets.is_empty());
+    assert_eq!(serial, SerialMode::Stdio);
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_path() {
+    let err = error(r#"{"payload": {"kernel": "/proc/self/exe"}, "balloon": {"size": 1}}"#);
+    assert!(err.contains("unknown field `balloon`"), "{err}");
+    let err = error(
+        r#"{"payload": {"kernel": "/proc/self/exe"},
+            "disks": [{"path": "/tmp"}, {"path": "/tmp", "direct": true}]}"#,
+    );
+    assert!(err.starts_with("disks[1]"), "{err}");
+    assert!(err.contains("unknown field `direct`"), "{err}");
+}
+
+#[test]
+fn wrong_types_and_missing_fields_name_the_field() {
+    let err = error(r#"{"payload": {"kernel": "/proc/self/exe"}, "memory": {"size": "lots"}}"#);
+    assert!(err.starts_with("memory.size: "), "{err}");
+    let err = error(r#"{"cpus": {"boot_vcpus": 1}}"#);
+    assert!(err.contains("missing field `payload`"), "{err}");
+    let err = error("{not json");
+    assert!(!err.is_empty());
+}
+
+#[test]
+fn invalid_values_name_the_field() {
+    let cases = [
+        (
+            r#""cpus": {"boot_vcpus": 0}"#,
+            "cpus.boot_vcpus: 0 is out of range",
+        ),
+        (
+            r#""cpus": {"boot_vcpus": 2, "max_vcpus": 4}"#,
+            "cpus.max_vcpus: must equal boot_vcpus",
+        ),
+        (
+            r#""memory": {"size": 4096}"#,
+            "memory.size: Guest memory of 4096 bytes is below",
+        ),
+        (
+            r#""disks": [{"path": "/nonexistent/a.img"}]"#,
+            "disks[0].path: /nonexistent/a.img: No such file",
+        ),
+        (
+            r#""disks": [{"path": "/proc/self/exe", "engine": "aio"}]"#,
+            "disks[0].engine: 'aio'",
+        ),
+        (
+            r#""disks": [{"path": "/proc/self/exe", "id": "a"}, {"path": "/proc/self/exe", "id": "a"}]"#,
+            "disks[1].id: 'a' is used twice",
+        ),
+        (
+            r#""net": [{"tap": "tap0", "mac": "zz"}]"#,
+            "net[0].mac: 'zz' is not like",
+        ),
+        (
+            r#""net": [{"tap": "tap0", "mac": "01:00:5e:00:00:01"}]"#,
+            "net[0].mac: '01:00:5e:00:00:01' is a multicast",
+        ),
+        (
+            r#""net": [{"tap": "tap0", "mtu": 10}]"#,
+            "net[0].mtu: 10 is below 68",
+        ),
+        (
+            r#""net": [{"tap": "tap0"}, {"tap": "tap0"}]"#,
+            "net[1].tap: 'tap0' is used twice",
+        ),
+        (r#""rng": {"src": "/dev/hwrng"}"#, "rng.src: /dev/hwrng"),
+        (
+            r#""serial": {"mode": "Socket"}"#,
+            "serial.socket: required with mode Socket",
+        ),
+    ];
+    for (fragment, expected) in cases {
+        let json = format!(r#"{{"payload": {{"kernel": "/proc/self/exe"}}, {fragment}}}"#);
+        let err = error(&json);
+        assert!(err.starts_with(expected), "{fragment}: {err}");
+    }
+    let err = error(r#"{"payload": {"kernel": "/nonexistent/vmlinux"}}"#);
+    assert!(
+        err.starts_with("payload.kernel: /nonexistent/vmlinux"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serial_modes_follow_cloud_hypervisor_names() {
+    for (mode, expected) in [
+        (r#"{"mode": "Tty"}"#, SerialMode::Stdio),
+        (r#"{"mode": "Off"}"#, SerialMode::Off),
+        (r#"{"mode": "Null"}"#, SerialMode::Off),
+        (
+            r#"{"mode": "Socket", "socket": "/run/s"}"#,
+            SerialMode::Socket("/run/s".into()),
+        ),
+    ] {
+        let json = format!(r#"{{"payload": {{"kernel": "/proc/self/exe"}}, "serial": {mode}}}"#);
+        assert_eq!(validate(&json).unwrap().1, expected, "{mode}");
+    }
+    let err = error(r#"{"payload": {"kernel": "/proc/self/exe"}, "serial": {"mode": "Pty"}}"#);
+    assert!(err.starts_with("serial.mode"), "{err}");
+}
+
+#[test]
+fn a_parsed_file_serialises_back_to_the_same_fields() {
+    let text = r#"{"cpus":{"boot_vcpus":2},"memory":{"size":268435456},"payload":{"kernel":"/k"},"rng":{"src":"/dev/urandom"}}"#;
+    let parsed = VmConfigFile::from_json(text).unwrap();
+    let again = VmConfigFile::from_json(&serde_json::to_string(&parsed).unwrap()).unwrap();
+    assert_eq!(parsed, again);
+}
+
+#[test]
+fn an_unreadable_file_names_its_path() {
+    let err = VmConfigFile::load(Path::new("/nonexistent/vm.json")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/vm.json"));
+}
