@@ -52,6 +52,9 @@ pub struct RunArgs {
     /// Serial console: stdio, file=PATH, socket=PATH or off [default: stdio].
     #[arg(long, value_name = "MODE")]
     pub serial: Option<String>,
+    /// Also append everything the guest prints on its console to this file.
+    #[arg(long, value_name = "PATH")]
+    pub serial_log: Option<PathBuf>,
     /// CPU features shown to the guest: auto (pvm-safe when /sys/module/kvm_pvm exists,
     /// host otherwise), host or pvm-safe.
     #[arg(long, value_name = "PROFILE", default_value = "auto")]

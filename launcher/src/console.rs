@@ -1,9 +1,9 @@
 //! The serial console's host side: where guest output goes and where input comes from.
 
 use std::fs::OpenOptions;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, IsTerminal, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,43 +13,24 @@ use vmm_core::{Serial, SerialOutput};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::cli::SerialMode;
-
-/// A connected console client, shared by the output writer and the acceptor.
-type Client = Arc<Mutex<Option<UnixStream>>>;
-
-/// Guest output for a socket console: written to the attached client, dropped while none is.
-struct SocketOutput(Client);
-
-impl Write for SocketOutput {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut client = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stream) = client.as_mut()
-            && stream.write_all(buf).is_err()
-        {
-            // The client went away; the guest must not notice.
-            *client = None;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use crate::console_socket::{SocketConsole, Tee};
 
 /// The console's host side once set up.
 pub struct Console {
     /// Where guest output goes.
     pub output: SerialOutput,
     mode: SerialMode,
-    socket: Option<(UnixListener, Client)>,
+    socket: Option<(UnixListener, SocketConsole)>,
+    socket_console: Option<SocketConsole>,
     raw_tty: bool,
 }
 
 impl Console {
-    /// Opens the output for `mode` (creates the file or binds the socket).
-    pub fn open(mode: &SerialMode) -> anyhow::Result<Self> {
+    /// Opens the output for `mode` (creates the file or binds the socket), copying it to
+    /// `log` when given.
+    pub fn open(mode: &SerialMode, log: Option<&Path>) -> anyhow::Result<Self> {
         let mut socket = None;
+        let mut socket_console = None;
         let output: SerialOutput = match mode {
             SerialMode::Stdio => Box::new(io::stdout()),
             SerialMode::Off => Box::new(io::sink()),
@@ -63,15 +44,28 @@ impl Console {
             SerialMode::Socket(path) => {
                 let listener = bind_private_socket(path)
                     .with_context(|| format!("--serial: cannot listen on {}", path.display()))?;
-                let client: Client = Arc::new(Mutex::new(None));
-                socket = Some((listener, client.clone()));
-                Box::new(SocketOutput(client))
+                let console = SocketConsole::default();
+                socket = Some((listener, console.clone()));
+                socket_console = Some(console.clone());
+                Box::new(console)
+            }
+        };
+        let output: SerialOutput = match log {
+            None => output,
+            Some(path) => {
+                let log = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("--serial-log: cannot open {}", path.display()))?;
+                Box::new(Tee { main: output, log })
             }
         };
         Ok(Self {
             output,
             mode: mode.clone(),
             socket,
+            socket_console,
             raw_tty: false,
         })
     }
@@ -89,8 +83,8 @@ impl Console {
             }
             SerialMode::File(_) | SerialMode::Off => {}
             SerialMode::Socket(_) => {
-                if let Some((listener, client)) = self.socket.take() {
-                    spawn_acceptor(listener, client, serial);
+                if let Some((listener, console)) = self.socket.take() {
+                    spawn_acceptor(listener, console, serial);
                 }
             }
         }
@@ -103,6 +97,14 @@ impl Console {
         }
         if let SerialMode::Socket(path) = &self.mode {
             let _ = std::fs::remove_file(path);
+        }
+        if let Some(console) = &self.socket_console
+            && console.dropped() > 0
+        {
+            log::warn!(
+                "{} bytes of console output were dropped while no client read them",
+                console.dropped()
+            );
         }
     }
 }
@@ -147,7 +149,7 @@ fn queue_all(serial: &Mutex<Serial>, mut bytes: &[u8]) {
     }
 }
 
-fn spawn_acceptor(listener: UnixListener, client: Client, serial: Arc<Mutex<Serial>>) {
+fn spawn_acceptor(listener: UnixListener, console: SocketConsole, serial: Arc<Mutex<Serial>>) {
     let spawned = std::thread::Builder::new()
         .name("serial-socket".into())
         .spawn(move || {
@@ -156,7 +158,10 @@ fn spawn_acceptor(listener: UnixListener, client: Client, serial: Arc<Mutex<Seri
                     continue;
                 };
                 // A new client replaces the old one, as a console re-attach does.
-                *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                if let Err(e) = console.attach(stream) {
+                    log::warn!("Serial socket client rejected: {e}");
+                    continue;
+                }
                 spawn_input("serial-client", reader, serial.clone());
             }
         });

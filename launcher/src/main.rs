@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod console;
+mod console_socket;
 mod keyvalue;
 mod shutdown;
 
@@ -75,7 +76,7 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(parsed) => parsed,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
-    let mut console = match Console::open(&serial_mode) {
+    let mut console = match Console::open(&serial_mode, args.serial_log.as_deref()) {
         Ok(console) => console,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
