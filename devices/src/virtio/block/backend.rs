@@ -10,6 +10,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::GuestMemoryMmap;
+use super::guest::HostBuf;
 
 /// How the device does its disk I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,6 +39,21 @@ pub enum DiskOp<'a> {
         offset: u64,
         /// Guest buffers, in order.
         data: &'a [(GuestAddress, u32)],
+    },
+    /// Read `buf.len()` bytes at `offset` into one guest buffer already resolved to host
+    /// memory (the common single-buffer request; no iovec).
+    ReadBuf {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// The guest buffer.
+        buf: HostBuf,
+    },
+    /// Write one guest buffer already resolved to host memory at `offset`.
+    WriteBuf {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// The guest buffer.
+        buf: HostBuf,
     },
     /// Make every write completed so far durable.
     Flush,
@@ -361,6 +377,13 @@ impl DiskBackend for SyncEngine {
         Some(match op {
             DiskOp::Read { offset, data } => self.rw(mem, data, offset, false),
             DiskOp::Write { offset, data } => self.rw(mem, data, offset, true),
+            // `mem` (borrowed for the call) keeps the mapping `buf` points into alive.
+            DiskOp::ReadBuf { offset, buf } => {
+                self.rw_one(buf.as_ptr(), buf.len() as usize, offset, false)
+            }
+            DiskOp::WriteBuf { offset, buf } => {
+                self.rw_one(buf.as_ptr(), buf.len() as usize, offset, true)
+            }
             DiskOp::Flush => self.file.sync_data(),
             DiskOp::Discard { offset, len } => discard(&self.file, offset, len),
             DiskOp::WriteZeroes { offset, len, unmap } => {
@@ -377,6 +400,9 @@ impl DiskBackend for SyncEngine {
 /// Submission queue entries of the ring; the completion queue gets the kernel's default
 /// (twice as many) and the kernel keeps overflowing completions rather than dropping them.
 const RING_ENTRIES: u32 = 256;
+
+/// Index of the disk file among the ring's registered files.
+const FILE_INDEX: u32 = 0;
 
 /// What an io_uring operation slot needs to remember until its completion.
 #[derive(Debug, Default)]
@@ -420,6 +446,8 @@ impl IoUringEngine {
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         let needed = [
+            opcode::Read::CODE,
+            opcode::Write::CODE,
             opcode::Readv::CODE,
             opcode::Writev::CODE,
             opcode::Fsync::CODE,
@@ -432,6 +460,8 @@ impl IoUringEngine {
         }
         let event = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
+        // A registered file spares the kernel a file lookup and reference per operation.
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
         Ok(Self {
             ring,
             slots: Vec::new(),
@@ -452,8 +482,11 @@ impl IoUringEngine {
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every buffer the entry points to (the slot's iovecs and the guest memory
-            // they describe) stays valid until its completion is reaped: slots are only reused
-            // after that, and Drop waits for everything in flight.
+            // they describe, or a `HostBuf` the worker's view checked against that memory)
+            // stays valid until its completion is reaped: slots are only reused after that,
+            // guest memory stays mapped while the worker holds it, and Drop waits for
+            // everything in flight. The registered file is `self.file`, open as long as the
+            // ring.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -471,7 +504,7 @@ impl DiskBackend for IoUringEngine {
         token: u64,
     ) -> Option<io::Result<()>> {
         let index = self.slot();
-        let fd = types::Fd(self.file.as_raw_fd());
+        let fd = types::Fixed(FILE_INDEX);
         let slot = &mut self.slots[index as usize];
         slot.token = token;
         slot.expected = 0;
@@ -490,6 +523,19 @@ impl DiskBackend for IoUringEngine {
                 } else {
                     opcode::Writev::new(fd, ptr, len).offset(offset).build()
                 }
+            }
+            DiskOp::ReadBuf { offset, buf } => {
+                // Non-vectored: the kernel imports no iovec.
+                slot.expected = u64::from(buf.len());
+                opcode::Read::new(fd, buf.as_ptr(), buf.len())
+                    .offset(offset)
+                    .build()
+            }
+            DiskOp::WriteBuf { offset, buf } => {
+                slot.expected = u64::from(buf.len());
+                opcode::Write::new(fd, buf.as_ptr(), buf.len())
+                    .offset(offset)
+                    .build()
             }
             DiskOp::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)

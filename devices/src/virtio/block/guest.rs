@@ -31,6 +31,38 @@ impl FastRegion {
     };
 }
 
+/// A guest buffer resolved to host memory by [`GuestView`]: `len` bytes at `ptr`, inside one
+/// mapping of the guest memory the view keeps alive. Only the view builds one, after checking
+/// the bounds, so a backend handed a `HostBuf` together with that memory may pass it to the
+/// kernel as it is.
+#[derive(Clone, Copy, Debug)]
+pub struct HostBuf {
+    ptr: *mut u8,
+    len: u32,
+}
+
+// SAFETY: a `HostBuf` is an address and a length; it grants nothing by itself (using it takes
+// `unsafe` code that must hold the guest memory it came from), so moving it to another thread,
+// with the worker that owns that memory, is sound.
+unsafe impl Send for HostBuf {}
+
+impl HostBuf {
+    /// Host address of the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Guest memory with its first regions resolved to host addresses. The memory has no dirty
 /// bitmap (`GuestMemoryMmap<()>`), so writing through a host address skips no logging.
 #[derive(Debug)]
@@ -82,6 +114,13 @@ impl GuestView {
             }
         }
         None
+    }
+
+    /// `addr..addr + len` as a host buffer, when it lies inside one of the inline regions.
+    #[inline]
+    pub(crate) fn host_buf(&self, addr: GuestAddress, len: u32) -> Option<HostBuf> {
+        self.host(addr, len as usize)
+            .map(|ptr| HostBuf { ptr, len })
     }
 
     /// Whether `addr..addr + len` is guest memory.

@@ -15,10 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::super::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use super::BlockCounters;
 use super::backend::{Completions, DiskBackend, DiskOp};
-use super::guest::GuestView;
-use super::request::{
-    BlockRequest, ID_BYTES, RejectedRequest, RequestLimits, RequestType, SECTOR_SIZE,
-};
+use super::guest::{GuestView, HostBuf};
+use super::request::{BlockRequest, ID_BYTES, RequestLimits, RequestType, SECTOR_SIZE};
 
 /// Requests handed to the backend and not yet completed, at most. A guest can keep refilling
 /// the available ring while requests are in flight; beyond this the worker stops taking new
@@ -38,8 +36,12 @@ pub struct DiskContext {
     pub counters: Arc<BlockCounters>,
 }
 
-/// A request handed to the backend.
-#[derive(Debug, Default)]
+/// Chains taken off the available ring and parsed before any of them is started (see
+/// [`BlockHandler::take_batch`]).
+const BATCH: usize = 32;
+
+/// A request handed to the backend (or about to be).
+#[derive(Clone, Debug, Default)]
 struct InFlight {
     head: u16,
     status_addr: GuestAddress,
@@ -50,6 +52,31 @@ struct InFlight {
     bytes: u32,
     ops_left: u32,
     failed: bool,
+}
+
+/// A parsed request of the current batch, waiting to be started.
+#[derive(Debug)]
+struct Staged {
+    entry: InFlight,
+    /// Byte offset on the disk (IN/OUT).
+    offset: u64,
+    /// The data as one host buffer: IN/OUT with a single buffer inside the view's regions.
+    buf: Option<HostBuf>,
+    /// Completed when started (its outcome is in `entry.failed`).
+    done: bool,
+}
+
+/// A request whose status is known, waiting for its status byte and used entry.
+#[derive(Debug)]
+struct Answer {
+    head: u16,
+    /// Where the status byte goes; `None` for a chain without a usable status descriptor.
+    status_addr: Option<GuestAddress>,
+    status: u8,
+    /// Used length once the status byte is written.
+    len: u32,
+    /// Used length when it cannot be.
+    len_without_status: u32,
 }
 
 /// Statistics of the current batch, published to the shared [`BlockCounters`] once per batch
@@ -103,8 +130,13 @@ pub struct BlockHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
     interrupt: Arc<I>,
     backend: Box<dyn DiskBackend>,
     disk: DiskContext,
-    /// Reused for every chain, so parsing allocates nothing in the steady state.
-    request: BlockRequest,
+    /// Parsed requests of the current batch, index for index with `staged`; reused, so
+    /// parsing allocates nothing in the steady state.
+    requests: Vec<BlockRequest>,
+    /// Requests of the current batch waiting to be started.
+    staged: Vec<Staged>,
+    /// Requests waiting for their status byte and used entry.
+    answers: Vec<Answer>,
     in_flight: Vec<InFlight>,
     free: Vec<u32>,
     busy: usize,
@@ -137,7 +169,9 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             interrupt,
             backend,
             disk,
-            request: BlockRequest::default(),
+            requests: Vec::with_capacity(BATCH),
+            staged: Vec::with_capacity(BATCH),
+            answers: Vec::with_capacity(BATCH),
             in_flight: Vec::new(),
             free: Vec::new(),
             busy: 0,
@@ -173,19 +207,22 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         result
     }
 
+    /// virtio-queue's loop: notifications off, drain the available ring, re-enable and check
+    /// again. The ring is drained in batches of up to [`BATCH`] chains, each in three stages
+    /// (see [`BlockHandler::take_batch`]).
     fn serve_queue(&mut self) -> Result<usize, virtio_queue::Error> {
         let mut completed = 0;
         loop {
             self.queue.disable_notification(&self.mem)?;
             while self.busy < MAX_IN_FLIGHT {
-                let Some(chain) = self.queue.iter(&self.mem)?.next() else {
+                let limit = BATCH.min(MAX_IN_FLIGHT - self.busy);
+                let taken = self.take_batch(limit)?;
+                self.start_batch();
+                completed += self.flush_answers()?;
+                if taken < limit {
+                    // The available ring is empty.
                     break;
-                };
-                let head = chain.head_index();
-                let parsed = self
-                    .request
-                    .parse_in_view(chain, &self.view, &self.disk.limits);
-                completed += self.start_request(head, parsed)?;
+                }
             }
             if self.busy >= MAX_IN_FLIGHT {
                 // Picked up again from process_completions once requests complete.
@@ -204,6 +241,206 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         completed += self.reap()?;
         self.notify_guest()?;
         Ok(completed)
+    }
+
+    /// Stage 1 of a batch: takes up to `limit` chains off the available ring and parses them
+    /// back to back (ring, descriptors and headers are read while they are still in the
+    /// cache, before any data is copied). Requests that need I/O go to `staged`, in ring
+    /// order, with their parsed form in `requests` at the same index; the others (rejected
+    /// chains, GET_ID, writes to a read-only disk) are answered in `answers`. Returns how many
+    /// chains were taken.
+    ///
+    /// Stage 2 ([`BlockHandler::start_batch`]) then starts the staged requests in order, and
+    /// stage 3 ([`BlockHandler::flush_answers`]) writes the statuses and used entries. Every
+    /// request still gets the checks of a request parsed on its own: parsing copies what it
+    /// keeps out of guest memory, so a guest rewriting its descriptors or headers after the
+    /// parse changes nothing.
+    fn take_batch(&mut self, limit: usize) -> Result<usize, virtio_queue::Error> {
+        self.staged.clear();
+        let mut taken = 0;
+        let mut chains = self.queue.iter(&self.mem)?;
+        while taken < limit {
+            let Some(chain) = chains.next() else {
+                break;
+            };
+            taken += 1;
+            let head = chain.head_index();
+            let index = self.staged.len();
+            if index == self.requests.len() {
+                // Grows to BATCH entries once; their buffers are reused from then on.
+                self.requests.push(BlockRequest::default());
+            }
+            let req = &mut self.requests[index];
+            if let Err(rejected) = req.parse_in_view(chain, &self.view, &self.disk.limits) {
+                log::debug!("virtio-blk: rejected request: {}", rejected.error);
+                self.stats.errors += 1;
+                self.answers.push(Answer {
+                    head,
+                    status_addr: rejected.status_addr,
+                    status: rejected.error.status(),
+                    len: 1,
+                    len_without_status: 0,
+                });
+                continue;
+            }
+            let req = &*req;
+            if req.request_type.writes() && self.disk.read_only {
+                self.stats.errors += 1;
+                self.answers.push(Answer {
+                    head,
+                    status_addr: Some(req.status_addr),
+                    status: VIRTIO_BLK_S_IOERR as u8,
+                    len: 1,
+                    len_without_status: 0,
+                });
+                continue;
+            }
+            if req.request_type == RequestType::GetId {
+                let written = write_id(&self.mem, &self.disk.id, &req.data);
+                self.answers.push(Answer {
+                    head,
+                    status_addr: Some(req.status_addr),
+                    status: VIRTIO_BLK_S_OK as u8,
+                    len: written + 1,
+                    len_without_status: written,
+                });
+                continue;
+            }
+            let is_rw = matches!(req.request_type, RequestType::In | RequestType::Out);
+            // A single data buffer inside the view's regions goes to the backend as a host
+            // buffer (checked here, while the view is in the cache).
+            let buf = match req.data.as_slice() {
+                &[(addr, len)] if is_rw && len > 0 => self.view.host_buf(addr, len),
+                _ => None,
+            };
+            self.staged.push(Staged {
+                entry: InFlight {
+                    head,
+                    status_addr: req.status_addr,
+                    request_type: Some(req.request_type),
+                    used_len: match req.request_type {
+                        RequestType::In => req.data_len + 1,
+                        _ => 1,
+                    },
+                    bytes: req.data_len,
+                    ops_left: 1,
+                    failed: false,
+                },
+                // Parsing checked `sector + sectors <= capacity` for IN/OUT, so this is a
+                // byte offset inside the disk; the others carry no offset.
+                offset: if is_rw { req.sector * SECTOR_SIZE } else { 0 },
+                buf,
+                done: false,
+            });
+        }
+        Ok(taken)
+    }
+
+    /// Stage 2 of a batch: starts the staged requests in ring order, so the synchronous
+    /// engine runs its system calls back to back and io_uring gets its entries queued in
+    /// order (a FLUSH is queued with `IO_DRAIN`: it runs after everything queued before it).
+    /// Requests that complete right away are answered in `answers`.
+    fn start_batch(&mut self) {
+        let mut staged = std::mem::take(&mut self.staged);
+        for (index, staged) in staged.iter_mut().enumerate() {
+            staged.done = self.start_staged(index, staged);
+        }
+        // The answers of requests that completed right away, after all the I/O (their
+        // entries are read in order, while still in the cache).
+        for staged in staged.drain(..) {
+            if staged.done {
+                self.answer(staged.entry);
+            }
+        }
+        // Hand the buffer back so its capacity is reused.
+        self.staged = staged;
+    }
+
+    /// Starts one staged request; `index` is its parsed form in `requests`. Returns true
+    /// when it completed right away (then `staged.entry.failed` holds the outcome).
+    fn start_staged(&mut self, index: usize, staged: &mut Staged) -> bool {
+        let offset = staged.offset;
+        let data = &self.requests[index].data;
+        let op = match (staged.entry.request_type, staged.buf) {
+            (Some(RequestType::In), Some(buf)) => DiskOp::ReadBuf { offset, buf },
+            (Some(RequestType::Out), Some(buf)) => DiskOp::WriteBuf { offset, buf },
+            (Some(RequestType::In), None) => DiskOp::Read { offset, data },
+            (Some(RequestType::Out), None) => DiskOp::Write { offset, data },
+            (Some(RequestType::Flush), _) => DiskOp::Flush,
+            _ => {
+                self.start_ranges(index, staged.entry.clone());
+                return false;
+            }
+        };
+        // The slot this request gets if the operation completes later; taken only then, so a
+        // synchronous completion (the sync engine, a page-cache hit) never touches the table.
+        let token = self
+            .free
+            .last()
+            .copied()
+            .unwrap_or(self.in_flight.len() as u32);
+        match self.backend.start(&self.mem, op, u64::from(token)) {
+            Some(outcome) => {
+                if let Err(e) = outcome {
+                    log::debug!("virtio-blk: I/O error: {e}");
+                    staged.entry.failed = true;
+                }
+                true
+            }
+            None => {
+                let taken = self.take_slot();
+                debug_assert_eq!(taken, token);
+                self.in_flight[taken as usize] = staged.entry.clone();
+                false
+            }
+        }
+    }
+
+    /// Starts a discard or write-zeroes request (parsed in `requests[index]`): one operation
+    /// per range.
+    fn start_ranges(&mut self, index: usize, mut entry: InFlight) {
+        entry.ops_left = self.requests[index].ranges.len() as u32;
+        let token = self.take_slot();
+        self.in_flight[token as usize] = entry;
+        let req = &self.requests[index];
+        let token64 = u64::from(token);
+        let discard = req.request_type == RequestType::Discard;
+        for range in &req.ranges {
+            let op = if discard {
+                DiskOp::Discard {
+                    offset: range.offset(),
+                    len: range.len(),
+                }
+            } else {
+                DiskOp::WriteZeroes {
+                    offset: range.offset(),
+                    len: range.len(),
+                    unmap: range.unmap,
+                }
+            };
+            if let Some(outcome) = self.backend.start(&self.mem, op, token64) {
+                self.done.push((token64, outcome));
+            }
+        }
+        // Synchronous results were parked in `done`; account them now.
+        self.finish_done();
+    }
+
+    /// Stage 3 of a batch (and of a round of completions): writes the status bytes and
+    /// returns the chains to the guest, back to back. Returns how many were returned.
+    fn flush_answers(&mut self) -> Result<usize, virtio_queue::Error> {
+        let count = self.answers.len();
+        for answer in self.answers.drain(..) {
+            // Status addresses were checked at parse time; the guest cannot unmap its memory
+            // under us.
+            let len = match answer.status_addr {
+                Some(addr) if self.view.write_u8(addr, answer.status) => answer.len,
+                _ => answer.len_without_status,
+            };
+            self.queue.add_used(&self.mem, answer.head, len)?;
+            self.added += 1;
+        }
+        Ok(count)
     }
 
     /// Completes the requests the backend has finished; returns how many were completed.
@@ -228,25 +465,18 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
 
     fn reap(&mut self) -> Result<usize, virtio_queue::Error> {
         self.backend.reap(&mut self.done);
-        self.finish_done()
+        self.finish_done();
+        self.flush_answers()
     }
 
-    /// Accounts the operations parked in `done`; returns how many requests completed.
-    fn finish_done(&mut self) -> Result<usize, virtio_queue::Error> {
+    /// Accounts the operations parked in `done`; finished requests go to `answers`.
+    fn finish_done(&mut self) {
         let mut done = std::mem::take(&mut self.done);
-        let mut completed = 0;
-        let mut result = Ok(());
         for (token, outcome) in done.drain(..) {
-            if result.is_ok() {
-                match self.op_done(token, outcome) {
-                    Ok(n) => completed += n,
-                    Err(e) => result = Err(e),
-                }
-            }
+            self.op_done(token, outcome);
         }
         // Hand the buffer back so its capacity is reused.
         self.done = done;
-        result.map(|()| completed)
     }
 
     fn notify_guest(&mut self) -> Result<(), virtio_queue::Error> {
@@ -265,119 +495,6 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         Ok(())
     }
 
-    /// Starts the request just parsed into `self.request` (or answers a rejected chain);
-    /// returns how many requests completed right away.
-    fn start_request(
-        &mut self,
-        head: u16,
-        parsed: Result<(), RejectedRequest>,
-    ) -> Result<usize, virtio_queue::Error> {
-        if let Err(rejected) = parsed {
-            log::debug!("virtio-blk: rejected request: {}", rejected.error);
-            self.stats.errors += 1;
-            let len = match rejected.status_addr {
-                Some(addr) => u32::from(self.write_status(addr, rejected.error.status())),
-                None => 0,
-            };
-            self.complete(head, len)?;
-            return Ok(1);
-        }
-        let req = &self.request;
-        let fail_now = req.request_type.writes() && self.disk.read_only;
-        if fail_now || req.request_type == RequestType::GetId {
-            let (status, used) = if fail_now {
-                (VIRTIO_BLK_S_IOERR as u8, 0)
-            } else {
-                (VIRTIO_BLK_S_OK as u8, self.write_id())
-            };
-            if status != VIRTIO_BLK_S_OK as u8 {
-                self.stats.errors += 1;
-            }
-            let status_len = u32::from(self.write_status(self.request.status_addr, status));
-            self.complete(head, used + status_len)?;
-            return Ok(1);
-        }
-
-        let used_len = match req.request_type {
-            RequestType::In => req.data_len + 1,
-            _ => 1,
-        };
-        let entry = InFlight {
-            head,
-            status_addr: req.status_addr,
-            request_type: Some(req.request_type),
-            used_len,
-            bytes: req.data_len,
-            ops_left: 1,
-            failed: false,
-        };
-        let offset = req.sector * SECTOR_SIZE;
-        let op = match req.request_type {
-            RequestType::In => DiskOp::Read {
-                offset,
-                data: &req.data,
-            },
-            RequestType::Out => DiskOp::Write {
-                offset,
-                data: &req.data,
-            },
-            RequestType::Flush => DiskOp::Flush,
-            _ => return self.start_ranges(entry),
-        };
-        // The slot this request gets if the operation completes later; taken only then, so a
-        // synchronous completion (the sync engine, a page-cache hit) never touches the table.
-        let token = self
-            .free
-            .last()
-            .copied()
-            .unwrap_or(self.in_flight.len() as u32);
-        match self.backend.start(&self.mem, op, u64::from(token)) {
-            Some(outcome) => {
-                let mut entry = entry;
-                if let Err(e) = outcome {
-                    log::debug!("virtio-blk: I/O error: {e}");
-                    entry.failed = true;
-                }
-                self.finish_request(entry)?;
-                Ok(1)
-            }
-            None => {
-                let taken = self.take_slot();
-                debug_assert_eq!(taken, token);
-                self.in_flight[taken as usize] = entry;
-                Ok(0)
-            }
-        }
-    }
-
-    /// Starts a discard or write-zeroes request: one operation per range.
-    fn start_ranges(&mut self, mut entry: InFlight) -> Result<usize, virtio_queue::Error> {
-        entry.ops_left = self.request.ranges.len() as u32;
-        let token = self.take_slot();
-        self.in_flight[token as usize] = entry;
-        let token64 = u64::from(token);
-        let discard = self.request.request_type == RequestType::Discard;
-        for range in &self.request.ranges {
-            let op = if discard {
-                DiskOp::Discard {
-                    offset: range.offset(),
-                    len: range.len(),
-                }
-            } else {
-                DiskOp::WriteZeroes {
-                    offset: range.offset(),
-                    len: range.len(),
-                    unmap: range.unmap,
-                }
-            };
-            if let Some(outcome) = self.backend.start(&self.mem, op, token64) {
-                self.done.push((token64, outcome));
-            }
-        }
-        // Synchronous results were parked in `done`; complete them now.
-        self.finish_done()
-    }
-
     /// A free slot of the in-flight table, counted as busy.
     fn take_slot(&mut self) -> u32 {
         self.busy += 1;
@@ -387,15 +504,11 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         })
     }
 
-    /// Accounts one finished operation; completes its request when it was the last one.
-    fn op_done(
-        &mut self,
-        token: u64,
-        outcome: io::Result<()>,
-    ) -> Result<usize, virtio_queue::Error> {
+    /// Accounts one finished operation; answers its request when it was the last one.
+    fn op_done(&mut self, token: u64, outcome: io::Result<()>) {
         let Some(entry) = self.in_flight.get_mut(token as usize) else {
             log::error!("virtio-blk: completion for unknown request {token}");
-            return Ok(0);
+            return;
         };
         if let Err(e) = outcome {
             log::debug!("virtio-blk: I/O error: {e}");
@@ -403,17 +516,16 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         }
         entry.ops_left = entry.ops_left.saturating_sub(1);
         if entry.ops_left > 0 {
-            return Ok(0);
+            return;
         }
         let entry = std::mem::take(entry);
         self.free.push(token as u32);
         self.busy -= 1;
-        self.finish_request(entry)?;
-        Ok(1)
+        self.answer(entry);
     }
 
-    /// Writes the status of a request whose operations are all done and returns it.
-    fn finish_request(&mut self, entry: InFlight) -> Result<(), virtio_queue::Error> {
+    /// Accounts a request whose operations are all done and queues its answer.
+    fn answer(&mut self, entry: InFlight) {
         let stats = &mut self.stats;
         let status = if entry.failed {
             stats.errors += 1;
@@ -434,46 +546,13 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             }
             VIRTIO_BLK_S_OK as u8
         };
-        let len = if !self.write_status(entry.status_addr, status) {
-            0
-        } else if entry.failed {
-            1
-        } else {
-            entry.used_len
-        };
-        self.complete(entry.head, len)
-    }
-
-    /// Writes the status byte; false if it could not be written.
-    fn write_status(&self, addr: GuestAddress, status: u8) -> bool {
-        // The address was checked at parse time; the guest cannot unmap its memory under us.
-        self.view.write_u8(addr, status)
-    }
-
-    /// Writes the id into the GET_ID buffers; returns the bytes written.
-    fn write_id(&self) -> u32 {
-        let mut written = 0usize;
-        for &(addr, len) in &self.request.data {
-            let n = (len as usize).min(ID_BYTES - written);
-            if n == 0 {
-                break;
-            }
-            if self
-                .mem
-                .write_slice(&self.disk.id[written..written + n], addr)
-                .is_err()
-            {
-                break;
-            }
-            written += n;
-        }
-        written as u32
-    }
-
-    fn complete(&mut self, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
-        self.queue.add_used(&self.mem, head, len)?;
-        self.added += 1;
-        Ok(())
+        self.answers.push(Answer {
+            head: entry.head,
+            status_addr: Some(entry.status_addr),
+            status,
+            len: if entry.failed { 1 } else { entry.used_len },
+            len_without_status: 0,
+        });
     }
 
     fn fail(&mut self, e: virtio_queue::Error) {
@@ -538,4 +617,20 @@ fn drain_eventfd(fd: std::os::fd::RawFd) {
     let mut value = 0u64;
     // SAFETY: reads 8 bytes into a local u64 from an open eventfd (non-blocking).
     let _ = unsafe { libc::read(fd, (&raw mut value).cast(), std::mem::size_of::<u64>()) };
+}
+
+/// Writes the id into the GET_ID buffers; returns the bytes written.
+fn write_id(mem: &GuestMemoryMmap, id: &[u8; ID_BYTES], data: &[(GuestAddress, u32)]) -> u32 {
+    let mut written = 0usize;
+    for &(addr, len) in data {
+        let n = (len as usize).min(ID_BYTES - written);
+        if n == 0 {
+            break;
+        }
+        if mem.write_slice(&id[written..written + n], addr).is_err() {
+            break;
+        }
+        written += n;
+    }
+    written as u32
 }

@@ -23,6 +23,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 pub use backend::{
     Completions, DiskBackend, DiskOp, Engine, IoUringEngine, SyncEngine, open_backend,
 };
+pub use guest::HostBuf;
 pub use handler::{BlockHandler, DiskContext};
 pub use request::{
     BlockRequest, ID_BYTES, ParseError, RejectedRequest, RequestLimits, RequestType, SECTOR_SIZE,
