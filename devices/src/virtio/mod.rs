@@ -9,6 +9,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
 mod worker;
 
 use std::sync::Arc;
@@ -109,4 +111,17 @@ pub trait VirtioDevice: Send {
     /// Stops the worker (if any) so the device can be activated again; called when the driver
     /// resets the device.
     fn reset(&mut self);
+}
+
+/// Copies the part of a device's configuration space `config` that a guest read at `offset`
+/// covers into `data`; bytes past the end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = config.get(start..) {
+        let n = data.len().min(available.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
 }

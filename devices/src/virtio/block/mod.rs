@@ -32,7 +32,7 @@ pub use request::{
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerHandle, spawn_worker,
+    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker,
 };
 
 /// Size of the device's only queue.
@@ -321,15 +321,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

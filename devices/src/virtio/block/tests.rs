@@ -13,7 +13,6 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
-use crate::virtio::InterruptKind;
 
 pub(super) const HDR: u64 = 0x10_0000;
 pub(super) const DATA: u64 = 0x20_0000;
@@ -26,21 +25,7 @@ pub(super) const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 /// Written to the status byte before a request, to see whether the device wrote it.
 pub(super) const UNTOUCHED: u8 = 0xAA;
 
-#[derive(Default)]
-pub(super) struct CountingInterrupt {
-    pub queue: AtomicUsize,
-    pub needs_reset: AtomicUsize,
-}
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        self.queue.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn signal_needs_reset(&self) {
-        self.needs_reset.fetch_add(1, Ordering::SeqCst);
-    }
-}
+pub(super) use crate::virtio::test_utils::CountingInterrupt;
 
 /// A disk file in the temp directory, removed on drop.
 pub(super) struct TempDisk {

@@ -22,7 +22,7 @@ pub use handler::{MAX_BUFFER_LEN, MAX_FRAME_LEN, NetHandler};
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerHandle, spawn_worker,
+    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker,
 };
 
 /// Size of each queue.
@@ -265,15 +265,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_LEN {
-            return;
-        }
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -14,7 +14,6 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::*;
-use crate::virtio::InterruptKind;
 
 pub(super) const RX_RING: u64 = 0;
 pub(super) const TX_RING: u64 = 0x1_0000;
@@ -42,21 +41,7 @@ pub(super) fn linux_features() -> u64 {
         | bit(VIRTIO_NET_F_STATUS)
 }
 
-#[derive(Default)]
-pub(super) struct CountingInterrupt {
-    pub queue: AtomicUsize,
-    pub needs_reset: AtomicUsize,
-}
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        self.queue.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn signal_needs_reset(&self) {
-        self.needs_reset.fetch_add(1, Ordering::SeqCst);
-    }
-}
+pub(super) use crate::virtio::test_utils::CountingInterrupt;
 
 impl CountingInterrupt {
     pub fn count(&self) -> usize {

@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
@@ -7,22 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
-
-#[derive(Default)]
-struct CountingInterrupt {
-    queue: AtomicUsize,
-    needs_reset: AtomicUsize,
-}
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        self.queue.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn signal_needs_reset(&self) {
-        self.needs_reset.fetch_add(1, Ordering::SeqCst);
-    }
-}
+use crate::virtio::test_utils::CountingInterrupt;
 
 fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
