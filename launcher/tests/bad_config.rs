@@ -108,10 +108,10 @@ fn missing_disk_path_names_the_disk_entry() {
 fn missing_tap_and_bad_mac_name_the_net_entry() {
     let kernel = tiny_guest("hello");
     let k = kernel.to_str().unwrap();
-    let (code, stderr) = rejected(&["--kernel", k, "--net", "tap=rvmm-no-such-tap0"]);
+    let (code, stderr) = rejected(&["--kernel", k, "--net", "tap=rvmmnotap0"]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("Cannot attach network interface 0: Tap rvmm-no-such-tap0 does not exist"),
+        stderr.contains("Cannot attach network interface 0: Tap rvmmnotap0 does not exist"),
         "{stderr}"
     );
     let (code, stderr) = rejected(&["--kernel", k, "--net", "tap=tap0,mac=02:00:00:00:00"]);
