@@ -267,8 +267,9 @@ impl MmioTransport {
         }
         let added = value & !self.status;
         if added & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
-            // Leaving FEATURES_OK unset tells the driver the features were refused.
-            self.status = value & !STATUS_FEATURES_OK;
+            // Leaving FEATURES_OK unset tells the driver the features were refused; a DRIVER_OK
+            // in the same write cannot stand either, as nothing was activated.
+            self.status = value & !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
             return;
         }
         if added & STATUS_FEATURES_OK != 0 {

@@ -322,3 +322,16 @@ fn odd_width_and_unaligned_register_accesses_are_harmless() {
         t.read(offset, &mut data);
     }
 }
+
+#[test]
+fn driver_ok_in_the_same_write_as_refused_features_does_not_stick() {
+    // Found by reading the code while fuzzing: the refused FEATURES_OK was dropped but the
+    // DRIVER_OK in the same write stayed, claiming a device that was never activated.
+    let (mut t, record, _) = transport(false);
+    write(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    write(&mut t, 0x24, 1);
+    write(&mut t, 0x20, 0); // no VERSION_1: refused
+    write(&mut t, 0x70, ALL_OK);
+    assert_eq!(read(&mut t, 0x70), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    assert!(record.lock().unwrap().activations.is_empty());
+}
