@@ -80,6 +80,21 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
+/// The `N` queues of a device being activated, refusing a second activation while its worker
+/// still runs.
+pub fn take_queues<const N: usize>(
+    worker: &Option<WorkerHandle>,
+    queues: Vec<ActiveQueue>,
+) -> Result<[ActiveQueue; N], ActivateError> {
+    if worker.is_some() {
+        return Err(ActivateError::AlreadyActive);
+    }
+    let got = queues.len();
+    queues
+        .try_into()
+        .map_err(|_| ActivateError::QueueCount { expected: N, got })
+}
+
 /// A virtio device, independent of the transport that exposes it.
 pub trait VirtioDevice: Send {
     /// Virtio device type (`TYPE_BLOCK`, ...).
@@ -123,5 +138,56 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(available) = config.get(start..) {
         let n = data.len().min(available.len());
         data[..n].copy_from_slice(&available[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use event_manager::{EventOps, Events, MutEventSubscriber};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+
+    fn queue() -> ActiveQueue {
+        ActiveQueue {
+            queue: Queue::new(16).unwrap(),
+            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    struct Idle;
+
+    impl MutEventSubscriber for Idle {
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+        fn init(&mut self, _ops: &mut EventOps) {}
+    }
+
+    #[test]
+    fn take_queues_wants_exactly_the_device_queue_count() {
+        let [_rx, _tx] = take_queues::<2>(&None, vec![queue(), queue()]).unwrap();
+        let err = take_queues::<2>(&None, vec![queue()]).unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn take_queues_refuses_a_second_activation_while_the_worker_runs() {
+        let worker = Some(spawn_worker("test-idle", Idle).unwrap());
+        let err = take_queues::<1>(&worker, vec![queue()]).unwrap_err();
+        assert!(matches!(err, ActivateError::AlreadyActive));
+    }
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&[1, 2, 3], 1, &mut data);
+        assert_eq!(data, [2, 3, 0, 0]);
+        read_config_bytes(&[1, 2, 3], u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
     }
 }

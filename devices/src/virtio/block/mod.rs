@@ -32,7 +32,7 @@ pub use request::{
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker,
+    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker, take_queues,
 };
 
 /// Size of the device's only queue.
@@ -336,19 +336,11 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        let [queue] = take_queues(&self.worker, queues)?;
         let handler = self
-            .handler(mem, queues.remove(0), interrupt)
+            .handler(mem, queue, interrupt)
             .map_err(ActivateError::Worker)?;
         let name = format!(
             "virtio-blk-{}",

@@ -22,7 +22,7 @@ pub use handler::{MAX_BUFFER_LEN, MAX_FRAME_LEN, NetHandler};
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker,
+    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker, take_queues,
 };
 
 /// Size of each queue.
@@ -283,13 +283,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let got = queues.len();
-        let Ok::<[ActiveQueue; 2], _>([rx, tx]) = queues.try_into() else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
+        let [rx, tx] = take_queues(&self.worker, queues)?;
         let handler = self
             .handler(mem, rx, tx, interrupt)
             .map_err(ActivateError::Worker)?;

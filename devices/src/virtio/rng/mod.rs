@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, InterruptKind, TYPE_RNG, VIRTIO_F_VERSION_1,
-    VirtioDevice, VirtioInterrupt, WorkerHandle, spawn_worker,
+    VirtioDevice, VirtioInterrupt, WorkerHandle, spawn_worker, take_queues,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -56,18 +56,9 @@ impl VirtioDevice for Rng {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let ActiveQueue { queue, notify } = queues.remove(0);
+        let [ActiveQueue { queue, notify }] = take_queues(&self.worker, queues)?;
         let handler = RngHandler {
             mem,
             queue,
