@@ -144,6 +144,7 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use event_manager::{EventOps, Events, MutEventSubscriber};
+    use virtio_queue::QueueT;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use super::*;
