@@ -230,26 +230,36 @@ impl SyncEngine {
                 // handed over to the device for this request.
                 unsafe { libc::preadv(fd, iov, count as libc::c_int, offset_arg) }
             };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                // Past the end of the file (or a device that stopped taking data).
-                return Err(if write {
-                    io::ErrorKind::WriteZero.into()
-                } else {
-                    io::ErrorKind::UnexpectedEof.into()
-                });
-            }
+            let Some(n) = transferred(n, write)? else {
+                continue;
+            };
             offset += n as u64;
-            first += advance(&mut iovecs[first..], n as usize);
+            first += advance(&mut iovecs[first..], n);
         }
         Ok(())
     }
+}
+
+/// The bytes one positioned read or write moved: `None` when a signal interrupted it (retry),
+/// an error for a failure or for no progress (past the end of the file, or a device that
+/// stopped taking data).
+fn transferred(n: isize, write: bool) -> io::Result<Option<usize>> {
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    if n == 0 {
+        return Err(if write {
+            io::ErrorKind::WriteZero.into()
+        } else {
+            io::ErrorKind::UnexpectedEof.into()
+        });
+    }
+    Ok(Some(n as usize))
 }
 
 impl SyncEngine {
@@ -273,23 +283,11 @@ impl SyncEngine {
                 // to the device for this request.
                 unsafe { libc::pread(fd, ptr, len - done, offset_arg) }
             };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                // Past the end of the file (or a device that stopped taking data).
-                return Err(if write {
-                    io::ErrorKind::WriteZero.into()
-                } else {
-                    io::ErrorKind::UnexpectedEof.into()
-                });
-            }
+            let Some(n) = transferred(n, write)? else {
+                continue;
+            };
             offset += n as u64;
-            done += n as usize;
+            done += n;
         }
         Ok(())
     }
