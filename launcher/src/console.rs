@@ -25,6 +25,12 @@ pub struct Console {
     raw_tty: bool,
 }
 
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
 impl Console {
     /// Opens the output for `mode` (creates the file or binds the socket), copying it to
     /// `log` when given.

@@ -92,6 +92,7 @@ impl Write for SocketConsole {
 }
 
 /// Guest output copied to a log file as well as to the console's own destination.
+#[derive(Debug)]
 pub struct Tee<W: Write> {
     /// The console destination.
     pub main: W,

@@ -3,13 +3,6 @@
 //! Exit codes: 0 the guest powered off or reset, 1 VMM error, 2 bad configuration,
 //! 3 guest crash.
 
-mod cli;
-mod config;
-mod console;
-mod console_socket;
-mod keyvalue;
-mod shutdown;
-
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,9 +12,9 @@ use vmm_core::boot::BootError;
 use vmm_core::cpuid::KVM_PVM_MODULE;
 use vmm_core::{BuildError, Outcome, VmConfig};
 
-use crate::cli::{Cli, Command, RunArgs};
-use crate::console::Console;
-use crate::shutdown::ShutdownSignals;
+use launcher::cli::{Cli, Command, RunArgs};
+use launcher::console::Console;
+use launcher::shutdown::ShutdownSignals;
 
 const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_BAD_CONFIG: u8 = 2;

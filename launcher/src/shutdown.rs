@@ -7,6 +7,7 @@ use std::time::Duration;
 use vmm_core::VmHandle;
 
 /// The shutdown signals, blocked in every thread so one thread can take them with sigwait.
+#[allow(missing_debug_implementations)] // sigset_t has no Debug
 pub struct ShutdownSignals {
     set: libc::sigset_t,
 }
