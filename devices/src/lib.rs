@@ -6,6 +6,7 @@
 
 mod bus_device;
 pub mod legacy;
+pub mod seccomp;
 mod trigger;
 pub mod virtio;
 

@@ -397,3 +397,26 @@ pub fn frame_bytes(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) ^ (i >> 8) as u8)
         .collect()
 }
+
+/// A fresh directory `<temp>/rvmm-fuzz-<tag>-<pid>` for a target's fixture files. It is
+/// removed when the fuzzer exits normally; a crash leaves it for reproducing.
+pub fn fixture_dir(tag: &str) -> std::path::PathBuf {
+    static DIRS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    extern "C" fn remove_all() {
+        for dir in DIRS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("rvmm-fuzz-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fixture directory");
+    DIRS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.clone());
+    // SAFETY: registers a function without arguments that only removes directories.
+    AT_EXIT.call_once(|| unsafe {
+        libc::atexit(remove_all);
+    });
+    dir
+}

@@ -134,6 +134,18 @@ void guest_main(void *boot_params)
         wbuf[i] = (u8)pattern[i % 16];
     print_status("write", blk_request("write", BLK_T_OUT, 1, wbuf, SECTOR_SIZE, 0));
 
+    /* rvmm.hold=1: stop here, before any flush, and idle until the VMM ends the VM (the
+     * shutdown tests check that this unflushed write still reaches the disk file). */
+    if (cmdline_value("rvmm.hold=")) {
+        print("virtio-blk: holding\n");
+        for (u64 n = 0;; n++) {
+            print("virtio-blk: tick ");
+            print_dec(n);
+            print_char('\n');
+            delay(20000);
+        }
+    }
+
     /* 3. flush (only if negotiated) */
     if (features & F_BLK_FLUSH)
         print_status("flush", blk_request("flush", BLK_T_FLUSH, 0, 0, 0, 0));

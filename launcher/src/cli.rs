@@ -76,6 +76,20 @@ pub struct RunArgs {
     /// tap=NAME[,mac=MAC][,mtu=N][,id=NAME].
     #[arg(long, value_name = "OPTIONS")]
     pub net: Vec<String>,
+    /// Serve the control API (Cloud Hypervisor's /api/v1/ paths) and /metrics on this unix
+    /// socket; without a VM on the command line, wait for vm.create and vm.boot.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Write one JSON line per VM event: path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    pub event_monitor: Option<String>,
+    /// Also serve the Prometheus scrape (GET /metrics) on this TCP address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Filter the system calls of the vCPU and device threads (seccomp); a call outside a
+    /// thread's list kills rvmm with SIGSYS. `--seccomp=false` is for debugging only.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub seccomp: bool,
 }
 
 /// Where the serial console goes.
@@ -298,7 +312,24 @@ pub(crate) fn existing_file(path: &Path) -> Result<PathBuf, String> {
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
+/// A VM given on the command line: its file form (for `vm.info`), configuration and console.
+pub type VmSpec = (VmConfigFile, VmConfig, SerialMode);
+
 impl RunArgs {
+    /// The VM on the command line, or `None` when only `--api-socket` is given (the VM comes
+    /// through `vm.create`).
+    pub fn vm_spec(&self, kvm_pvm_loaded: bool) -> anyhow::Result<Option<VmSpec>> {
+        if self.api_socket.is_some() && self.config.is_none() && self.kernel.is_none() {
+            return Ok(None);
+        }
+        let (config, serial) = self.to_config(kvm_pvm_loaded)?;
+        let file = match &self.config {
+            Some(path) => VmConfigFile::load(path)?,
+            None => VmConfigFile::from_validated(&config, &serial),
+        };
+        Ok(Some((file, config, serial)))
+    }
+
     /// The VM configuration and console mode, from `--config` or from the flags.
     pub fn to_config(&self, kvm_pvm_loaded: bool) -> anyhow::Result<(VmConfig, SerialMode)> {
         let cpu_profile = parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?;
@@ -329,9 +360,11 @@ impl RunArgs {
         let context = || format!("--config {}", file.display());
         let parsed =
             VmConfigFile::load(file).map_err(|e| anyhow::Error::new(e).context(context()))?;
-        parsed
+        let (mut config, serial) = parsed
             .validate(&self.kvm_device, cpu_profile)
-            .map_err(|e| anyhow::Error::new(e).context(context()))
+            .map_err(|e| anyhow::Error::new(e).context(context()))?;
+        config.seccomp = self.seccomp;
+        Ok((config, serial))
     }
 
     fn flags_to_config(
@@ -351,10 +384,12 @@ impl RunArgs {
         }
         vmm_core::memory::MemoryLayout::new(memory_bytes)
             .map_err(|e| invalid("memory", e.to_string()))?;
-        let kernel = self
-            .kernel
-            .as_deref()
-            .ok_or_else(|| invalid("kernel", "required (or --config FILE)"))?;
+        let kernel = self.kernel.as_deref().ok_or_else(|| {
+            invalid(
+                "kernel",
+                "required (or --config FILE, or --api-socket PATH)",
+            )
+        })?;
         let config = VmConfig {
             vcpus,
             memory_bytes,
@@ -373,6 +408,7 @@ impl RunArgs {
             rng: self.rng,
             disks: parse_disks(&self.disk)?,
             nets: parse_nets(&self.net)?,
+            seccomp: self.seccomp,
         };
         Ok((
             config,
@@ -448,6 +484,17 @@ mod tests {
         assert_eq!(config.vcpus, 2);
         assert_eq!(config.cpu_profile, CpuProfile::Host);
         assert_eq!(serial, SerialMode::Stdio);
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_the_flag_says_false() {
+        assert!(args(&[]).to_config(false).unwrap().0.seccomp);
+        for (flag, on) in [("--seccomp=false", false), ("--seccomp=true", true)] {
+            let (config, _) = args(&[flag]).to_config(false).unwrap();
+            assert_eq!(config.seccomp, on, "{flag}");
+        }
+        let argv = ["rvmm", "run", "--kernel", "/proc/self/exe", "--seccomp=off"];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 
     #[test]

@@ -289,8 +289,72 @@ impl VmConfigFile {
             rng: self.rng.is_some(),
             disks,
             nets,
+            // Filtered unless `rvmm run --seccomp=false` (which sets this afterwards).
+            seccomp: true,
         };
         Ok((config, serial))
+    }
+}
+
+impl VmConfigFile {
+    /// The file that describes an already validated VM (a VM given by flags, for `vm.info`).
+    pub fn from_validated(config: &VmConfig, serial: &SerialMode) -> Self {
+        let mac = |m: &[u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let (mode, file, socket) = match serial {
+            SerialMode::Stdio => (SerialModeName::Tty, None, None),
+            SerialMode::Off => (SerialModeName::Off, None, None),
+            SerialMode::File(p) => (SerialModeName::File, Some(p.clone()), None),
+            SerialMode::Socket(p) => (SerialModeName::Socket, None, Some(p.clone())),
+        };
+        Self {
+            cpus: CpusConfig {
+                boot_vcpus: config.vcpus,
+                max_vcpus: None,
+            },
+            memory: MemoryConfig {
+                size: config.memory_bytes,
+            },
+            payload: PayloadConfig {
+                kernel: config.kernel.clone(),
+                initramfs: config.initrd.clone(),
+                cmdline: Some(config.cmdline.clone()),
+            },
+            disks: config
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    readonly: d.readonly,
+                    id: d.id.clone(),
+                    engine: Some(
+                        match d.engine {
+                            Engine::Sync => "sync",
+                            Engine::IoUring => "io_uring",
+                        }
+                        .into(),
+                    ),
+                })
+                .collect(),
+            net: config
+                .nets
+                .iter()
+                .map(|n| NetConfig {
+                    tap: n.tap.clone(),
+                    mac: n.mac.as_ref().map(mac),
+                    mtu: n.mtu,
+                    id: n.id.clone(),
+                })
+                .collect(),
+            rng: config.rng.then(|| RngConfig {
+                src: "/dev/urandom".into(),
+            }),
+            serial: Some(SerialConfig { mode, file, socket }),
+        }
     }
 }
 

@@ -15,19 +15,46 @@ use vmm_sys_util::terminal::Terminal;
 use crate::cli::SerialMode;
 use crate::console_socket::{SocketConsole, Tee};
 
-/// The console's host side once set up.
+/// The guest UART that host input goes to: replaced at every boot, empty between boots.
+type InputTarget = Arc<Mutex<Option<Arc<Mutex<Serial>>>>>;
+
+/// The console's host side once set up. It outlives a VM: a reboot builds a new UART, which
+/// gets the same output and input.
 pub struct Console {
-    /// Where guest output goes.
-    pub output: SerialOutput,
+    output: Arc<Mutex<SerialOutput>>,
     mode: SerialMode,
     socket: Option<(UnixListener, SocketConsole)>,
     socket_console: Option<SocketConsole>,
+    input: InputTarget,
+    input_started: bool,
     raw_tty: bool,
+}
+
+/// Guest console output, shared by every UART the console has served.
+#[derive(Clone)]
+pub struct SharedOutput(Arc<Mutex<SerialOutput>>);
+
+impl std::fmt::Debug for SharedOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedOutput")
+    }
+}
+
+impl std::io::Write for SharedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
 }
 
 impl std::fmt::Debug for Console {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Console").field("mode", &self.mode).finish_non_exhaustive()
+        f.debug_struct("Console")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,16 +95,38 @@ impl Console {
             }
         };
         Ok(Self {
-            output,
+            output: Arc::new(Mutex::new(output)),
             mode: mode.clone(),
             socket,
             socket_console,
+            input: Arc::new(Mutex::new(None)),
+            input_started: false,
             raw_tty: false,
         })
     }
 
-    /// Starts feeding host input to the guest's UART (stdin or socket clients).
-    pub fn start_input(&mut self, serial: Arc<Mutex<Serial>>) {
+    /// A writer for a new UART's output.
+    pub fn output(&self) -> SerialOutput {
+        Box::new(SharedOutput(self.output.clone()))
+    }
+
+    /// Sends host input to `serial` from now on (stdin or socket clients), starting the input
+    /// threads on first use.
+    pub fn attach(&mut self, serial: Arc<Mutex<Serial>>) {
+        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(serial);
+        if !self.input_started {
+            self.input_started = true;
+            self.start_input();
+        }
+    }
+
+    /// Host input is dropped until the next [`Console::attach`].
+    pub fn detach(&self) {
+        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn start_input(&mut self) {
+        let serial = self.input.clone();
         match self.mode {
             SerialMode::Stdio => {
                 let stdin = io::stdin();
@@ -124,7 +173,7 @@ fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn spawn_input<R: Read + Send + 'static>(name: &str, mut input: R, serial: Arc<Mutex<Serial>>) {
+fn spawn_input<R: Read + Send + 'static>(name: &str, mut input: R, serial: InputTarget) {
     let spawned = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
@@ -141,9 +190,13 @@ fn spawn_input<R: Read + Send + 'static>(name: &str, mut input: R, serial: Arc<M
     }
 }
 
-/// Queues all of `bytes`, waiting for the guest to drain the 64-byte FIFO when it is full.
-fn queue_all(serial: &Mutex<Serial>, mut bytes: &[u8]) {
+/// Queues all of `bytes`, waiting for the guest to drain the 64-byte FIFO when it is full;
+/// dropped when no VM runs.
+fn queue_all(target: &InputTarget, mut bytes: &[u8]) {
     while !bytes.is_empty() {
+        let Some(serial) = target.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return;
+        };
         let taken = serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -155,7 +208,7 @@ fn queue_all(serial: &Mutex<Serial>, mut bytes: &[u8]) {
     }
 }
 
-fn spawn_acceptor(listener: UnixListener, console: SocketConsole, serial: Arc<Mutex<Serial>>) {
+fn spawn_acceptor(listener: UnixListener, console: SocketConsole, serial: InputTarget) {
     let spawned = std::thread::Builder::new()
         .name("serial-socket".into())
         .spawn(move || {

@@ -1,24 +1,21 @@
 //! `rvmm`: boots a guest on KVM and runs it until it stops.
 //!
-//! Exit codes: 0 the guest powered off or reset, 1 VMM error, 2 bad configuration,
-//! 3 guest crash.
+//! Exit codes: 0 the guest powered off or reset (or the VMM was asked to stop), 1 VMM error,
+//! 2 bad configuration, 3 guest crash.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use vmm_core::boot::BootError;
-use vmm_core::cpuid::KVM_PVM_MODULE;
-use vmm_core::{BuildError, Outcome, VmConfig};
-
-use launcher::cli::{Cli, Command, RunArgs};
-use launcher::console::Console;
+use launcher::api::{ApiServer, ApiServerError, start_metrics_server};
+use launcher::cli::{Cli, Command, RunArgs, parse_cpu_profile};
+use launcher::events::EventMonitor;
+use launcher::seccomp::filter_main_thread;
 use launcher::shutdown::ShutdownSignals;
-
-const EXIT_VMM_ERROR: u8 = 1;
-const EXIT_BAD_CONFIG: u8 = 2;
-const EXIT_GUEST_CRASH: u8 = 3;
+use launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
+use vmm_core::cpuid::KVM_PVM_MODULE;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
@@ -36,25 +33,6 @@ fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Configuration mistakes (exit 2) versus failures of the VMM or host (exit 1).
-fn build_error_code(err: &BuildError) -> u8 {
-    match err {
-        BuildError::VcpuCount(_)
-        | BuildError::Memory(_)
-        | BuildError::Disk { .. }
-        | BuildError::Net { .. } => EXIT_BAD_CONFIG,
-        BuildError::Boot(
-            BootError::ReadKernel { .. }
-            | BootError::NotAKernel { .. }
-            | BootError::LoadKernel { .. }
-            | BootError::ReadInitrd { .. }
-            | BootError::InitrdTooLarge { .. }
-            | BootError::Cmdline(_),
-        ) => EXIT_BAD_CONFIG,
-        _ => EXIT_VMM_ERROR,
-    }
-}
-
 fn run(args: &RunArgs) -> ExitCode {
     let signals = match ShutdownSignals::block() {
         Ok(signals) => signals,
@@ -65,62 +43,86 @@ fn run(args: &RunArgs) -> ExitCode {
             );
         }
     };
-    let (config, serial_mode) = match args.to_config(Path::new(KVM_PVM_MODULE).exists()) {
-        Ok(parsed) => parsed,
+    let kvm_pvm_loaded = Path::new(KVM_PVM_MODULE).exists();
+    let vmm = match setup(args, kvm_pvm_loaded) {
+        Ok(vmm) => vmm,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
-    let mut console = match Console::open(&serial_mode, args.serial_log.as_deref()) {
-        Ok(console) => console,
-        Err(e) => return fail(EXIT_BAD_CONFIG, &e),
-    };
-    let grace = Duration::from_secs(args.grace_period_seconds);
-    let code = boot(&config, &mut console, signals, grace);
-    console.close();
-    code
-}
-
-fn boot(
-    config: &VmConfig,
-    console: &mut Console,
-    signals: ShutdownSignals,
-    grace: Duration,
-) -> ExitCode {
-    log::info!(
-        "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
-        config.kernel.display(),
-        config.vcpus,
-        config.memory_bytes >> 20,
-        config.cpu_profile.name()
-    );
-    let output = std::mem::replace(&mut console.output, Box::new(std::io::sink()));
-    let vm = match vmm_core::build_vm(config, output) {
+    let vm = match args.vm_spec(kvm_pvm_loaded) {
         Ok(vm) => vm,
-        Err(e) => {
-            let code = build_error_code(&e);
-            return fail(code, &anyhow::Error::new(e));
+        Err(e) => return fail(EXIT_BAD_CONFIG, &e),
+    };
+    // Servers first, so a client can watch the boot.
+    let server_failed = |e: ApiServerError| {
+        let code = if e.is_bad_config() {
+            EXIT_BAD_CONFIG
+        } else {
+            EXIT_VMM_ERROR
+        };
+        fail(code, &e.into())
+    };
+    let _api = match &args.api_socket {
+        Some(path) => match ApiServer::start(path, vmm.clone(), args.seccomp) {
+            Ok(server) => Some(server),
+            Err(e) => return server_failed(e),
+        },
+        None => None,
+    };
+    if let Some(addr) = args.metrics_addr {
+        match start_metrics_server(addr, vmm.clone(), args.seccomp) {
+            Ok(bound) => log::info!("Metrics on http://{bound}/metrics"),
+            Err(e) => return server_failed(e),
         }
-    };
-    console.start_input(vm.serial());
-    let running = match vm.start() {
-        Ok(running) => running,
-        Err(e) => return fail(EXIT_VMM_ERROR, &anyhow::Error::new(e)),
-    };
-    if let Err(e) = signals.handle(running.handle(), grace) {
+    }
+    let grace = Duration::from_secs(args.grace_period_seconds);
+    if let Err(e) = signals.handle(vmm.clone(), grace) {
         log::error!("Shutdown signals will not be handled: {e}");
     }
-    let reason = running.wait();
-    match reason.outcome() {
-        Outcome::Clean => {
-            log::info!("{reason}");
-            ExitCode::SUCCESS
-        }
-        Outcome::GuestCrash => {
-            eprintln!("rvmm: {reason}");
-            ExitCode::from(EXIT_GUEST_CRASH)
-        }
-        Outcome::VmmError => {
-            eprintln!("rvmm: {reason}");
-            ExitCode::from(EXIT_VMM_ERROR)
+    if let Some((file, config, serial)) = vm {
+        let booted = vmm
+            .create_validated(file, config, serial)
+            .and_then(|()| vmm.boot());
+        if let Err(e) = booted {
+            let code = if e.is_bad_config() {
+                EXIT_BAD_CONFIG
+            } else {
+                EXIT_VMM_ERROR
+            };
+            vmm.request_exit(code);
+            vmm.teardown();
+            return fail(code, &e.into());
         }
     }
+    // From here on this thread only waits for the end, tears the VM down and returns: it
+    // filters itself. Every other thread already runs (signals, API and vmm-control, the VM's
+    // waiter and vCPUs) and this one starts no more, so none inherits its filter.
+    if args.seccomp
+        && let Err(e) = filter_main_thread()
+    {
+        vmm.request_exit(EXIT_VMM_ERROR);
+        vmm.teardown();
+        return fail(
+            EXIT_VMM_ERROR,
+            &anyhow::Error::new(e).context("Cannot filter the main thread's system calls"),
+        );
+    }
+    let code = vmm.wait_for_exit();
+    vmm.teardown();
+    ExitCode::from(code)
+}
+
+/// The VMM with its host-side settings and event monitor.
+fn setup(args: &RunArgs, kvm_pvm_loaded: bool) -> anyhow::Result<Arc<Vmm>> {
+    let cpu_profile = parse_cpu_profile(&args.cpu_profile, kvm_pvm_loaded)?;
+    let events = match &args.event_monitor {
+        Some(spec) => EventMonitor::open(spec)?,
+        None => EventMonitor::disabled(),
+    };
+    let settings = VmmSettings {
+        kvm_path: args.kvm_device.clone(),
+        cpu_profile,
+        serial_log: args.serial_log.clone(),
+        seccomp: args.seccomp,
+    };
+    Ok(Vmm::new(settings, events))
 }

@@ -2,9 +2,10 @@
 //! the grace period, or a second signal comes, the VM is stopped hard.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
-use vmm_core::VmHandle;
+use crate::vmm::Vmm;
 
 /// The shutdown signals, blocked in every thread so one thread can take them with sigwait.
 #[allow(missing_debug_implementations)] // sigset_t has no Debug
@@ -31,41 +32,19 @@ impl ShutdownSignals {
         Ok(Self { set })
     }
 
-    /// Handles the signals for `vm` on a thread of its own.
-    pub fn handle(self, vm: VmHandle, grace: Duration) -> io::Result<()> {
+    /// Handles the signals on a thread of its own: each one goes to [`Vmm::shutdown_signal`].
+    pub fn handle(self, vmm: Arc<Vmm>, grace: Duration) -> io::Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                let mut asked = false;
                 loop {
                     let mut signal = 0;
                     // SAFETY: `self.set` is initialised and `signal` is a valid out pointer.
                     if unsafe { libc::sigwait(&self.set, &mut signal) } != 0 {
                         continue;
                     }
-                    if asked {
-                        log::warn!("Second shutdown signal: stopping the VM now");
-                        vm.stop();
-                        return;
-                    }
-                    asked = true;
-                    log::warn!(
-                        "Signal {signal}: asking the guest to shut down (Ctrl-Alt-Del), {} s grace",
-                        grace.as_secs()
-                    );
-                    vm.send_ctrl_alt_del();
-                    let timed = vm.clone();
-                    let timer = std::thread::Builder::new()
-                        .name("grace".into())
-                        .spawn(move || {
-                            std::thread::sleep(grace);
-                            log::warn!("Grace period over: stopping the VM");
-                            timed.stop();
-                        });
-                    if let Err(e) = timer {
-                        log::error!("Cannot start the grace timer, stopping now: {e}");
-                        vm.stop();
-                    }
+                    log::info!("Signal {signal}");
+                    vmm.shutdown_signal(grace);
                 }
             })?;
         Ok(())

@@ -10,8 +10,9 @@ use devices::legacy::{
     COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN,
     SERIAL_PORT_LEN, SerialConsole,
 };
+use devices::seccomp::SeccompError;
 use devices::virtio::VirtioDevice;
-use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::block::{Block, BlockConfig, DiskSync};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::rng::Rng;
@@ -28,8 +29,10 @@ use crate::cpuid::{CpuProfile, VcpuTopology, vcpu_cpuid};
 use crate::layout::{VIRTIO_MMIO_DEVICE_SIZE, virtio_slot};
 use crate::lifecycle::RunningVm;
 use crate::memory::{GuestMemoryMmap, MemoryError, MemoryLayout, create_guest_memory};
+use crate::metrics::{DiskSource, ExitCounters, ExitRecorder, MetricsHandle, NicSource, device_id};
 use crate::mptable::{MAX_VCPUS, MptableError, setup_mptable};
 use crate::regs::{RegsError, write_boot_tables};
+use crate::seccomp::vcpu_filter;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{VmError, check_capabilities, create_vm, open_kvm, register_memory};
 
@@ -63,6 +66,9 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces on existing taps, in the order the guest sees them.
     pub nets: Vec<NetConfig>,
+    /// Filter the system calls of the vCPU and device worker threads ([`crate::seccomp`]);
+    /// off only to debug (`--seccomp=false`).
+    pub seccomp: bool,
 }
 
 /// Errors building a VM. Each names the step that failed.
@@ -131,6 +137,18 @@ pub enum BuildError {
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("Cannot read KVM's supported CPUID")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// A device's worker thread cannot be started.
+    #[error("Cannot start the worker thread of virtio device {index}")]
+    Worker {
+        /// The device's slot.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: devices::virtio::WorkerError,
+    },
+    /// The vCPU seccomp filter cannot be built.
+    #[error("Cannot build the vCPU seccomp filter")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// A VM built and ready to start.
@@ -142,10 +160,23 @@ pub struct Vm {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     keyboard: Arc<Mutex<Keyboard>>,
+    metrics: MetricsHandle,
+    disk_syncs: Arc<[DiskSync]>,
     // Dropped in this order: the VM fd before the memory it maps.
     vm_fd: VmFd,
     mem: GuestMemoryMmap,
     layout: MemoryLayout,
+    seccomp: bool,
+}
+
+/// The virtio devices of a configuration, and what the VM keeps of them besides the devices.
+struct VirtioDevices {
+    /// In slot order.
+    devices: Vec<Box<dyn VirtioDevice>>,
+    disks: Vec<DiskSource>,
+    nets: Vec<NicSource>,
+    /// The writable disks.
+    syncs: Vec<DiskSync>,
 }
 
 /// Builds the VM described by `config`, its console writing to `serial_out`.
@@ -154,8 +185,9 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     let layout = MemoryLayout::new(config.memory_bytes)?;
     let mem = create_guest_memory(&layout)?;
     // The user's files are checked before KVM is touched.
-    let virtio_devices = create_virtio_devices(config)?;
-    let slots = virtio_slots(virtio_devices.len())?;
+    let mut virtio = create_virtio_devices(config)?;
+    start_worker_threads(&mut virtio.devices, config.seccomp)?;
+    let slots = virtio_slots(virtio.devices.len())?;
     let kernel = setup_boot(&mem, &layout, config, &virtio_cmdline(&slots))?;
     setup_mptable(&mem, config.vcpus)?;
     let kvm = open_kvm(&config.kvm_path)?;
@@ -167,8 +199,10 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     let mut mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out)?;
     let keyboard = attach_i8042(&vm_fd, &mut pio, &control)?;
-    attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio_devices, &slots)?;
-    let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel)?;
+    attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio.devices, &slots)?;
+    let (exits, recorders) = ExitCounters::new(usize::from(config.vcpus));
+    let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel, recorders)?;
+    let metrics = MetricsHandle::new(exits, virtio.disks, virtio.nets, layout.size());
     Ok(Vm {
         vcpus,
         control,
@@ -176,9 +210,12 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         mmio: Arc::new(mmio),
         serial,
         keyboard,
+        metrics,
+        disk_syncs: virtio.syncs.into(),
         vm_fd,
         mem,
         layout,
+        seccomp: config.seccomp,
     })
 }
 
@@ -235,22 +272,52 @@ fn setup_boot(
     Ok(kernel)
 }
 
-/// The virtio devices the configuration asks for, in slot order.
-fn create_virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+/// The virtio devices the configuration asks for, in slot order, with their counters and
+/// the writable disks' flush handles.
+fn create_virtio_devices(config: &VmConfig) -> Result<VirtioDevices, BuildError> {
+    let mut virtio = VirtioDevices {
+        devices: Vec::new(),
+        disks: Vec::new(),
+        nets: Vec::new(),
+        syncs: Vec::new(),
+    };
     for (index, disk) in config.disks.iter().enumerate() {
-        let block =
-            Block::new(disk.clone()).map_err(|source| BuildError::Disk { index, source })?;
-        devices.push(Box::new(block));
+        let disk_err = |source| BuildError::Disk { index, source };
+        let block = Block::new(disk.clone()).map_err(disk_err)?;
+        virtio.syncs.extend(block.disk_sync().map_err(disk_err)?);
+        virtio.disks.push(DiskSource {
+            id: device_id(disk.id.as_deref(), "disk", index),
+            counters: block.counters(),
+        });
+        virtio.devices.push(Box::new(block));
     }
     for (index, net) in config.nets.iter().enumerate() {
         let nic = Net::new(net.clone()).map_err(|source| BuildError::Net { index, source })?;
-        devices.push(Box::new(nic));
+        virtio.nets.push(NicSource {
+            id: device_id(net.id.as_deref(), "net", index),
+            counters: nic.counters(),
+        });
+        virtio.devices.push(Box::new(nic));
     }
     if config.rng {
-        devices.push(Box::new(Rng::new()));
+        virtio.devices.push(Box::new(Rng::new()));
     }
-    Ok(devices)
+    Ok(virtio)
+}
+
+/// Starts the devices' worker threads from this (unfiltered) thread, each filtered with its
+/// own list when `seccomp` is set: started at activation by a vCPU, they would inherit its
+/// filter, which does not allow starting threads.
+fn start_worker_threads(
+    devices: &mut [Box<dyn VirtioDevice>],
+    seccomp: bool,
+) -> Result<(), BuildError> {
+    for (index, device) in devices.iter_mut().enumerate() {
+        device
+            .start_worker_thread(seccomp)
+            .map_err(|source| BuildError::Worker { index, source })?;
+    }
+    Ok(())
 }
 
 /// An MMIO window and interrupt line for each of `count` devices.
@@ -304,14 +371,15 @@ fn setup_vcpus(
     vm_fd: &VmFd,
     config: &VmConfig,
     kernel: &LoadedKernel,
+    recorders: Vec<ExitRecorder>,
 ) -> Result<Vec<Vcpu>, BuildError> {
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(vm_fd, index)?;
+    for (index, exits) in (0..config.vcpus).zip(recorders) {
+        let vcpu = Vcpu::new(vm_fd, index, exits)?;
         let topology = VcpuTopology {
             apic_id: index,
             count: config.vcpus,
@@ -342,13 +410,24 @@ impl Vm {
         &self.mem
     }
 
-    /// Starts one thread per vCPU.
+    /// Reads the VM's statistics from any thread, now and once it runs.
+    pub fn metrics_handle(&self) -> MetricsHandle {
+        self.metrics.clone()
+    }
+
+    /// Starts one thread per vCPU, each under the vCPU seccomp filter when the configuration
+    /// asks for it.
     pub fn start(self) -> Result<RunningVm, BuildError> {
+        let filter = match self.seccomp {
+            true => Some(vcpu_filter().map_err(BuildError::Seccomp)?),
+            false => None,
+        };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let count = self.vcpus.len();
         for vcpu in self.vcpus {
             let index = usize::from(vcpu.index());
-            match vcpu.start(self.control.clone(), self.pio.clone(), self.mmio.clone()) {
+            let (pio, mmio) = (self.pio.clone(), self.mmio.clone());
+            match vcpu.start(self.control.clone(), pio, mmio, filter.clone()) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     self.control.request_stop(StopReason::Requested);
@@ -367,6 +446,10 @@ impl Vm {
             control: self.control,
             serial: self.serial,
             keyboard: self.keyboard,
+            _pio: self.pio,
+            _mmio: self.mmio,
+            metrics: self.metrics,
+            disk_syncs: self.disk_syncs,
             _vm_fd: self.vm_fd,
             _mem: self.mem,
             layout: self.layout,

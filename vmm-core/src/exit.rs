@@ -44,6 +44,90 @@ pub enum ExitAction {
     Stop(GuestStop),
 }
 
+/// Why `KVM_RUN` returned, as the VM's metrics count it. One variant per exit that
+/// [`handle_kvm_exit`] decodes on its own; the rest are [`ExitReason::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitReason {
+    /// Port read (`KVM_EXIT_IO`, in).
+    IoIn,
+    /// Port write (`KVM_EXIT_IO`, out).
+    IoOut,
+    /// MMIO read.
+    MmioRead,
+    /// MMIO write (virtio register accesses; queue notifications go to ioeventfds instead).
+    MmioWrite,
+    /// `HLT` (only without the in-kernel irqchip's halt handling).
+    Hlt,
+    /// Triple fault (`KVM_EXIT_SHUTDOWN`).
+    Shutdown,
+    /// `KVM_EXIT_SYSTEM_EVENT` (power off, reset, crash, ...).
+    SystemEvent,
+    /// `KVM_EXIT_INTERNAL_ERROR`.
+    InternalError,
+    /// `KVM_EXIT_FAIL_ENTRY`.
+    FailEntry,
+    /// `KVM_RUN` returned EINTR or EAGAIN: a kick (pause, stop) or a host signal.
+    Interrupted,
+    /// `KVM_RUN` failed with another error.
+    RunFailed,
+    /// Any other exit (IRQ window, EOI and interrupt notifications, unexpected exits).
+    Other,
+}
+
+impl ExitReason {
+    /// Every reason, in the stable order metrics list them.
+    pub const ALL: [ExitReason; 12] = [
+        Self::IoIn,
+        Self::IoOut,
+        Self::MmioRead,
+        Self::MmioWrite,
+        Self::Hlt,
+        Self::Shutdown,
+        Self::SystemEvent,
+        Self::InternalError,
+        Self::FailEntry,
+        Self::Interrupted,
+        Self::RunFailed,
+        Self::Other,
+    ];
+
+    /// The reason's name in metrics (snake case, stable).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IoIn => "io_in",
+            Self::IoOut => "io_out",
+            Self::MmioRead => "mmio_read",
+            Self::MmioWrite => "mmio_write",
+            Self::Hlt => "hlt",
+            Self::Shutdown => "shutdown",
+            Self::SystemEvent => "system_event",
+            Self::InternalError => "internal_error",
+            Self::FailEntry => "fail_entry",
+            Self::Interrupted => "interrupted",
+            Self::RunFailed => "run_failed",
+            Self::Other => "other",
+        }
+    }
+
+    /// Classifies one return of `KVM_RUN` (before [`handle_kvm_exit`] consumes it).
+    pub fn of(run: &Result<VcpuExit<'_>, errno::Error>) -> Self {
+        match run {
+            Ok(VcpuExit::IoIn(..)) => Self::IoIn,
+            Ok(VcpuExit::IoOut(..)) => Self::IoOut,
+            Ok(VcpuExit::MmioRead(..)) => Self::MmioRead,
+            Ok(VcpuExit::MmioWrite(..)) => Self::MmioWrite,
+            Ok(VcpuExit::Hlt) => Self::Hlt,
+            Ok(VcpuExit::Shutdown) => Self::Shutdown,
+            Ok(VcpuExit::SystemEvent(..)) => Self::SystemEvent,
+            Ok(VcpuExit::InternalError) => Self::InternalError,
+            Ok(VcpuExit::FailEntry(..)) => Self::FailEntry,
+            Ok(_) => Self::Other,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Self::Interrupted,
+            Err(_) => Self::RunFailed,
+        }
+    }
+}
+
 /// Handles one return of `KVM_RUN`: device accesses go to the buses, stops are reported.
 pub fn handle_kvm_exit(
     run: Result<VcpuExit<'_>, errno::Error>,
@@ -200,6 +284,52 @@ mod tests {
         ] {
             assert_eq!(handle_kvm_exit(Ok(exit), &pio, &mmio), ExitAction::Continue);
         }
+    }
+
+    #[test]
+    fn every_decoded_exit_has_its_own_reason_and_the_rest_are_other() {
+        let mut byte = [0u8; 1];
+        let mut word = [0u8; 4];
+        let cases: Vec<(Result<VcpuExit<'_>, errno::Error>, ExitReason)> = vec![
+            (Ok(VcpuExit::IoIn(0x3f8, &mut byte)), ExitReason::IoIn),
+            (Ok(VcpuExit::IoOut(0x3f8, b"x")), ExitReason::IoOut),
+            (
+                Ok(VcpuExit::MmioRead(0xd000_0000, &mut word)),
+                ExitReason::MmioRead,
+            ),
+            (
+                Ok(VcpuExit::MmioWrite(0xd000_0000, &[1])),
+                ExitReason::MmioWrite,
+            ),
+            (Ok(VcpuExit::Hlt), ExitReason::Hlt),
+            (Ok(VcpuExit::Shutdown), ExitReason::Shutdown),
+            (Ok(VcpuExit::SystemEvent(1, &[])), ExitReason::SystemEvent),
+            (Ok(VcpuExit::InternalError), ExitReason::InternalError),
+            (Ok(VcpuExit::FailEntry(0x21, 0)), ExitReason::FailEntry),
+            (Ok(VcpuExit::IrqWindowOpen), ExitReason::Other),
+            (Ok(VcpuExit::Exception), ExitReason::Other),
+            (Err(errno::Error::new(libc::EINTR)), ExitReason::Interrupted),
+            (
+                Err(errno::Error::new(libc::EAGAIN)),
+                ExitReason::Interrupted,
+            ),
+            (Err(errno::Error::new(libc::EFAULT)), ExitReason::RunFailed),
+        ];
+        for (run, reason) in &cases {
+            assert_eq!(ExitReason::of(run), *reason, "{run:?}");
+        }
+    }
+
+    #[test]
+    fn exit_reason_names_are_unique_snake_case() {
+        let names: std::collections::HashSet<_> =
+            ExitReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), ExitReason::ALL.len());
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
     }
 
     #[test]

@@ -10,12 +10,16 @@ pub mod exit;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory;
+pub mod metrics;
 pub mod mptable;
 pub mod regs;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
 pub use builder::{BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
-pub use lifecycle::{RunningVm, VmHandle};
+pub use exit::ExitReason;
+pub use lifecycle::{FlushError, RunningVm, VmHandle};
+pub use metrics::{DiskMetrics, MetricsHandle, NicMetrics, VmMetrics};

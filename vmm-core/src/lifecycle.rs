@@ -1,21 +1,55 @@
 //! A running VM: pause, resume, stop, and waiting for the end.
+//!
+//! Teardown: the VM ends on the thread that calls [`RunningVm::wait`] or drops the
+//! [`RunningVm`]. After the vCPU threads are joined the devices are dropped there, which stops
+//! their workers: each virtio-blk worker completes its I/O in flight and flushes its disk if it
+//! was written since the guest's last FLUSH (failures are logged with the disk's path). So when
+//! `wait` returns, or the drop ends, every disk is flushed. [`VmHandle::flush_disks`] flushes
+//! them again from any thread and returns the errors, for a launcher that wants them.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::virtio::block::{BlockError, DiskSync};
 use kvm_ioctls::VmFd;
 
 use crate::builder::{Keyboard, Serial};
+use crate::bus::Bus;
 use crate::control::{RunState, StopReason, VmControl};
 use crate::memory::{GuestMemoryMmap, MemoryLayout};
+use crate::metrics::{MetricsHandle, VmMetrics};
 
-/// A VM whose vCPUs are running (or paused).
+/// Errors flushing the disks.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// Some disks could not be flushed: the first failure is the cause, the others are logged.
+    #[error("Cannot flush {failed} of {total} disks")]
+    Disks {
+        /// Disks that failed.
+        failed: usize,
+        /// Writable disks.
+        total: usize,
+        /// The first failure (names the disk).
+        #[source]
+        first: BlockError,
+    },
+}
+
+/// A VM whose vCPUs are running (or paused). Dropping it stops the VM hard (like
+/// [`RunningVm::stop`]) and tears it down like [`RunningVm::wait`].
 #[derive(Debug)]
 pub struct RunningVm {
     pub(crate) threads: Vec<JoinHandle<()>>,
     pub(crate) control: Arc<VmControl>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) keyboard: Arc<Mutex<Keyboard>>,
+    // The buses own the devices. The vCPU threads hold them too; once they are joined these
+    // are the last references, so the devices (and their workers, which flush the disks) are
+    // dropped on the thread ending the VM, before the VM fd and the memory.
+    pub(crate) _pio: Arc<Bus>,
+    pub(crate) _mmio: Arc<Bus>,
+    pub(crate) metrics: MetricsHandle,
+    pub(crate) disk_syncs: Arc<[DiskSync]>,
     // Kept alive while the vCPUs run; the VM fd is closed before the memory is unmapped.
     pub(crate) _vm_fd: VmFd,
     pub(crate) _mem: GuestMemoryMmap,
@@ -43,6 +77,21 @@ impl RunningVm {
         self.layout.size()
     }
 
+    /// The VM's statistics now.
+    pub fn metrics(&self) -> VmMetrics {
+        self.metrics.snapshot()
+    }
+
+    /// Reads the VM's statistics from any thread, also after the VM is gone.
+    pub fn metrics_handle(&self) -> MetricsHandle {
+        self.metrics.clone()
+    }
+
+    /// Makes the writes completed so far on every writable disk durable (`fdatasync`).
+    pub fn flush_disks(&self) -> Result<(), FlushError> {
+        flush_all(&self.disk_syncs)
+    }
+
     /// Takes every vCPU out of the guest; false when the VM was not running.
     pub fn pause(&self) -> bool {
         self.control.pause()
@@ -64,6 +113,8 @@ impl RunningVm {
         VmHandle {
             control: self.control.clone(),
             keyboard: self.keyboard.clone(),
+            metrics: self.metrics.clone(),
+            disk_syncs: self.disk_syncs.clone(),
         }
     }
 
@@ -72,15 +123,60 @@ impl RunningVm {
         self.control.request_stop(StopReason::Requested);
     }
 
-    /// Waits for the VM to stop, joins the vCPU threads and says why it stopped.
-    pub fn wait(self) -> StopReason {
+    /// Waits for the VM to stop, joins the vCPU threads, stops the devices (every disk
+    /// written since the guest's last FLUSH is flushed) and says why it stopped.
+    pub fn wait(mut self) -> StopReason {
         let reason = self.control.wait_stopped();
-        for thread in self.threads {
+        self.join_vcpus();
+        // Dropping `self` now drops the devices (see the module documentation).
+        reason
+    }
+
+    fn join_vcpus(&mut self) {
+        for thread in self.threads.drain(..) {
             if thread.join().is_err() {
                 log::error!("A vCPU thread panicked");
             }
         }
-        reason
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            // Dropped without `wait`: stop the vCPUs so the devices go down here, not on a
+            // vCPU thread later (or never, at process exit).
+            self.control.request_stop(StopReason::Requested);
+            self.control.wait_stopped();
+            self.join_vcpus();
+        }
+        // The fields drop next, the buses (devices) first.
+    }
+}
+
+/// Flushes every disk, going on after a failure.
+fn flush_all(disks: &[DiskSync]) -> Result<(), FlushError> {
+    let mut first = None;
+    let mut failed = 0;
+    for disk in disks {
+        if let Err(e) = disk.sync() {
+            failed += 1;
+            match first {
+                None => first = Some(e),
+                Some(_) => {
+                    let cause = std::error::Error::source(&e).map(ToString::to_string);
+                    log::error!("{e}: {}", cause.unwrap_or_default());
+                }
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(first) => Err(FlushError::Disks {
+            failed,
+            total: disks.len(),
+            first,
+        }),
     }
 }
 
@@ -89,6 +185,8 @@ impl RunningVm {
 pub struct VmHandle {
     control: Arc<VmControl>,
     keyboard: Arc<Mutex<Keyboard>>,
+    metrics: MetricsHandle,
+    disk_syncs: Arc<[DiskSync]>,
 }
 
 impl VmHandle {
@@ -105,8 +203,35 @@ impl VmHandle {
         self.control.request_stop(StopReason::Requested);
     }
 
+    /// Takes every vCPU out of the guest; false when the VM was not running.
+    pub fn pause(&self) -> bool {
+        self.control.pause()
+    }
+
+    /// Lets the vCPUs run again; false when the VM was not paused.
+    pub fn resume(&self) -> bool {
+        self.control.resume()
+    }
+
     /// Current run state.
     pub fn state(&self) -> RunState {
         self.control.state()
+    }
+
+    /// The VM's statistics now.
+    pub fn metrics(&self) -> VmMetrics {
+        self.metrics.snapshot()
+    }
+
+    /// Reads the VM's statistics (without the rest of the handle).
+    pub fn metrics_handle(&self) -> MetricsHandle {
+        self.metrics.clone()
+    }
+
+    /// Makes the writes completed so far on every writable disk durable (`fdatasync`), from
+    /// the calling thread. Works after the VM is gone too: called once [`RunningVm::wait`] has
+    /// returned it confirms the teardown's flush and reports failures.
+    pub fn flush_disks(&self) -> Result<(), FlushError> {
+        flush_all(&self.disk_syncs)
     }
 }

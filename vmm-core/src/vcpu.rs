@@ -10,8 +10,10 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::bus::Bus;
 use crate::control::{RegisterSnapshot, StopReason, VmControl};
-use crate::exit::{ExitAction, GuestStop, handle_kvm_exit};
+use crate::exit::{ExitAction, ExitReason, GuestStop, handle_kvm_exit};
+use crate::metrics::ExitRecorder;
 use crate::regs::{BootEntry, boot_fpu, boot_regs, boot_sregs};
+use crate::seccomp::{BpfProgram, SpawnError, spawn_filtered};
 
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +35,9 @@ pub enum VcpuError {
     /// The CPUID list did not fit KVM's limit.
     #[error("CPUID of vCPU {0} has too many entries")]
     CpuidSize(u8),
-    /// Spawning the thread failed.
+    /// Spawning the thread, or installing its seccomp filter, failed.
     #[error("Cannot start the thread of vCPU {0}")]
-    Spawn(u8, #[source] std::io::Error),
+    Spawn(u8, #[source] SpawnError),
 }
 
 // Model-specific registers set at boot, as Linux expects them from firmware.
@@ -64,6 +66,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
+    exits: ExitRecorder,
 }
 
 fn configure_err(what: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -75,12 +78,12 @@ fn configure_err(what: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` of `vm`.
-    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
+    /// Creates vCPU `index` of `vm`, counting its exits with `exits`.
+    pub fn new(vm: &VmFd, index: u8, exits: ExitRecorder) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Self { fd, index })
+        Ok(Self { fd, index, exits })
     }
 
     /// This vCPU's index (and APIC ID).
@@ -154,19 +157,21 @@ impl Vcpu {
             .map_err(configure_err("registers", i))
     }
 
-    /// Starts the vCPU's thread.
+    /// Starts the vCPU's thread, which installs `filter` (see [`crate::seccomp`]) before it
+    /// enters the guest; none: unfiltered.
     pub fn start(
         self,
         control: Arc<VmControl>,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
+        filter: Option<BpfProgram>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         install_kick_handler();
         let index = self.index;
-        std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&control, &pio, &mmio))
-            .map_err(|e| VcpuError::Spawn(index, e))
+        spawn_filtered(&format!("vcpu{index}"), filter, move || {
+            self.run(&control, &pio, &mmio)
+        })
+        .map_err(|e| VcpuError::Spawn(index, e))
     }
 
     fn run(mut self, control: &VmControl, pio: &Bus, mmio: &Bus) {
@@ -176,7 +181,9 @@ impl Vcpu {
         // SAFETY: pthread_self has no preconditions.
         control.vcpu_started(index, unsafe { libc::pthread_self() });
         while control.vcpu_may_run(index) {
-            let action = handle_kvm_exit(self.fd.run(), pio, mmio);
+            let run = self.fd.run();
+            self.exits.record(ExitReason::of(&run));
+            let action = handle_kvm_exit(run, pio, mmio);
             // A kick may have set immediate_exit; the loop re-checks the run state next.
             self.fd.set_kvm_immediate_exit(0);
             if let ExitAction::Stop(stop) = action {

@@ -18,7 +18,10 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use worker::{STOP_EVENT, WorkerHandle, spawn_worker};
+pub use worker::{
+    STOP_EVENT, WorkerError, WorkerHandle, WorkerThread, spawn_worker, start_worker_in,
+    worker_thread,
+};
 
 /// Guest memory as devices see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -78,6 +81,9 @@ pub enum ActivateError {
     /// The device is already active.
     #[error("Device is already active")]
     AlreadyActive,
+    /// The worker thread cannot run the device.
+    #[error("Cannot run the device worker")]
+    Run(#[source] WorkerError),
 }
 
 /// The `N` queues of a device being activated, refusing a second activation while its worker
@@ -126,6 +132,15 @@ pub trait VirtioDevice: Send {
     /// Stops the worker (if any) so the device can be activated again; called when the driver
     /// resets the device.
     fn reset(&mut self);
+
+    /// Starts the device's worker thread now, on the calling thread's behalf, with its seccomp
+    /// filter when `seccomp` is set. The VMM calls this while building the VM, so the thread
+    /// does not inherit the filter of the vCPU that later activates the device (which does not
+    /// allow starting threads). Devices without a worker have nothing to do; a device with one
+    /// starts an unfiltered thread at activation when this was not called.
+    fn start_worker_thread(&mut self, _seccomp: bool) -> Result<(), WorkerError> {
+        Ok(())
+    }
 }
 
 /// Copies the part of a device's configuration space `config` that a guest read at `offset`

@@ -98,6 +98,14 @@ pub trait DiskBackend: Send {
     /// Appends the operations that finished since the last call to `done`.
     fn reap(&mut self, _done: &mut Completions) {}
 
+    /// Submits what is queued and blocks until every operation started has finished,
+    /// appending them to `done`: nothing is in flight afterwards (unless it fails). Used when
+    /// the device stops; backends that complete everything in [`DiskBackend::start`] have
+    /// nothing to wait for.
+    fn wait_all(&mut self, _done: &mut Completions) -> io::Result<()> {
+        Ok(())
+    }
+
     /// An eventfd that becomes readable when [`DiskBackend::reap`] has something; `None` for
     /// backends that complete everything in [`DiskBackend::start`].
     fn completion_fd(&self) -> Option<RawFd> {
@@ -604,6 +612,17 @@ impl DiskBackend for IoUringEngine {
         }
     }
 
+    fn wait_all(&mut self, done: &mut Completions) -> io::Result<()> {
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.reap(done),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.event.as_raw_fd())
     }
@@ -618,18 +637,10 @@ impl Drop for IoUringEngine {
         // The kernel may still be writing guest memory and reading the iovecs of operations in
         // flight: wait for them before the slots and the file go away.
         let mut done = Vec::new();
-        while self.in_flight > 0 {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                log::error!("virtio-blk: cannot wait for in-flight io_uring operations: {e}");
-                // Better leak the iovecs than let the kernel read freed memory.
-                std::mem::forget(std::mem::take(&mut self.slots));
-                return;
-            }
-            done.clear();
-            self.reap(&mut done);
+        if let Err(e) = self.wait_all(&mut done) {
+            log::error!("virtio-blk: cannot wait for in-flight io_uring operations: {e}");
+            // Better leak the iovecs than let the kernel read freed memory.
+            std::mem::forget(std::mem::take(&mut self.slots));
         }
     }
 }

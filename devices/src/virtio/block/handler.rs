@@ -1,7 +1,12 @@
 //! The virtio-blk worker: takes requests off the queue, runs them on the [`DiskBackend`] and
 //! returns them to the guest.
+//!
+//! When the worker stops (the driver resets the device, or the VM is torn down) the handler is
+//! dropped: it waits for the operations in flight and, if anything was written since the last
+//! completed FLUSH, flushes the disk (`BlockHandler::drain_and_flush`).
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -34,7 +39,12 @@ pub struct DiskContext {
     pub id: [u8; ID_BYTES],
     /// Statistics, shared with the device.
     pub counters: Arc<BlockCounters>,
+    /// The disk's path, to name it in messages.
+    pub path: PathBuf,
 }
+
+/// Token of the flush made when the worker stops (request tokens are `u32` slot indexes).
+const STOP_FLUSH_TOKEN: u64 = u64::MAX;
 
 /// Chains taken off the available ring and parsed before any of them is started (see
 /// [`BlockHandler::take_batch`]).
@@ -50,6 +60,8 @@ struct InFlight {
     used_len: u32,
     /// Data bytes, for the counters.
     bytes: u32,
+    /// For a FLUSH: the writes started before it, which it makes durable when it succeeds.
+    covers: u64,
     ops_left: u32,
     failed: bool,
 }
@@ -149,6 +161,10 @@ pub struct BlockHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
     broken: bool,
     /// Statistics not yet added to `disk.counters`.
     stats: BatchCounters,
+    /// Writes, discards and write-zeroes started so far.
+    writes_started: u64,
+    /// How many of `writes_started` a completed FLUSH has made durable.
+    writes_synced: u64,
 }
 
 impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
@@ -180,6 +196,8 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             added: 0,
             broken: false,
             stats: BatchCounters::default(),
+            writes_started: 0,
+            writes_synced: 0,
         }
     }
 
@@ -323,6 +341,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                         _ => 1,
                     },
                     bytes: req.data_len,
+                    covers: 0,
                     ops_left: 1,
                     failed: false,
                 },
@@ -359,6 +378,13 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     /// Starts one staged request; `index` is its parsed form in `requests`. Returns true
     /// when it completed right away (then `staged.entry.failed` holds the outcome).
     fn start_staged(&mut self, index: usize, staged: &mut Staged) -> bool {
+        // A FLUSH covers every write started before it: the sync engine runs them in order,
+        // io_uring starts the flush only after them (`IO_DRAIN`).
+        match staged.entry.request_type {
+            Some(RequestType::Flush) => staged.entry.covers = self.writes_started,
+            Some(t) if t.writes() => self.writes_started += 1,
+            _ => {}
+        }
         let offset = staged.offset;
         let data = &self.requests[index].data;
         let op = match (staged.entry.request_type, staged.buf) {
@@ -541,7 +567,10 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                     stats.writes += 1;
                     stats.bytes_written += bytes;
                 }
-                Some(RequestType::Flush) => stats.flushes += 1,
+                Some(RequestType::Flush) => {
+                    stats.flushes += 1;
+                    self.writes_synced = self.writes_synced.max(entry.covers);
+                }
                 _ => {}
             }
             VIRTIO_BLK_S_OK as u8
@@ -559,6 +588,54 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         log::warn!("virtio-blk: queue error, device needs reset: {e}");
         self.broken = true;
         self.interrupt.signal_needs_reset();
+    }
+
+    /// Whether writes were started since the last completed FLUSH covering them.
+    pub fn has_unflushed_writes(&self) -> bool {
+        self.writes_started > self.writes_synced
+    }
+
+    /// Waits for every operation in flight, then flushes the disk if anything was written
+    /// since the last completed FLUSH. Requests that finish here are not returned to the
+    /// guest: the device is being reset or the VM is going away. Runs when the handler is
+    /// dropped, i.e. when its worker stops; errors are logged there with the disk's path.
+    pub(super) fn drain_and_flush(&mut self) -> io::Result<()> {
+        let waited = self.backend.wait_all(&mut self.done);
+        self.done.clear();
+        self.in_flight.clear();
+        self.free.clear();
+        self.busy = 0;
+        waited?;
+        if self.disk.read_only || !self.has_unflushed_writes() {
+            return Ok(());
+        }
+        let outcome = match self
+            .backend
+            .start(&self.mem, DiskOp::Flush, STOP_FLUSH_TOKEN)
+        {
+            Some(outcome) => outcome,
+            None => {
+                self.backend.wait_all(&mut self.done)?;
+                self.done
+                    .drain(..)
+                    .find(|(token, _)| *token == STOP_FLUSH_TOKEN)
+                    .map_or_else(|| Err(io::Error::other("flush did not complete")), |d| d.1)
+            }
+        };
+        outcome?;
+        self.writes_synced = self.writes_started;
+        Ok(())
+    }
+}
+
+impl<I: ?Sized + VirtioInterrupt> Drop for BlockHandler<I> {
+    fn drop(&mut self) {
+        if let Err(e) = self.drain_and_flush() {
+            log::error!(
+                "virtio-blk: cannot flush disk {} as its worker stops: {e}",
+                self.disk.path.display()
+            );
+        }
     }
 }
 

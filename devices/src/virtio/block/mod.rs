@@ -10,7 +10,7 @@ mod request;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,10 +30,15 @@ pub use request::{
     SectorRange,
 };
 
+// The stop tests start a worker by hand.
+#[cfg(test)]
+use super::spawn_worker;
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker, take_queues,
+    VirtioInterrupt, WorkerError, WorkerHandle, WorkerThread, read_config_bytes, start_worker_in,
+    take_queues, worker_thread,
 };
+use crate::seccomp::WorkerKind;
 
 /// Size of the device's only queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -87,6 +92,49 @@ pub enum BlockError {
     /// The configured id does not fit GET_ID.
     #[error("Disk id {0:?} is longer than {ID_BYTES} bytes")]
     IdTooLong(String),
+    /// A second descriptor of the disk file (for [`DiskSync`]) cannot be made.
+    #[error("Cannot duplicate the file descriptor of disk {path}")]
+    Duplicate {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `fdatasync` failed: writes may not be on stable storage.
+    #[error("Cannot flush disk {path}")]
+    Flush {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A writable disk's file, for making its completed writes durable from outside the device
+/// (the launcher, before the process exits). The device's worker flushes by itself when it
+/// stops; this is for callers that want the result.
+#[derive(Debug)]
+pub struct DiskSync {
+    path: PathBuf,
+    file: File,
+}
+
+impl DiskSync {
+    /// The disk's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes every write completed so far durable (`fdatasync`; the file is the device's, so
+    /// it covers the worker's writes too).
+    pub fn sync(&self) -> Result<(), BlockError> {
+        self.file.sync_data().map_err(|source| BlockError::Flush {
+            path: self.path.clone(),
+            source,
+        })
+    }
 }
 
 /// Per-device statistics. Counts completed requests; `errors` counts every request answered
@@ -126,7 +174,9 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     acked: u64,
     counters: Arc<BlockCounters>,
+    // Dropped before `thread`: the run stops before its thread ends.
     worker: Option<WorkerHandle>,
+    thread: Option<WorkerThread>,
 }
 
 impl Block {
@@ -174,6 +224,7 @@ impl Block {
             acked: 0,
             counters: Arc::new(BlockCounters::default()),
             worker: None,
+            thread: None,
         })
     }
 
@@ -192,9 +243,44 @@ impl Block {
         &self.id
     }
 
+    /// The disk's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the disk is read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// A handle that flushes this disk from any thread; `None` for a read-only disk.
+    pub fn disk_sync(&self) -> Result<Option<DiskSync>, BlockError> {
+        if self.readonly {
+            return Ok(None);
+        }
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|source| BlockError::Duplicate {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(Some(DiskSync {
+            path: self.path.clone(),
+            file,
+        }))
+    }
+
     /// Request statistics, shared with the worker.
     pub fn counters(&self) -> Arc<BlockCounters> {
         self.counters.clone()
+    }
+
+    fn worker_name(&self) -> String {
+        format!(
+            "virtio-blk-{}",
+            String::from_utf8_lossy(&self.id).trim_end_matches('\0')
+        )
     }
 
     /// The limits requests are checked against (what the configuration space announces).
@@ -211,10 +297,10 @@ impl Block {
     }
 
     /// Builds the worker for `queue` without starting a thread: [`VirtioDevice::activate`]
-    /// runs it with `spawn_worker`; tests and benchmarks drive it directly. The handler's queue
-    /// eventfd is `queue.notify`; an io_uring backend adds a completion eventfd
-    /// ([`BlockHandler::completion_fd`]) that the handler registers itself when run as an
-    /// event subscriber.
+    /// runs it on the device's worker thread; tests and benchmarks drive it directly. The
+    /// handler's queue eventfd is `queue.notify`; an io_uring backend adds a completion
+    /// eventfd ([`BlockHandler::completion_fd`]) that the handler registers itself when run as
+    /// an event subscriber.
     pub fn handler<I: ?Sized + VirtioInterrupt>(
         &self,
         mem: GuestMemoryMmap,
@@ -227,6 +313,7 @@ impl Block {
             read_only: self.readonly,
             id: self.id,
             counters: self.counters.clone(),
+            path: self.path.clone(),
         };
         Ok(BlockHandler::new(
             mem,
@@ -342,11 +429,9 @@ impl VirtioDevice for Block {
         let handler = self
             .handler(mem, queue, interrupt)
             .map_err(ActivateError::Worker)?;
-        let name = format!(
-            "virtio-blk-{}",
-            String::from_utf8_lossy(&self.id).trim_end_matches('\0')
-        );
-        self.worker = Some(spawn_worker(&name, handler).map_err(ActivateError::Worker)?);
+        let name = self.worker_name();
+        let thread = worker_thread(&mut self.thread, &name).map_err(ActivateError::Run)?;
+        self.worker = Some(thread.run(handler).map_err(ActivateError::Run)?);
         log::debug!(
             "virtio-blk: {} active ({:?} engine)",
             self.path.display(),
@@ -356,10 +441,22 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // Stopping the worker drops its handler, which completes the I/O in flight and flushes
+        // the disk if it was written since the last FLUSH. Dropping the device (VM teardown)
+        // does the same through the worker handle's Drop.
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
         self.acked = 0;
+    }
+
+    fn start_worker_thread(&mut self, seccomp: bool) -> Result<(), WorkerError> {
+        let kind = match self.engine {
+            Engine::Sync => WorkerKind::BlockSync,
+            Engine::IoUring => WorkerKind::BlockIoUring,
+        };
+        let name = self.worker_name();
+        start_worker_in(&mut self.thread, &name, kind, seccomp)
     }
 }
 
@@ -369,3 +466,5 @@ mod tests;
 mod tests_io;
 #[cfg(test)]
 mod tests_parse;
+#[cfg(test)]
+mod tests_stop;

@@ -311,6 +311,7 @@ fn context(dev: &Block, read_only: bool) -> DiskContext {
         read_only,
         id: *dev.id(),
         counters: dev.counters(),
+        path: dev.path().to_path_buf(),
     }
 }
 

@@ -22,8 +22,10 @@ pub use handler::{MAX_BUFFER_LEN, MAX_FRAME_LEN, NetHandler};
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerHandle, read_config_bytes, spawn_worker, take_queues,
+    VirtioInterrupt, WorkerError, WorkerHandle, WorkerThread, read_config_bytes, start_worker_in,
+    take_queues, worker_thread,
 };
+use crate::seccomp::WorkerKind;
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -100,7 +102,9 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     acked: u64,
     counters: Arc<NetCounters>,
+    // Dropped before `thread`: the run stops before its thread ends.
     worker: Option<WorkerHandle>,
+    thread: Option<WorkerThread>,
 }
 
 impl Net {
@@ -132,6 +136,7 @@ impl Net {
             acked: 0,
             counters: Arc::new(NetCounters::default()),
             worker: None,
+            thread: None,
         })
     }
 
@@ -150,9 +155,13 @@ impl Net {
         self.counters.clone()
     }
 
+    fn worker_name(&self) -> String {
+        format!("virtio-net-{}", self.id)
+    }
+
     /// Builds the worker for the rx and tx queues without starting a thread, with the backend's
-    /// offloads set to what the driver accepted: [`VirtioDevice::activate`] runs it with
-    /// `spawn_worker`; tests and benchmarks drive it directly.
+    /// offloads set to what the driver accepted: [`VirtioDevice::activate`] runs it on the
+    /// device's worker thread; tests and benchmarks drive it directly.
     pub fn handler<I: ?Sized + VirtioInterrupt>(
         &self,
         mem: GuestMemoryMmap,
@@ -287,8 +296,9 @@ impl VirtioDevice for Net {
         let handler = self
             .handler(mem, rx, tx, interrupt)
             .map_err(ActivateError::Worker)?;
-        let name = format!("virtio-net-{}", self.id);
-        self.worker = Some(spawn_worker(&name, handler).map_err(ActivateError::Worker)?);
+        let name = self.worker_name();
+        let thread = worker_thread(&mut self.thread, &name).map_err(ActivateError::Run)?;
+        self.worker = Some(thread.run(handler).map_err(ActivateError::Run)?);
         log::debug!(
             "virtio-net {}: active, MAC {}, offloads {:#x}",
             self.id,
@@ -303,6 +313,11 @@ impl VirtioDevice for Net {
             worker.stop();
         }
         self.acked = 0;
+    }
+
+    fn start_worker_thread(&mut self, seccomp: bool) -> Result<(), WorkerError> {
+        let name = self.worker_name();
+        start_worker_in(&mut self.thread, &name, WorkerKind::Net, seccomp)
     }
 }
 

@@ -10,17 +10,22 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     ActivateError, ActiveQueue, GuestMemoryMmap, InterruptKind, TYPE_RNG, VIRTIO_F_VERSION_1,
-    VirtioDevice, VirtioInterrupt, WorkerHandle, spawn_worker, take_queues,
+    VirtioDevice, VirtioInterrupt, WorkerError, WorkerHandle, WorkerThread, start_worker_in,
+    take_queues, worker_thread,
 };
+use crate::seccomp::WorkerKind;
 
 const QUEUE_SIZE: u16 = 256;
+const WORKER_NAME: &str = "virtio-rng";
 /// Bytes served per request at most: a guest asking for more gets this much.
 const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 
 /// The virtio-rng device.
 #[derive(Debug, Default)]
 pub struct Rng {
+    // Dropped before `thread`: the run stops before its thread ends.
     worker: Option<WorkerHandle>,
+    thread: Option<WorkerThread>,
 }
 
 impl Rng {
@@ -65,8 +70,13 @@ impl VirtioDevice for Rng {
             notify,
             interrupt,
         };
-        self.worker = Some(spawn_worker("virtio-rng", handler).map_err(ActivateError::Worker)?);
+        let thread = worker_thread(&mut self.thread, WORKER_NAME).map_err(ActivateError::Run)?;
+        self.worker = Some(thread.run(handler).map_err(ActivateError::Run)?);
         Ok(())
+    }
+
+    fn start_worker_thread(&mut self, seccomp: bool) -> Result<(), WorkerError> {
+        start_worker_in(&mut self.thread, WORKER_NAME, WorkerKind::Rng, seccomp)
     }
 
     fn reset(&mut self) {

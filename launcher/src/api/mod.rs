@@ -1,0 +1,353 @@
+//! The control API: HTTP/1.1 on a unix socket with Cloud Hypervisor's paths (`/api/v1/vm.boot`,
+//! ...) and a Prometheus scrape at `/metrics`; with `--metrics-addr`, the scrape on TCP too.
+//!
+//! One thread runs a single-threaded tokio runtime with a task per client, so a slow, stuck or
+//! half-closed client only ever holds its own connection. The VM operations themselves are
+//! blocking calls into [`Vmm`], made one at a time on the `vmm-control` thread; the API
+//! thread only moves bytes, under a narrow seccomp filter ([`crate::seccomp::api_filter`]).
+
+pub mod routes;
+
+use std::convert::Infallible;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use vmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
+
+use self::routes::{BodyKind, METRICS_PATH, Reply};
+use crate::seccomp::api_filter;
+use crate::vmm::{EXIT_OK, Vmm};
+
+/// Largest request body accepted (a VM configuration is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 64 << 10;
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an API or metrics listener cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// Something other than a stale socket is in the way.
+    #[error("--api-socket: {} exists and is not a socket", .0.display())]
+    PathInUse(PathBuf),
+    /// bind/chmod on the unix socket failed.
+    #[error("--api-socket: cannot listen on {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// bind on the TCP address failed.
+    #[error("--metrics-addr: cannot listen on {addr}")]
+    BindTcp {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server's thread or runtime cannot start.
+    #[error("Cannot start the API server")]
+    Start(#[source] std::io::Error),
+    /// The server's seccomp filter cannot be built.
+    #[error("Cannot build the API server's seccomp filter")]
+    Seccomp(#[source] SeccompError),
+    /// The server's thread cannot start under its seccomp filter.
+    #[error("Cannot start the API server's thread")]
+    Thread(#[source] SpawnError),
+}
+
+impl ApiServerError {
+    /// True when the command line, not the host, is at fault (the socket path or address).
+    pub fn is_bad_config(&self) -> bool {
+        matches!(
+            self,
+            Self::PathInUse(_) | Self::Bind { .. } | Self::BindTcp { .. }
+        )
+    }
+}
+
+/// A VM operation handed to the control thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Which requests a listener serves, and where they run.
+#[derive(Clone, Debug)]
+enum Scope {
+    /// Everything (the unix socket). VM operations run on the control thread when there is
+    /// one, else inline on the runtime's thread (fuzzing).
+    Api(Option<mpsc::Sender<Job>>),
+    /// `GET /metrics` alone (TCP): reading counters, answered inline.
+    MetricsOnly,
+}
+
+/// The API server; dropping it removes the socket file.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Listens on `path` (mode 0600; a stale socket there is replaced) and serves `vmm` on a
+    /// thread of its own, filtered with [`api_filter`] when `seccomp` is true (`--seccomp`).
+    pub fn start(path: &Path, vmm: Arc<Vmm>, seccomp: bool) -> Result<Self, ApiServerError> {
+        let listener = bind_private(path)?;
+        let this = Self {
+            path: path.to_owned(),
+        };
+        let control = spawn_control_thread()?;
+        spawn_server("api", seccomp, move || async move {
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let scope = Scope::Api(Some(control.clone()));
+                        tokio::spawn(serve_connection(stream, vmm.clone(), scope));
+                    }
+                    Err(e) => accept_failed(&e).await,
+                }
+            }
+        })?;
+        Ok(this)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// `--metrics-addr`: the Prometheus scrape on TCP, on a thread of its own filtered with
+/// [`api_filter`] when `seccomp` is true. Returns the bound address.
+pub fn start_metrics_server(
+    addr: SocketAddr,
+    vmm: Arc<Vmm>,
+    seccomp: bool,
+) -> Result<SocketAddr, ApiServerError> {
+    let bind_error = |source| ApiServerError::BindTcp { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    spawn_server("metrics", seccomp, move || async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, vmm.clone(), Scope::MetricsOnly));
+                }
+                Err(e) => accept_failed(&e).await,
+            }
+        }
+    })?;
+    Ok(bound)
+}
+
+/// The thread that runs VM operations (create, boot, shutdown, ...) one at a time. The API
+/// thread itself only moves bytes, so its seccomp filter can stay narrow; building a VM needs
+/// KVM, memory mappings, files and new threads, which only this thread does.
+///
+/// This thread is not filtered: its list would be the whole VMM's (opening KVM, disks, taps
+/// and sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
+/// device workers, the VM's waiter) would inherit the filter, stacked under its own.
+fn spawn_control_thread() -> Result<mpsc::Sender<Job>, ApiServerError> {
+    let (send, receive) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("vmm-control".into())
+        .spawn(move || {
+            for job in receive {
+                job();
+            }
+        })
+        .map_err(ApiServerError::Start)?;
+    Ok(send)
+}
+
+/// Runs `serve` on a single-threaded runtime on a thread named `name`, which installs the API
+/// filter first when `seccomp` is true.
+///
+/// The runtime is built here, on the caller's thread: that creates its epoll instance and its
+/// waker's eventfd, which the filter does not allow. A current-thread runtime with only I/O
+/// and timers never starts a thread by itself (only its blocking pool would, which nothing
+/// here uses; hyper's HTTP/1.1 connections need no executor): the filter allows none.
+fn spawn_server<F, Fut>(name: &str, seccomp: bool, serve: F) -> Result<(), ApiServerError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(ApiServerError::Start)?;
+    let filter = seccomp
+        .then(api_filter)
+        .transpose()
+        .map_err(ApiServerError::Seccomp)?;
+    let thread_name = name.to_string();
+    spawn_filtered(name, filter, move || {
+        if let Err(e) = runtime.block_on(serve()) {
+            log::error!("The {thread_name} server stopped: {e}");
+        }
+    })
+    .map_err(ApiServerError::Thread)?;
+    Ok(())
+}
+
+/// accept() failures (out of descriptors, say) are logged and retried after a pause rather
+/// than spinning.
+async fn accept_failed(e: &std::io::Error) {
+    log::warn!("Cannot accept a client: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiServerError> {
+    let bind_error = |source| ApiServerError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path).map_err(bind_error)?,
+        Ok(_) => return Err(ApiServerError::PathInUse(path.to_owned())),
+        Err(_) => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_error)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Serves the full API on one already connected client, as the unix socket does, until the
+/// client is done. For the `api_request` fuzz target and tests that bring their own stream
+/// (`tokio::io::duplex`, say).
+pub async fn serve_stream<S>(stream: S, vmm: Arc<Vmm>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_connection(stream, vmm, Scope::Api(None)).await
+}
+
+async fn serve_connection<S>(stream: S, vmm: Arc<Vmm>, scope: Scope)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let exit_after = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (vmm, exit_after) = (vmm.clone(), exit_after.clone());
+        service_fn(move |request| answer(request, vmm.clone(), scope.clone(), exit_after.clone()))
+    };
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        // A client that shuts down its write side after the request still gets the answer.
+        .half_close(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        log::debug!("API client: {e}");
+    }
+    // `vmm.shutdown` answers with `Connection: close`: the VMM exits once the answer is out.
+    if exit_after.load(Ordering::SeqCst) {
+        vmm.request_exit(EXIT_OK);
+    }
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    vmm: Arc<Vmm>,
+    scope: Scope,
+    exit_after: Arc<AtomicBool>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
+    if matches!(scope, Scope::MetricsOnly) && path != METRICS_PATH {
+        return Ok(to_response(Reply::error(
+            404,
+            format!("No endpoint {path}: only {METRICS_PATH} here"),
+        )));
+    }
+    let limited = Limited::new(request.into_body(), MAX_BODY_BYTES);
+    let body = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => {
+            return Ok(to_response(Reply::error(
+                408,
+                "The request body took too long",
+            )));
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Ok(to_response(Reply::error(
+                413,
+                format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
+            )));
+        }
+        Ok(Err(e)) => {
+            return Ok(to_response(Reply::error(
+                400,
+                format!("Bad request body: {e}"),
+            )));
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let run = move || {
+        let body = (!body.is_empty()).then_some(&body[..]);
+        routes::handle(&vmm, &method, &path, body)
+    };
+    let reply = match scope {
+        Scope::Api(Some(control)) => {
+            let (done, reply) = tokio::sync::oneshot::channel();
+            let job: Job = Box::new(move || {
+                let _ = done.send(run());
+            });
+            match control.send(job) {
+                Ok(()) => reply.await.unwrap_or_else(|_| {
+                    Reply::error(500, "The VMM control thread dropped the request")
+                }),
+                Err(_) => Reply::error(500, "The VMM control thread has stopped"),
+            }
+        }
+        Scope::Api(None) | Scope::MetricsOnly => run(),
+    };
+    if reply.exit_after {
+        exit_after.store(true, Ordering::SeqCst);
+    }
+    Ok(to_response(reply))
+}
+
+/// The HTTP response for `reply`.
+fn to_response(reply: Reply) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    if let Some(allow) = reply.allow {
+        headers.insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    if reply.exit_after {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some((body, kind)) = reply.body {
+        let media = match kind {
+            BodyKind::Json => "application/json",
+            BodyKind::Text => "text/plain; version=0.0.4; charset=utf-8",
+        };
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(media));
+        *response.body_mut() = Full::new(Bytes::from(body));
+    }
+    response
+}

@@ -1,0 +1,444 @@
+//! The `api.Domain` JSON virt-handler reads from GetDomain and from domain events.
+//!
+//! KubeVirt marshals its Go structs with default field names, so the JSON keys are Go's
+//! (`Spec`, `Devices`, `Disks`, `Alias`), except the Kubernetes metadata (`ObjectMeta`,
+//! `kind`, `apiVersion`, `name`, ...). A user-named device's alias is
+//! `{"Name": "<name>", "UserDefined": true}` (libvirt's `ua-<name>`). rvmm fills the parts
+//! virt-handler reads: name, UUID, the KubeVirt metadata (VMI UID, grace period), vCPUs,
+//! memory, kernel boot, disks, interfaces, serial console, and the lifecycle state.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::vmi::{LaunchPlan, Vmi};
+
+/// `Status.Status`: the domain's lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifeCycle {
+    /// Not defined (deleted).
+    NoState,
+    /// Running.
+    Running,
+    /// Blocked on a resource.
+    Blocked,
+    /// Paused.
+    Paused,
+    /// Shutting down.
+    ShuttingDown,
+    /// Off.
+    Shutoff,
+    /// Crashed.
+    Crashed,
+    /// Suspended by guest power management.
+    PmSuspended,
+}
+
+impl LifeCycle {
+    /// KubeVirt's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoState => "NoState",
+            Self::Running => "Running",
+            Self::Blocked => "Blocked",
+            Self::Paused => "Paused",
+            Self::ShuttingDown => "ShuttingDown",
+            Self::Shutoff => "Shutoff",
+            Self::Crashed => "Crashed",
+            Self::PmSuspended => "PMSuspended",
+        }
+    }
+}
+
+/// `Status.Reason`: why the domain is in its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No particular reason (also "paused for an unknown reason").
+    Unknown,
+    /// The user asked (pause, shutdown).
+    User,
+    /// The guest shut down.
+    Shutdown,
+    /// Killed by the launcher.
+    Destroyed,
+    /// Migrated away.
+    Migrated,
+    /// The guest crashed.
+    Crashed,
+    /// The guest kernel panicked.
+    Panicked,
+    /// The VMM failed.
+    Failed,
+    /// The domain no longer exists (with [`LifeCycle::NoState`]).
+    NonExistent,
+    /// Paused on a disk I/O error.
+    IoError,
+    /// Paused while starting.
+    StartingUp,
+}
+
+impl Reason {
+    /// KubeVirt's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "Unknown",
+            Self::User => "User",
+            Self::Shutdown => "Shutdown",
+            Self::Destroyed => "Destroyed",
+            Self::Migrated => "Migrated",
+            Self::Crashed => "Crashed",
+            Self::Panicked => "Panicked",
+            Self::Failed => "Failed",
+            Self::NonExistent => "NonExistent",
+            Self::IoError => "IOError",
+            Self::StartingUp => "StartingUp",
+        }
+    }
+}
+
+/// The state reported with a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DomainState {
+    /// Lifecycle state.
+    pub status: LifeCycle,
+    /// Why.
+    pub reason: Reason,
+    /// When the domain went away, for the final event (`ObjectMeta.deletionTimestamp`).
+    pub deleted_at: Option<SystemTime>,
+}
+
+impl DomainState {
+    /// Running normally.
+    pub const RUNNING: Self = Self::new(LifeCycle::Running, Reason::Unknown);
+    /// Paused by a PauseVirtualMachine call.
+    pub const PAUSED_BY_USER: Self = Self::new(LifeCycle::Paused, Reason::User);
+
+    /// `status` for `reason`, not deleted.
+    pub const fn new(status: LifeCycle, reason: Reason) -> Self {
+        Self {
+            status,
+            reason,
+            deleted_at: None,
+        }
+    }
+
+    /// Off for `reason` (`Shutdown`, `Destroyed`, `Crashed`, `Failed`, ...).
+    pub const fn shutoff(reason: Reason) -> Self {
+        Self::new(LifeCycle::Shutoff, reason)
+    }
+
+    /// The final state after the VM is gone: `NoState`/`NonExistent`, deleted at `when`.
+    pub const fn gone(when: SystemTime) -> Self {
+        Self {
+            status: LifeCycle::NoState,
+            reason: Reason::NonExistent,
+            deleted_at: Some(when),
+        }
+    }
+}
+
+/// The domain for `vmi` run as `plan`, in `state`.
+pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
+    let meta = &vmi.metadata;
+    let config = &plan.config;
+    let firmware = vmi.spec.domain.firmware.as_ref();
+    let uuid = firmware
+        .and_then(|f| f.uuid.clone())
+        .unwrap_or_else(|| meta.uid.clone());
+    let cpu = vmi.spec.domain.cpu.as_ref();
+    let topology = match cpu {
+        Some(c) => [c.sockets, c.cores, c.threads].map(|n| n.max(1)),
+        None => [u32::from(config.cpus.boot_vcpus), 1, 1],
+    };
+    let disks: Vec<Value> = plan
+        .disks
+        .iter()
+        .map(|d| {
+            let mut disk = json!({
+                "Device": "disk",
+                "Type": if d.block_device { "block" } else { "file" },
+                "Source": if d.block_device { json!({"Dev": d.path}) } else { json!({"File": d.path}) },
+                "Target": {"Bus": "virtio", "Device": d.target},
+                "Driver": {"Name": "qemu", "Type": "raw"},
+                "Alias": user_alias(&d.name),
+            });
+            if d.readonly {
+                disk["ReadOnly"] = json!({});
+            }
+            if let Some(serial) = &d.serial {
+                disk["Serial"] = json!(serial);
+            }
+            disk
+        })
+        .collect();
+    let interfaces: Vec<Value> = plan
+        .interfaces
+        .iter()
+        .map(|i| {
+            json!({
+                "Type": "ethernet",
+                "Source": {},
+                "Target": {"Device": i.tap, "Managed": "no"},
+                "Model": {"Type": "virtio-non-transitional"},
+                "MAC": {"MAC": i.mac},
+                "Alias": user_alias(&i.name),
+            })
+        })
+        .collect();
+    let (serials, consoles) = match &plan.serial_socket {
+        Some(socket) => (
+            json!([{
+                "Type": "unix",
+                "Target": {"Port": 0},
+                "Source": {"Mode": "bind", "Path": socket},
+                "Alias": {"Name": "serial0", "UserDefined": false},
+            }]),
+            json!([{"Type": "pty", "Target": {"Type": "serial", "Port": 0}}]),
+        ),
+        None => (json!([]), json!([])),
+    };
+    let mut kubevirt = json!({"UID": meta.uid});
+    if let Some(grace) = vmi.spec.termination_grace_period_seconds {
+        kubevirt["GracePeriod"] = json!({"DeletionGracePeriodSeconds": grace});
+    }
+    let mut object_meta = json!({
+        "name": meta.name,
+        "namespace": meta.namespace,
+        "uid": meta.uid,
+        "creationTimestamp": null,
+    });
+    if let Some(when) = state.deleted_at {
+        object_meta["deletionTimestamp"] = json!(rfc3339(when));
+    }
+    json!({
+        "kind": "Domain",
+        "apiVersion": "1.2.2",
+        "ObjectMeta": object_meta,
+        "Spec": {
+            "Type": "kvm",
+            "Name": plan.domain_name,
+            "UUID": uuid,
+            "Memory": {"Value": config.memory.size, "Unit": "b"},
+            "OS": {
+                "Type": {"OS": "hvm", "Arch": "x86_64"},
+                "Kernel": config.payload.kernel,
+                "Initrd": config.payload.initramfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                "KernelArgs": config.payload.cmdline.clone().unwrap_or_default(),
+            },
+            "Devices": {
+                "Disks": disks,
+                "Interfaces": interfaces,
+                "Serials": serials,
+                "Consoles": consoles,
+            },
+            "Metadata": {"KubeVirt": kubevirt},
+            "CPU": {
+                "Topology": {"Sockets": topology[0], "Cores": topology[1], "Threads": topology[2]},
+            },
+            "VCPU": {"Placement": "static", "CPUs": config.cpus.boot_vcpus},
+        },
+        "Status": {
+            "Status": state.status.as_str(),
+            "Reason": state.reason.as_str(),
+            "Interfaces": null,
+            "OSInfo": {},
+            "FSFreezeStatus": {"Status": ""},
+        },
+    })
+}
+
+/// The alias of a device the VMI names (libvirt's `ua-<name>`).
+fn user_alias(name: &str) -> Value {
+    json!({"Name": name, "UserDefined": true})
+}
+
+/// `when` as Kubernetes writes times: RFC 3339, UTC, whole seconds.
+pub fn rfc3339(when: SystemTime) -> String {
+    let secs = when
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::kubevirt::vmi::{LaunchPlan, PlannedDisk, PlannedInterface};
+
+    fn vmi() -> Vmi {
+        Vmi::from_json(
+            br#"{
+            "metadata": {"name": "testvm", "namespace": "default", "uid": "1b2c-uid"},
+            "spec": {
+                "terminationGracePeriodSeconds": 30,
+                "domain": {
+                    "cpu": {"cores": 2, "sockets": 1, "threads": 1},
+                    "firmware": {"uuid": "5d307ca9-b3ef-428c-8861-06e72d69f223"}
+                }
+            }
+        }"#,
+        )
+        .unwrap()
+    }
+
+    fn plan() -> LaunchPlan {
+        let mut config = crate::config::VmConfigFile::default();
+        config.cpus.boot_vcpus = 2;
+        config.memory.size = 1 << 30;
+        config.payload.kernel = PathBuf::from("/kb/vmlinuz");
+        LaunchPlan {
+            domain_name: "default_testvm".into(),
+            config,
+            serial_socket: Some(PathBuf::from("/run/p/1b2c-uid/virt-serial0")),
+            disks: vec![
+                PlannedDisk {
+                    name: "rootdisk".into(),
+                    path: PathBuf::from("/disks/root.img"),
+                    readonly: false,
+                    block_device: false,
+                    target: "vda".into(),
+                    serial: None,
+                },
+                PlannedDisk {
+                    name: "data".into(),
+                    path: PathBuf::from("/dev/data"),
+                    readonly: true,
+                    block_device: true,
+                    target: "vdb".into(),
+                    serial: Some("D1".into()),
+                },
+            ],
+            interfaces: vec![PlannedInterface {
+                name: "default".into(),
+                tap: "tap0".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }],
+            prepare: vec![],
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn running_domain_carries_name_uuid_metadata_and_state() {
+        let d = build(&vmi(), &plan(), DomainState::RUNNING);
+        assert_eq!(d["kind"], "Domain");
+        assert_eq!(d["ObjectMeta"]["name"], "testvm");
+        assert_eq!(d["ObjectMeta"]["namespace"], "default");
+        assert_eq!(d["ObjectMeta"]["uid"], "1b2c-uid");
+        assert!(d["ObjectMeta"].get("deletionTimestamp").is_none());
+        assert_eq!(d["Spec"]["Name"], "default_testvm");
+        assert_eq!(d["Spec"]["UUID"], "5d307ca9-b3ef-428c-8861-06e72d69f223");
+        assert_eq!(d["Spec"]["Metadata"]["KubeVirt"]["UID"], "1b2c-uid");
+        assert_eq!(
+            d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionGracePeriodSeconds"],
+            30
+        );
+        assert_eq!(
+            d["Spec"]["Memory"],
+            json!({"Value": 1u64 << 30, "Unit": "b"})
+        );
+        assert_eq!(d["Spec"]["VCPU"]["CPUs"], 2);
+        assert_eq!(d["Spec"]["CPU"]["Topology"]["Cores"], 2);
+        assert_eq!(d["Spec"]["OS"]["Kernel"], "/kb/vmlinuz");
+        assert_eq!(d["Status"]["Status"], "Running");
+        assert_eq!(d["Status"]["Reason"], "Unknown");
+    }
+
+    #[test]
+    fn disks_and_interfaces_have_user_aliases() {
+        let d = build(&vmi(), &plan(), DomainState::RUNNING);
+        let disks = d["Spec"]["Devices"]["Disks"].as_array().unwrap();
+        assert_eq!(
+            disks[0]["Alias"],
+            json!({"Name": "rootdisk", "UserDefined": true})
+        );
+        assert_eq!(disks[0]["Source"], json!({"File": "/disks/root.img"}));
+        assert_eq!(
+            disks[0]["Target"],
+            json!({"Bus": "virtio", "Device": "vda"})
+        );
+        assert!(disks[0].get("ReadOnly").is_none());
+        assert_eq!(disks[1]["Type"], "block");
+        assert_eq!(disks[1]["Source"], json!({"Dev": "/dev/data"}));
+        assert_eq!(disks[1]["ReadOnly"], json!({}));
+        assert_eq!(disks[1]["Serial"], "D1");
+        let ifaces = d["Spec"]["Devices"]["Interfaces"].as_array().unwrap();
+        assert_eq!(ifaces[0]["MAC"], json!({"MAC": "02:00:00:00:00:01"}));
+        assert_eq!(
+            ifaces[0]["Alias"],
+            json!({"Name": "default", "UserDefined": true})
+        );
+        assert_eq!(ifaces[0]["Target"]["Device"], "tap0");
+        let serial = &d["Spec"]["Devices"]["Serials"][0];
+        assert_eq!(serial["Source"]["Path"], "/run/p/1b2c-uid/virt-serial0");
+    }
+
+    #[test]
+    fn paused_and_shutoff_states_use_kubevirt_spellings() {
+        let d = build(&vmi(), &plan(), DomainState::PAUSED_BY_USER);
+        assert_eq!(
+            (d["Status"]["Status"].clone(), d["Status"]["Reason"].clone()),
+            (json!("Paused"), json!("User"))
+        );
+        let d = build(&vmi(), &plan(), DomainState::shutoff(Reason::Shutdown));
+        assert_eq!(d["Status"]["Status"], "Shutoff");
+        assert_eq!(d["Status"]["Reason"], "Shutdown");
+        let d = build(
+            &vmi(),
+            &plan(),
+            DomainState::new(LifeCycle::PmSuspended, Reason::IoError),
+        );
+        assert_eq!(d["Status"]["Status"], "PMSuspended");
+        assert_eq!(d["Status"]["Reason"], "IOError");
+    }
+
+    #[test]
+    fn gone_domain_has_deletion_timestamp() {
+        let when = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let d = build(&vmi(), &plan(), DomainState::gone(when));
+        assert_eq!(d["Status"]["Status"], "NoState");
+        assert_eq!(d["Status"]["Reason"], "NonExistent");
+        assert_eq!(d["ObjectMeta"]["deletionTimestamp"], "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn uuid_falls_back_to_vmi_uid_and_topology_to_vcpu_count() {
+        let mut v = vmi();
+        v.spec.domain.firmware = None;
+        v.spec.domain.cpu = None;
+        let d = build(&v, &plan(), DomainState::RUNNING);
+        assert_eq!(d["Spec"]["UUID"], "1b2c-uid");
+        assert_eq!(
+            d["Spec"]["CPU"]["Topology"],
+            json!({"Sockets": 2, "Cores": 1, "Threads": 1})
+        );
+    }
+
+    #[test]
+    fn rfc3339_handles_leap_years() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+}

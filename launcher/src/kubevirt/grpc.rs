@@ -1,0 +1,518 @@
+//! The launcher's command server: KubeVirt's `kubevirt.cmd.v1.Cmd` and `kubevirt.cmd.info`
+//! services on `<share-dir>/sockets/launcher-init-sock`, renamed to `launcher-sock` once the
+//! launcher is ready (virt-handler only talks to `launcher-sock`).
+//!
+//! The server is coded against [`LauncherBackend`]; the VM controller implements it. As
+//! KubeVirt's server does, a failed command is a gRPC success carrying
+//! `Response { success: false, message }`; a VMI that does not parse fails the same way.
+//! RPCs rvmm does not implement answer gRPC `UNIMPLEMENTED`, which virt-handler's client
+//! reports as such.
+//!
+//! Backend calls run on tokio's blocking pool, so a slow call (a VM start, a graceful
+//! shutdown) does not stall Ping or GetDomain.
+
+use std::error::Error;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tonic::{Request, Response, Status};
+
+use super::proto::cmd::info::cmd_info_server::{CmdInfo, CmdInfoServer};
+use super::proto::cmd::info::{CmdInfoRequest, CmdInfoResponse};
+use super::proto::cmd::v1 as cmd;
+use super::proto::cmd::v1::cmd_server::{Cmd, CmdServer as CmdService};
+use super::vmi::{Vmi, VmiError};
+
+/// The command protocol version rvmm speaks.
+pub const CMD_VERSION: u32 = 1;
+/// The socket's name until the launcher is ready.
+pub const INIT_SOCKET: &str = "launcher-init-sock";
+/// The socket's name once the launcher is ready.
+pub const READY_SOCKET: &str = "launcher-sock";
+/// How long a stopping server waits for in-flight calls.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a backend call failed; the gRPC reply carries the whole cause chain.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The VMI asks for something rvmm cannot do.
+    #[error("The VMI cannot run on rvmm")]
+    Vmi(#[source] VmiError),
+    /// The command needs a VM and none is defined.
+    #[error("No VM is defined")]
+    NoVm,
+    /// rvmm has no way to do this (e.g. a soft reboot without a guest agent).
+    #[error("{0} is not supported by rvmm")]
+    Unsupported(&'static str),
+    /// The VM controller failed.
+    #[error("The VM controller failed")]
+    Controller(#[source] Box<dyn Error + Send + Sync>),
+}
+
+/// What the command server asks of the VM controller. Calls may block; each runs on a
+/// blocking thread.
+pub trait LauncherBackend: Send + Sync + 'static {
+    /// Defines and starts the VM for `vmi`, or reconciles the running one; idempotent.
+    fn sync(&self, vmi: &Vmi, options: &cmd::VirtualMachineOptions) -> Result<(), BackendError>;
+    /// Pauses the vCPUs.
+    fn pause(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Resumes the vCPUs.
+    fn unpause(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Asks the guest to power off (ACPI); returns without waiting for it.
+    fn shutdown(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Stops the VM at once.
+    fn kill(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Stops the VM at once and forgets it (GetDomain then reports none).
+    fn delete(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Hard reset.
+    fn reset(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Asks the guest to reboot.
+    fn soft_reboot(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// The `api.Domain` JSON (see [`super::domain::build`]), or `None` before a sync.
+    fn domain(&self) -> Option<Value>;
+    /// KubeVirt's `stats.DomainStats` JSON, or `None` when there is no VM.
+    fn domain_stats(&self) -> Result<Option<Value>, BackendError>;
+}
+
+/// The command server failed to start, serve or become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    /// The sockets directory cannot be created.
+    #[error("Cannot create {}", path.display())]
+    SocketDir {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket cannot be bound.
+    #[error("Cannot listen on {}", path.display())]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The readiness rename failed.
+    #[error("Cannot rename {} to {}", from.display(), to.display())]
+    MarkReady {
+        /// The init socket.
+        from: PathBuf,
+        /// The ready socket.
+        to: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server stopped with an error.
+    #[error("The command server failed")]
+    Serve(#[source] tonic::transport::Error),
+    /// The runtime thread cannot start.
+    #[error("Cannot start the gRPC runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The server task panicked or was cancelled.
+    #[error("The command server task ended abnormally")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// `err` and its causes, `: `-separated (the text virt-handler logs and puts in VMI events).
+pub fn error_chain(err: &dyn Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// `<sockets_dir>/launcher-init-sock`.
+pub fn init_socket_path(sockets_dir: &Path) -> PathBuf {
+    sockets_dir.join(INIT_SOCKET)
+}
+
+/// `<sockets_dir>/launcher-sock`.
+pub fn ready_socket_path(sockets_dir: &Path) -> PathBuf {
+    sockets_dir.join(READY_SOCKET)
+}
+
+/// Binds `launcher-init-sock` in `sockets_dir`, replacing stale sockets from an earlier run.
+/// Must run inside the tokio runtime.
+pub fn bind(sockets_dir: &Path) -> Result<UnixListener, GrpcError> {
+    std::fs::create_dir_all(sockets_dir).map_err(|source| GrpcError::SocketDir {
+        path: sockets_dir.to_owned(),
+        source,
+    })?;
+    let path = init_socket_path(sockets_dir);
+    for stale in [&path, &ready_socket_path(sockets_dir)] {
+        let _ = std::fs::remove_file(stale);
+    }
+    UnixListener::bind(&path).map_err(|source| GrpcError::Bind { path, source })
+}
+
+/// Renames `launcher-init-sock` to `launcher-sock`: virt-handler starts talking to the
+/// launcher. Open connections are unaffected.
+pub fn mark_ready(sockets_dir: &Path) -> Result<(), GrpcError> {
+    let from = init_socket_path(sockets_dir);
+    let to = ready_socket_path(sockets_dir);
+    std::fs::rename(&from, &to).map_err(|source| GrpcError::MarkReady { from, to, source })
+}
+
+/// Serves both services on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    backend: Arc<dyn LauncherBackend>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GrpcError> {
+    Server::builder()
+        .add_service(CmdInfoServer::new(InfoService))
+        .add_service(CmdService::new(CmdHandler { backend }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(GrpcError::Serve)
+}
+
+/// A gRPC channel to a server on the unix socket `path` (the notify client's, and tests').
+pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_owned();
+    // The URI is a placeholder: the connector ignores it and dials the socket.
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+}
+
+struct InfoService;
+
+#[tonic::async_trait]
+impl CmdInfo for InfoService {
+    async fn info(&self, _: Request<CmdInfoRequest>) -> Result<Response<CmdInfoResponse>, Status> {
+        Ok(Response::new(CmdInfoResponse {
+            supported_cmd_versions: vec![CMD_VERSION],
+        }))
+    }
+}
+
+struct CmdHandler {
+    backend: Arc<dyn LauncherBackend>,
+}
+
+type VmiCall =
+    fn(&dyn LauncherBackend, &Vmi, &cmd::VirtualMachineOptions) -> Result<(), BackendError>;
+
+fn ok() -> cmd::Response {
+    cmd::Response {
+        success: true,
+        message: String::new(),
+    }
+}
+
+fn failed(message: String) -> cmd::Response {
+    cmd::Response {
+        success: false,
+        message,
+    }
+}
+
+impl CmdHandler {
+    /// Runs `call` on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn LauncherBackend) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || call(&*backend))
+            .await
+            .map_err(|e| Status::internal(format!("launcher backend call failed: {e}")))
+    }
+
+    /// Parses the VMI of `request`, runs `call`, and answers KubeVirt-style.
+    async fn vmi_command(
+        &self,
+        what: &'static str,
+        request: Request<cmd::VmiRequest>,
+        call: VmiCall,
+    ) -> Result<Response<cmd::Response>, Status> {
+        let request = request.into_inner();
+        let vmi = match request.vmi.as_ref().map(|v| Vmi::from_json(&v.vmi_json)) {
+            Some(Ok(vmi)) => vmi,
+            Some(Err(e)) => {
+                return Ok(Response::new(failed(format!(
+                    "No valid vmi object present in command server request: {e}"
+                ))));
+            }
+            None => {
+                return Ok(Response::new(failed(
+                    "No valid vmi object present in command server request".into(),
+                )));
+            }
+        };
+        let options = request.options.unwrap_or_default();
+        let name = vmi.domain_name();
+        let result = self.blocking(move |b| call(b, &vmi, &options)).await?;
+        Ok(Response::new(match result {
+            Ok(()) => {
+                log::info!("{what} {name}: done");
+                ok()
+            }
+            Err(e) => {
+                let message = error_chain(&e);
+                log::error!("{what} {name}: {message}");
+                failed(message)
+            }
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Cmd for CmdHandler {
+    async fn sync_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Sync", request, |b, v, o| b.sync(v, o))
+            .await
+    }
+
+    async fn pause_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Pause", request, |b, v, _| b.pause(v))
+            .await
+    }
+
+    async fn unpause_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Unpause", request, |b, v, _| b.unpause(v))
+            .await
+    }
+
+    async fn reset_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Reset", request, |b, v, _| b.reset(v))
+            .await
+    }
+
+    async fn soft_reboot_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("SoftReboot", request, |b, v, _| b.soft_reboot(v))
+            .await
+    }
+
+    async fn shutdown_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Shutdown", request, |b, v, _| b.shutdown(v))
+            .await
+    }
+
+    async fn kill_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Kill", request, |b, v, _| b.kill(v)).await
+    }
+
+    async fn delete_virtual_machine(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("Delete", request, |b, v, _| b.delete(v))
+            .await
+    }
+
+    async fn get_domain(
+        &self,
+        _: Request<cmd::EmptyRequest>,
+    ) -> Result<Response<cmd::DomainResponse>, Status> {
+        let domain = self.blocking(|b| b.domain()).await?;
+        Ok(Response::new(cmd::DomainResponse {
+            response: Some(ok()),
+            // An empty string tells virt-handler that no domain exists.
+            domain: domain.map(|d| d.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_domain_stats(
+        &self,
+        _: Request<cmd::EmptyRequest>,
+    ) -> Result<Response<cmd::DomainStatsResponse>, Status> {
+        let stats = self.blocking(|b| b.domain_stats()).await?;
+        Ok(Response::new(match stats {
+            Ok(stats) => cmd::DomainStatsResponse {
+                response: Some(ok()),
+                domain_stats: stats.map(|s| s.to_string()).unwrap_or_default(),
+            },
+            Err(e) => cmd::DomainStatsResponse {
+                response: Some(failed(error_chain(&e))),
+                domain_stats: String::new(),
+            },
+        }))
+    }
+
+    async fn ping(&self, _: Request<cmd::EmptyRequest>) -> Result<Response<cmd::Response>, Status> {
+        Ok(Response::new(ok()))
+    }
+}
+
+/// virt-launcher mode's one tokio runtime: a current-thread scheduler on its own thread, so
+/// the VM controller stays synchronous. Dropping it stops everything spawned on it.
+#[derive(Debug)]
+pub struct GrpcRuntime {
+    handle: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GrpcRuntime {
+    /// Starts the runtime thread.
+    pub fn start() -> Result<Self, GrpcError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(4)
+            .thread_name("rvmm-grpc-blocking")
+            .build()
+            .map_err(GrpcError::Runtime)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rvmm-grpc".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(GrpcError::Runtime)?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where to spawn tasks or `block_on` from other threads.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Drop for GrpcRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The command server running on a [`GrpcRuntime`], for synchronous callers. Stop (or drop) it
+/// from outside the runtime, before the runtime.
+#[derive(Debug)]
+pub struct LauncherServer {
+    handle: Handle,
+    sockets_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), GrpcError>>>,
+}
+
+impl LauncherServer {
+    /// Binds `launcher-init-sock` in `sockets_dir` and starts serving `backend`.
+    pub fn start(
+        runtime: &GrpcRuntime,
+        sockets_dir: &Path,
+        backend: Arc<dyn LauncherBackend>,
+    ) -> Result<Self, GrpcError> {
+        let handle = runtime.handle().clone();
+        let listener = {
+            let _entered = handle.enter();
+            bind(sockets_dir)?
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = handle.spawn(serve(listener, backend, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            handle,
+            sockets_dir: sockets_dir.to_owned(),
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Renames the socket to `launcher-sock` (see [`mark_ready`]).
+    pub fn mark_ready(&self) -> Result<(), GrpcError> {
+        mark_ready(&self.sockets_dir)
+    }
+
+    /// Stops serving and removes the socket.
+    pub fn stop(mut self) -> Result<(), GrpcError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), GrpcError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = match self.task.take() {
+            // A graceful stop waits for clients to hang up, and virt-handler keeps its
+            // connection: give in-flight calls a moment, then drop the connections.
+            Some(mut task) => self.handle.block_on(async {
+                match tokio::time::timeout(STOP_GRACE, &mut task).await {
+                    Ok(joined) => joined.map_err(GrpcError::Task).and_then(|r| r),
+                    Err(_) => {
+                        task.abort();
+                        Ok(())
+                    }
+                }
+            }),
+            None => Ok(()),
+        };
+        for path in [
+            init_socket_path(&self.sockets_dir),
+            ready_socket_path(&self.sockets_dir),
+        ] {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+}
+
+impl Drop for LauncherServer {
+    fn drop(&mut self) {
+        if self.task.is_some()
+            && let Err(e) = self.shutdown()
+        {
+            log::warn!("stopping the command server: {}", error_chain(&e));
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "grpc_tests.rs"]
+mod tests;

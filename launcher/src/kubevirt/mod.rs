@@ -1,0 +1,47 @@
+//! rvmm as KubeVirt's virt-launcher: the pieces that let an unmodified virt-handler drive rvmm.
+//!
+//! - [`vmi`]: a `VirtualMachineInstance` (JSON) to an rvmm VM configuration, or an error naming
+//!   the VMI field rvmm cannot honour.
+//! - [`domain`]: the `api.Domain` JSON virt-handler reads back (GetDomain, domain events).
+//! - [`launcher_flags`]: the command line virt-controller gives the launcher pod.
+//! - [`grpc`]: the command server (`cmd.v1` + `cmd.info`) on the launcher socket.
+//! - [`notify`]: the client that sends domain events to virt-handler's notify socket.
+//!
+//! Only this mode runs a tokio runtime (one current-thread scheduler on its own thread);
+//! `rvmm run` never does.
+
+pub mod domain;
+pub mod grpc;
+pub mod launcher_flags;
+pub mod nocloud;
+pub mod notify;
+pub mod quantity;
+pub mod vmi;
+mod vmi_model;
+
+/// Code generated from `launcher/proto/` (KubeVirt's handler-launcher protocol).
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod proto {
+    /// The command service virt-handler calls on the launcher.
+    pub mod cmd {
+        /// Version 1 of the command service.
+        pub mod v1 {
+            tonic::include_proto!("kubevirt.cmd.v1");
+        }
+        /// The version handshake.
+        pub mod info {
+            tonic::include_proto!("kubevirt.cmd.info");
+        }
+    }
+    /// The service virt-handler runs for launcher events.
+    pub mod notify {
+        /// Version 1 of the notify service.
+        pub mod v1 {
+            tonic::include_proto!("kubevirt.notify.v1");
+        }
+        /// The version handshake.
+        pub mod info {
+            tonic::include_proto!("kubevirt.notify.info");
+        }
+    }
+}

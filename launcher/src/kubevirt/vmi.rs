@@ -1,0 +1,613 @@
+//! A KubeVirt `VirtualMachineInstance` (the JSON virt-handler sends with SyncVirtualMachine) to
+//! an rvmm VM: a [`VmConfigFile`] plus what the launcher must prepare (empty disks, the
+//! cloud-init disk, copies of container disks) and where the serial console listens.
+//!
+//! The VMI model keeps only the fields rvmm reads or must refuse; every other field is ignored.
+//! Anything rvmm cannot honour is an error naming the VMI field
+//! (`spec.domain.devices.disks[1].disk.bus: sata is not supported (virtio only)`); settings
+//! that change nothing the guest relies on are dropped with a warning in
+//! [`LaunchPlan::warnings`] (and the log).
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{
+    CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, SerialConfig,
+    SerialModeName, VmConfigFile,
+};
+
+use super::nocloud::NoCloudData;
+use super::quantity::{Quantity, QuantityError};
+pub use super::vmi_model::*;
+
+#[path = "vmi_devices.rs"]
+mod devices;
+#[cfg(test)]
+use devices::guest_disk_name;
+use devices::{disks, interfaces};
+
+/// The tap device KubeVirt's network setup creates for the pod network's interface.
+pub const POD_TAP: &str = "tap0";
+
+/// A VMI that rvmm cannot run, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum VmiError {
+    /// Not JSON, or a field of the wrong type.
+    #[error("Not a VirtualMachineInstance: {path}: {message}")]
+    Parse {
+        /// The field path (`spec.domain.cpu.cores`).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A feature rvmm does not have.
+    #[error("{field}: {reason}")]
+    Unsupported {
+        /// The VMI field path.
+        field: String,
+        /// What rvmm lacks.
+        reason: String,
+    },
+    /// A value that is wrong whatever the VMM.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The VMI field path.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A resource quantity that does not parse.
+    #[error("{field}: invalid quantity")]
+    Quantity {
+        /// The VMI field path.
+        field: String,
+        /// Cause.
+        #[source]
+        source: QuantityError,
+    },
+    /// A file the VMI refers to cannot be read.
+    #[error("{field}: cannot read {}", path.display())]
+    Read {
+        /// The VMI field path.
+        field: String,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> VmiError {
+    VmiError::Unsupported {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> VmiError {
+    VmiError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Vmi {
+    /// Parses the VMI JSON, naming the field of any type error.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, VmiError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| VmiError::Parse {
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        })
+    }
+
+    /// The libvirt-style domain name virt-handler expects: `<namespace>_<name>`.
+    pub fn domain_name(&self) -> String {
+        format!("{}_{}", self.metadata.namespace, self.metadata.name)
+    }
+}
+
+/// Where the launcher pod's volumes are, as the launcher sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LauncherDirs {
+    /// Prefix for paths the VMI spells out (hostDisk paths); `/` in a pod.
+    pub root: PathBuf,
+    /// `--container-disk-dir`: container disks as `disk_<volume index>.img`, kernel-boot
+    /// artifacts under `kernel-boot/`.
+    pub container_disks: PathBuf,
+    /// `--ephemeral-disk-dir`: scratch space for empty disks, cloud-init and disk copies.
+    pub ephemeral_disks: PathBuf,
+    /// `/var/run/kubevirt-private`: PVC mounts (`vmi-disks/<volume>/disk.img`), secrets, the
+    /// serial console socket.
+    pub private: PathBuf,
+    /// `/dev`: block-mode PVCs appear as `/dev/<volume>`.
+    pub dev: PathBuf,
+}
+
+impl LauncherDirs {
+    /// KubeVirt's defaults, rooted at `root` (`/` in a pod; a temporary directory in tests).
+    pub fn under(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            container_disks: root.join("var/run/kubevirt/container-disks"),
+            ephemeral_disks: root.join("var/run/kubevirt-ephemeral-disks"),
+            private: root.join("var/run/kubevirt-private"),
+            dev: root.join("dev"),
+        }
+    }
+
+    /// A path the VMI gives (absolute in the pod), under [`Self::root`].
+    fn spec_path(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+}
+
+impl Default for LauncherDirs {
+    fn default() -> Self {
+        Self::under(Path::new("/"))
+    }
+}
+
+/// The rvmm VM for a VMI, plus what must exist before it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// `<namespace>_<name>`.
+    pub domain_name: String,
+    /// The VM, in `rvmm run --config` form (checked further by [`VmConfigFile::validate`]).
+    pub config: VmConfigFile,
+    /// The serial console's unix socket (virt-handler's console proxy connects here), if the
+    /// VMI keeps the serial console.
+    pub serial_socket: Option<PathBuf>,
+    /// The disks, in guest order (`vda`, `vdb`, ...).
+    pub disks: Vec<PlannedDisk>,
+    /// The network interfaces, in guest order.
+    pub interfaces: Vec<PlannedInterface>,
+    /// Files to create before the VM starts, in order (see [`prepare`]).
+    pub prepare: Vec<PrepareStep>,
+    /// VMI settings accepted without effect, one sentence each naming the field.
+    pub warnings: Vec<String>,
+}
+
+/// One disk of the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedDisk {
+    /// The VMI disk (and volume) name.
+    pub name: String,
+    /// The image or block device rvmm opens.
+    pub path: PathBuf,
+    /// Guest writes fail.
+    pub readonly: bool,
+    /// `path` is a block device (block-mode PVC).
+    pub block_device: bool,
+    /// The guest device name (`vda`).
+    pub target: String,
+    /// The serial the VMI asks for.
+    pub serial: Option<String>,
+}
+
+/// One network interface of the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedInterface {
+    /// The VMI interface (and network) name.
+    pub name: String,
+    /// The host tap device.
+    pub tap: String,
+    /// The guest MAC (`52:54:00:..`): the VMI's, or derived from the VMI UID and name.
+    pub mac: String,
+}
+
+/// A file the launcher creates before the VM starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrepareStep {
+    /// A sparse raw image (emptyDisk; hostDisk of type DiskOrCreate). Kept if it exists.
+    CreateSparse {
+        /// The image.
+        path: PathBuf,
+        /// Bytes.
+        size: u64,
+    },
+    /// A private writable copy of a read-only image (containerDisk).
+    CopyImage {
+        /// The image in the container-disk directory.
+        from: PathBuf,
+        /// The copy rvmm opens.
+        to: PathBuf,
+    },
+    /// The cloud-init NoCloud disk (ISO 9660, label `cidata`).
+    WriteNoCloud {
+        /// The image.
+        path: PathBuf,
+        /// Its files.
+        data: NoCloudData,
+    },
+    /// A directory (the serial socket's).
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// A preparation step failed.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot prepare {}", path.display())]
+pub struct PrepareError {
+    /// The file.
+    pub path: PathBuf,
+    /// Cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Creates every file of `plan.prepare`, in order.
+pub fn prepare(plan: &LaunchPlan) -> Result<(), PrepareError> {
+    for step in &plan.prepare {
+        let (path, result) = match step {
+            PrepareStep::CreateSparse { path, size } => (path, create_sparse(path, *size)),
+            PrepareStep::CopyImage { from, to } => (to, with_parent(to, || copy_image(from, to))),
+            PrepareStep::WriteNoCloud { path, data } => (
+                path,
+                with_parent(path, || std::fs::write(path, data.to_iso())),
+            ),
+            PrepareStep::CreateDir { path } => (path, std::fs::create_dir_all(path)),
+        };
+        result.map_err(|source| PrepareError {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn with_parent(path: &Path, f: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    f()
+}
+
+fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
+    with_parent(path, || {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if file.metadata()?.len() < size {
+            file.set_len(size)?;
+        }
+        Ok(())
+    })
+}
+
+fn copy_image(from: &Path, to: &Path) -> std::io::Result<()> {
+    // copy_file_range underneath: a reflink where the filesystem can, a kernel copy elsewhere.
+    std::fs::copy(from, to).map(drop)
+}
+
+/// Maps `vmi` onto an rvmm VM, or names the first field rvmm cannot honour.
+pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
+    let mut warnings = Vec::new();
+    let spec = &vmi.spec;
+    if vmi.metadata.uid.is_empty() {
+        return Err(invalid("metadata.uid", "required"));
+    }
+    if let Some(arch) = spec.architecture.as_deref()
+        && !matches!(arch, "" | "amd64" | "x86_64")
+    {
+        return Err(unsupported(
+            "spec.architecture",
+            format!("{arch} is not supported (amd64 only)"),
+        ));
+    }
+    refuse_unsupported_domain_features(vmi, &mut warnings)?;
+    let cpus = vcpus(vmi, &mut warnings)?;
+    let memory = memory_bytes(vmi, &mut warnings)?;
+    let payload = payload(vmi, dirs, &mut warnings)?;
+    let mut prepare = Vec::new();
+    let disks = disks(vmi, dirs, &mut prepare, &mut warnings)?;
+    let interfaces = interfaces(vmi)?;
+    let devices = &spec.domain.devices;
+    let serial_socket = (devices.autoattach_serial_console != Some(false))
+        .then(|| dirs.private.join(&vmi.metadata.uid).join("virt-serial0"));
+    if let Some(dir) = serial_socket.as_ref().and_then(|s| s.parent()) {
+        prepare.push(PrepareStep::CreateDir {
+            path: dir.to_owned(),
+        });
+    }
+    let config = VmConfigFile {
+        cpus: CpusConfig {
+            boot_vcpus: cpus,
+            max_vcpus: None,
+        },
+        memory: MemoryConfig { size: memory },
+        payload,
+        disks: disks
+            .iter()
+            .map(|d| DiskConfig {
+                path: d.path.clone(),
+                readonly: d.readonly,
+                id: d.serial.clone(),
+                engine: None,
+            })
+            .collect(),
+        net: interfaces
+            .iter()
+            .map(|i| NetConfig {
+                tap: i.tap.clone(),
+                mac: Some(i.mac.clone()),
+                mtu: None,
+                id: Some(i.name.clone()),
+            })
+            .collect(),
+        rng: devices.rng.as_ref().map(|_| RngConfig {
+            src: "/dev/urandom".into(),
+        }),
+        serial: Some(match &serial_socket {
+            Some(socket) => SerialConfig {
+                mode: SerialModeName::Socket,
+                file: None,
+                socket: Some(socket.clone()),
+            },
+            None => SerialConfig {
+                mode: SerialModeName::Off,
+                file: None,
+                socket: None,
+            },
+        }),
+    };
+    for w in &warnings {
+        log::warn!("VMI {}: {w}", vmi.domain_name());
+    }
+    Ok(LaunchPlan {
+        domain_name: vmi.domain_name(),
+        config,
+        serial_socket,
+        disks,
+        interfaces,
+        prepare,
+        warnings,
+    })
+}
+
+/// Domain-level features rvmm refuses (errors) or drops (warnings).
+fn refuse_unsupported_domain_features(
+    vmi: &Vmi,
+    warnings: &mut Vec<String>,
+) -> Result<(), VmiError> {
+    let spec = &vmi.spec;
+    let domain = &spec.domain;
+    let devices = &domain.devices;
+    let refuse = |present: bool, field: &str, what: &str| {
+        if present {
+            Err(unsupported(field, format!("{what} is not supported")))
+        } else {
+            Ok(())
+        }
+    };
+    refuse(
+        !devices.gpus.is_empty(),
+        "spec.domain.devices.gpus",
+        "GPU passthrough",
+    )?;
+    refuse(
+        !devices.host_devices.is_empty(),
+        "spec.domain.devices.hostDevices",
+        "host device passthrough",
+    )?;
+    refuse(
+        !devices.filesystems.is_empty(),
+        "spec.domain.devices.filesystems",
+        "virtiofs",
+    )?;
+    refuse(
+        devices.watchdog.is_some(),
+        "spec.domain.devices.watchdog",
+        "a watchdog",
+    )?;
+    refuse(devices.tpm.is_some(), "spec.domain.devices.tpm", "a TPM")?;
+    refuse(
+        devices.sound.is_some(),
+        "spec.domain.devices.sound",
+        "sound",
+    )?;
+    refuse(
+        devices.client_passthrough.is_some(),
+        "spec.domain.devices.clientPassthrough",
+        "USB redirection",
+    )?;
+    refuse(
+        devices.downward_metrics.is_some(),
+        "spec.domain.devices.downwardMetrics",
+        "the downward metrics device",
+    )?;
+    refuse(
+        devices.autoattach_vsock == Some(true),
+        "spec.domain.devices.autoattachVSOCK",
+        "virtio-vsock",
+    )?;
+    refuse(
+        domain.launch_security.is_some(),
+        "spec.domain.launchSecurity",
+        "confidential computing (SEV, TDX)",
+    )?;
+    refuse(
+        domain
+            .memory
+            .as_ref()
+            .is_some_and(|m| m.hugepages.is_some()),
+        "spec.domain.memory.hugepages",
+        "hugepage-backed memory",
+    )?;
+    refuse(
+        spec.access_credentials
+            .as_ref()
+            .is_some_and(|a| !a.is_empty()),
+        "spec.accessCredentials",
+        "credential injection",
+    )?;
+    if devices.autoattach_graphics_device == Some(true) {
+        warnings.push(
+            "spec.domain.devices.autoattachGraphicsDevice: ignored (rvmm has no display; \
+             use the serial console)"
+                .into(),
+        );
+    }
+    if !devices.inputs.is_empty() {
+        warnings.push("spec.domain.devices.inputs: ignored (rvmm has no display)".into());
+    }
+    Ok(())
+}
+
+fn vcpus(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u8, VmiError> {
+    let domain = &vmi.spec.domain;
+    let count: u64 = match &domain.cpu {
+        Some(cpu) => {
+            let one = |n: u32| u64::from(n.max(1));
+            if cpu.dedicated_cpu_placement {
+                warnings.push(
+                    "spec.domain.cpu.dedicatedCpuPlacement: vCPUs are not pinned by rvmm".into(),
+                );
+            }
+            if cpu.numa.is_some() {
+                warnings.push("spec.domain.cpu.numa: ignored (one NUMA node)".into());
+            }
+            if cpu.max_sockets.is_some() {
+                warnings.push("spec.domain.cpu.maxSockets: ignored (no vCPU hotplug)".into());
+            }
+            one(cpu.cores) * one(cpu.sockets) * one(cpu.threads)
+        }
+        // No topology: KubeVirt sizes the VM from the CPU limit, else the request.
+        None => match ["limits", "requests"].into_iter().find_map(|k| {
+            domain
+                .resources
+                .get(k)
+                .and_then(|r| r.get("cpu"))
+                .map(|q| (k, q))
+        }) {
+            Some((kind, q)) => q
+                .milli_value()
+                .map_err(|source| VmiError::Quantity {
+                    field: format!("spec.domain.resources.{kind}.cpu"),
+                    source,
+                })?
+                .div_ceil(1000)
+                .max(1),
+            None => 1,
+        },
+    };
+    let max = vmm_core::mptable::MAX_VCPUS;
+    u8::try_from(count)
+        .ok()
+        .filter(|&n| n <= max)
+        .ok_or_else(|| {
+            unsupported(
+                "spec.domain.cpu",
+                format!("{count} vCPUs (cores x sockets x threads) is more than rvmm's {max}"),
+            )
+        })
+}
+
+fn memory_bytes(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u64, VmiError> {
+    let domain = &vmi.spec.domain;
+    let memory = domain.memory.as_ref();
+    if memory.and_then(|m| m.max_guest.as_ref()).is_some() {
+        warnings.push("spec.domain.memory.maxGuest: ignored (no memory hotplug)".into());
+    }
+    let request = |kind: &str| {
+        domain
+            .resources
+            .get(kind)
+            .and_then(|r| r.get("memory"))
+            .map(|q| (format!("spec.domain.resources.{kind}.memory"), q))
+    };
+    let (field, quantity): (String, &Quantity) = memory
+        .and_then(|m| m.guest.as_ref())
+        .map(|q| ("spec.domain.memory.guest".to_owned(), q))
+        .or_else(|| request("requests"))
+        .or_else(|| request("limits"))
+        .ok_or_else(|| {
+            invalid(
+                "spec.domain.memory.guest",
+                "required (or spec.domain.resources.requests.memory)",
+            )
+        })?;
+    let bytes = quantity.value().map_err(|source| VmiError::Quantity {
+        field: field.clone(),
+        source,
+    })?;
+    if bytes == 0 {
+        return Err(invalid(field, format!("{quantity} is no memory")));
+    }
+    Ok(bytes)
+}
+
+fn payload(
+    vmi: &Vmi,
+    dirs: &LauncherDirs,
+    warnings: &mut Vec<String>,
+) -> Result<PayloadConfig, VmiError> {
+    const FIELD: &str = "spec.domain.firmware.kernelBoot";
+    let firmware = vmi.spec.domain.firmware.as_ref();
+    if let Some(loader) = firmware.and_then(|f| f.bootloader.as_ref()) {
+        if loader.efi.is_some() {
+            return Err(unsupported(
+                "spec.domain.firmware.bootloader.efi",
+                "UEFI is not supported (rvmm boots kernelBoot directly)",
+            ));
+        }
+        if loader.bios.is_some() {
+            warnings.push(
+                "spec.domain.firmware.bootloader.bios: ignored (rvmm boots kernelBoot directly)"
+                    .into(),
+            );
+        }
+    }
+    let boot = firmware
+        .and_then(|f| f.kernel_boot.as_ref())
+        .ok_or_else(|| {
+            unsupported(
+                FIELD,
+                "required: rvmm boots a Linux kernel directly \
+             (BIOS or UEFI boot from a disk is not supported yet)",
+            )
+        })?;
+    let container = boot
+        .container
+        .as_ref()
+        .ok_or_else(|| invalid(format!("{FIELD}.container"), "required"))?;
+    let artifact = |field: &str, path: &str| -> Result<PathBuf, VmiError> {
+        let name = Path::new(path)
+            .file_name()
+            .ok_or_else(|| invalid(format!("{FIELD}.container.{field}"), "names no file"))?;
+        let path = dirs.container_disks.join("kernel-boot").join(name);
+        if !path.is_file() {
+            return Err(invalid(
+                format!("{FIELD}.container.{field}"),
+                format!("{} does not exist", path.display()),
+            ));
+        }
+        Ok(path)
+    };
+    let kernel = match container.kernel_path.as_deref() {
+        Some(p) if !p.is_empty() => artifact("kernelPath", p)?,
+        _ => {
+            return Err(unsupported(
+                format!("{FIELD}.container.kernelPath"),
+                "required (rvmm boots a kernel directly)",
+            ));
+        }
+    };
+    let initramfs = match container.initrd_path.as_deref() {
+        Some(p) if !p.is_empty() => Some(artifact("initrdPath", p)?),
+        _ => None,
+    };
+    Ok(PayloadConfig {
+        kernel,
+        initramfs,
+        cmdline: boot.kernel_args.clone().filter(|a| !a.is_empty()),
+    })
+}
+
+#[cfg(test)]
+#[path = "vmi_tests.rs"]
+mod tests;

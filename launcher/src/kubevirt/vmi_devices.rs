@@ -1,0 +1,371 @@
+//! The disks and network interfaces of a VMI: each disk's volume resolved to the image or
+//! device the launcher pod holds, each interface checked against the pod network.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::{
+    LauncherDirs, POD_TAP, PlannedDisk, PlannedInterface, PrepareStep, Vmi, VmiError, Volume,
+    invalid, unsupported,
+};
+use crate::kubevirt::nocloud::NoCloudData;
+use crate::kubevirt::quantity::Quantity;
+
+/// The qcow2 magic (`QFI\xfb`).
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+pub(super) fn disks(
+    vmi: &Vmi,
+    dirs: &LauncherDirs,
+    prepare: &mut Vec<PrepareStep>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<PlannedDisk>, VmiError> {
+    let spec = &vmi.spec;
+    let mut planned = Vec::new();
+    for (i, disk) in spec.domain.devices.disks.iter().enumerate() {
+        let field = format!("spec.domain.devices.disks[{i}]");
+        if disk.cdrom.is_some() {
+            return Err(unsupported(
+                format!("{field}.cdrom"),
+                "CD-ROM drives are not supported (use disk)",
+            ));
+        }
+        if disk.lun.is_some() {
+            return Err(unsupported(
+                format!("{field}.lun"),
+                "SCSI LUNs are not supported (use disk)",
+            ));
+        }
+        let target = disk.disk.clone().unwrap_or_default();
+        if let Some(bus) = target.bus.as_deref()
+            && bus != "virtio"
+        {
+            return Err(unsupported(
+                format!("{field}.disk.bus"),
+                format!("{bus} is not supported (virtio only)"),
+            ));
+        }
+        if let Some(serial) = &disk.serial
+            && serial.len() > crate::cli::DISK_ID_MAX
+        {
+            return Err(unsupported(
+                format!("{field}.serial"),
+                format!(
+                    "'{serial}' is longer than virtio-blk's {} bytes",
+                    crate::cli::DISK_ID_MAX
+                ),
+            ));
+        }
+        let (index, volume) = spec
+            .volumes
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.name == disk.name)
+            .ok_or_else(|| {
+                invalid(
+                    format!("{field}.name"),
+                    format!("no volume named '{}' in spec.volumes", disk.name),
+                )
+            })?;
+        let source = volume_source(vmi, index, volume, target.readonly, dirs, prepare)?;
+        planned.push(PlannedDisk {
+            name: disk.name.clone(),
+            path: source.path,
+            readonly: target.readonly || source.readonly,
+            block_device: source.block_device,
+            target: guest_disk_name(planned.len()),
+            serial: disk.serial.clone(),
+        });
+    }
+    for (i, volume) in spec.volumes.iter().enumerate() {
+        if !spec
+            .domain
+            .devices
+            .disks
+            .iter()
+            .any(|d| d.name == volume.name)
+        {
+            warnings.push(format!(
+                "spec.volumes[{i}]: '{}' is attached to no disk and is ignored",
+                volume.name
+            ));
+        }
+    }
+    Ok(planned)
+}
+
+/// `vda`, `vdb`, ..., `vdz`, `vdaa`, ...
+pub(super) fn guest_disk_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        suffix.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+struct Source {
+    path: PathBuf,
+    readonly: bool,
+    block_device: bool,
+}
+
+fn file(path: PathBuf) -> Source {
+    Source {
+        path,
+        readonly: false,
+        block_device: false,
+    }
+}
+
+fn volume_source(
+    vmi: &Vmi,
+    index: usize,
+    volume: &Volume,
+    readonly: bool,
+    dirs: &LauncherDirs,
+    prepare: &mut Vec<PrepareStep>,
+) -> Result<Source, VmiError> {
+    let field = format!("spec.volumes[{index}]");
+    let name = &volume.name;
+    if let Some(cd) = &volume.container_disk {
+        let image = dirs.container_disks.join(format!("disk_{index}.img"));
+        refuse_qcow2(&image, &format!("{field}.containerDisk"), &cd.image)?;
+        if readonly {
+            return Ok(Source {
+                readonly: true,
+                ..file(image)
+            });
+        }
+        let copy = dirs
+            .ephemeral_disks
+            .join("disk-data")
+            .join(name)
+            .join("disk.img");
+        prepare.push(PrepareStep::CopyImage {
+            from: image,
+            to: copy.clone(),
+        });
+        return Ok(file(copy));
+    }
+    if let Some(pvc) = &volume.persistent_volume_claim {
+        if pvc.hotpluggable {
+            return Err(unsupported(
+                format!("{field}.persistentVolumeClaim.hotpluggable"),
+                "volume hotplug is not supported",
+            ));
+        }
+        let source = claim(dirs, name, &format!("{field}.persistentVolumeClaim"))?;
+        return Ok(Source {
+            readonly: pvc.read_only,
+            ..source
+        });
+    }
+    if let Some(dv) = &volume.data_volume {
+        if dv.hotpluggable {
+            return Err(unsupported(
+                format!("{field}.dataVolume.hotpluggable"),
+                "volume hotplug is not supported",
+            ));
+        }
+        return claim(dirs, name, &format!("{field}.dataVolume"));
+    }
+    if let Some(host) = &volume.host_disk {
+        let path = dirs.spec_path(&host.path);
+        match host.r#type.as_str() {
+            "Disk" if path.exists() => {}
+            "Disk" => {
+                return Err(invalid(
+                    format!("{field}.hostDisk.path"),
+                    format!("{} does not exist (type Disk)", host.path),
+                ));
+            }
+            "DiskOrCreate" => {
+                let capacity = host.capacity.as_ref().ok_or_else(|| {
+                    invalid(
+                        format!("{field}.hostDisk.capacity"),
+                        "required for DiskOrCreate",
+                    )
+                })?;
+                let size = capacity_bytes(capacity, &format!("{field}.hostDisk.capacity"))?;
+                prepare.push(PrepareStep::CreateSparse {
+                    path: path.clone(),
+                    size,
+                });
+            }
+            other => {
+                return Err(invalid(
+                    format!("{field}.hostDisk.type"),
+                    format!("'{other}': expected Disk or DiskOrCreate"),
+                ));
+            }
+        }
+        return Ok(file(path));
+    }
+    if let Some(empty) = &volume.empty_disk {
+        let size = capacity_bytes(&empty.capacity, &format!("{field}.emptyDisk.capacity"))?;
+        let path = dirs
+            .ephemeral_disks
+            .join("empty-disks")
+            .join(format!("{name}.img"));
+        prepare.push(PrepareStep::CreateSparse {
+            path: path.clone(),
+            size,
+        });
+        return Ok(file(path));
+    }
+    if let Some(cloud_init) = &volume.cloud_init_no_cloud {
+        let data = NoCloudData::from_volume(vmi, index, cloud_init, dirs)?;
+        let path = dirs
+            .ephemeral_disks
+            .join("cloud-init-data")
+            .join(&vmi.metadata.namespace)
+            .join(&vmi.metadata.name)
+            .join("noCloud.iso");
+        prepare.push(PrepareStep::WriteNoCloud {
+            path: path.clone(),
+            data,
+        });
+        return Ok(Source {
+            readonly: true,
+            ..file(path)
+        });
+    }
+    Err(match volume.other_source() {
+        Some(kind) => unsupported(
+            format!("{field}.{kind}"),
+            format!("{kind} volumes are not supported"),
+        ),
+        None => invalid(field, format!("volume '{name}' has no source")),
+    })
+}
+
+/// A PVC or DataVolume: the filesystem-mode image, else the block-mode device.
+fn claim(dirs: &LauncherDirs, volume: &str, field: &str) -> Result<Source, VmiError> {
+    let image = dirs.private.join("vmi-disks").join(volume).join("disk.img");
+    if image.is_file() {
+        return Ok(file(image));
+    }
+    let device = dirs.dev.join(volume);
+    if device.exists() {
+        return Ok(Source {
+            block_device: true,
+            ..file(device)
+        });
+    }
+    Err(invalid(
+        field,
+        format!(
+            "neither the image {} nor the block device {} exists",
+            image.display(),
+            device.display()
+        ),
+    ))
+}
+
+fn capacity_bytes(capacity: &Quantity, field: &str) -> Result<u64, VmiError> {
+    let bytes = capacity.value().map_err(|source| VmiError::Quantity {
+        field: field.to_owned(),
+        source,
+    })?;
+    if bytes == 0 {
+        return Err(invalid(field, format!("{capacity} is no space")));
+    }
+    Ok(bytes)
+}
+
+/// Fails for a qcow2 image or a missing one; rvmm reads raw images only.
+fn refuse_qcow2(image: &Path, field: &str, name: &str) -> Result<(), VmiError> {
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(image).and_then(|mut f| {
+        let mut filled = 0;
+        while filled < magic.len() {
+            match f.read(&mut magic[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        Ok(filled)
+    });
+    match read {
+        Ok(4) if magic == QCOW2_MAGIC => Err(unsupported(
+            format!("{field}.image"),
+            format!("{name} holds a qcow2 image; qcow2 is not supported yet (raw images only)"),
+        )),
+        Ok(_) => Ok(()),
+        Err(source) => Err(VmiError::Read {
+            field: field.to_owned(),
+            path: image.to_owned(),
+            source,
+        }),
+    }
+}
+
+pub(super) fn interfaces(vmi: &Vmi) -> Result<Vec<PlannedInterface>, VmiError> {
+    let spec = &vmi.spec;
+    let mut planned = Vec::new();
+    for (i, iface) in spec.domain.devices.interfaces.iter().enumerate() {
+        let field = format!("spec.domain.devices.interfaces[{i}]");
+        if iface.state.as_deref() == Some("absent") {
+            continue;
+        }
+        if let Some(binding) = iface.unsupported_binding() {
+            return Err(unsupported(
+                format!("{field}.{binding}"),
+                format!("the {binding} binding is not supported (bridge or masquerade only)"),
+            ));
+        }
+        if let Some(model) = iface.model.as_deref()
+            && model != "virtio"
+        {
+            return Err(unsupported(
+                format!("{field}.model"),
+                format!("{model} is not supported (virtio only)"),
+            ));
+        }
+        let (n, network) = spec
+            .networks
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.name == iface.name)
+            .ok_or_else(|| {
+                invalid(
+                    format!("{field}.name"),
+                    format!("no network named '{}' in spec.networks", iface.name),
+                )
+            })?;
+        if network.multus.is_some() {
+            return Err(unsupported(
+                format!("spec.networks[{n}].multus"),
+                "secondary (Multus) networks are not supported (pod network only)",
+            ));
+        }
+        if network.pod.is_none() {
+            return Err(invalid(format!("spec.networks[{n}]"), "names no network"));
+        }
+        let mac = match &iface.mac_address {
+            Some(mac) => mac.replace('-', ":").to_ascii_lowercase(),
+            None => derived_mac(&vmi.metadata.uid, &iface.name),
+        };
+        planned.push(PlannedInterface {
+            name: iface.name.clone(),
+            tap: POD_TAP.into(),
+            mac,
+        });
+    }
+    Ok(planned)
+}
+
+/// A stable locally administered MAC for an interface the VMI gives none (FNV-1a of UID and
+/// name in QEMU's `52:54:00` range), so restarts of one VMI keep one MAC.
+fn derived_mac(uid: &str, name: &str) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in uid.bytes().chain([0]).chain(name.bytes()) {
+        hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let [_, a, b, c] = hash.to_be_bytes();
+    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+}

@@ -1,0 +1,468 @@
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::{Value, json};
+
+use super::*;
+
+const FEDORA: &str = include_str!("../../tests/fixtures/vmi/fedora-containerdisk.json");
+const PVC: &str = include_str!("../../tests/fixtures/vmi/pvc-cloudinit.json");
+const KERNEL_BOOT: &str = include_str!("../../tests/fixtures/vmi/kernelboot.json");
+
+/// A launcher pod's filesystem in a temporary directory, removed on drop.
+struct PodRoot {
+    root: PathBuf,
+    dirs: LauncherDirs,
+}
+
+impl PodRoot {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "rvmm-vmi-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let pod = Self {
+            dirs: LauncherDirs::under(&root),
+            root,
+        };
+        pod.file(
+            "var/run/kubevirt/container-disks/kernel-boot/vmlinuz",
+            b"kernel",
+        );
+        pod.file(
+            "var/run/kubevirt/container-disks/kernel-boot/initramfs.img",
+            b"initrd",
+        );
+        pod.file(
+            "var/run/kubevirt/container-disks/kernel-boot/vmlinuz-virt",
+            b"kernel",
+        );
+        pod.file(
+            "var/run/kubevirt/container-disks/kernel-boot/initramfs-virt",
+            b"initrd",
+        );
+        pod
+    }
+
+    fn file(&self, relative: &str, contents: &[u8]) -> PathBuf {
+        let path = self.root.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+}
+
+impl Drop for PodRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn parse(text: &str) -> Vmi {
+    Vmi::from_json(text.as_bytes()).unwrap()
+}
+
+/// `fixture` with `edit` applied to its JSON.
+fn edited(fixture: &str, edit: impl FnOnce(&mut Value)) -> Vmi {
+    let mut value: Value = serde_json::from_str(fixture).unwrap();
+    edit(&mut value);
+    Vmi::from_json(value.to_string().as_bytes()).unwrap()
+}
+
+fn error_text(vmi: &Vmi, dirs: &LauncherDirs) -> String {
+    crate::kubevirt::grpc::error_chain(&plan(vmi, dirs).unwrap_err())
+}
+
+/// The Fedora fixture's pod: a raw root image as container disk 0.
+fn fedora_pod() -> PodRoot {
+    let pod = PodRoot::new();
+    pod.file("var/run/kubevirt/container-disks/disk_0.img", &[0u8; 4096]);
+    pod
+}
+
+#[test]
+fn fedora_container_disk_vmi_maps_to_config() {
+    let pod = fedora_pod();
+    let plan = plan(&parse(FEDORA), &pod.dirs).unwrap();
+    let c = &plan.config;
+    assert_eq!(plan.domain_name, "default_fedora");
+    assert_eq!(c.cpus.boot_vcpus, 2);
+    assert_eq!(c.memory.size, 2 << 30);
+    assert_eq!(
+        c.payload,
+        PayloadConfig {
+            kernel: pod.path("var/run/kubevirt/container-disks/kernel-boot/vmlinuz"),
+            initramfs: Some(pod.path("var/run/kubevirt/container-disks/kernel-boot/initramfs.img")),
+            cmdline: Some("console=ttyS0 root=/dev/vda1 rw reboot=k panic=-1".into()),
+        }
+    );
+    // The container disk is copied so the guest can write; cloud-init is read-only.
+    let copy = pod.path("var/run/kubevirt-ephemeral-disks/disk-data/containerdisk/disk.img");
+    let iso =
+        pod.path("var/run/kubevirt-ephemeral-disks/cloud-init-data/default/fedora/noCloud.iso");
+    assert_eq!(
+        c.disks,
+        vec![
+            DiskConfig {
+                path: copy.clone(),
+                readonly: false,
+                id: None,
+                engine: None
+            },
+            DiskConfig {
+                path: iso.clone(),
+                readonly: true,
+                id: None,
+                engine: None
+            },
+        ]
+    );
+    assert_eq!(
+        c.net,
+        vec![NetConfig {
+            tap: "tap0".into(),
+            mac: Some("02:5a:3b:00:00:07".into()),
+            mtu: None,
+            id: Some("default".into()),
+        }]
+    );
+    assert!(c.rng.is_some());
+    let socket =
+        pod.path("var/run/kubevirt-private/3f5d9d4c-7e0a-4b8e-9a63-2b1f4e1d2c11/virt-serial0");
+    assert_eq!(c.serial.as_ref().unwrap().socket.as_ref(), Some(&socket));
+    assert_eq!(plan.serial_socket.as_ref(), Some(&socket));
+    assert_eq!(
+        plan.prepare[0],
+        PrepareStep::CopyImage {
+            from: pod.path("var/run/kubevirt/container-disks/disk_0.img"),
+            to: copy,
+        }
+    );
+    assert!(
+        matches!(&plan.prepare[1], PrepareStep::WriteNoCloud { path, data }
+        if *path == iso && data.user_data.starts_with("#cloud-config\nuser: fedora")
+            && data.meta_data.contains("\"instance-id\":\"fedora.default\""))
+    );
+    assert_eq!(
+        plan.warnings,
+        vec![
+            "spec.domain.cpu.maxSockets: ignored (no vCPU hotplug)",
+            "spec.domain.memory.maxGuest: ignored (no memory hotplug)",
+        ]
+    );
+}
+
+#[test]
+fn prepared_fedora_plan_passes_config_validation() {
+    let pod = fedora_pod();
+    let plan = plan(&parse(FEDORA), &pod.dirs).unwrap();
+    prepare(&plan).unwrap();
+    let copy = &plan.config.disks[0].path;
+    assert_eq!(std::fs::metadata(copy).unwrap().len(), 4096);
+    let iso = std::fs::read(&plan.config.disks[1].path).unwrap();
+    assert_eq!(&iso[16 * 2048 + 1..16 * 2048 + 6], b"CD001");
+    assert!(plan.serial_socket.unwrap().parent().unwrap().is_dir());
+    plan.config
+        .validate(Path::new("/dev/kvm"), vmm_core::CpuProfile::Host)
+        .unwrap();
+}
+
+#[test]
+fn pvc_vmi_with_cloud_init_maps_file_and_block_volumes() {
+    let pod = PodRoot::new();
+    let root = pod.file(
+        "var/run/kubevirt-private/vmi-disks/rootdisk/disk.img",
+        &[0; 512],
+    );
+    // A block-mode PVC appears as /dev/<volume>.
+    let data = pod.file("dev/datadisk", &[0; 512]);
+    let plan = plan(&parse(PVC), &pod.dirs).unwrap();
+    let c = &plan.config;
+    // No topology: 1500m of CPU rounds up to 2 vCPUs; memory from the request.
+    assert_eq!(c.cpus.boot_vcpus, 2);
+    assert_eq!(c.memory.size, 1 << 30);
+    assert_eq!(c.payload.initramfs, None);
+    assert_eq!(c.payload.cmdline, None);
+    let scratch = pod.path("var/run/kubevirt-ephemeral-disks/empty-disks/scratch.img");
+    let paths: Vec<(&Path, bool)> = c
+        .disks
+        .iter()
+        .map(|d| (d.path.as_path(), d.readonly))
+        .collect();
+    assert_eq!(
+        paths[..3],
+        [
+            (root.as_path(), false),
+            (data.as_path(), true),
+            (scratch.as_path(), false)
+        ]
+    );
+    assert_eq!(c.disks[0].id.as_deref(), Some("ROOT01"));
+    assert!(plan.disks[1].block_device && !plan.disks[0].block_device);
+    assert_eq!(
+        plan.disks
+            .iter()
+            .map(|d| d.target.as_str())
+            .collect::<Vec<_>>(),
+        ["vda", "vdb", "vdc", "vdd"]
+    );
+    assert_eq!(c.net[0].mac.as_deref(), Some("de:ad:00:00:be:af"));
+    assert!(plan.prepare.contains(&PrepareStep::CreateSparse {
+        path: scratch,
+        size: 2 << 30
+    }));
+    let cloud_init = plan.prepare.iter().find_map(|s| match s {
+        PrepareStep::WriteNoCloud { data, .. } => Some(data),
+        _ => None,
+    });
+    let cloud_init = cloud_init.unwrap();
+    assert_eq!(cloud_init.user_data, "#cloud-config\nhostname: db\n");
+    assert_eq!(
+        cloud_init.network_config.as_deref(),
+        Some("version: 2\nethernets:\n  eth0:\n    dhcp4: true\n")
+    );
+    assert!(cloud_init.meta_data.contains("\"local-hostname\":\"db-0\""));
+    assert!(plan.warnings[0].starts_with("spec.domain.devices.autoattachGraphicsDevice: ignored"));
+}
+
+#[test]
+fn cloud_init_user_data_comes_from_the_mounted_secret() {
+    let pod = PodRoot::new();
+    pod.file(
+        "var/run/kubevirt-private/vmi-disks/rootdisk/disk.img",
+        &[0; 512],
+    );
+    pod.file("dev/datadisk", &[0; 512]);
+    pod.file(
+        "var/run/kubevirt-private/secret/cloudinit/userData",
+        b"#cloud-config\nfrom: secret\n",
+    );
+    let vmi = edited(PVC, |v| {
+        v["spec"]["volumes"][3]["cloudInitNoCloud"] =
+            json!({"userDataSecretRef": {"name": "my-cloud-init"}});
+    });
+    let plan = plan(&vmi, &pod.dirs).unwrap();
+    assert!(plan.prepare.iter().any(|s| matches!(s,
+        PrepareStep::WriteNoCloud { data, .. } if data.user_data == "#cloud-config\nfrom: secret\n")));
+}
+
+#[test]
+fn kernel_boot_vmi_needs_no_disks() {
+    let pod = PodRoot::new();
+    let plan = plan(&parse(KERNEL_BOOT), &pod.dirs).unwrap();
+    let c = &plan.config;
+    assert_eq!((c.cpus.boot_vcpus, c.memory.size), (1, 128 << 20));
+    assert_eq!(
+        c.payload.cmdline.as_deref(),
+        Some("console=ttyS0 rdinit=/init")
+    );
+    assert_eq!(
+        c.payload.initramfs,
+        Some(pod.path("var/run/kubevirt/container-disks/kernel-boot/initramfs-virt"))
+    );
+    assert!(c.disks.is_empty() && c.net.is_empty() && c.rng.is_none());
+    assert_eq!(c.serial.as_ref().unwrap().mode, SerialModeName::Socket);
+    assert!(plan.warnings.is_empty());
+}
+
+#[test]
+fn disk_without_volume_is_an_error() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| v["spec"]["volumes"][1]["name"] = json!("other"));
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.devices.disks[1].name: no volume named 'cloudinitdisk' in spec.volumes"
+    );
+}
+
+#[test]
+fn sata_bus_is_unsupported() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["disks"][1]["disk"]["bus"] = json!("sata");
+    });
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.devices.disks[1].disk.bus: sata is not supported (virtio only)"
+    );
+}
+
+#[test]
+fn zero_memory_is_an_error() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["memory"]["guest"] = json!("0Mi")
+    });
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.memory.guest: 0Mi is no memory"
+    );
+}
+
+#[test]
+fn missing_memory_is_an_error() {
+    let pod = PodRoot::new();
+    let vmi = edited(KERNEL_BOOT, |v| v["spec"]["domain"]["memory"] = json!(null));
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.memory.guest: required (or spec.domain.resources.requests.memory)"
+    );
+}
+
+#[test]
+fn bad_memory_quantity_names_the_field() {
+    let pod = PodRoot::new();
+    let vmi = edited(KERNEL_BOOT, |v| {
+        v["spec"]["domain"]["memory"]["guest"] = json!("2GB")
+    });
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.memory.guest: invalid quantity: '2GB' is not a quantity like 128Mi, 1Gi or 1G"
+    );
+}
+
+#[test]
+fn qcow2_container_disk_is_not_supported_yet() {
+    let pod = PodRoot::new();
+    pod.file(
+        "var/run/kubevirt/container-disks/disk_0.img",
+        b"QFI\xfb\0\0\0\x03rest",
+    );
+    assert_eq!(
+        error_text(&parse(FEDORA), &pod.dirs),
+        "spec.volumes[0].containerDisk.image: quay.io/containerdisks/fedora:41 holds a qcow2 \
+         image; qcow2 is not supported yet (raw images only)"
+    );
+}
+
+#[test]
+fn missing_container_disk_names_the_file() {
+    let pod = PodRoot::new();
+    let text = error_text(&parse(FEDORA), &pod.dirs);
+    assert!(
+        text.starts_with("spec.volumes[0].containerDisk: cannot read "),
+        "{text}"
+    );
+    assert!(text.ends_with("container-disks/disk_0.img: No such file or directory (os error 2)"));
+}
+
+#[test]
+fn vmi_without_kernel_boot_is_unsupported() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["firmware"] = json!({"uuid": "x", "bootloader": {"bios": {}}});
+    });
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.firmware.kernelBoot: required: rvmm boots a Linux kernel directly \
+         (BIOS or UEFI boot from a disk is not supported yet)"
+    );
+}
+
+#[test]
+fn unsupported_devices_name_their_field() {
+    let pod = fedora_pod();
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|v| {
+                v["spec"]["domain"]["devices"]["interfaces"][0] =
+                    json!({"name": "default", "sriov": {}})
+            }),
+            "spec.domain.devices.interfaces[0].sriov: the sriov binding is not supported (bridge or masquerade only)",
+        ),
+        (
+            Box::new(|v| {
+                v["spec"]["domain"]["devices"]["gpus"] =
+                    json!([{"name": "g", "deviceName": "nvidia.com/GP102"}])
+            }),
+            "spec.domain.devices.gpus: GPU passthrough is not supported",
+        ),
+        (
+            Box::new(|v| {
+                v["spec"]["domain"]["devices"]["hostDevices"] =
+                    json!([{"name": "h", "deviceName": "x"}])
+            }),
+            "spec.domain.devices.hostDevices: host device passthrough is not supported",
+        ),
+        (
+            Box::new(|v| {
+                v["spec"]["domain"]["devices"]["disks"][1] =
+                    json!({"name": "cloudinitdisk", "cdrom": {"bus": "sata"}})
+            }),
+            "spec.domain.devices.disks[1].cdrom: CD-ROM drives are not supported (use disk)",
+        ),
+        (
+            Box::new(|v| v["spec"]["domain"]["devices"]["interfaces"][0]["model"] = json!("e1000")),
+            "spec.domain.devices.interfaces[0].model: e1000 is not supported (virtio only)",
+        ),
+        (
+            Box::new(|v| {
+                v["spec"]["networks"][0] =
+                    json!({"name": "default", "multus": {"networkName": "br"}})
+            }),
+            "spec.networks[0].multus: secondary (Multus) networks are not supported (pod network only)",
+        ),
+        (
+            Box::new(|v| {
+                v["spec"]["volumes"][1] =
+                    json!({"name": "cloudinitdisk", "configMap": {"name": "cm"}})
+            }),
+            "spec.volumes[1].configMap: configMap volumes are not supported",
+        ),
+        (
+            Box::new(|v| {
+                v["spec"]["domain"]["firmware"]["bootloader"] =
+                    json!({"efi": {"secureBoot": false}})
+            }),
+            "spec.domain.firmware.bootloader.efi: UEFI is not supported (rvmm boots kernelBoot directly)",
+        ),
+        (
+            Box::new(|v| v["spec"]["domain"]["cpu"]["sockets"] = json!(64)),
+            "spec.domain.cpu: 128 vCPUs (cores x sockets x threads) is more than rvmm's 32",
+        ),
+    ];
+    for (edit, expected) in cases {
+        let vmi = edited(FEDORA, edit);
+        assert_eq!(error_text(&vmi, &pod.dirs), expected);
+    }
+}
+
+#[test]
+fn wrong_field_type_is_a_parse_error_with_its_path() {
+    let err = Vmi::from_json(br#"{"spec": {"domain": {"cpu": {"cores": "two"}}}}"#).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("Not a VirtualMachineInstance: spec.domain.cpu.cores: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn interface_without_mac_gets_a_stable_one() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["interfaces"][0] =
+            json!({"name": "default", "masquerade": {}});
+    });
+    let first = plan(&vmi, &pod.dirs).unwrap().interfaces[0].mac.clone();
+    let second = plan(&vmi, &pod.dirs).unwrap().interfaces[0].mac.clone();
+    assert_eq!(first, second);
+    assert!(first.starts_with("52:54:00:"), "{first}");
+    assert!(crate::cli::parse_mac(&first).is_some());
+}
+
+#[test]
+fn guest_disk_names_continue_past_z() {
+    assert_eq!(guest_disk_name(0), "vda");
+    assert_eq!(guest_disk_name(25), "vdz");
+    assert_eq!(guest_disk_name(26), "vdaa");
+}

@@ -1,0 +1,95 @@
+//! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
+//! with `--metrics-addr`) and the main thread once the VM runs. The mechanism and the rules
+//! every filtered thread shares are in [`vmm_core::seccomp`].
+//!
+//! Neither kind starts a thread or a process: the API threads only move bytes (VM operations
+//! run on the unfiltered `vmm-control` thread), and the main thread only waits for the end and
+//! tears the VM down, after it has started every other thread. A thread inherits the filter of
+//! the thread that starts it, so these filters must be installed after that.
+
+use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter};
+use vmm_sys_util::signal::SIGRTMIN;
+
+/// What an API thread needs beyond the rules every thread shares: a single-threaded tokio
+/// runtime serving hyper HTTP/1.1 connections, on a unix socket (the API) or TCP (metrics).
+/// The runtime's epoll and waker descriptors are created before the thread starts.
+pub fn api_rules() -> Vec<Allow> {
+    vec![
+        // The reactor (mio) waits for clients, their bytes, wake-ups and the next timer
+        // (hyper's header timeout, the body timeout, the pause after a failed accept): tokio's
+        // time driver is the wait's timeout, there is no timerfd.
+        Allow::any(libc::SYS_epoll_wait),
+        // The same wait where libc makes it an epoll_pwait.
+        Allow::any(libc::SYS_epoll_pwait),
+        // Registering the listener (from_std) and each client with the reactor; deregistering
+        // a client when its connection ends.
+        Allow::any(libc::SYS_epoll_ctl),
+        // Accepting clients (mio: non-blocking, close-on-exec).
+        Allow::any(libc::SYS_accept4),
+        // Reading requests: std's socket read is recv, a recvfrom.
+        Allow::any(libc::SYS_recvfrom),
+        // Writing answers: hyper queues the head and the body and writes them vectored.
+        Allow::any(libc::SYS_writev),
+        // hyper shuts the write side down when it ends a connection (`Connection: close`, the
+        // client closed its side).
+        Allow::arg_in(libc::SYS_shutdown, 1, &[libc::SHUT_WR as u64]),
+        // Debug builds: tokio's from_std checks that the listener is non-blocking.
+        Allow::arg_in(libc::SYS_fcntl, 1, &[libc::F_GETFL as u64]),
+        // Waking the runtime writes its eventfd (a shared rule); when the counter would
+        // overflow, mio's waker reads it to reset it first.
+        Allow::any(libc::SYS_read),
+    ]
+}
+
+/// The API threads' filter.
+pub fn api_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(api_rules())
+}
+
+/// What the main thread needs beyond the rules every thread shares, from the moment it waits
+/// for the VMM's end ([`crate::vmm::Vmm::wait_for_exit`]): the teardown
+/// ([`crate::vmm::Vmm::teardown`]: stopping the VM and waiting for its waiter thread to take
+/// it down, closing the console, the `vmm.shutdown` event), dropping the API server and
+/// returning from `main`. Log lines, events and stdout's last flush are writes, allowed for
+/// every thread.
+pub fn main_rules() -> Vec<Allow> {
+    let pid = u64::from(std::process::id());
+    let stdin = libc::STDIN_FILENO as u64;
+    vec![
+        // Stopping a running VM kicks its vCPUs out of KVM_RUN: pthread_kill is
+        // tgkill(getpid(), tid, SIGRTMIN) (getpid and the signal mask around it are shared).
+        Allow::args_match(
+            libc::SYS_tgkill,
+            vec![vec![(0, pid), (2, SIGRTMIN() as u64)]],
+        ),
+        // Removing the API socket (ApiServer's drop) and the serial console's socket
+        // (Console::close).
+        Allow::any(libc::SYS_unlink),
+        // Console::close gives the terminal back (stdin in raw mode): isatty and tcgetattr
+        // are TCGETS, tcsetattr(TCSANOW) is TCSETS.
+        Allow::args_match(
+            libc::SYS_ioctl,
+            vec![
+                vec![(0, stdin), (1, libc::TCGETS)],
+                vec![(0, stdin), (1, libc::TCSETS)],
+            ],
+        ),
+        // Returning from main ends the process.
+        Allow::any(libc::SYS_exit_group),
+    ]
+}
+
+/// The main thread's filter.
+pub fn main_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(main_rules())
+}
+
+/// Filters the calling thread with [`main_filter`]. Call it on the main thread once every
+/// other thread has started: a thread started afterwards would inherit the filter.
+pub fn filter_main_thread() -> Result<(), SeccompError> {
+    install(&main_filter()?)
+}
+
+#[cfg(test)]
+#[path = "seccomp_tests.rs"]
+mod tests;
