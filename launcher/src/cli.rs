@@ -1,4 +1,5 @@
-//! The command line: `rvmm run ...`, validated into a [`VmConfig`].
+//! The command line: `rvmm run ...`, validated into a [`VmConfig`], and the choice of the
+//! virt-launcher mode (`rvmm virt-launcher ...` or the binary invoked as `virt-launcher`).
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use vmm_core::{CpuProfile, VmConfig};
 
 use crate::config::VmConfigFile;
 use crate::keyvalue::KeyValues;
+use crate::kubevirt::launcher_flags::LauncherFlags;
 
 /// rvmm: a small KVM virtual machine monitor.
 #[derive(Debug, Parser)]
@@ -24,6 +26,34 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and run it until it powers off or resets.
     Run(RunArgs),
+    /// Act as KubeVirt's virt-launcher (also what rvmm does when invoked as `virt-launcher`
+    /// or `virt-launcher-monitor`).
+    VirtLauncher(LauncherFlags),
+}
+
+/// The program names under which rvmm acts as KubeVirt's virt-launcher.
+pub const VIRT_LAUNCHER_NAMES: &[&str] = &["virt-launcher", "virt-launcher-monitor"];
+
+/// Parses the process's command line (program name first): `rvmm run ...`,
+/// `rvmm virt-launcher ...`, or, when the program is invoked under one of
+/// [`VIRT_LAUNCHER_NAMES`] (a virt-launcher image's `/usr/bin/virt-launcher-monitor`),
+/// virt-launcher's flags alone.
+pub fn parse_command_line<I, T>(argv: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    let invoked_as = argv
+        .first()
+        .and_then(|program| Path::new(program).file_name())
+        .and_then(|name| name.to_str());
+    if invoked_as.is_some_and(|name| VIRT_LAUNCHER_NAMES.contains(&name)) {
+        return Ok(Cli {
+            command: Command::VirtLauncher(LauncherFlags::parse_from(argv)?),
+        });
+    }
+    Cli::try_parse_from(argv)
 }
 
 /// `rvmm run` flags.
@@ -86,8 +116,8 @@ pub struct RunArgs {
     /// Also serve the Prometheus scrape (GET /metrics) on this TCP address.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Filter the system calls of the vCPU and device threads (seccomp); a call outside a
-    /// thread's list kills rvmm with SIGSYS. `--seccomp=false` is for debugging only.
+    /// Filter the system calls of the vCPU, device, API and main threads (seccomp); a call
+    /// outside a thread's list kills rvmm with SIGSYS. `--seccomp=false` is for debugging only.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub seccomp: bool,
 }
@@ -426,7 +456,53 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(a) => a,
+            other => panic!("not rvmm run: {other:?}"),
         }
+    }
+
+    fn launcher_flags(argv: &[&str]) -> LauncherFlags {
+        match parse_command_line(argv).unwrap().command {
+            Command::VirtLauncher(flags) => flags,
+            other => panic!("not virt-launcher mode: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn virt_launcher_program_names_select_the_launcher_mode() {
+        for program in [
+            "/usr/bin/virt-launcher-monitor",
+            "virt-launcher",
+            "/opt/bin/virt-launcher",
+        ] {
+            let flags = launcher_flags(&[program, "--name", "vm", "--uid", "u-1"]);
+            assert_eq!(
+                (flags.args.name.as_str(), flags.args.uid.as_str()),
+                ("vm", "u-1")
+            );
+        }
+        // Any other name is rvmm's own command line.
+        assert!(parse_command_line(["/usr/bin/virt-launcherx", "--name", "vm"]).is_err());
+    }
+
+    #[test]
+    fn virt_launcher_subcommand_takes_go_style_and_unknown_flags() {
+        let flags = launcher_flags(&[
+            "rvmm",
+            "virt-launcher",
+            "--qemu-timeout",
+            "5m0s",
+            "--keep-after-failure",
+            "--future-flag",
+            "x",
+            "--name=vm",
+        ]);
+        assert_eq!(flags.args.name, "vm");
+        assert_eq!(flags.args.qemu_timeout, std::time::Duration::from_secs(300));
+        assert!(flags.args.keep_after_failure);
+        assert_eq!(flags.unknown, vec!["--future-flag"]);
+        let err = parse_command_line(["rvmm", "virt-launcher", "--grace-period-seconds", "x"])
+            .unwrap_err();
+        assert!(err.to_string().contains("grace-period-seconds"), "{err}");
     }
 
     #[test]

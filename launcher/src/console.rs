@@ -30,6 +30,18 @@ pub struct Console {
     raw_tty: bool,
 }
 
+/// The terminal on file descriptor 0, without `Stdin`'s lock: the input thread holds that lock
+/// while it blocks in `read`, so restoring the terminal through it would never return.
+struct StdinTty;
+
+// SAFETY: `tty_fd` returns descriptor 0, which the process keeps open for its whole life (the
+// trait's only requirement is a valid descriptor).
+unsafe impl Terminal for StdinTty {
+    fn tty_fd(&self) -> std::os::fd::RawFd {
+        libc::STDIN_FILENO
+    }
+}
+
 /// Guest console output, shared by every UART the console has served.
 #[derive(Clone)]
 pub struct SharedOutput(Arc<Mutex<SerialOutput>>);
@@ -132,7 +144,7 @@ impl Console {
                 let stdin = io::stdin();
                 if stdin.is_terminal() {
                     // Keys (Ctrl-C included) go to the guest, as on a real console.
-                    self.raw_tty = stdin.lock().set_raw_mode().is_ok();
+                    self.raw_tty = StdinTty.set_raw_mode().is_ok();
                 }
                 spawn_input("serial-stdin", io::stdin(), serial);
             }
@@ -148,7 +160,7 @@ impl Console {
     /// Restores the terminal and removes the socket.
     pub fn close(&self) {
         if self.raw_tty {
-            let _ = io::stdin().lock().set_canon_mode();
+            let _ = StdinTty.set_canon_mode();
         }
         if let SerialMode::Socket(path) = &self.mode {
             let _ = std::fs::remove_file(path);

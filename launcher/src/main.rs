@@ -1,4 +1,6 @@
-//! `rvmm`: boots a guest on KVM and runs it until it stops.
+//! `rvmm`: boots a guest on KVM and runs it until it stops; `rvmm virt-launcher` (or the binary
+//! installed as `virt-launcher`/`virt-launcher-monitor`) is KubeVirt's launcher instead
+//! ([`launcher_mode`]).
 //!
 //! Exit codes: 0 the guest powered off or reset (or the VMM was asked to stop), 1 VMM error,
 //! 2 bad configuration, 3 guest crash.
@@ -8,22 +10,31 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use launcher::api::{ApiServer, ApiServerError, start_metrics_server};
-use launcher::cli::{Cli, Command, RunArgs, parse_cpu_profile};
+use launcher::cli::{Command, RunArgs, parse_command_line, parse_cpu_profile};
 use launcher::events::EventMonitor;
+use launcher::kubevirt::launcher_mode;
 use launcher::seccomp::filter_main_thread;
 use launcher::shutdown::ShutdownSignals;
 use launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
 use vmm_core::cpuid::KVM_PVM_MODULE;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp_millis()
-        .init();
-    let cli = Cli::parse();
+    // `rvmm run`, `rvmm virt-launcher`, or virt-launcher's flags when invoked under its name.
+    let cli = parse_command_line(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let default_level = match &cli.command {
+        Command::Run(_) => log::LevelFilter::Warn,
+        // virt-launcher logs at info unless `--v` asks for more.
+        Command::VirtLauncher(flags) => flags.args.log_level(),
+    };
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(default_level.as_str()),
+    )
+    .format_timestamp_millis()
+    .init();
     match cli.command {
         Command::Run(args) => run(&args),
+        Command::VirtLauncher(flags) => ExitCode::from(launcher_mode::run(&flags)),
     }
 }
 
@@ -94,8 +105,9 @@ fn run(args: &RunArgs) -> ExitCode {
         }
     }
     // From here on this thread only waits for the end, tears the VM down and returns: it
-    // filters itself. Every other thread already runs (signals, API and vmm-control, the VM's
-    // waiter and vCPUs) and this one starts no more, so none inherits its filter.
+    // filters itself. Every thread it starts already runs (signals, API and vmm-control, the
+    // booted VM's waiter and vCPUs; a VM booted later is vmm-control's) and it starts no
+    // more, so none inherits its filter.
     if args.seccomp
         && let Err(e) = filter_main_thread()
     {

@@ -51,7 +51,8 @@ pub fn api_filter() -> Result<BpfProgram, SeccompError> {
 /// ([`crate::vmm::Vmm::teardown`]: stopping the VM and waiting for its waiter thread to take
 /// it down, closing the console, the `vmm.shutdown` event), dropping the API server and
 /// returning from `main`. Log lines, events and stdout's last flush are writes, allowed for
-/// every thread.
+/// every thread. Whatever else receives the `vmm.shutdown` event on this thread may only hand
+/// it on (a channel: futex, an eventfd write).
 pub fn main_rules() -> Vec<Allow> {
     let pid = u64::from(std::process::id());
     let stdin = libc::STDIN_FILENO as u64;

@@ -105,15 +105,32 @@ fn main_filter_kills_a_thread_that_starts_a_thread_or_opens_a_socket() {
     assert!(killed_by_sigsys(status), "clone3: wait status {status:#x}");
     let status = status_of_filtered_child(&filter, try_socket);
     assert!(killed_by_sigsys(status), "socket: wait status {status:#x}");
-    // The teardown's ioctls are allowed on stdin only.
+    // Console::close's terminal calls (set_canon_mode) are allowed on stdin, tty or not.
     let status = status_of_filtered_child(&filter, || {
-        // SAFETY: isatty only reads the descriptor's terminal attributes.
-        unsafe { libc::isatty(libc::STDIN_FILENO) };
+        // SAFETY: termios is plain data; tcgetattr fills it in when stdin is a terminal.
+        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: isatty and tcgetattr read the terminal's attributes into valid memory;
+        // tcsetattr sets them back unchanged, and only when tcgetattr succeeded.
+        unsafe {
+            libc::isatty(libc::STDIN_FILENO);
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut termios) == 0 {
+                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &termios);
+            } else {
+                // Not a terminal: the same ioctl, answered ENOTTY rather than SIGSYS.
+                libc::ioctl(libc::STDIN_FILENO, libc::TCSETS, &termios);
+            }
+        }
     });
-    assert!(exited_cleanly(status), "isatty(0): wait status {status:#x}");
+    assert!(
+        exited_cleanly(status),
+        "stdin's termios: wait status {status:#x}"
+    );
     let status = status_of_filtered_child(&filter, || {
         // SAFETY: isatty only reads the descriptor's terminal attributes.
         unsafe { libc::isatty(libc::STDERR_FILENO) };
     });
-    assert!(killed_by_sigsys(status), "isatty(2): wait status {status:#x}");
+    assert!(
+        killed_by_sigsys(status),
+        "isatty(2): wait status {status:#x}"
+    );
 }

@@ -34,6 +34,12 @@ impl ShutdownSignals {
 
     /// Handles the signals on a thread of its own: each one goes to [`Vmm::shutdown_signal`].
     pub fn handle(self, vmm: Arc<Vmm>, grace: Duration) -> io::Result<()> {
+        self.handle_with(move |_| vmm.shutdown_signal(grace))
+    }
+
+    /// Handles the signals on a thread of its own, calling `on_signal` with each one's number
+    /// (a mode with its own shutdown policy: virt-launcher's).
+    pub fn handle_with(self, mut on_signal: impl FnMut(i32) + Send + 'static) -> io::Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -44,7 +50,7 @@ impl ShutdownSignals {
                         continue;
                     }
                     log::info!("Signal {signal}");
-                    vmm.shutdown_signal(grace);
+                    on_signal(signal);
                 }
             })?;
         Ok(())

@@ -119,6 +119,9 @@ fn is_config_build_error(err: &BuildError) -> bool {
     )
 }
 
+/// Receives the VMM's events (see [`Vmm::on_event`]).
+pub type EventListener = Box<dyn Fn(&str, &Value) + Send + Sync>;
+
 /// Host-side settings that are not part of a VM's configuration.
 #[derive(Clone, Debug)]
 pub struct VmmSettings {
@@ -128,7 +131,7 @@ pub struct VmmSettings {
     pub cpu_profile: CpuProfile,
     /// Copy of all console output.
     pub serial_log: Option<PathBuf>,
-    /// Run vCPU and device threads under their seccomp filters (`--seccomp`).
+    /// Run every thread kind that has a filter under it (`--seccomp`; see `crate::seccomp`).
     pub seccomp: bool,
 }
 
@@ -180,13 +183,22 @@ struct Inner {
 }
 
 /// The VMM: at most one VM, driven from any thread.
-#[derive(Debug)]
 pub struct Vmm {
     settings: VmmSettings,
     events: EventMonitor,
+    listeners: Mutex<Vec<EventListener>>,
     started: Instant,
     inner: Mutex<Inner>,
     changed: Condvar,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("settings", &self.settings)
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vmm {
@@ -195,10 +207,33 @@ impl Vmm {
         Arc::new(Self {
             settings,
             events,
+            listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
             inner: Mutex::new(Inner::default()),
             changed: Condvar::new(),
         })
+    }
+
+    /// Calls `listener` with every event the event monitor gets (`vm.booted`, `vm.paused`,
+    /// ..., `vmm.shutdown`) and its properties. It runs with the VMM's lock held, so it must
+    /// not call back into the [`Vmm`]: hand the event to a thread of its own instead.
+    pub fn on_event(&self, listener: EventListener) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
+    }
+
+    fn emit(&self, event: &str, properties: Value) {
+        for listener in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            listener(event, &properties);
+        }
+        self.events.emit(event, properties);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -253,7 +288,7 @@ impl Vmm {
     pub fn boot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
         self.boot_locked(&mut inner)?;
-        self.events.emit("vm.booted", self.boot_properties(&inner));
+        self.emit("vm.booted", self.boot_properties(&inner));
         Ok(())
     }
 
@@ -346,26 +381,24 @@ impl Vmm {
         }
         let properties = json!({ "reason": reason.to_string() });
         match active.stop {
-            Some(StopCause::Shutdown | StopCause::Exit) => {
-                self.events.emit("vm.shutdown", properties)
-            }
+            Some(StopCause::Shutdown | StopCause::Exit) => self.emit("vm.shutdown", properties),
             Some(StopCause::Reboot) => {}
             None => {
                 // The guest ended itself (or KVM could not run it): the VMM's job is done.
                 let code = match reason.outcome() {
                     Outcome::Clean => {
                         log::info!("{reason}");
-                        self.events.emit("vm.shutdown", properties);
+                        self.emit("vm.shutdown", properties);
                         EXIT_OK
                     }
                     Outcome::GuestCrash => {
                         eprintln!("rvmm: {reason}");
-                        self.events.emit("guest.crashed", properties);
+                        self.emit("guest.crashed", properties);
                         EXIT_GUEST_CRASH
                     }
                     Outcome::VmmError => {
                         eprintln!("rvmm: {reason}");
-                        self.events.emit("vm.shutdown", properties);
+                        self.emit("vm.shutdown", properties);
                         EXIT_VMM_ERROR
                     }
                 };
@@ -422,7 +455,7 @@ impl Vmm {
             && active.handle.pause()
         {
             slot.state = VmState::Paused;
-            self.events.emit("vm.paused", Value::Null);
+            self.emit("vm.paused", Value::Null);
         }
         Ok(())
     }
@@ -435,7 +468,7 @@ impl Vmm {
             && active.handle.resume()
         {
             slot.state = VmState::Running;
-            self.events.emit("vm.resumed", Value::Null);
+            self.emit("vm.resumed", Value::Null);
         }
         Ok(())
     }
@@ -468,8 +501,7 @@ impl Vmm {
         Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
         self.boot_locked(&mut inner)?;
-        self.events
-            .emit("vm.rebooted", self.boot_properties(&inner));
+        self.emit("vm.rebooted", self.boot_properties(&inner));
         Ok(())
     }
 
@@ -629,7 +661,6 @@ impl Vmm {
             console.close();
         }
         let code = inner.exit_code.unwrap_or(EXIT_OK);
-        self.events
-            .emit("vmm.shutdown", json!({ "exit_code": code }));
+        self.emit("vmm.shutdown", json!({ "exit_code": code }));
     }
 }

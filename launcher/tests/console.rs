@@ -101,3 +101,45 @@ fn kvm_socket_console_survives_detach_and_reattach_and_keeps_a_log() {
     assert!(tick_numbers(&logged).len() > last_seen as usize + 5);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn kvm_on_a_terminal_rvmm_exits_and_restores_it_when_the_guest_ends() {
+    if !kvm_available("terminal console") {
+        return;
+    }
+    // `script` gives rvmm a pseudo-terminal on stdin, so it switches it to raw mode and reads
+    // it on a thread; the exit must still restore the terminal and return.
+    let kernel = tiny_guest("hello");
+    let command = format!(
+        "{} run --kernel {} --memory 64M",
+        env!("CARGO_BIN_EXE_rvmm"),
+        kernel.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run script(1) from util-linux");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("rvmm on a terminal did not exit after its guest reset");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{status}: {out}");
+    assert!(out.contains("rvmm-tiny hello: guest is alive"), "{out}");
+}

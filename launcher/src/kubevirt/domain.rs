@@ -4,14 +4,18 @@
 //! (`Spec`, `Devices`, `Disks`, `Alias`), except the Kubernetes metadata (`ObjectMeta`,
 //! `kind`, `apiVersion`, `name`, ...). A user-named device's alias is
 //! `{"Name": "<name>", "UserDefined": true}` (libvirt's `ua-<name>`). rvmm fills the parts
-//! virt-handler reads: name, UUID, the KubeVirt metadata (VMI UID, grace period), vCPUs,
-//! memory, kernel boot, disks, interfaces, serial console, and the lifecycle state.
+//! virt-handler reads: name, UUID, the KubeVirt metadata (VMI UID, grace period and graceful
+//! shutdown), the ACPI feature (so virt-handler shuts down before it kills), vCPUs, memory,
+//! kernel boot, disks, interfaces, serial console, and the lifecycle state.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
 use super::vmi::{LaunchPlan, Vmi};
+
+/// KubeVirt's grace period when the VMI gives none (`v1.DefaultGracePeriodSeconds`).
+pub const DEFAULT_GRACE_PERIOD_SECONDS: i64 = 30;
 
 /// `Status.Status`: the domain's lifecycle state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,10 +201,15 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
         ),
         None => (json!([]), json!([])),
     };
-    let mut kubevirt = json!({"UID": meta.uid});
-    if let Some(grace) = vmi.spec.termination_grace_period_seconds {
-        kubevirt["GracePeriod"] = json!({"DeletionGracePeriodSeconds": grace});
-    }
+    // virt-handler dereferences GracePeriod unchecked: always present, KubeVirt's default 30 s.
+    let grace = vmi
+        .spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_PERIOD_SECONDS);
+    let kubevirt = json!({
+        "UID": meta.uid,
+        "GracePeriod": {"DeletionGracePeriodSeconds": grace},
+    });
     let mut object_meta = json!({
         "name": meta.name,
         "namespace": meta.namespace,
@@ -232,6 +241,9 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
                 "Consoles": consoles,
             },
             "Metadata": {"KubeVirt": kubevirt},
+            // virt-handler asks for a graceful shutdown (ShutdownVirtualMachine) only of a
+            // domain with ACPI; rvmm's equivalent is Ctrl-Alt-Del on the i8042.
+            "Features": {"ACPI": {}},
             "CPU": {
                 "Topology": {"Sockets": topology[0], "Cores": topology[1], "Threads": topology[2]},
             },
@@ -245,6 +257,20 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
             "FSFreezeStatus": {"Status": ""},
         },
     })
+}
+
+/// Records a graceful shutdown in `domain`'s grace-period metadata, as KubeVirt's launcher
+/// does: `marked` when the launcher got SIGTERM and wants virt-handler to shut the VM down
+/// (`MarkedForGracefulShutdown`), `started` when the guest was asked to shut down
+/// (`DeletionTimestamp`: virt-handler kills the VM once the grace period from then is over).
+pub fn set_graceful_shutdown(domain: &mut Value, marked: bool, started: Option<SystemTime>) {
+    let grace = &mut domain["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"];
+    if marked {
+        grace["MarkedForGracefulShutdown"] = json!(true);
+    }
+    if let Some(when) = started {
+        grace["DeletionTimestamp"] = json!(rfc3339(when));
+    }
 }
 
 /// The alias of a device the VMI names (libvirt's `ua-<name>`).
@@ -432,6 +458,38 @@ mod tests {
         assert_eq!(
             d["Spec"]["CPU"]["Topology"],
             json!({"Sockets": 2, "Cores": 1, "Threads": 1})
+        );
+    }
+
+    #[test]
+    fn grace_period_defaults_to_30_s_and_acpi_is_offered() {
+        let mut v = vmi();
+        v.spec.termination_grace_period_seconds = None;
+        let d = build(&v, &plan(), DomainState::RUNNING);
+        assert_eq!(
+            d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"],
+            json!({"DeletionGracePeriodSeconds": 30})
+        );
+        assert_eq!(d["Spec"]["Features"]["ACPI"], json!({}));
+    }
+
+    #[test]
+    fn graceful_shutdown_marks_and_timestamps_the_grace_period() {
+        let mut d = build(&vmi(), &plan(), DomainState::RUNNING);
+        set_graceful_shutdown(&mut d, false, None);
+        assert_eq!(
+            d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"],
+            json!({"DeletionGracePeriodSeconds": 30})
+        );
+        let when = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        set_graceful_shutdown(&mut d, true, Some(when));
+        assert_eq!(
+            d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"],
+            json!({
+                "DeletionGracePeriodSeconds": 30,
+                "MarkedForGracefulShutdown": true,
+                "DeletionTimestamp": "2023-11-14T22:13:20Z",
+            })
         );
     }
 

@@ -515,4 +515,4 @@ impl Drop for LauncherServer {
 
 #[cfg(test)]
 #[path = "grpc_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -17,10 +17,10 @@ use crate::kubevirt::proto::notify::v1 as notify;
 use crate::kubevirt::proto::notify::v1::notify_server::{Notify, NotifyServer};
 
 /// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "rvmm-grpc-{tag}-{}-{}",
@@ -420,7 +420,7 @@ impl Notify for Arc<FakeVirtHandler> {
 }
 
 /// A fake virt-handler notify server in `share_dir`; events arrive on the receiver.
-fn fake_virt_handler(
+pub(crate) fn fake_virt_handler(
     share_dir: &Path,
     versions: Vec<u32>,
 ) -> mpsc::UnboundedReceiver<notify::DomainEventRequest> {

@@ -338,6 +338,46 @@ impl LauncherFlags {
     }
 }
 
+/// The argument that collects `rvmm virt-launcher ...`'s words for [`LauncherFlags::parse_from`].
+const RAW_ARGS: &str = "virt_launcher_args";
+
+/// `rvmm virt-launcher FLAGS...` as a clap subcommand: clap hands every word over unparsed
+/// (virt-launcher's Go-style flags, unknown ones included) and [`LauncherFlags::parse_from`]
+/// reads them; `--help` prints virt-launcher's flags.
+impl clap::Args for LauncherFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.disable_help_flag(true).arg(
+            clap::Arg::new(RAW_ARGS)
+                .value_name("VIRT_LAUNCHER_FLAGS")
+                .help("virt-launcher's flags (rvmm virt-launcher --help lists them)")
+                .num_args(0..)
+                .trailing_var_arg(true)
+                .allow_hyphen_values(true)
+                .value_parser(clap::value_parser!(OsString)),
+        )
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for LauncherFlags {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let words = matches
+            .get_many::<OsString>(RAW_ARGS)
+            .into_iter()
+            .flatten()
+            .cloned();
+        Self::parse_from(std::iter::once(OsString::from("virt-launcher")).chain(words))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
 impl VirtLauncherArgs {
     /// The volume directories these flags name (the private and device directories are
     /// fixed by KubeVirt).

@@ -6,16 +6,24 @@
 //! - [`launcher_flags`]: the command line virt-controller gives the launcher pod.
 //! - [`grpc`]: the command server (`cmd.v1` + `cmd.info`) on the launcher socket.
 //! - [`notify`]: the client that sends domain events to virt-handler's notify socket.
+//! - [`backend`]: virt-handler's commands on the VM controller ([`crate::vmm::Vmm`]).
+//! - [`domain_events`]: the VMM's events turned into domain events for virt-handler.
+//! - [`stats`]: GetDomainStats from the VM's metrics.
+//! - [`launcher_mode`]: `rvmm virt-launcher`, the mode that puts it all together.
 //!
 //! Only this mode runs a tokio runtime (one current-thread scheduler on its own thread);
 //! `rvmm run` never does.
 
+pub mod backend;
 pub mod domain;
+pub mod domain_events;
 pub mod grpc;
 pub mod launcher_flags;
+pub mod launcher_mode;
 pub mod nocloud;
 pub mod notify;
 pub mod quantity;
+pub mod stats;
 pub mod vmi;
 mod vmi_model;
 

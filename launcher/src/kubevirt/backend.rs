@@ -1,0 +1,370 @@
+//! The VM controller behind the command server: virt-handler's commands mapped onto [`Vmm`].
+//!
+//! | command | rvmm |
+//! | --- | --- |
+//! | SyncVirtualMachine | plan the VMI ([`plan`]), prepare its files ([`prepare`]), create and boot the VM; a no-op once this VMI's VM exists (running, paused or stopped) |
+//! | Pause / Unpause | [`Vmm::pause`] / [`Vmm::resume`]; a no-op when already so |
+//! | ShutdownVirtualMachine | Ctrl-Alt-Del ([`Vmm::power_button`], after resuming a paused VM), once: the grace period starts (`DeletionTimestamp`) and virt-handler calls Kill when it is over |
+//! | KillVirtualMachine | [`Vmm::shutdown`]: stopped at once (disks flushed), still defined |
+//! | DeleteVirtualMachine | [`Vmm::delete`], the final domain event, then the launcher exits |
+//! | ResetVirtualMachine | [`Vmm::reboot`] |
+//! | SoftRebootVirtualMachine | unsupported: the guest's own reboot ends an rvmm VM |
+//! | GetDomain | the domain ([`super::domain::build`]) in the state the VMM's events left it |
+//! | GetDomainStats | [`super::stats::domain_stats`] from [`Vmm::metrics`] |
+//!
+//! One VMI per launcher: a Sync for another UID than `--uid` (or than the VMI already
+//! running) fails.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde_json::Value;
+
+use super::domain::{self, DomainState};
+use super::domain_events::Change;
+use super::grpc::{BackendError, LauncherBackend};
+use super::proto::cmd::v1 as cmd;
+use super::stats::domain_stats;
+use super::vmi::{LaunchPlan, LauncherDirs, PrepareError, Vmi, plan, prepare};
+use crate::vmm::{VmState, Vmm, VmmError};
+
+/// What the backend refuses or fails at beyond the VMI itself.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The VMI is not the one this launcher runs.
+    #[error("VMI {got} is not this launcher's VMI {expected}")]
+    WrongVmi {
+        /// The launcher's VMI UID.
+        expected: String,
+        /// The UID in the request.
+        got: String,
+    },
+    /// The domain was deleted; the launcher is ending.
+    #[error("The domain was deleted")]
+    Deleted,
+    /// A file the VM needs cannot be created.
+    #[error("Cannot prepare the VM's files")]
+    Prepare(#[source] PrepareError),
+    /// The VM cannot be created or booted.
+    #[error("Cannot start the VM")]
+    Start(#[source] VmmError),
+    /// A VM operation failed.
+    #[error("Cannot {0} the VM")]
+    Vm(&'static str, #[source] VmmError),
+}
+
+fn failed(err: LaunchError) -> BackendError {
+    BackendError::Controller(Box::new(err))
+}
+
+/// The launcher's one domain: the synced VMI and how it runs, shared by the command backend
+/// and the domain-event thread.
+#[derive(Debug, Default)]
+pub struct DomainRecord {
+    defined: Mutex<Option<Defined>>,
+    /// The state the VMM's last event left the domain in (written by the event listener).
+    state: Mutex<Option<DomainState>>,
+}
+
+#[derive(Debug)]
+struct Defined {
+    vmi: Vmi,
+    plan: LaunchPlan,
+    /// DeleteVirtualMachine was called.
+    deleted: bool,
+    /// SIGTERM came: virt-handler should shut the VM down.
+    marked_for_shutdown: bool,
+    /// When the guest was asked to shut down.
+    shutdown_started: Option<SystemTime>,
+}
+
+/// `vmi` is the defined VMI.
+fn check_uid(d: &Defined, vmi: &Vmi) -> Result<(), BackendError> {
+    if d.vmi.metadata.uid == vmi.metadata.uid {
+        return Ok(());
+    }
+    Err(failed(LaunchError::WrongVmi {
+        expected: d.vmi.metadata.uid.clone(),
+        got: vmi.metadata.uid.clone(),
+    }))
+}
+
+/// The defined, not deleted VM for a command about `vmi`.
+fn defined_for<'a>(
+    defined: &'a mut Option<Defined>,
+    vmi: &Vmi,
+) -> Result<&'a mut Defined, BackendError> {
+    let d = defined.as_mut().ok_or(BackendError::NoVm)?;
+    check_uid(d, vmi)?;
+    if d.deleted {
+        return Err(failed(LaunchError::Deleted));
+    }
+    Ok(d)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DomainRecord {
+    /// Records the state a VMM event left the domain in.
+    pub fn set_state(&self, state: DomainState) {
+        *lock(&self.state) = Some(state);
+    }
+
+    /// The domain's state, once it has booted.
+    pub fn state(&self) -> Option<DomainState> {
+        *lock(&self.state)
+    }
+
+    /// The domain in `state`, whether or not it was deleted since (events queued before the
+    /// deletion still describe it); `None` before a sync.
+    pub fn domain_in(&self, state: DomainState) -> Option<Value> {
+        let defined = lock(&self.defined);
+        let d = defined.as_ref()?;
+        let mut domain = domain::build(&d.vmi, &d.plan, state);
+        domain::set_graceful_shutdown(&mut domain, d.marked_for_shutdown, d.shutdown_started);
+        Some(domain)
+    }
+
+    /// Whether a VMI was synced.
+    pub fn is_defined(&self) -> bool {
+        lock(&self.defined).is_some()
+    }
+
+    /// A record of `vmi` synced as `plan` (for the event thread's tests).
+    #[cfg(test)]
+    pub(crate) fn synced(vmi: Vmi, plan: LaunchPlan) -> Self {
+        Self {
+            defined: Mutex::new(Some(Defined::new(vmi, plan))),
+            state: Mutex::default(),
+        }
+    }
+}
+
+impl Defined {
+    fn new(vmi: Vmi, plan: LaunchPlan) -> Self {
+        Self {
+            vmi,
+            plan,
+            deleted: false,
+            marked_for_shutdown: false,
+            shutdown_started: None,
+        }
+    }
+}
+
+/// [`LauncherBackend`] over the VMM.
+#[derive(Debug)]
+pub struct KubevirtBackend {
+    vmm: Arc<Vmm>,
+    dirs: LauncherDirs,
+    /// `--uid`; empty: any.
+    expected_uid: String,
+    record: Arc<DomainRecord>,
+    changes: Sender<Change>,
+}
+
+impl KubevirtBackend {
+    /// A backend running VMIs with UID `expected_uid` (any when empty) on `vmm`, with volumes
+    /// in `dirs`; it shares `record` with the event thread and queues changes on `changes`.
+    pub fn new(
+        vmm: Arc<Vmm>,
+        dirs: LauncherDirs,
+        expected_uid: String,
+        record: Arc<DomainRecord>,
+        changes: Sender<Change>,
+    ) -> Self {
+        Self {
+            vmm,
+            dirs,
+            expected_uid,
+            record,
+            changes,
+        }
+    }
+
+    /// SIGTERM: marks the domain for a graceful shutdown, which virt-handler answers with
+    /// ShutdownVirtualMachine, and tells whether a VM runs (or is paused) that needs one.
+    pub fn mark_for_graceful_shutdown(&self) -> bool {
+        let mut defined = lock(&self.record.defined);
+        let Some(d) = defined.as_mut().filter(|d| !d.deleted) else {
+            return false;
+        };
+        if !matches!(self.vmm.state(), Some(VmState::Running | VmState::Paused)) {
+            return false;
+        }
+        if !std::mem::replace(&mut d.marked_for_shutdown, true) {
+            self.notify(Change::Metadata);
+        }
+        true
+    }
+
+    /// Whether a VMI has been synced.
+    pub fn has_synced(&self) -> bool {
+        self.record.is_defined()
+    }
+
+    fn notify(&self, change: Change) {
+        // The event thread ends only with the VMM; a change after that has no one to tell.
+        let _ = self.changes.send(change);
+    }
+
+    /// Runs `op` unless the VM is already in `done`; `op` needs a defined VM.
+    fn transition(
+        &self,
+        vmi: &Vmi,
+        done: VmState,
+        action: &'static str,
+        op: impl FnOnce(&Vmm) -> Result<(), VmmError>,
+    ) -> Result<(), BackendError> {
+        let mut defined = lock(&self.record.defined);
+        defined_for(&mut defined, vmi)?;
+        if self.vmm.state() == Some(done) {
+            return Ok(());
+        }
+        op(&self.vmm).map_err(|e| failed(LaunchError::Vm(action, e)))
+    }
+
+    fn running_or_paused(&self) -> Option<VmState> {
+        self.vmm
+            .state()
+            .filter(|s| matches!(s, VmState::Running | VmState::Paused))
+    }
+}
+
+impl LauncherBackend for KubevirtBackend {
+    fn sync(&self, vmi: &Vmi, _options: &cmd::VirtualMachineOptions) -> Result<(), BackendError> {
+        if !self.expected_uid.is_empty() && vmi.metadata.uid != self.expected_uid {
+            return Err(failed(LaunchError::WrongVmi {
+                expected: self.expected_uid.clone(),
+                got: vmi.metadata.uid.clone(),
+            }));
+        }
+        // Held until the VM runs: the event thread builds the ADDED event from it.
+        let mut defined = lock(&self.record.defined);
+        if defined.is_some() {
+            // The VM exists: running, paused, or stopped for good (virt-handler then
+            // finishes the VMI; it does not start it again).
+            defined_for(&mut defined, vmi)?;
+            return Ok(());
+        }
+        let plan = plan(vmi, &self.dirs).map_err(BackendError::Vmi)?;
+        prepare(&plan).map_err(|e| failed(LaunchError::Prepare(e)))?;
+        *defined = Some(Defined::new(vmi.clone(), plan.clone()));
+        let started = self.vmm.create(plan.config).and_then(|()| self.vmm.boot());
+        if let Err(e) = started {
+            // Forget the VM so that the next Sync tries afresh.
+            *defined = None;
+            let _ = self.vmm.delete();
+            return Err(failed(LaunchError::Start(e)));
+        }
+        log::info!("VMI {} runs", plan.domain_name);
+        Ok(())
+    }
+
+    fn pause(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        self.transition(vmi, VmState::Paused, "pause", Vmm::pause)
+    }
+
+    fn unpause(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        self.transition(vmi, VmState::Running, "resume", Vmm::resume)
+    }
+
+    fn shutdown(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        let mut defined = lock(&self.record.defined);
+        let d = match defined_for(&mut defined, vmi) {
+            Ok(d) => d,
+            // Nothing to shut down, as KubeVirt answers for a missing domain.
+            Err(BackendError::NoVm) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(state) = self.running_or_paused() else {
+            return Ok(()); // Already off.
+        };
+        if d.shutdown_started.is_some() {
+            // Asked once; virt-handler kills the VM when the grace period is over.
+            return Ok(());
+        }
+        if state == VmState::Paused {
+            // A paused guest cannot see the key press.
+            self.vmm
+                .resume()
+                .map_err(|e| failed(LaunchError::Vm("resume", e)))?;
+        }
+        self.vmm
+            .power_button()
+            .map_err(|e| failed(LaunchError::Vm("shut down", e)))?;
+        d.shutdown_started = Some(SystemTime::now());
+        self.notify(Change::Metadata);
+        Ok(())
+    }
+
+    fn kill(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        let defined = lock(&self.record.defined);
+        let Some(d) = defined.as_ref() else {
+            return Ok(()); // Nothing to kill, as KubeVirt answers for a missing domain.
+        };
+        check_uid(d, vmi)?;
+        if self.running_or_paused().is_none() {
+            return Ok(());
+        }
+        self.vmm
+            .shutdown()
+            .map_err(|e| failed(LaunchError::Vm("kill", e)))
+    }
+
+    fn delete(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        let mut defined = lock(&self.record.defined);
+        let Some(d) = defined.as_mut().filter(|d| !d.deleted) else {
+            return Ok(()); // Nothing (more) to delete.
+        };
+        check_uid(d, vmi)?;
+        match self.vmm.delete() {
+            Ok(()) | Err(VmmError::NotCreated) => {}
+            Err(e) => return Err(failed(LaunchError::Vm("delete", e))),
+        }
+        d.deleted = true;
+        self.notify(Change::Deleted);
+        Ok(())
+    }
+
+    fn reset(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        let mut defined = lock(&self.record.defined);
+        defined_for(&mut defined, vmi)?;
+        self.vmm
+            .reboot()
+            .map_err(|e| failed(LaunchError::Vm("reset", e)))
+    }
+
+    fn soft_reboot(&self, _vmi: &Vmi) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported(
+            "A soft reboot (the guest's own reboot ends an rvmm VM; ResetVirtualMachine \
+             restarts it)",
+        ))
+    }
+
+    fn domain(&self) -> Option<Value> {
+        let deleted = lock(&self.record.defined).as_ref().map(|d| d.deleted)?;
+        if deleted {
+            return None;
+        }
+        self.record.domain_in(self.record.state()?)
+    }
+
+    fn domain_stats(&self) -> Result<Option<Value>, BackendError> {
+        let defined = lock(&self.record.defined);
+        let Some(d) = defined.as_ref().filter(|d| !d.deleted) else {
+            return Ok(None);
+        };
+        Ok(self
+            .vmm
+            .metrics()
+            .map(|metrics| domain_stats(&d.vmi, &d.plan, &metrics)))
+    }
+}
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod tests;

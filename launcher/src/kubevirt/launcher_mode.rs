@@ -1,0 +1,267 @@
+//! `rvmm virt-launcher` (or the binary installed as `virt-launcher`/`virt-launcher-monitor`):
+//! rvmm in a KubeVirt launcher pod, in place of virt-launcher-monitor, virt-launcher, libvirt
+//! and QEMU.
+//!
+//! Start-up: SIGTERM and SIGINT are blocked before any thread starts; then the VMM (CPU profile
+//! `auto`, seccomp filters on the vCPU and device threads, no event monitor; the console is the
+//! VMI's serial socket), the gRPC runtime, the domain-event thread and the command server on
+//! `<share-dir>/sockets/launcher-init-sock`, renamed to `launcher-sock` once it serves: that
+//! rename is KubeVirt's readiness signal. virt-handler then sends the VMI (SyncVirtualMachine)
+//! and drives the VM through the command server ([`super::backend`]).
+//!
+//! The end:
+//! - The guest powers off, resets or crashes: the final domain events go out and rvmm exits
+//!   (0, or 3 for a crash, 1 when KVM could not run the guest), as `rvmm run` does.
+//! - DeleteVirtualMachine: the VM is stopped and forgotten, the final event goes out, rvmm
+//!   exits 0. After KillVirtualMachine the stopped VM stays defined until then.
+//! - SIGTERM: as KubeVirt's launcher, rvmm marks the domain for a graceful shutdown (a domain
+//!   event) and lets virt-handler drive it (ShutdownVirtualMachine, then Kill); once
+//!   `--grace-period-seconds` have passed the VM is stopped. Without a VM running rvmm exits at
+//!   once; a second signal stops the VM at once.
+//! - No VMI synced within `--qemu-timeout`: exit 1, as virt-launcher's "timed out waiting for
+//!   domain to be defined".
+//!
+//! Every way out stops the VM (disks flushed), sends the last domain events (bounded wait),
+//! stops the command server and removes its socket. `--keep-after-failure` then keeps a failed
+//! launcher (exit code not 0) alive until a signal, for debugging; `--simulate-crash` fails at
+//! once. The other flags are accepted and logged ([`super::launcher_flags::FLAG_USES`]).
+//!
+//! The main thread is not seccomp-filtered in this mode (the gRPC runtime and the event thread
+//! are not either): the vCPU and device threads are.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use vmm_core::CpuProfile;
+use vmm_core::cpuid::KVM_PVM_MODULE;
+
+use super::backend::{DomainRecord, KubevirtBackend};
+use super::domain_events::DomainEvents;
+use super::grpc::{GrpcError, GrpcRuntime, LauncherServer, error_chain, ready_socket_path};
+use super::launcher_flags::{LauncherFlags, VirtLauncherArgs};
+use super::notify::Notifier;
+use crate::events::EventMonitor;
+use crate::shutdown::ShutdownSignals;
+use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, Vmm, VmmSettings};
+
+/// How long the launcher waits for its last domain events at exit (KubeVirt's launcher waits
+/// 15 s for its final notification).
+const FINAL_EVENTS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherModeError {
+    /// The shutdown signals cannot be blocked.
+    #[error("Cannot block the shutdown signals")]
+    Signals(#[source] std::io::Error),
+    /// A thread of the mode cannot start.
+    #[error("Cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// The command server cannot start or become ready.
+    #[error("Cannot start the command server")]
+    Server(#[source] GrpcError),
+}
+
+/// Runs the virt-launcher mode; returns the exit code.
+pub fn run(flags: &LauncherFlags) -> u8 {
+    // Before any thread starts, so that every thread inherits the blocked signals.
+    let signals = match ShutdownSignals::block() {
+        Ok(signals) => signals,
+        Err(e) => return fail(&LauncherModeError::Signals(e)),
+    };
+    let args = &flags.args;
+    log::info!(
+        "rvmm as virt-launcher for VMI {}/{} (uid {}), share dir {}",
+        args.namespace,
+        args.name,
+        args.uid,
+        args.kubevirt_share_dir.display()
+    );
+    flags.log_usage();
+    if args.simulate_crash {
+        eprintln!("rvmm: simulated virt-launcher crash (--simulate-crash)");
+        return EXIT_VMM_ERROR;
+    }
+    let vmm = Vmm::new(settings(), EventMonitor::disabled());
+    let backend = Arc::new(OnceLock::new());
+    let grace = Duration::from_secs(u64::try_from(args.grace_period_seconds).unwrap_or(0));
+    let (woken, signalled) = channel();
+    let on_signal = {
+        let vmm = vmm.clone();
+        let backend = backend.clone();
+        let mut first = true;
+        move |_signal| {
+            let _ = woken.send(());
+            shutdown_signal(
+                &vmm,
+                backend.get(),
+                std::mem::replace(&mut first, false),
+                grace,
+            );
+        }
+    };
+    if let Err(e) = signals.handle_with(on_signal) {
+        return fail(&LauncherModeError::Thread("signal", e));
+    }
+    let code = match Launcher::start(args, &vmm) {
+        Ok(launcher) => {
+            let _ = backend.set(launcher.backend.clone());
+            watch_first_sync(&vmm, &launcher.backend, args.qemu_timeout);
+            launcher.run_to_end(&vmm)
+        }
+        Err(e) => {
+            vmm.request_exit(EXIT_VMM_ERROR);
+            vmm.teardown();
+            fail(&e)
+        }
+    };
+    if code != EXIT_OK && args.keep_after_failure {
+        keep_after_failure(&signalled, code);
+    }
+    code
+}
+
+fn fail(err: &LauncherModeError) -> u8 {
+    // The whole cause chain, once, on one line.
+    eprintln!("rvmm: {}", error_chain(err));
+    EXIT_VMM_ERROR
+}
+
+/// The VMM's host-side settings in a launcher pod.
+fn settings() -> VmmSettings {
+    VmmSettings {
+        kvm_path: "/dev/kvm".into(),
+        cpu_profile: CpuProfile::for_host(Path::new(KVM_PVM_MODULE).exists()),
+        serial_log: None,
+        seccomp: true,
+    }
+}
+
+/// SIGTERM or SIGINT (`first` for the first one).
+fn shutdown_signal(
+    vmm: &Arc<Vmm>,
+    backend: Option<&Arc<KubevirtBackend>>,
+    first: bool,
+    grace: Duration,
+) {
+    if !first {
+        log::warn!("Second shutdown signal: stopping the VM now");
+        vmm.request_exit(EXIT_OK);
+        return;
+    }
+    if !backend.is_some_and(|b| b.mark_for_graceful_shutdown()) {
+        log::info!("Shutdown signal: no VM runs, exiting");
+        vmm.request_exit(EXIT_OK);
+        return;
+    }
+    log::warn!(
+        "Shutdown signal: domain marked for a graceful shutdown by virt-handler; the VM is \
+         stopped in {} s",
+        grace.as_secs()
+    );
+    let timer_vmm = vmm.clone();
+    let timer = std::thread::Builder::new()
+        .name("grace".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            log::warn!("Grace period over: stopping the VM");
+            timer_vmm.request_exit(EXIT_OK);
+        });
+    if let Err(e) = timer {
+        log::error!("Cannot start the grace timer, stopping now: {e}");
+        vmm.request_exit(EXIT_OK);
+    }
+}
+
+/// `--qemu-timeout`: without a synced VMI by then, the launcher fails.
+fn watch_first_sync(vmm: &Arc<Vmm>, backend: &Arc<KubevirtBackend>, timeout: Duration) {
+    let vmm = vmm.clone();
+    let backend = backend.clone();
+    let watch = std::thread::Builder::new()
+        .name("qemu-timeout".into())
+        .spawn(move || {
+            std::thread::sleep(timeout);
+            if !backend.has_synced() {
+                eprintln!(
+                    "rvmm: no VMI was synced within --qemu-timeout {}s",
+                    timeout.as_secs()
+                );
+                vmm.request_exit(EXIT_VMM_ERROR);
+            }
+        });
+    if let Err(e) = watch {
+        log::warn!("--qemu-timeout is not watched: {e}");
+    }
+}
+
+/// `--keep-after-failure`: stay until a signal.
+fn keep_after_failure(signalled: &Receiver<()>, code: u8) {
+    // Signals that came before the failure do not count.
+    while signalled.try_recv().is_ok() {}
+    log::warn!("Exit code {code}: kept alive until a signal (--keep-after-failure)");
+    let _ = signalled.recv();
+}
+
+/// The running launcher. Fields drop in order: the server before its runtime.
+struct Launcher {
+    server: LauncherServer,
+    events: DomainEvents,
+    backend: Arc<KubevirtBackend>,
+    runtime: GrpcRuntime,
+}
+
+impl Launcher {
+    /// Starts the event thread and the command server, and marks the launcher ready.
+    fn start(args: &VirtLauncherArgs, vmm: &Arc<Vmm>) -> Result<Self, LauncherModeError> {
+        let runtime = GrpcRuntime::start().map_err(LauncherModeError::Server)?;
+        let record = Arc::new(DomainRecord::default());
+        let events = DomainEvents::start(
+            Notifier::new(&args.kubevirt_share_dir),
+            runtime.handle().clone(),
+            record.clone(),
+            vmm.clone(),
+        )
+        .map_err(|e| LauncherModeError::Thread("domain-event", e))?;
+        vmm.on_event(events.listener(record.clone()));
+        let backend = Arc::new(KubevirtBackend::new(
+            vmm.clone(),
+            args.dirs(),
+            args.uid.clone(),
+            record,
+            events.sender(),
+        ));
+        let sockets = args.sockets_dir();
+        let server = LauncherServer::start(&runtime, &sockets, backend.clone())
+            .map_err(LauncherModeError::Server)?;
+        server.mark_ready().map_err(LauncherModeError::Server)?;
+        log::info!(
+            "Ready: commands on {}",
+            ready_socket_path(&sockets).display()
+        );
+        Ok(Self {
+            server,
+            events,
+            backend,
+            runtime,
+        })
+    }
+
+    /// Waits for the VMM's end, stops the VM, delivers the last events and stops serving.
+    fn run_to_end(self, vmm: &Vmm) -> u8 {
+        let code = vmm.wait_for_exit();
+        vmm.teardown();
+        if !self.events.wait_flushed(FINAL_EVENTS_TIMEOUT) {
+            log::warn!(
+                "The last domain events were not delivered within {} s",
+                FINAL_EVENTS_TIMEOUT.as_secs()
+            );
+        }
+        if let Err(e) = self.server.stop() {
+            log::warn!("Stopping the command server: {}", error_chain(&e));
+        }
+        drop(self.runtime);
+        code
+    }
+}

@@ -1,0 +1,207 @@
+//! KubeVirt's `stats.DomainStats` JSON (GetDomainStats) from rvmm's VM metrics.
+//!
+//! virt-handler turns these into its `kubevirt_vmi_*` Prometheus metrics. Like libvirt's bulk
+//! stats, every value comes with a `...Set` flag, and virt-handler skips a value whose flag is
+//! false; rvmm sets the flags of what it counts:
+//!
+//! - `Name`, `UUID`: the domain's.
+//! - `Vcpu`: one entry per vCPU, `State` 1 (running); no CPU time (`TimeSet` false).
+//! - `Memory`: `ActualBalloon` = guest RAM in KiB (no balloon and no guest-reported figures).
+//! - `Block`: per disk in guest order: `Name` (`vda`), `Alias` (the VMI disk name), `Path`,
+//!   `RdReqs`/`RdBytes`, `WrReqs`/`WrBytes`, `FlReqs`, `Errors`; no times, no capacity.
+//! - `Net`: per interface: `Name` (the tap), `Alias` (the VMI interface name), rx/tx bytes,
+//!   packets, drops and errors.
+//! - `Cpu` (host CPU time of the whole VM): empty, all flags false.
+
+use serde_json::{Value, json};
+use vmm_core::metrics::VmMetrics;
+
+use super::vmi::{LaunchPlan, Vmi};
+
+/// libvirt's `VIR_VCPU_RUNNING`.
+const VCPU_RUNNING: u32 = 1;
+
+/// The `stats.DomainStats` of `vmi` run as `plan`, from `metrics`. Disks and interfaces are
+/// matched to the plan by position: the VM's devices are in the plan's order.
+pub fn domain_stats(vmi: &Vmi, plan: &LaunchPlan, metrics: &VmMetrics) -> Value {
+    let uuid = vmi
+        .spec
+        .domain
+        .firmware
+        .as_ref()
+        .and_then(|f| f.uuid.clone())
+        .unwrap_or_else(|| vmi.metadata.uid.clone());
+    let vcpus: Vec<Value> = (0..plan.config.cpus.boot_vcpus)
+        .map(|_| json!({"StateSet": true, "State": VCPU_RUNNING}))
+        .collect();
+    let block: Vec<Value> = plan
+        .disks
+        .iter()
+        .zip(&metrics.disks)
+        .map(|(disk, m)| {
+            json!({
+                "NameSet": true,
+                "Name": disk.target,
+                "Alias": disk.name,
+                "PathSet": true,
+                "Path": disk.path,
+                "RdReqsSet": true,
+                "RdReqs": m.reads,
+                "RdBytesSet": true,
+                "RdBytes": m.read_bytes,
+                "WrReqsSet": true,
+                "WrReqs": m.writes,
+                "WrBytesSet": true,
+                "WrBytes": m.write_bytes,
+                "FlReqsSet": true,
+                "FlReqs": m.flushes,
+                "ErrorsSet": true,
+                "Errors": m.errors,
+            })
+        })
+        .collect();
+    let net: Vec<Value> = plan
+        .interfaces
+        .iter()
+        .zip(&metrics.nets)
+        .map(|(iface, m)| {
+            json!({
+                "NameSet": true,
+                "Name": iface.tap,
+                "AliasSet": true,
+                "Alias": iface.name,
+                "RxBytesSet": true,
+                "RxBytes": m.rx_bytes,
+                "RxPktsSet": true,
+                "RxPkts": m.rx_packets,
+                "RxErrsSet": true,
+                "RxErrs": m.rx_errors,
+                "RxDropSet": true,
+                "RxDrop": m.rx_drops,
+                "TxBytesSet": true,
+                "TxBytes": m.tx_bytes,
+                "TxPktsSet": true,
+                "TxPkts": m.tx_packets,
+                "TxErrsSet": true,
+                "TxErrs": m.tx_errors,
+                "TxDropSet": true,
+                "TxDrop": m.tx_drops,
+            })
+        })
+        .collect();
+    json!({
+        "Name": plan.domain_name,
+        "UUID": uuid,
+        "Cpu": {},
+        "Memory": {"ActualBalloonSet": true, "ActualBalloon": metrics.memory_bytes >> 10},
+        "MigrateDomainJobInfo": null,
+        "Vcpu": vcpus,
+        "Net": net,
+        "Block": block,
+        "CPUMapSet": false,
+        "CPUMap": null,
+        "DirtyRate": null,
+        "Load": null,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use vmm_core::metrics::{DiskMetrics, NicMetrics};
+
+    use super::*;
+    use crate::kubevirt::vmi::{PlannedDisk, PlannedInterface};
+
+    #[test]
+    fn stats_carry_vcpus_memory_and_per_alias_disk_and_nic_counters() {
+        let vmi =
+            Vmi::from_json(br#"{"metadata": {"name": "vm", "namespace": "ns", "uid": "u-1"}}"#)
+                .unwrap();
+        let mut config = crate::config::VmConfigFile::default();
+        config.cpus.boot_vcpus = 2;
+        let plan = LaunchPlan {
+            domain_name: "ns_vm".into(),
+            config,
+            serial_socket: None,
+            disks: vec![PlannedDisk {
+                name: "rootdisk".into(),
+                path: PathBuf::from("/disks/root.img"),
+                readonly: false,
+                block_device: false,
+                target: "vda".into(),
+                serial: None,
+            }],
+            interfaces: vec![PlannedInterface {
+                name: "default".into(),
+                tap: "tap0".into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+            prepare: vec![],
+            warnings: vec![],
+        };
+        let metrics = VmMetrics {
+            exits: vec![],
+            disks: vec![DiskMetrics {
+                id: "disk0".into(),
+                reads: 3,
+                writes: 4,
+                read_bytes: 1536,
+                write_bytes: 2048,
+                flushes: 1,
+                errors: 0,
+            }],
+            nets: vec![NicMetrics {
+                id: "default".into(),
+                rx_packets: 5,
+                rx_bytes: 500,
+                tx_packets: 6,
+                tx_bytes: 600,
+                ..Default::default()
+            }],
+            memory_bytes: 64 << 20,
+        };
+        let s = domain_stats(&vmi, &plan, &metrics);
+        assert_eq!(
+            (s["Name"].as_str(), s["UUID"].as_str()),
+            (Some("ns_vm"), Some("u-1"))
+        );
+        assert_eq!(
+            s["Vcpu"],
+            json!([{"StateSet": true, "State": 1}, {"StateSet": true, "State": 1}])
+        );
+        assert_eq!(s["Memory"]["ActualBalloon"], 65536);
+        let disk = &s["Block"][0];
+        assert_eq!(
+            (disk["Name"].as_str(), disk["Alias"].as_str()),
+            (Some("vda"), Some("rootdisk"))
+        );
+        assert_eq!(
+            [
+                &disk["RdReqs"],
+                &disk["RdBytes"],
+                &disk["WrReqs"],
+                &disk["WrBytes"],
+                &disk["FlReqs"]
+            ],
+            [3, 1536, 4, 2048, 1].map(|n| json!(n)).each_ref()
+        );
+        let nic = &s["Net"][0];
+        assert_eq!(
+            (nic["Name"].as_str(), nic["Alias"].as_str()),
+            (Some("tap0"), Some("default"))
+        );
+        assert_eq!(
+            [
+                &nic["RxBytes"],
+                &nic["RxPkts"],
+                &nic["TxBytes"],
+                &nic["TxPkts"]
+            ],
+            [500, 5, 600, 6].map(|n| json!(n)).each_ref()
+        );
+        assert_eq!(nic["RxDropSet"], true);
+        assert_eq!(s["Cpu"], json!({}), "no host CPU time: every flag false");
+    }
+}
