@@ -98,6 +98,7 @@ impl DomainEvents {
             runtime,
             record,
             vmm,
+            state: None,
             added: false,
             final_sent: false,
         };
@@ -152,6 +153,9 @@ struct EventSender {
     runtime: Handle,
     record: Arc<DomainRecord>,
     vmm: Arc<Vmm>,
+    /// The state of the last change handled: metadata changes go out in it (the record's
+    /// state may be ahead of the queue).
+    state: Option<DomainState>,
     /// `ADDED` went out.
     added: bool,
     /// The final (deleted) event went out.
@@ -163,6 +167,7 @@ impl EventSender {
     fn handle(&mut self, change: Change) -> bool {
         match change {
             Change::Booted => {
+                self.state = Some(DomainState::RUNNING);
                 if let Some(domain) = self.record.domain_in(DomainState::RUNNING) {
                     let event = if std::mem::replace(&mut self.added, true) {
                         DomainEvent::modified(domain)
@@ -173,12 +178,13 @@ impl EventSender {
                 }
             }
             Change::State(state) => {
+                self.state = Some(state);
                 if let Some(domain) = self.record.domain_in(state) {
                     self.send(&DomainEvent::modified(domain));
                 }
             }
             Change::Metadata => {
-                if let Some(state) = self.record.state()
+                if let Some(state) = self.state
                     && let Some(domain) = self.record.domain_in(state)
                 {
                     self.send(&DomainEvent::modified(domain));
@@ -210,7 +216,14 @@ impl EventSender {
         let status = event
             .domain
             .as_ref()
-            .map(|d| format!("{}({})", d["Status"]["Status"], d["Status"]["Reason"]))
+            .map(|d| {
+                let status = &d["Status"];
+                format!(
+                    "{}({})",
+                    status["Status"].as_str().unwrap_or_default(),
+                    status["Reason"].as_str().unwrap_or_default()
+                )
+            })
             .unwrap_or_default();
         match self.notifier.send_blocking(&self.runtime, event) {
             Ok(()) => log::info!(
@@ -229,9 +242,150 @@ impl EventSender {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use vmm_core::CpuProfile;
 
     use super::*;
+    use crate::events::EventMonitor;
     use crate::kubevirt::domain::LifeCycle;
+    use crate::kubevirt::grpc::GrpcRuntime;
+    use crate::kubevirt::grpc::tests::{TempDir, fake_virt_handler};
+    use crate::kubevirt::proto::notify::v1::DomainEventRequest;
+    use crate::kubevirt::vmi::{LauncherDirs, Vmi, plan};
+    use crate::vmm::VmmSettings;
+
+    /// The event thread sending to a fake virt-handler in a temporary share directory, for a
+    /// synced kernel-boot VMI (no KVM: the VMM's events are fed to the listener by hand).
+    struct Harness {
+        _dir: TempDir,
+        _runtime: GrpcRuntime,
+        vmm: Arc<Vmm>,
+        events: DomainEvents,
+        listener: EventListener,
+        received: tokio::sync::mpsc::UnboundedReceiver<DomainEventRequest>,
+    }
+
+    impl Harness {
+        fn new(tag: &str) -> Self {
+            let dir = TempDir::new(tag);
+            let dirs = LauncherDirs::under(&dir.0);
+            let kernel = dirs.container_disks.join("kernel-boot/vmlinux");
+            std::fs::create_dir_all(kernel.parent().unwrap()).unwrap();
+            std::fs::write(&kernel, b"kernel").unwrap();
+            let vmi = Vmi::from_json(
+                json!({
+                    "metadata": {"name": "vm", "namespace": "ns", "uid": "u-1"},
+                    "spec": {"domain": {
+                        "devices": {"autoattachSerialConsole": false},
+                        "firmware": {"kernelBoot": {"container": {"kernelPath": "/vmlinux"}}},
+                        "memory": {"guest": "64Mi"}
+                    }}
+                })
+                .to_string()
+                .as_bytes(),
+            )
+            .unwrap();
+            let plan = plan(&vmi, &dirs).unwrap();
+            let record = Arc::new(DomainRecord::synced(vmi, plan));
+            let runtime = GrpcRuntime::start().unwrap();
+            let received = {
+                let _entered = runtime.handle().enter();
+                fake_virt_handler(&dir.0, vec![1])
+            };
+            let vmm = Vmm::new(
+                VmmSettings {
+                    kvm_path: "/nonexistent/kvm".into(),
+                    cpu_profile: CpuProfile::Host,
+                    serial_log: None,
+                    seccomp: false,
+                },
+                EventMonitor::disabled(),
+            );
+            let events = DomainEvents::start(
+                Notifier::new(&dir.0),
+                runtime.handle().clone(),
+                record.clone(),
+                vmm.clone(),
+            )
+            .unwrap();
+            let listener = events.listener(record);
+            Self {
+                _dir: dir,
+                _runtime: runtime,
+                vmm,
+                events,
+                listener,
+                received,
+            }
+        }
+
+        /// (type, status, reason, has a deletion timestamp) of each event delivered so far.
+        fn delivered(&mut self) -> Vec<(String, String, String, bool)> {
+            let mut seen = Vec::new();
+            while let Ok(request) = self.received.try_recv() {
+                let d: Value = serde_json::from_slice(&request.domain_json).unwrap();
+                seen.push((
+                    request.event_type,
+                    d["Status"]["Status"].as_str().unwrap().to_owned(),
+                    d["Status"]["Reason"].as_str().unwrap().to_owned(),
+                    d["ObjectMeta"].get("deletionTimestamp").is_some(),
+                ));
+            }
+            seen
+        }
+    }
+
+    fn event(kind: &str, status: &str, reason: &str, gone: bool) -> (String, String, String, bool) {
+        (kind.into(), status.into(), reason.into(), gone)
+    }
+
+    #[test]
+    fn vm_life_reaches_virt_handler_in_order_with_the_final_event_before_exit() {
+        let mut h = Harness::new("events-life");
+        (h.listener)("vm.booted", &json!({"vcpus": 1}));
+        (h.listener)("vm.paused", &Value::Null);
+        h.events.sender().send(Change::Metadata).unwrap();
+        (h.listener)("vm.resumed", &Value::Null);
+        let killed = json!({"reason": StopReason::Requested.to_string()});
+        (h.listener)("vm.shutdown", &killed);
+        (h.listener)("vmm.shutdown", &json!({"exit_code": 0}));
+        assert!(h.events.wait_flushed(Duration::from_secs(20)));
+        assert_eq!(
+            h.delivered(),
+            [
+                event("ADDED", "Running", "Unknown", false),
+                event("MODIFIED", "Paused", "User", false),
+                event("MODIFIED", "Paused", "User", false),
+                event("MODIFIED", "Running", "Unknown", false),
+                event("MODIFIED", "Shutoff", "Destroyed", false),
+                event("MODIFIED", "NoState", "NonExistent", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn deletion_sends_the_final_event_once_and_ends_the_vmm() {
+        let mut h = Harness::new("events-delete");
+        (h.listener)("vm.booted", &Value::Null);
+        h.events.sender().send(Change::Deleted).unwrap();
+        assert_eq!(h.vmm.wait_for_exit(), EXIT_OK);
+        (h.listener)("vmm.shutdown", &json!({"exit_code": 0}));
+        assert!(h.events.wait_flushed(Duration::from_secs(20)));
+        assert_eq!(
+            h.delivered(),
+            [
+                event("ADDED", "Running", "Unknown", false),
+                event("MODIFIED", "NoState", "NonExistent", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn vmm_exit_without_a_booted_vm_sends_nothing() {
+        let mut h = Harness::new("events-none");
+        (h.listener)("vmm.shutdown", &json!({"exit_code": 1}));
+        assert!(h.events.wait_flushed(Duration::from_secs(20)));
+        assert_eq!(h.delivered(), []);
+    }
 
     #[test]
     fn vmm_events_map_to_domain_changes() {
