@@ -42,6 +42,7 @@ use launcher::api::routes::{self, API_PREFIX, BodyKind, METRICS_PATH, Reply};
 use launcher::api::{MAX_BODY_BYTES, serve_stream};
 use launcher::config::{SerialModeName, VmConfigFile};
 use launcher::events::EventMonitor;
+use launcher::api::routes::ENDPOINTS;
 use launcher::vmm::{Vmm, VmmSettings};
 use libfuzzer_sys::{Corpus, fuzz_target};
 use serde_json::{Map, Value, json};
@@ -51,21 +52,6 @@ use vmm_core::CpuProfile;
 const KVM: &str = "/nonexistent/kvm";
 /// How long the server may take to answer everything once the client has sent its EOF.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-/// The endpoints and their methods (as in `api::routes`).
-const ENDPOINTS: &[(&str, &str)] = &[
-    ("vmm.ping", "GET"),
-    ("vmm.shutdown", "PUT"),
-    ("vm.create", "PUT"),
-    ("vm.boot", "PUT"),
-    ("vm.info", "GET"),
-    ("vm.counters", "GET"),
-    ("vm.pause", "PUT"),
-    ("vm.resume", "PUT"),
-    ("vm.shutdown", "PUT"),
-    ("vm.reboot", "PUT"),
-    ("vm.power-button", "PUT"),
-    ("vm.delete", "PUT"),
-];
 /// Methods for the rare wrong one (no HEAD: its answers have no body to compare).
 const METHODS: &[&str] = &["GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"];
 /// Statuses the API server answers (`routes`, `to_response`) or hyper sends by itself (parse

@@ -93,8 +93,8 @@ fn done(result: Result<(), VmmError>) -> Reply {
     }
 }
 
-/// The endpoints: name, method, and whether the body is the VM configuration.
-const ENDPOINTS: &[(&str, &str)] = &[
+/// The endpoints under [`API_PREFIX`] and the method each takes.
+pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vmm.ping", "GET"),
     ("vmm.shutdown", "PUT"),
     ("vm.create", "PUT"),
@@ -138,7 +138,17 @@ pub fn handle(vmm: &Arc<Vmm>, method: &str, path: &str, body: Option<&[u8]>) -> 
     if method != *allowed {
         return wrong_method(method, path, allowed);
     }
-    match *name {
+    let mut reply = endpoint(vmm, name, path, body);
+    if reply.status == 405 {
+        // A 405 names the methods the resource takes (RFC 9110), also when it is the VM's
+        // state, not the method, that is wrong.
+        reply.allow = Some(allowed);
+    }
+    reply
+}
+
+fn endpoint(vmm: &Arc<Vmm>, name: &str, path: &str, body: Option<&[u8]>) -> Reply {
+    match name {
         "vmm.ping" => Reply::json(
             200,
             &json!({

@@ -291,6 +291,21 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
     if vmi.metadata.uid.is_empty() {
         return Err(invalid("metadata.uid", "required"));
     }
+    // The UID names the serial console's directory: a UUID, never a path.
+    if !vmi
+        .metadata
+        .uid
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(invalid(
+            "metadata.uid",
+            format!("'{}' is not a UID (letters, digits, '-')", vmi.metadata.uid),
+        ));
+    }
+    for (i, volume) in spec.volumes.iter().enumerate() {
+        devices::check_dns_label(&format!("spec.volumes[{i}].name"), &volume.name)?;
+    }
     if let Some(arch) = spec.architecture.as_deref()
         && !matches!(arch, "" | "amd64" | "x86_64")
     {
@@ -538,6 +553,9 @@ fn memory_bytes(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u64, VmiError> 
     if bytes == 0 {
         return Err(invalid(field, format!("{quantity} is no memory")));
     }
+    // The same checks `memory.size` gets later, reported on the VMI's own field.
+    vmm_core::memory::MemoryLayout::new(bytes)
+        .map_err(|e| invalid(field.clone(), format!("{quantity}: {e}")))?;
     Ok(bytes)
 }
 

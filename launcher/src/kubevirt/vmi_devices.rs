@@ -11,6 +11,27 @@ use super::{
 use crate::kubevirt::nocloud::NoCloudData;
 use crate::kubevirt::quantity::Quantity;
 
+/// Kubernetes admits only DNS-1123 labels as disk, volume and interface names; rvmm joins
+/// them to the pod's directories, so a VMI that skipped that admission must not name a path
+/// outside them (`../x`, `/etc/passwd`).
+pub(super) fn check_dns_label(field: &str, name: &str) -> Result<(), VmiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("'{name}' is not a DNS-1123 label (a-z, 0-9, '-', at most 63)"),
+        ))
+    }
+}
+
 /// The qcow2 magic (`QFI\xfb`).
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
@@ -56,6 +77,7 @@ pub(super) fn disks(
                 ),
             ));
         }
+        check_dns_label(&format!("{field}.name"), &disk.name)?;
         let (index, volume) = spec
             .volumes
             .iter()
@@ -347,7 +369,24 @@ pub(super) fn interfaces(vmi: &Vmi) -> Result<Vec<PlannedInterface>, VmiError> {
             return Err(invalid(format!("spec.networks[{n}]"), "names no network"));
         }
         let mac = match &iface.mac_address {
-            Some(mac) => mac.replace('-', ":").to_ascii_lowercase(),
+            Some(text) => {
+                let mac = text.replace('-', ":").to_ascii_lowercase();
+                match crate::cli::parse_mac(&mac) {
+                    Some(bytes) if bytes[0] & 1 == 0 => mac,
+                    Some(_) => {
+                        return Err(invalid(
+                            format!("{field}.macAddress"),
+                            format!("{text} is a multicast address"),
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            format!("{field}.macAddress"),
+                            format!("'{text}' is not like 52:54:00:12:34:56"),
+                        ));
+                    }
+                }
+            }
             None => derived_mac(&vmi.metadata.uid, &iface.name),
         };
         planned.push(PlannedInterface {

@@ -466,3 +466,50 @@ fn guest_disk_names_continue_past_z() {
     assert_eq!(guest_disk_name(25), "vdz");
     assert_eq!(guest_disk_name(26), "vdaa");
 }
+
+#[test]
+fn volume_and_disk_names_that_would_leave_the_pod_directories_are_refused() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["volumes"][1]["name"] = json!("../../../../tmp/evil");
+        v["spec"]["domain"]["devices"]["disks"][1]["name"] = json!("../../../../tmp/evil");
+    });
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.volumes[1].name: '../../../../tmp/evil' is not a DNS-1123 label (a-z, 0-9, '-', at most 63)"
+    );
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["disks"][0]["name"] = json!("/etc/passwd");
+    });
+    assert!(
+        error_text(&vmi, &pod.dirs).starts_with("spec.domain.devices.disks[0].name: '/etc/passwd'"),
+        "{}",
+        error_text(&vmi, &pod.dirs)
+    );
+    let vmi = edited(FEDORA, |v| v["metadata"]["uid"] = json!("../x"));
+    assert!(error_text(&vmi, &pod.dirs).starts_with("metadata.uid: '../x' is not a UID"));
+}
+
+#[test]
+fn bad_mac_and_unusable_memory_are_reported_on_the_vmi_fields() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["interfaces"][0]["macAddress"] = json!("zz");
+    });
+    assert_eq!(
+        error_text(&vmi, &pod.dirs),
+        "spec.domain.devices.interfaces[0].macAddress: 'zz' is not like 52:54:00:12:34:56"
+    );
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["interfaces"][0]["macAddress"] = json!("01:00:5e:00:00:01");
+    });
+    assert!(error_text(&vmi, &pod.dirs).ends_with("is a multicast address"));
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["memory"]["guest"] = json!("1000k")
+    });
+    assert!(
+        error_text(&vmi, &pod.dirs).starts_with("spec.domain.memory.guest: 1000k: "),
+        "{}",
+        error_text(&vmi, &pod.dirs)
+    );
+}
