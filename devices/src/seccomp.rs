@@ -176,6 +176,66 @@ where
     Err(outcome)
 }
 
+/// How a child run by [`run_in_filtered_child`] ended.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildEnd {
+    /// It exited with this status (2: the filter could not be installed).
+    Exited(i32),
+    /// A signal killed it (`SIGSYS`: the filter denied a system call).
+    Killed(i32),
+    /// Any other wait status.
+    Other(i32),
+}
+
+/// A test aid: runs `action` in a forked child under `filter` and says how the child ended.
+/// The child ends with status 0 when `action` returns.
+///
+/// # Safety
+///
+/// The calling process may have other threads (a test harness has), so `action` must only
+/// make raw system calls and call async-signal-safe functions: no allocation, no locks.
+#[doc(hidden)]
+pub unsafe fn run_in_filtered_child(filter: &BpfProgram, action: fn()) -> ChildEnd {
+    // SAFETY: the child only calls async-signal-safe functions and raw system calls below,
+    // and `action` does the same (the caller's promise).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `no_core` is a valid rlimit; a SIGSYS death must not leave a core file.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+        if install(filter).is_err() {
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(2) };
+        }
+        action();
+        // exit(2), not exit_group(2): every filter allows it, and the child has one thread,
+        // so this ends it with status 0.
+        // SAFETY: ends the calling (only) thread; nothing runs after it.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+    }
+    let mut status = 0;
+    // SAFETY: `pid` is our child and `status` a valid out pointer.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(
+        waited,
+        pid,
+        "waitpid failed: {}",
+        std::io::Error::last_os_error()
+    );
+    if libc::WIFEXITED(status) {
+        ChildEnd::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        ChildEnd::Killed(libc::WTERMSIG(status))
+    } else {
+        ChildEnd::Other(status)
+    }
+}
+
 /// What every filtered rvmm thread needs, whatever it does: memory, locks, logging, signals,
 /// ending the thread and aborting on a panic.
 pub fn common_rules() -> Vec<Allow> {

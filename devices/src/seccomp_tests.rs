@@ -65,56 +65,24 @@ fn filtered_thread_gets_the_configured_errno_for_a_denied_syscall() {
     unsafe { libc::close(socket) };
 }
 
-/// Runs `action` in a forked child under `filter` and returns its wait status. The child only
-/// makes raw system calls: no allocation, no locks (the test harness has other threads).
-fn status_of_filtered_child(filter: &BpfProgram, action: fn()) -> libc::c_int {
-    // SAFETY: the child only calls async-signal-safe functions and raw system calls below.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed: {}", errno());
-    if pid == 0 {
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `no_core` is a valid rlimit; a SIGSYS death must not leave a core file.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
-        if install(filter).is_err() {
-            // SAFETY: ends the child without running the parent's exit handlers.
-            unsafe { libc::_exit(2) };
-        }
-        action();
-        // exit(2), not exit_group(2): the filters allow it, and the child has one thread, so
-        // this ends it with status 0.
-        // SAFETY: ends the calling (only) thread; nothing runs after it.
-        unsafe { libc::syscall(libc::SYS_exit, 0) };
-    }
-    let mut status = 0;
-    // SAFETY: `pid` is our child and `status` a valid out pointer.
-    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(waited, pid, "waitpid failed: {}", errno());
-    status
-}
-
 #[test]
 fn denied_syscall_kills_the_process_with_sigsys() {
     let filter = worker_filter(WorkerKind::Rng).unwrap();
-    let status = status_of_filtered_child(&filter, || {
+    let socket: fn() = || {
         make_socket();
-    });
-    assert!(
-        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
-        "wait status {status:#x}: not killed by SIGSYS"
-    );
+    };
+    // SAFETY: the action makes one raw system call.
+    let end = unsafe { run_in_filtered_child(&filter, socket) };
+    assert_eq!(end, ChildEnd::Killed(libc::SIGSYS));
     // The same filter lets a process that stays on the list live.
-    let status = status_of_filtered_child(&filter, || {
+    let random: fn() = || {
         let mut byte = [0u8; 1];
         // SAFETY: `byte` is valid writable memory of the given length.
         unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, 0) };
-    });
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "wait status {status:#x}"
-    );
+    };
+    // SAFETY: the action makes one raw system call.
+    let end = unsafe { run_in_filtered_child(&filter, random) };
+    assert_eq!(end, ChildEnd::Exited(0));
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
-//! with `--metrics-addr`) and the main thread once the VM runs. The mechanism and the rules
-//! every filtered thread shares are in [`vmm_core::seccomp`].
+//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and the main
+//! thread once the VM runs (both modes). The mechanism and the rules every filtered thread
+//! shares are in [`vmm_core::seccomp`].
 //!
-//! Neither kind starts a thread or a process: the API threads only move bytes (VM operations
-//! run on the unfiltered `vmm-control` thread), and the main thread only waits for the end and
-//! tears the VM down, after it has started every other thread. A thread inherits the filter of
-//! the thread that starts it, so these filters must be installed after that.
+//! No kind starts a thread or a process: the API and gRPC threads only move bytes (VM
+//! operations run on the unfiltered `vmm-control` or `launcher-control` thread), and the main
+//! thread only waits for the end and tears the VM down, after it has started every other
+//! thread. A thread inherits the filter of the thread that starts it, so these filters must be
+//! installed after that.
 
 use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter};
 use vmm_sys_util::signal::SIGRTMIN;
@@ -46,6 +48,53 @@ pub fn api_filter() -> Result<BpfProgram, SeccompError> {
     thread_filter(api_rules())
 }
 
+/// What virt-launcher mode's gRPC runtime thread (`rvmm-grpc`, see
+/// [`crate::kubevirt::grpc::GrpcRuntime`]) needs beyond the rules every thread shares: the
+/// API threads' (a current-thread tokio runtime whose epoll and waker descriptors are created
+/// before the thread starts; accept, read, vectored writes, shutdown) for tonic's server on
+/// the launcher socket, plus what its connections and the notify client's connection tasks
+/// do. Backend calls run on the `launcher-control` thread; the notify client connects from
+/// the `kubevirt-notify` thread.
+pub fn grpc_rules() -> Vec<Allow> {
+    let mut rules = api_rules();
+    rules.extend([
+        // tonic's server reads each accepted unix client's connect info (UdsConnectInfo):
+        // the peer's address and credentials (SO_PEERCRED). tokio completes a connect by
+        // reading SO_ERROR (a reconnect below).
+        Allow::any(libc::SYS_getpeername),
+        Allow::args_match(
+            libc::SYS_getsockopt,
+            vec![
+                vec![(1, libc::SOL_SOCKET as u64), (2, libc::SO_PEERCRED as u64)],
+                vec![(1, libc::SOL_SOCKET as u64), (2, libc::SO_ERROR as u64)],
+            ],
+        ),
+        // The notify client's channel reconnects on its worker task, on this thread, when
+        // virt-handler's socket hung up since the last event: tonic's Reconnect calls the
+        // connector (connect_unix: a non-blocking, close-on-exec unix stream socket, and
+        // connect), and the new connection's HTTP/2 preface is a send (sendto with
+        // MSG_NOSIGNAL), like any write of a plain buffer.
+        Allow::args_match(
+            libc::SYS_socket,
+            vec![vec![
+                (0, libc::AF_UNIX as u64),
+                (
+                    1,
+                    (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64,
+                ),
+            ]],
+        ),
+        Allow::any(libc::SYS_connect),
+        Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
+    ]);
+    rules
+}
+
+/// The gRPC runtime thread's filter.
+pub fn grpc_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(grpc_rules())
+}
+
 /// What the main thread needs beyond the rules every thread shares, from the moment it waits
 /// for the VMM's end ([`crate::vmm::Vmm::wait_for_exit`]): the teardown
 /// ([`crate::vmm::Vmm::teardown`]: stopping the VM and waiting for its waiter thread to take
@@ -53,6 +102,11 @@ pub fn api_filter() -> Result<BpfProgram, SeccompError> {
 /// returning from `main`. Log lines, events and stdout's last flush are writes, allowed for
 /// every thread. Whatever else receives the `vmm.shutdown` event on this thread may only hand
 /// it on (a channel: futex, an eventfd write).
+///
+/// virt-launcher mode's main thread does the same and, in between, waits for the last domain
+/// events (a channel), stops the command server (waiting on the gRPC runtime: futex, and its
+/// timer; removing the launcher socket: unlink) and joins the runtime's thread; with
+/// `--keep-after-failure` it then waits for a signal (a channel fed by the signal thread).
 pub fn main_rules() -> Vec<Allow> {
     let pid = u64::from(std::process::id());
     let stdin = libc::STDIN_FILENO as u64;

@@ -214,6 +214,21 @@ impl Vmm {
         })
     }
 
+    /// A VMM for unit tests that never touches KVM: booting reaches the KVM device last and
+    /// fails there (its path does not exist), or earlier on a bad configuration.
+    #[cfg(test)]
+    pub(crate) fn without_kvm() -> Arc<Self> {
+        Self::new(
+            VmmSettings {
+                kvm_path: PathBuf::from("/nonexistent/kvm"),
+                cpu_profile: CpuProfile::Host,
+                serial_log: None,
+                seccomp: false,
+            },
+            EventMonitor::disabled(),
+        )
+    }
+
     /// Calls `listener` with every event the event monitor gets (`vm.booted`, `vm.paused`,
     /// ..., `vmm.shutdown`) and its properties. It runs with the VMM's lock held, so it must
     /// not call back into the [`Vmm`]: hand the event to a thread of its own instead.

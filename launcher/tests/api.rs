@@ -79,6 +79,26 @@ impl Drop for Rvmm {
     }
 }
 
+/// The PUT endpoints that act on a VM: 404 before `vm.create`.
+const VM_ACTIONS: [&str; 7] = [
+    "vm.boot",
+    "vm.pause",
+    "vm.resume",
+    "vm.shutdown",
+    "vm.reboot",
+    "vm.power-button",
+    "vm.delete",
+];
+
+/// Those that need a booted VM: 405 when it is created or shut down.
+const RUNNING_VM_ACTIONS: [&str; 5] = [
+    "vm.pause",
+    "vm.resume",
+    "vm.shutdown",
+    "vm.reboot",
+    "vm.power-button",
+];
+
 fn state(socket: &Path) -> String {
     let info = call(socket, "GET", "/api/v1/vm.info", None);
     assert_eq!(info.status, 200, "{}", info.body);
@@ -155,15 +175,7 @@ fn kvm_api_drives_a_vm_through_every_endpoint_and_state() {
         call(&socket, "GET", "/api/v1/vm.counters", None).status,
         404
     );
-    for endpoint in [
-        "vm.boot",
-        "vm.pause",
-        "vm.resume",
-        "vm.shutdown",
-        "vm.reboot",
-        "vm.power-button",
-        "vm.delete",
-    ] {
+    for endpoint in VM_ACTIONS {
         assert_eq!(put(&socket, endpoint), 404, "{endpoint} without a VM");
     }
 
@@ -216,13 +228,7 @@ fn kvm_api_drives_a_vm_through_every_endpoint_and_state() {
     let info = call(&socket, "GET", "/api/v1/vm.info", None).json();
     assert_eq!(info["state"], "Created");
     assert_eq!(info["config"]["memory"]["size"], 64 << 20);
-    for endpoint in [
-        "vm.pause",
-        "vm.resume",
-        "vm.shutdown",
-        "vm.reboot",
-        "vm.power-button",
-    ] {
+    for endpoint in RUNNING_VM_ACTIONS {
         assert_eq!(put(&socket, endpoint), 405, "{endpoint} when Created");
     }
 
@@ -259,13 +265,7 @@ fn kvm_api_drives_a_vm_through_every_endpoint_and_state() {
 
     assert_eq!(put(&socket, "vm.shutdown"), 204);
     assert_eq!(state(&socket), "Shutdown");
-    for endpoint in [
-        "vm.pause",
-        "vm.resume",
-        "vm.shutdown",
-        "vm.reboot",
-        "vm.power-button",
-    ] {
+    for endpoint in RUNNING_VM_ACTIONS {
         assert_eq!(put(&socket, endpoint), 405, "{endpoint} when Shutdown");
     }
     assert_eq!(

@@ -3,44 +3,22 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::fixtures::SharedConsole;
 use common::{kvm_available, tiny_guest};
 use vmm_core::{CpuProfile, RunState, StopReason, VmConfig, build_vm};
 
-#[derive(Clone, Default)]
-struct SharedConsole(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedConsole {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+fn ticks(console: &SharedConsole) -> usize {
+    count_ticks(&console.text())
 }
 
-impl SharedConsole {
-    fn ticks(&self) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.starts_with("tick: "))
-            .count()
-    }
+fn count_ticks(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with("tick: ")).count()
+}
 
-    fn wait_for_ticks(&self, at_least: usize) {
-        let start = Instant::now();
-        while self.ticks() < at_least {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "guest made no progress"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+fn wait_for_ticks(console: &SharedConsole, at_least: usize) {
+    console.wait_until("made progress", |text| count_ticks(text) >= at_least);
 }
 
 fn ticker_config(vcpus: u8) -> VmConfig {
@@ -70,17 +48,17 @@ fn kvm_pause_freezes_the_guest_resume_continues_and_stop_ends_it() {
     // Two vCPUs: the second idles in wait-for-SIPI, inside KVM_RUN, and must still be kicked.
     let vm = build_vm(&ticker_config(2), Box::new(console.clone())).unwrap();
     let running = vm.start().unwrap();
-    console.wait_for_ticks(2);
+    wait_for_ticks(&console, 2);
 
     assert!(running.pause());
     assert_eq!(running.state(), RunState::Paused);
-    let frozen = console.ticks();
+    let frozen = ticks(&console);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(console.ticks(), frozen, "guest ran while paused");
+    assert_eq!(ticks(&console), frozen, "guest ran while paused");
 
     assert!(running.resume());
     assert_eq!(running.state(), RunState::Running);
-    console.wait_for_ticks(frozen + 2);
+    wait_for_ticks(&console, frozen + 2);
 
     running.stop();
     assert_eq!(running.wait(), StopReason::Requested);
@@ -96,7 +74,7 @@ fn kvm_stop_while_paused_ends_the_vm() {
         .unwrap()
         .start()
         .unwrap();
-    console.wait_for_ticks(1);
+    wait_for_ticks(&console, 1);
     assert!(running.pause());
     running.stop();
     assert!(!running.resume(), "a stopping VM cannot resume");

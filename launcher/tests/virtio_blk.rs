@@ -3,34 +3,18 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use common::fixtures::TempDisk;
 use common::{kvm_available, lines, run_rvmm, tiny_guest};
 
 const PATTERN: &[u8; 16] = b"rvmm-tiny-write!";
 
-struct Disk(PathBuf);
-
-impl Disk {
-    /// A 1 MiB disk whose first sector counts 0, 1, 2, ...
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("rvmm-blk-{}-{name}.img", std::process::id()));
-        let mut bytes: Vec<u8> = (0..=255u8).cycle().take(512).collect();
-        bytes.resize(1 << 20, 0);
-        std::fs::write(&path, bytes).unwrap();
-        Self(path)
-    }
-
-    fn sector(&self, n: usize) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()[n * 512..(n + 1) * 512].to_vec()
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A 1 MiB disk whose first sector counts 0, 1, 2, ...
+fn counting_disk(name: &str) -> TempDisk {
+    let mut bytes: Vec<u8> = (0..=255u8).cycle().take(512).collect();
+    bytes.resize(1 << 20, 0);
+    TempDisk::new(&format!("blk-{name}"), &bytes)
 }
 
 fn boot_with_disk(disk_options: &str) -> (Option<i32>, Vec<String>) {
@@ -60,8 +44,11 @@ fn kvm_guest_driver_reads_writes_flushes_and_the_data_is_on_the_host_file() {
         return;
     }
     for engine in ["sync", "io_uring"] {
-        let disk = Disk::new(engine);
-        let options = format!("path={},id=tiny-{engine},engine={engine}", disk.0.display());
+        let disk = counting_disk(engine);
+        let options = format!(
+            "path={},id=tiny-{engine},engine={engine}",
+            disk.path().display()
+        );
         let (code, lines) = boot_with_disk(&options);
         assert_eq!(code, Some(0), "{engine}: {lines:?}");
         for expected in [
@@ -91,9 +78,9 @@ fn kvm_read_only_disk_refuses_guest_writes_and_keeps_the_file() {
     if !kvm_available("virtio-blk read-only") {
         return;
     }
-    let disk = Disk::new("ro");
+    let disk = counting_disk("ro");
     let before = disk.sector(1);
-    let (code, lines) = boot_with_disk(&format!("path={},readonly=on", disk.0.display()));
+    let (code, lines) = boot_with_disk(&format!("path={},readonly=on", disk.path().display()));
     assert_eq!(code, Some(0), "{lines:?}");
     assert!(has(&lines, "virtio-blk: read status 0"), "{lines:?}");
     assert!(has(&lines, "virtio-blk: write status 1"), "{lines:?}");

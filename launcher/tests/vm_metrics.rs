@@ -5,65 +5,19 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
+use common::fixtures::{SharedConsole, TempDisk};
 use common::{kvm_available, tiny_guest};
 use devices::virtio::block::{BlockConfig, Engine};
 use vmm_core::{CpuProfile, Outcome, VmConfig, VmMetrics, build_vm};
 
 const PATTERN: &[u8; 16] = b"rvmm-tiny-write!";
 
-#[derive(Clone, Default)]
-struct SharedConsole(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedConsole {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// A 1 MiB disk of zeros.
+fn zero_disk(name: &str) -> TempDisk {
+    TempDisk::new(&format!("metrics-{name}"), &[0u8; 1 << 20])
 }
 
-impl SharedConsole {
-    fn wait_for(&self, line: &str) {
-        let start = Instant::now();
-        while !String::from_utf8_lossy(&self.0.lock().unwrap()).contains(line) {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "guest never printed {line:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-struct Disk(PathBuf);
-
-impl Disk {
-    fn new(name: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("rvmm-metrics-{}-{name}.img", std::process::id()));
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        Self(path)
-    }
-
-    fn sector(&self, n: usize) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()[n * 512..(n + 1) * 512].to_vec()
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn config(disk: &Disk, engine: Engine, cmdline: &str) -> VmConfig {
+fn config(disk: &TempDisk, engine: Engine, cmdline: &str) -> VmConfig {
     VmConfig {
         vcpus: 1,
         memory_bytes: 64 << 20,
@@ -74,7 +28,7 @@ fn config(disk: &Disk, engine: Engine, cmdline: &str) -> VmConfig {
         kvm_path: "/dev/kvm".into(),
         rng: false,
         disks: vec![BlockConfig {
-            path: disk.0.clone(),
+            path: disk.path().to_owned(),
             readonly: false,
             id: Some("tiny".into()),
             engine,
@@ -94,7 +48,7 @@ fn kvm_metrics_count_the_guests_exits_and_disk_requests() {
         return;
     }
     for engine in [Engine::Sync, Engine::IoUring] {
-        let disk = Disk::new(&format!("{engine:?}"));
+        let disk = zero_disk(&format!("{engine:?}"));
         let console = SharedConsole::default();
         let vm = build_vm(&config(&disk, engine, ""), Box::new(console.clone())).unwrap();
         let metrics = vm.metrics_handle();
@@ -131,7 +85,7 @@ fn kvm_dropping_the_vm_during_an_unflushed_write_tears_it_down_with_the_write_in
         return;
     }
     for engine in [Engine::Sync, Engine::IoUring] {
-        let disk = Disk::new(&format!("hold-{engine:?}"));
+        let disk = zero_disk(&format!("hold-{engine:?}"));
         let console = SharedConsole::default();
         let vm = build_vm(
             &config(&disk, engine, "rvmm.hold=1"),

@@ -27,7 +27,7 @@ use crate::bus::{Bus, BusError};
 use crate::control::{ResetTrigger, StopReason, VmControl};
 use crate::cpuid::{CpuProfile, VcpuTopology, vcpu_cpuid};
 use crate::layout::{VIRTIO_MMIO_DEVICE_SIZE, virtio_slot};
-use crate::lifecycle::RunningVm;
+use crate::lifecycle::{RunningVm, VmHandle};
 use crate::memory::{GuestMemoryMmap, MemoryError, MemoryLayout, create_guest_memory};
 use crate::metrics::{DiskSource, ExitCounters, ExitRecorder, MetricsHandle, NicSource, device_id};
 use crate::mptable::{MAX_VCPUS, MptableError, setup_mptable};
@@ -443,13 +443,15 @@ impl Vm {
         }
         Ok(RunningVm {
             threads,
-            control: self.control,
             serial: self.serial,
-            keyboard: self.keyboard,
             _pio: self.pio,
             _mmio: self.mmio,
-            metrics: self.metrics,
-            disk_syncs: self.disk_syncs,
+            handle: VmHandle {
+                control: self.control,
+                keyboard: self.keyboard,
+                metrics: self.metrics,
+                disk_syncs: self.disk_syncs,
+            },
             _vm_fd: self.vm_fd,
             _mem: self.mem,
             layout: self.layout,

@@ -36,20 +36,20 @@ pub enum FlushError {
 }
 
 /// A VM whose vCPUs are running (or paused). Dropping it stops the VM hard (like
-/// [`RunningVm::stop`]) and tears it down like [`RunningVm::wait`].
+/// [`VmHandle::stop`]) and tears it down like [`RunningVm::wait`].
+///
+/// It dereferences to its own [`VmHandle`], so the controls other threads use (pause, resume,
+/// stop, state, metrics, flushing the disks) are called on it directly.
 #[derive(Debug)]
 pub struct RunningVm {
     pub(crate) threads: Vec<JoinHandle<()>>,
-    pub(crate) control: Arc<VmControl>,
     pub(crate) serial: Arc<Mutex<Serial>>,
-    pub(crate) keyboard: Arc<Mutex<Keyboard>>,
     // The buses own the devices. The vCPU threads hold them too; once they are joined these
     // are the last references, so the devices (and their workers, which flush the disks) are
     // dropped on the thread ending the VM, before the VM fd and the memory.
     pub(crate) _pio: Arc<Bus>,
     pub(crate) _mmio: Arc<Bus>,
-    pub(crate) metrics: MetricsHandle,
-    pub(crate) disk_syncs: Arc<[DiskSync]>,
+    pub(crate) handle: VmHandle,
     // Kept alive while the vCPUs run; the VM fd is closed before the memory is unmapped.
     pub(crate) _vm_fd: VmFd,
     pub(crate) _mem: GuestMemoryMmap,
@@ -64,12 +64,7 @@ impl RunningVm {
 
     /// Shared run control (pause, resume, stop from other threads).
     pub fn control(&self) -> Arc<VmControl> {
-        self.control.clone()
-    }
-
-    /// Current run state.
-    pub fn state(&self) -> RunState {
-        self.control.state()
+        self.handle.control.clone()
     }
 
     /// Guest RAM size in bytes.
@@ -77,56 +72,15 @@ impl RunningVm {
         self.layout.size()
     }
 
-    /// The VM's statistics now.
-    pub fn metrics(&self) -> VmMetrics {
-        self.metrics.snapshot()
-    }
-
-    /// Reads the VM's statistics from any thread, also after the VM is gone.
-    pub fn metrics_handle(&self) -> MetricsHandle {
-        self.metrics.clone()
-    }
-
-    /// Makes the writes completed so far on every writable disk durable (`fdatasync`).
-    pub fn flush_disks(&self) -> Result<(), FlushError> {
-        flush_all(&self.disk_syncs)
-    }
-
-    /// Takes every vCPU out of the guest; false when the VM was not running.
-    pub fn pause(&self) -> bool {
-        self.control.pause()
-    }
-
-    /// Lets the vCPUs run again; false when the VM was not paused.
-    pub fn resume(&self) -> bool {
-        self.control.resume()
-    }
-
-    /// Presses Ctrl-Alt-Del on the guest's keyboard: a Linux guest reboots in an orderly way,
-    /// which ends a microVM (`reboot=k`).
-    pub fn send_ctrl_alt_del(&self) {
-        self.handle().send_ctrl_alt_del();
-    }
-
     /// A handle other threads use to control the VM (signal handlers, an API server).
     pub fn handle(&self) -> VmHandle {
-        VmHandle {
-            control: self.control.clone(),
-            keyboard: self.keyboard.clone(),
-            metrics: self.metrics.clone(),
-            disk_syncs: self.disk_syncs.clone(),
-        }
-    }
-
-    /// Stops the VM.
-    pub fn stop(&self) {
-        self.control.request_stop(StopReason::Requested);
+        self.handle.clone()
     }
 
     /// Waits for the VM to stop, joins the vCPU threads, stops the devices (every disk
     /// written since the guest's last FLUSH is flushed) and says why it stopped.
     pub fn wait(mut self) -> StopReason {
-        let reason = self.control.wait_stopped();
+        let reason = self.handle.control.wait_stopped();
         self.join_vcpus();
         // Dropping `self` now drops the devices (see the module documentation).
         reason
@@ -141,13 +95,21 @@ impl RunningVm {
     }
 }
 
+impl std::ops::Deref for RunningVm {
+    type Target = VmHandle;
+
+    fn deref(&self) -> &VmHandle {
+        &self.handle
+    }
+}
+
 impl Drop for RunningVm {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
             // Dropped without `wait`: stop the vCPUs so the devices go down here, not on a
             // vCPU thread later (or never, at process exit).
-            self.control.request_stop(StopReason::Requested);
-            self.control.wait_stopped();
+            self.handle.stop();
+            self.handle.control.wait_stopped();
             self.join_vcpus();
         }
         // The fields drop next, the buses (devices) first.
@@ -183,10 +145,10 @@ fn flush_all(disks: &[DiskSync]) -> Result<(), FlushError> {
 /// Controls a running VM from any thread.
 #[derive(Clone, Debug)]
 pub struct VmHandle {
-    control: Arc<VmControl>,
-    keyboard: Arc<Mutex<Keyboard>>,
-    metrics: MetricsHandle,
-    disk_syncs: Arc<[DiskSync]>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) keyboard: Arc<Mutex<Keyboard>>,
+    pub(crate) metrics: MetricsHandle,
+    pub(crate) disk_syncs: Arc<[DiskSync]>,
 }
 
 impl VmHandle {
@@ -223,7 +185,8 @@ impl VmHandle {
         self.metrics.snapshot()
     }
 
-    /// Reads the VM's statistics (without the rest of the handle).
+    /// Reads the VM's statistics from any thread, also after the VM is gone (without the rest
+    /// of the handle).
     pub fn metrics_handle(&self) -> MetricsHandle {
         self.metrics.clone()
     }

@@ -15,6 +15,8 @@ pub use devices::seccomp::{
     Allow, BpfProgram, ON_DENIED, SeccompError, SpawnError, common_rules, install, spawn_filtered,
     thread_filter,
 };
+#[doc(hidden)]
+pub use devices::seccomp::{ChildEnd, run_in_filtered_child};
 
 /// `KVM_RUN`: entering the guest.
 pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);

@@ -6,13 +6,10 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, channel};
 
 use serde_json::json;
-use vmm_core::CpuProfile;
 
 use super::*;
-use crate::events::EventMonitor;
 use crate::kubevirt::grpc::error_chain;
 use crate::kubevirt::grpc::tests::TempDir;
-use crate::vmm::VmmSettings;
 
 /// A kernel-boot VMI for `uid` whose kernel is in the container-disk directory `dirs` names.
 fn vmi(uid: &str, edit: impl FnOnce(&mut Value)) -> Vmi {
@@ -38,15 +35,7 @@ fn backend(dir: &Path) -> (KubevirtBackend, Receiver<Change>) {
     let kernel_dir = dirs.container_disks.join("kernel-boot");
     std::fs::create_dir_all(&kernel_dir).unwrap();
     std::fs::write(kernel_dir.join("vmlinux"), b"not run").unwrap();
-    let vmm = Vmm::new(
-        VmmSettings {
-            kvm_path: "/nonexistent/kvm".into(),
-            cpu_profile: CpuProfile::Host,
-            serial_log: None,
-            seccomp: false,
-        },
-        EventMonitor::disabled(),
-    );
+    let vmm = Vmm::without_kvm();
     let (changes, received) = channel();
     let backend = KubevirtBackend::new(
         vmm,

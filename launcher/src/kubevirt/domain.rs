@@ -305,14 +305,15 @@ pub fn rfc3339(when: SystemTime) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
     use super::*;
     use crate::kubevirt::vmi::{LaunchPlan, PlannedDisk, PlannedInterface};
 
-    fn vmi() -> Vmi {
+    /// A VMI with a firmware UUID and a grace period.
+    pub(crate) fn vmi() -> Vmi {
         Vmi::from_json(
             br#"{
             "metadata": {"name": "testvm", "namespace": "default", "uid": "1b2c-uid"},
@@ -328,7 +329,9 @@ mod tests {
         .unwrap()
     }
 
-    fn plan() -> LaunchPlan {
+    /// Its plan: 2 vCPUs, a writable image `rootdisk` (vda), a read-only block device
+    /// `data` (vdb), the interface `default` on tap0.
+    pub(crate) fn plan() -> LaunchPlan {
         let mut config = crate::config::VmConfigFile::default();
         config.cpus.boot_vcpus = 2;
         config.memory.size = 1 << 30;

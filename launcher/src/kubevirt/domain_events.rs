@@ -242,16 +242,13 @@ impl EventSender {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use vmm_core::CpuProfile;
 
     use super::*;
-    use crate::events::EventMonitor;
     use crate::kubevirt::domain::LifeCycle;
     use crate::kubevirt::grpc::GrpcRuntime;
     use crate::kubevirt::grpc::tests::{TempDir, fake_virt_handler};
     use crate::kubevirt::proto::notify::v1::DomainEventRequest;
     use crate::kubevirt::vmi::{LauncherDirs, Vmi, plan};
-    use crate::vmm::VmmSettings;
 
     /// The event thread sending to a fake virt-handler in a temporary share directory, for a
     /// synced kernel-boot VMI (no KVM: the VMM's events are fed to the listener by hand).
@@ -291,15 +288,7 @@ mod tests {
                 let _entered = runtime.handle().enter();
                 fake_virt_handler(&dir.0, vec![1])
             };
-            let vmm = Vmm::new(
-                VmmSettings {
-                    kvm_path: "/nonexistent/kvm".into(),
-                    cpu_profile: CpuProfile::Host,
-                    serial_log: None,
-                    seccomp: false,
-                },
-                EventMonitor::disabled(),
-            );
+            let vmm = Vmm::without_kvm();
             let events = DomainEvents::start(
                 Notifier::new(&dir.0),
                 runtime.handle().clone(),

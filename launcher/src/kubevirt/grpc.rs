@@ -8,13 +8,17 @@
 //! RPCs rvmm does not implement answer gRPC `UNIMPLEMENTED`, which virt-handler's client
 //! reports as such.
 //!
-//! Backend calls run on tokio's blocking pool, so a slow call (a VM start, a graceful
-//! shutdown) does not stall Ping or GetDomain.
+//! Backend calls are blocking calls into the VM controller, made one at a time on the
+//! `launcher-control` thread ([`ControlThread`]), so a slow call (a VM start, a graceful
+//! shutdown) does not stall the runtime (Ping, Info). The runtime's thread only moves bytes,
+//! under a narrow seccomp filter ([`crate::seccomp::grpc_filter`]): building a VM needs KVM,
+//! memory mappings, files and new threads, which only the control thread does.
 
 use std::error::Error;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -25,6 +29,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
+use vmm_core::seccomp::{BpfProgram, SeccompError, SpawnError, spawn_filtered};
 
 use super::proto::cmd::info::cmd_info_server::{CmdInfo, CmdInfoServer};
 use super::proto::cmd::info::{CmdInfoRequest, CmdInfoResponse};
@@ -58,8 +63,8 @@ pub enum BackendError {
     Controller(#[source] Box<dyn Error + Send + Sync>),
 }
 
-/// What the command server asks of the VM controller. Calls may block; each runs on a
-/// blocking thread.
+/// What the command server asks of the VM controller. Calls may block; they run one at a
+/// time on the [`ControlThread`].
 pub trait LauncherBackend: Send + Sync + 'static {
     /// Defines and starts the VM for `vmi`, or reconciles the running one; idempotent.
     fn sync(&self, vmi: &Vmi, options: &cmd::VirtualMachineOptions) -> Result<(), BackendError>;
@@ -118,9 +123,15 @@ pub enum GrpcError {
     /// The server stopped with an error.
     #[error("The command server failed")]
     Serve(#[source] tonic::transport::Error),
-    /// The runtime thread cannot start.
+    /// The runtime or the control thread cannot start.
     #[error("Cannot start the gRPC runtime")]
     Runtime(#[source] std::io::Error),
+    /// The runtime's thread cannot start under its seccomp filter.
+    #[error("Cannot start the gRPC runtime's thread")]
+    Thread(#[source] SpawnError),
+    /// The runtime thread's seccomp filter cannot be built.
+    #[error("Cannot build the gRPC runtime's seccomp filter")]
+    Seccomp(#[source] SeccompError),
     /// The server task panicked or was cancelled.
     #[error("The command server task ended abnormally")]
     Task(#[source] tokio::task::JoinError),
@@ -170,15 +181,28 @@ pub fn mark_ready(sockets_dir: &Path) -> Result<(), GrpcError> {
     std::fs::rename(&from, &to).map_err(|source| GrpcError::MarkReady { from, to, source })
 }
 
-/// Serves both services on `listener` until `shutdown` completes.
+/// Serves both services on `listener` until `shutdown` completes, with backend calls on a
+/// [`ControlThread`] of its own, started from the task's thread: not for a filtered runtime
+/// ([`LauncherServer`] starts the control thread before the runtime's filter applies).
 pub async fn serve(
     listener: UnixListener,
     backend: Arc<dyn LauncherBackend>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
+    let control = ControlThread::start().map_err(GrpcError::Runtime)?;
+    serve_with(listener, backend, control, shutdown).await
+}
+
+/// [`serve`] with backend calls on `control`.
+pub async fn serve_with(
+    listener: UnixListener,
+    backend: Arc<dyn LauncherBackend>,
+    control: ControlThread,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GrpcError> {
     Server::builder()
         .add_service(CmdInfoServer::new(InfoService))
-        .add_service(CmdService::new(CmdHandler { backend }))
+        .add_service(CmdService::new(CmdHandler { backend, control }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(GrpcError::Serve)
@@ -197,6 +221,48 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Erro
         .await
 }
 
+/// A backend call handed to the control thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The `launcher-control` thread: runs backend calls one at a time, in order, until every
+/// handle to it is dropped (the server stopped).
+///
+/// It is not filtered: its list would be the whole VMM's (opening KVM, disks, taps and
+/// sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
+/// device workers, the VM's waiter) would inherit the filter, stacked under its own. Start it
+/// before the runtime's thread, which may not create threads.
+#[derive(Clone, Debug)]
+pub struct ControlThread {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl ControlThread {
+    /// Starts the thread.
+    pub fn start() -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("launcher-control".into())
+            .spawn(move || {
+                for job in queue {
+                    // A panicking call fails its own request (its answer is dropped), not
+                    // the calls after it.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `call` on the thread and waits for its result without blocking the runtime.
+    async fn run<T: Send + 'static>(&self, call: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, result) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(call());
+        });
+        self.jobs.send(job).ok()?;
+        result.await.ok()
+    }
+}
+
 struct InfoService;
 
 #[tonic::async_trait]
@@ -210,6 +276,7 @@ impl CmdInfo for InfoService {
 
 struct CmdHandler {
     backend: Arc<dyn LauncherBackend>,
+    control: ControlThread,
 }
 
 type VmiCall =
@@ -230,15 +297,16 @@ fn failed(message: String) -> cmd::Response {
 }
 
 impl CmdHandler {
-    /// Runs `call` on a blocking thread.
+    /// Runs `call` on the control thread.
     async fn blocking<T: Send + 'static>(
         &self,
         call: impl FnOnce(&dyn LauncherBackend) -> T + Send + 'static,
     ) -> Result<T, Status> {
         let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || call(&*backend))
+        self.control
+            .run(move || call(&*backend))
             .await
-            .map_err(|e| Status::internal(format!("launcher backend call failed: {e}")))
+            .ok_or_else(|| Status::internal("launcher backend call failed: it panicked"))
     }
 
     /// Parses the VMI of `request`, runs `call`, and answers KubeVirt-style.
@@ -378,8 +446,13 @@ impl Cmd for CmdHandler {
     }
 }
 
-/// virt-launcher mode's one tokio runtime: a current-thread scheduler on its own thread, so
-/// the VM controller stays synchronous. Dropping it stops everything spawned on it.
+/// virt-launcher mode's one tokio runtime: a current-thread scheduler on its own thread
+/// (`rvmm-grpc`), so the VM controller stays synchronous. Dropping it stops everything
+/// spawned on it.
+///
+/// The runtime is built on the caller's thread: that creates its epoll instance and its
+/// waker's eventfd, which the thread's filter does not allow. It has no blocking pool in use
+/// (backend calls go to the [`ControlThread`]), so the thread starts no thread.
 #[derive(Debug)]
 pub struct GrpcRuntime {
     handle: Handle,
@@ -388,25 +461,28 @@ pub struct GrpcRuntime {
 }
 
 impl GrpcRuntime {
-    /// Starts the runtime thread.
+    /// Starts the runtime thread, unfiltered (tests, in-process clients).
     pub fn start() -> Result<Self, GrpcError> {
+        Self::start_filtered(None)
+    }
+
+    /// Starts the runtime thread, which installs `filter` first (none: `--seccomp=false`;
+    /// virt-launcher mode's is [`crate::seccomp::grpc_filter`]). Start the threads the
+    /// runtime's users need (the [`ControlThread`]) from elsewhere: this one cannot.
+    pub fn start_filtered(filter: Option<BpfProgram>) -> Result<Self, GrpcError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .max_blocking_threads(4)
-            .thread_name("rvmm-grpc-blocking")
             .build()
             .map_err(GrpcError::Runtime)?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("rvmm-grpc".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .map_err(GrpcError::Runtime)?;
+        let thread = spawn_filtered("rvmm-grpc", filter, move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })
+        .map_err(GrpcError::Thread)?;
         Ok(Self {
             handle,
             stop: Some(stop),
@@ -442,7 +518,8 @@ pub struct LauncherServer {
 }
 
 impl LauncherServer {
-    /// Binds `launcher-init-sock` in `sockets_dir` and starts serving `backend`.
+    /// Binds `launcher-init-sock` in `sockets_dir` and starts serving `backend`, with backend
+    /// calls on a [`ControlThread`] started here.
     pub fn start(
         runtime: &GrpcRuntime,
         sockets_dir: &Path,
@@ -453,8 +530,9 @@ impl LauncherServer {
             let _entered = handle.enter();
             bind(sockets_dir)?
         };
+        let control = ControlThread::start().map_err(GrpcError::Runtime)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = handle.spawn(serve(listener, backend, async {
+        let task = handle.spawn(serve_with(listener, backend, control, async {
             let _ = stopped.await;
         }));
         Ok(Self {

@@ -113,6 +113,16 @@ fn vmi_request(json: &str) -> cmd::VmiRequest {
     }
 }
 
+/// Awaits a call that must reach the server and returns its reply.
+async fn reply<T>(call: impl Future<Output = Result<Response<T>, Status>>) -> T {
+    call.await.unwrap().into_inner()
+}
+
+/// Whether the command server answered a call with success.
+async fn succeeded(call: impl Future<Output = Result<Response<cmd::Response>, Status>>) -> bool {
+    reply(call).await.success
+}
+
 const VMI: &str = r#"{"metadata": {"name": "testvm", "namespace": "default", "uid": "u1"}}"#;
 
 /// A server on `<dir>/sockets`, returning the dir, the backend, a client and the stopper.
@@ -146,11 +156,7 @@ async fn info_reports_cmd_version_1() {
 async fn sync_passes_vmi_and_options_to_backend_then_domain_appears() {
     let backend = Arc::new(FakeBackend::default());
     let (_dir, mut client, _stop) = start(backend.clone()).await;
-    let before = client
-        .get_domain(cmd::EmptyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let before = reply(client.get_domain(cmd::EmptyRequest {})).await;
     assert_eq!(before.domain, "", "no domain before the first sync");
     assert!(before.response.unwrap().success);
 
@@ -164,19 +170,11 @@ async fn sync_passes_vmi_and_options_to_backend_then_domain_appears() {
         },
     );
     request.options = Some(options);
-    let response = client
-        .sync_virtual_machine(request)
-        .await
-        .unwrap()
-        .into_inner();
+    let response = reply(client.sync_virtual_machine(request)).await;
     assert!(response.success, "{}", response.message);
     assert_eq!(backend.calls(), vec!["sync[\"raw\"] default_testvm"]);
 
-    let after = client
-        .get_domain(cmd::EmptyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let after = reply(client.get_domain(cmd::EmptyRequest {})).await;
     let domain: Value = serde_json::from_str(&after.domain).unwrap();
     assert_eq!(domain["Status"]["Status"], "Running");
 }
@@ -185,62 +183,13 @@ async fn sync_passes_vmi_and_options_to_backend_then_domain_appears() {
 async fn lifecycle_commands_reach_the_backend() {
     let backend = Arc::new(FakeBackend::default());
     let (_dir, mut client, _stop) = start(backend.clone()).await;
-    assert!(
-        client
-            .pause_virtual_machine(vmi_request(VMI))
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
-    assert!(
-        client
-            .unpause_virtual_machine(vmi_request(VMI))
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
-    assert!(
-        client
-            .reset_virtual_machine(vmi_request(VMI))
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
-    assert!(
-        client
-            .shutdown_virtual_machine(vmi_request(VMI))
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
-    assert!(
-        client
-            .kill_virtual_machine(vmi_request(VMI))
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
-    assert!(
-        client
-            .delete_virtual_machine(vmi_request(VMI))
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
-    assert!(
-        client
-            .ping(cmd::EmptyRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .success
-    );
+    assert!(succeeded(client.pause_virtual_machine(vmi_request(VMI))).await);
+    assert!(succeeded(client.unpause_virtual_machine(vmi_request(VMI))).await);
+    assert!(succeeded(client.reset_virtual_machine(vmi_request(VMI))).await);
+    assert!(succeeded(client.shutdown_virtual_machine(vmi_request(VMI))).await);
+    assert!(succeeded(client.kill_virtual_machine(vmi_request(VMI))).await);
+    assert!(succeeded(client.delete_virtual_machine(vmi_request(VMI))).await);
+    assert!(succeeded(client.ping(cmd::EmptyRequest {})).await);
     assert_eq!(
         backend.calls(),
         [
@@ -261,21 +210,13 @@ async fn backend_failure_is_an_unsuccessful_response_with_the_cause_chain() {
         ..Default::default()
     });
     let (_dir, mut client, _stop) = start(backend).await;
-    let response = client
-        .pause_virtual_machine(vmi_request(VMI))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = reply(client.pause_virtual_machine(vmi_request(VMI))).await;
     assert!(!response.success);
     assert_eq!(
         response.message,
         "The VM controller failed: vCPU thread died"
     );
-    let response = client
-        .soft_reboot_virtual_machine(vmi_request(VMI))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = reply(client.soft_reboot_virtual_machine(vmi_request(VMI))).await;
     assert_eq!(
         (response.success, response.message.as_str()),
         (
@@ -304,11 +245,7 @@ async fn invalid_vmi_json_is_refused_without_calling_the_backend() {
         "{}",
         response.message
     );
-    let response = client
-        .pause_virtual_machine(cmd::VmiRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let response = reply(client.pause_virtual_machine(cmd::VmiRequest::default())).await;
     assert!(!response.success);
     assert!(backend.calls().is_empty());
 }
@@ -336,11 +273,7 @@ async fn rpcs_rvmm_lacks_are_unimplemented() {
 #[tokio::test]
 async fn domain_stats_are_returned_as_json_text() {
     let (_dir, mut client, _stop) = start(Arc::default()).await;
-    let stats = client
-        .get_domain_stats(cmd::EmptyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = reply(client.get_domain_stats(cmd::EmptyRequest {})).await;
     assert!(stats.response.unwrap().success);
     let stats: Value = serde_json::from_str(&stats.domain_stats).unwrap();
     assert_eq!(stats["Name"], "default_testvm");

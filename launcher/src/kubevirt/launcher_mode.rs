@@ -3,8 +3,8 @@
 //! and QEMU.
 //!
 //! Start-up: SIGTERM and SIGINT are blocked before any thread starts; then the VMM (CPU profile
-//! `auto`, seccomp filters on the vCPU and device threads, no event monitor; the console is the
-//! VMI's serial socket), the gRPC runtime, the domain-event thread and the command server on
+//! `auto`, seccomp filters on, no event monitor; the console is the VMI's serial socket), the
+//! gRPC runtime and its control thread, the domain-event thread and the command server on
 //! `<share-dir>/sockets/launcher-init-sock`, renamed to `launcher-sock` once it serves: that
 //! rename is KubeVirt's readiness signal. virt-handler then sends the VMI (SyncVirtualMachine)
 //! and drives the VM through the command server ([`super::backend`]).
@@ -26,8 +26,13 @@
 //! launcher (exit code not 0) alive until a signal, for debugging; `--simulate-crash` fails at
 //! once. The other flags are accepted and logged ([`super::launcher_flags::FLAG_USES`]).
 //!
-//! The main thread is not seccomp-filtered in this mode (the gRPC runtime and the event thread
-//! are not either): the vCPU and device threads are.
+//! Seccomp: as `rvmm run`, one filter per thread kind ([`crate::seccomp`]); the mode has no
+//! `--seccomp` flag, filters are always on. The vCPU and device threads have theirs; the gRPC
+//! runtime thread has [`crate::seccomp::grpc_filter`] (backend calls run on the unfiltered
+//! `launcher-control` thread, which builds the VM); the main thread filters itself with
+//! [`crate::seccomp::main_filter`] once every other thread of its own has started, and then
+//! only waits for the end and tears down. The `kubevirt-notify` thread (it connects to
+//! virt-handler and builds domains) and the signal and timer threads are not filtered.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, channel};
@@ -43,6 +48,7 @@ use super::grpc::{GrpcError, GrpcRuntime, LauncherServer, error_chain, ready_soc
 use super::launcher_flags::{LauncherFlags, VirtLauncherArgs};
 use super::notify::Notifier;
 use crate::events::EventMonitor;
+use crate::seccomp::{filter_main_thread, grpc_filter};
 use crate::shutdown::ShutdownSignals;
 use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, Vmm, VmmSettings};
 
@@ -62,6 +68,9 @@ pub enum LauncherModeError {
     /// The command server cannot start or become ready.
     #[error("Cannot start the command server")]
     Server(#[source] GrpcError),
+    /// The main thread cannot install its seccomp filter.
+    #[error("Cannot filter the main thread's system calls")]
+    Seccomp(#[source] vmm_core::seccomp::SeccompError),
 }
 
 /// Runs the virt-launcher mode; returns the exit code.
@@ -84,7 +93,9 @@ pub fn run(flags: &LauncherFlags) -> u8 {
         eprintln!("rvmm: simulated virt-launcher crash (--simulate-crash)");
         return EXIT_VMM_ERROR;
     }
-    let vmm = Vmm::new(settings(), EventMonitor::disabled());
+    let settings = settings();
+    let seccomp = settings.seccomp;
+    let vmm = Vmm::new(settings, EventMonitor::disabled());
     let backend = Arc::new(OnceLock::new());
     let grace = Duration::from_secs(u64::try_from(args.grace_period_seconds).unwrap_or(0));
     let (woken, signalled) = channel();
@@ -105,11 +116,27 @@ pub fn run(flags: &LauncherFlags) -> u8 {
     if let Err(e) = signals.handle_with(on_signal) {
         return fail(&LauncherModeError::Thread("signal", e));
     }
-    let code = match Launcher::start(args, &vmm) {
+    let code = match Launcher::start(args, &vmm, seccomp) {
         Ok(launcher) => {
             let _ = backend.set(launcher.backend.clone());
             watch_first_sync(&vmm, &launcher.backend, args.qemu_timeout);
-            launcher.run_to_end(&vmm)
+            // The main thread has started its threads (signals, the gRPC runtime and the
+            // control thread, the event thread, the --qemu-timeout watch; the grace timer
+            // is the signal thread's, the VM's threads the control thread's): from here on
+            // it only waits and tears down.
+            let filtered = if seccomp {
+                filter_main_thread().map_err(LauncherModeError::Seccomp)
+            } else {
+                Ok(())
+            };
+            if filtered.is_err() {
+                vmm.request_exit(EXIT_VMM_ERROR);
+            }
+            let code = launcher.run_to_end(&vmm);
+            match filtered {
+                Ok(()) => code,
+                Err(e) => fail(&e),
+            }
         }
         Err(e) => {
             vmm.request_exit(EXIT_VMM_ERROR);
@@ -129,7 +156,8 @@ fn fail(err: &LauncherModeError) -> u8 {
     EXIT_VMM_ERROR
 }
 
-/// The VMM's host-side settings in a launcher pod.
+/// The VMM's host-side settings in a launcher pod (seccomp filters always on: the mode has
+/// no `--seccomp` flag).
 fn settings() -> VmmSettings {
     VmmSettings {
         kvm_path: "/dev/kvm".into(),
@@ -213,9 +241,18 @@ struct Launcher {
 }
 
 impl Launcher {
-    /// Starts the event thread and the command server, and marks the launcher ready.
-    fn start(args: &VirtLauncherArgs, vmm: &Arc<Vmm>) -> Result<Self, LauncherModeError> {
-        let runtime = GrpcRuntime::start().map_err(LauncherModeError::Server)?;
+    /// Starts the event thread and the command server, and marks the launcher ready. The
+    /// runtime's thread is filtered with [`grpc_filter`] when `seccomp` is true.
+    fn start(
+        args: &VirtLauncherArgs,
+        vmm: &Arc<Vmm>,
+        seccomp: bool,
+    ) -> Result<Self, LauncherModeError> {
+        let filter = seccomp
+            .then(grpc_filter)
+            .transpose()
+            .map_err(|e| LauncherModeError::Server(GrpcError::Seccomp(e)))?;
+        let runtime = GrpcRuntime::start_filtered(filter).map_err(LauncherModeError::Server)?;
         let record = Arc::new(DomainRecord::default());
         let events = DomainEvents::start(
             Notifier::new(&args.kubevirt_share_dir),

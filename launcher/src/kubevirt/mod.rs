@@ -23,6 +23,8 @@ pub mod launcher_mode;
 pub mod nocloud;
 pub mod notify;
 pub mod quantity;
+#[cfg(test)]
+mod seccomp_tests;
 pub mod stats;
 pub mod vmi;
 mod vmi_model;

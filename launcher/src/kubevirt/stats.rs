@@ -107,40 +107,15 @@ pub fn domain_stats(vmi: &Vmi, plan: &LaunchPlan, metrics: &VmMetrics) -> Value 
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use vmm_core::metrics::{DiskMetrics, NicMetrics};
 
     use super::*;
-    use crate::kubevirt::vmi::{PlannedDisk, PlannedInterface};
+    use crate::kubevirt::domain::tests::{plan, vmi};
 
     #[test]
     fn stats_carry_vcpus_memory_and_per_alias_disk_and_nic_counters() {
-        let vmi =
-            Vmi::from_json(br#"{"metadata": {"name": "vm", "namespace": "ns", "uid": "u-1"}}"#)
-                .unwrap();
-        let mut config = crate::config::VmConfigFile::default();
-        config.cpus.boot_vcpus = 2;
-        let plan = LaunchPlan {
-            domain_name: "ns_vm".into(),
-            config,
-            serial_socket: None,
-            disks: vec![PlannedDisk {
-                name: "rootdisk".into(),
-                path: PathBuf::from("/disks/root.img"),
-                readonly: false,
-                block_device: false,
-                target: "vda".into(),
-                serial: None,
-            }],
-            interfaces: vec![PlannedInterface {
-                name: "default".into(),
-                tap: "tap0".into(),
-                mac: "52:54:00:00:00:01".into(),
-            }],
-            prepare: vec![],
-            warnings: vec![],
-        };
+        // The domain tests' VMI and plan: two disks (metrics here for the first), one NIC.
+        let (vmi, plan) = (vmi(), plan());
         let metrics = VmMetrics {
             exits: vec![],
             disks: vec![DiskMetrics {
@@ -165,7 +140,10 @@ mod tests {
         let s = domain_stats(&vmi, &plan, &metrics);
         assert_eq!(
             (s["Name"].as_str(), s["UUID"].as_str()),
-            (Some("ns_vm"), Some("u-1"))
+            (
+                Some("default_testvm"),
+                Some("5d307ca9-b3ef-428c-8861-06e72d69f223")
+            )
         );
         assert_eq!(
             s["Vcpu"],

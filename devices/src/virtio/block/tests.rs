@@ -140,6 +140,46 @@ pub(super) fn block(disk: &TempDisk, readonly: bool, engine: Engine) -> Block {
     .unwrap()
 }
 
+/// The engines to test; io_uring is skipped (with the reason printed) where it cannot be set up.
+pub(super) fn engines() -> Vec<Engine> {
+    let probe = TempDisk::new("probe", &[0u8; 512]);
+    let file = std::fs::File::open(&probe.path).unwrap();
+    match IoUringEngine::new(file) {
+        Ok(_) => vec![Engine::Sync, Engine::IoUring],
+        Err(e) => {
+            println!("SKIPPED io_uring variant: {e}");
+            vec![Engine::Sync]
+        }
+    }
+}
+
+/// A writable 64 KiB patterned disk named `name`, its device on `engine`, guest memory.
+pub(super) struct Setup {
+    pub(super) disk: TempDisk,
+    pub(super) dev: Block,
+    pub(super) mem: GuestMemoryMmap,
+}
+
+pub(super) fn setup(name: &str, engine: Engine) -> Setup {
+    let disk = TempDisk::patterned(name, 64 * 1024);
+    let dev = block(&disk, false, engine);
+    assert_eq!(dev.engine(), engine);
+    Setup {
+        disk,
+        dev,
+        mem: memory(),
+    }
+}
+
+/// Waits up to 10 s for a worker to complete a request on `vq`.
+pub(super) fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap>) {
+    let start = std::time::Instant::now();
+    while used_count(vq) == 0 {
+        assert!(start.elapsed().as_secs() < 10, "request not served");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 pub(super) fn handler(
     dev: &Block,
     mem: &GuestMemoryMmap,
@@ -561,11 +601,7 @@ fn activated_device_serves_kicks_and_reset_stops_it() {
     .unwrap();
     add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_IN, 1, &[(DATA, 512, W)]);
     kick.write(1).unwrap();
-    let start = std::time::Instant::now();
-    while used_count(&vq) == 0 {
-        assert!(start.elapsed().as_secs() < 10, "request not served");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    wait_for_used(&vq);
     assert_eq!(status(&mem, 0), S_OK);
     let mut buf = [0u8; 512];
     mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();

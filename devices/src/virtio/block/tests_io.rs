@@ -14,36 +14,6 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::tests::*;
 use super::*;
 
-/// The engines to test; io_uring is skipped (with the reason printed) where it cannot be set up.
-fn engines() -> Vec<Engine> {
-    let probe = TempDisk::new("probe", &[0u8; 512]);
-    let file = std::fs::File::open(&probe.path).unwrap();
-    match IoUringEngine::new(file) {
-        Ok(_) => vec![Engine::Sync, Engine::IoUring],
-        Err(e) => {
-            println!("SKIPPED io_uring variant: {e}");
-            vec![Engine::Sync]
-        }
-    }
-}
-
-struct Setup {
-    disk: TempDisk,
-    dev: Block,
-    mem: GuestMemoryMmap,
-}
-
-fn setup(name: &str, engine: Engine) -> Setup {
-    let disk = TempDisk::patterned(name, 64 * 1024);
-    let dev = block(&disk, false, engine);
-    assert_eq!(dev.engine(), engine);
-    Setup {
-        disk,
-        dev,
-        mem: memory(),
-    }
-}
-
 #[test]
 fn reads_fill_scattered_guest_buffers_from_the_file() {
     for engine in engines() {

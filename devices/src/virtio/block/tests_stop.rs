@@ -144,35 +144,21 @@ fn recording(dev: &Block, log: &Log) -> Box<dyn DiskBackend> {
     })
 }
 
-fn engines() -> Vec<Engine> {
-    let probe = TempDisk::new("probe", &[0u8; 512]);
-    let file = std::fs::File::open(&probe.path).unwrap();
-    match IoUringEngine::new(file) {
-        Ok(_) => vec![Engine::Sync, Engine::IoUring],
-        Err(e) => {
-            println!("SKIPPED io_uring variant: {e}");
-            vec![Engine::Sync]
-        }
-    }
-}
-
 #[test]
 fn stopping_the_worker_flushes_a_written_disk() {
     for engine in engines() {
-        let disk = TempDisk::patterned("stop", 64 * 1024);
-        let dev = block(&disk, false, engine);
-        let mem = memory();
+        let Setup {
+            disk: _disk,
+            dev,
+            mem,
+        } = setup("stop", engine);
         let vq = MockSplitQueue::new(&mem, 16);
         add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_OUT, 2, &[(DATA, 512, R)]);
         let log = Log::default();
         let h = handler_over(&dev, &mem, &vq, recording(&dev, &log));
         // The worker serves requests posted before it starts, in its init.
         let worker = spawn_worker("test-blk-stop", h).unwrap();
-        let start = std::time::Instant::now();
-        while used_count(&vq) == 0 {
-            assert!(start.elapsed().as_secs() < 10, "request not served");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_for_used(&vq);
         assert_eq!(stop_flushes(&log), 0, "{engine:?}: flushed before the stop");
         worker.stop();
         let log = log.lock().unwrap().clone();
@@ -192,9 +178,7 @@ fn stopping_the_worker_flushes_a_written_disk() {
 fn device_reset_after_a_write_stops_the_worker_cleanly() {
     // The real device with its own backend: reset must drain and flush without hanging.
     for engine in engines() {
-        let disk = TempDisk::patterned("reset", 64 * 1024);
-        let mut dev = block(&disk, false, engine);
-        let mem = memory();
+        let Setup { disk, mut dev, mem } = setup("reset", engine);
         let vq = MockSplitQueue::new(&mem, 16);
         mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
         add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_OUT, 1, &[(DATA, 512, R)]);
@@ -204,14 +188,7 @@ fn device_reset_after_a_write_stops_the_worker_cleanly() {
         };
         let interrupt = Arc::new(CountingInterrupt::default());
         dev.activate(mem.clone(), interrupt, vec![queue]).unwrap();
-        let start = std::time::Instant::now();
-        while used_count(&vq) == 0 {
-            assert!(
-                start.elapsed().as_secs() < 10,
-                "{engine:?}: request not served"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_for_used(&vq);
         dev.reset();
         assert_eq!(&disk.read()[512..1024], &[0x5a; 512]);
     }
@@ -251,9 +228,11 @@ fn in_flight_writes_complete_before_the_stop_flush() {
 #[test]
 fn a_disk_clean_since_the_last_guest_flush_is_not_flushed_again() {
     for engine in engines() {
-        let disk = TempDisk::patterned("clean", 64 * 1024);
-        let dev = block(&disk, false, engine);
-        let mem = memory();
+        let Setup {
+            disk: _disk,
+            dev,
+            mem,
+        } = setup("clean", engine);
         let vq = MockSplitQueue::new(&mem, 16);
         add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, R)]);
         add_request(&mem, &vq, 3, 1, VIRTIO_BLK_T_FLUSH, 0, &[]);
@@ -270,9 +249,11 @@ fn a_disk_clean_since_the_last_guest_flush_is_not_flushed_again() {
 #[test]
 fn writes_after_the_last_guest_flush_are_flushed_at_stop() {
     for engine in engines() {
-        let disk = TempDisk::patterned("dirty", 64 * 1024);
-        let dev = block(&disk, false, engine);
-        let mem = memory();
+        let Setup {
+            disk: _disk,
+            dev,
+            mem,
+        } = setup("dirty", engine);
         let vq = MockSplitQueue::new(&mem, 16);
         add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
         add_request(&mem, &vq, 2, 1, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, R)]);
