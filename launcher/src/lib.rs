@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod console_socket;
+pub mod control_thread;
 pub mod events;
 pub mod keyvalue;
 pub mod kubevirt;

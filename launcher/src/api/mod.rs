@@ -13,8 +13,8 @@ use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use vmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
 
 use self::routes::{BodyKind, METRICS_PATH, Reply};
+use crate::control_thread::ControlThread;
 use crate::seccomp::api_filter;
 use crate::vmm::{EXIT_OK, Vmm};
 
@@ -84,15 +85,12 @@ impl ApiServerError {
     }
 }
 
-/// A VM operation handed to the control thread.
-type Job = Box<dyn FnOnce() + Send>;
-
 /// Which requests a listener serves, and where they run.
 #[derive(Clone, Debug)]
 enum Scope {
     /// Everything (the unix socket). VM operations run on the control thread when there is
     /// one, else inline on the runtime's thread (fuzzing).
-    Api(Option<mpsc::Sender<Job>>),
+    Api(Option<ControlThread>),
     /// `GET /metrics` alone (TCP): reading counters, answered inline.
     MetricsOnly,
 }
@@ -111,7 +109,7 @@ impl ApiServer {
         let this = Self {
             path: path.to_owned(),
         };
-        let control = spawn_control_thread()?;
+        let control = ControlThread::start("vmm-control").map_err(ApiServerError::Start)?;
         spawn_server("api", seccomp, move || async move {
             let listener = tokio::net::UnixListener::from_std(listener)?;
             loop {
@@ -157,26 +155,6 @@ pub fn start_metrics_server(
         }
     })?;
     Ok(bound)
-}
-
-/// The thread that runs VM operations (create, boot, shutdown, ...) one at a time. The API
-/// thread itself only moves bytes, so its seccomp filter can stay narrow; building a VM needs
-/// KVM, memory mappings, files and new threads, which only this thread does.
-///
-/// This thread is not filtered: its list would be the whole VMM's (opening KVM, disks, taps
-/// and sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
-/// device workers, the VM's waiter) would inherit the filter, stacked under its own.
-fn spawn_control_thread() -> Result<mpsc::Sender<Job>, ApiServerError> {
-    let (send, receive) = mpsc::channel::<Job>();
-    std::thread::Builder::new()
-        .name("vmm-control".into())
-        .spawn(move || {
-            for job in receive {
-                job();
-            }
-        })
-        .map_err(ApiServerError::Start)?;
-    Ok(send)
 }
 
 /// Runs `serve` on a single-threaded runtime on a thread named `name`, which installs the API
@@ -309,18 +287,10 @@ async fn answer(
         routes::handle(&vmm, &method, &path, body)
     };
     let reply = match scope {
-        Scope::Api(Some(control)) => {
-            let (done, reply) = tokio::sync::oneshot::channel();
-            let job: Job = Box::new(move || {
-                let _ = done.send(run());
-            });
-            match control.send(job) {
-                Ok(()) => reply.await.unwrap_or_else(|_| {
-                    Reply::error(500, "The VMM control thread dropped the request")
-                }),
-                Err(_) => Reply::error(500, "The VMM control thread has stopped"),
-            }
-        }
+        Scope::Api(Some(control)) => control
+            .run(run)
+            .await
+            .unwrap_or_else(|e| Reply::error(500, e.to_string())),
         Scope::Api(None) | Scope::MetricsOnly => run(),
     };
     if reply.exit_after {

@@ -16,9 +16,8 @@
 
 use std::error::Error;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -36,6 +35,7 @@ use super::proto::cmd::info::{CmdInfoRequest, CmdInfoResponse};
 use super::proto::cmd::v1 as cmd;
 use super::proto::cmd::v1::cmd_server::{Cmd, CmdServer as CmdService};
 use super::vmi::{Vmi, VmiError};
+use crate::control_thread::ControlThread;
 
 /// The command protocol version rvmm speaks.
 pub const CMD_VERSION: u32 = 1;
@@ -189,7 +189,7 @@ pub async fn serve(
     backend: Arc<dyn LauncherBackend>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let control = ControlThread::start().map_err(GrpcError::Runtime)?;
+    let control = ControlThread::start("launcher-control").map_err(GrpcError::Runtime)?;
     serve_with(listener, backend, control, shutdown).await
 }
 
@@ -219,48 +219,6 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Erro
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-}
-
-/// A backend call handed to the control thread.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The `launcher-control` thread: runs backend calls one at a time, in order, until every
-/// handle to it is dropped (the server stopped).
-///
-/// It is not filtered: its list would be the whole VMM's (opening KVM, disks, taps and
-/// sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
-/// device workers, the VM's waiter) would inherit the filter, stacked under its own. Start it
-/// before the runtime's thread, which may not create threads.
-#[derive(Clone, Debug)]
-pub struct ControlThread {
-    jobs: mpsc::Sender<Job>,
-}
-
-impl ControlThread {
-    /// Starts the thread.
-    pub fn start() -> std::io::Result<Self> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("launcher-control".into())
-            .spawn(move || {
-                for job in queue {
-                    // A panicking call fails its own request (its answer is dropped), not
-                    // the calls after it.
-                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
-                }
-            })?;
-        Ok(Self { jobs })
-    }
-
-    /// Runs `call` on the thread and waits for its result without blocking the runtime.
-    async fn run<T: Send + 'static>(&self, call: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-        let (done, result) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = done.send(call());
-        });
-        self.jobs.send(job).ok()?;
-        result.await.ok()
-    }
 }
 
 struct InfoService;
@@ -306,7 +264,7 @@ impl CmdHandler {
         self.control
             .run(move || call(&*backend))
             .await
-            .ok_or_else(|| Status::internal("launcher backend call failed: it panicked"))
+            .map_err(|_| Status::internal("launcher backend call failed: it panicked"))
     }
 
     /// Parses the VMI of `request`, runs `call`, and answers KubeVirt-style.
@@ -530,7 +488,7 @@ impl LauncherServer {
             let _entered = handle.enter();
             bind(sockets_dir)?
         };
-        let control = ControlThread::start().map_err(GrpcError::Runtime)?;
+        let control = ControlThread::start("launcher-control").map_err(GrpcError::Runtime)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = handle.spawn(serve_with(listener, backend, control, async {
             let _ = stopped.await;

@@ -1,0 +1,96 @@
+//! The thread that runs VM operations for a server whose own thread only moves bytes (the
+//! control API's `vmm-control`, the KubeVirt mode's `launcher-control`).
+//!
+//! It is not seccomp-filtered: its list would be the whole VMM's (opening KVM, disks, taps
+//! and sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
+//! device workers, the VM's waiter) would inherit the filter, stacked under its own. Start it
+//! before the server's thread, which may not create threads.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+/// An operation handed to the thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Why an operation has no result.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The thread is gone.
+    #[error("The control thread has stopped")]
+    Stopped,
+    /// The operation panicked.
+    #[error("The control thread dropped the request")]
+    Dropped,
+}
+
+/// Runs operations one at a time, in order, until every handle to it is dropped.
+#[derive(Clone, Debug)]
+pub struct ControlThread {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl ControlThread {
+    /// Starts the thread, named `name`.
+    pub fn start(name: &str) -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for job in queue {
+                    // A panicking operation fails its own request (its answer is dropped),
+                    // not the ones after it.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `call` on the thread and waits for its result without blocking the runtime.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let (done, result) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(call());
+        });
+        self.jobs.send(job).map_err(|_| ControlError::Stopped)?;
+        result.await.map_err(|_| ControlError::Dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn operations_run_on_the_named_thread_in_order() {
+        let control = ControlThread::start("control-test").unwrap();
+        let names: Vec<_> = (0..3)
+            .map(|i| {
+                block_on(control.run(move || (i, std::thread::current().name().map(str::to_owned))))
+                    .unwrap()
+            })
+            .collect();
+        for (i, (n, name)) in names.into_iter().enumerate() {
+            assert_eq!((n, name.as_deref()), (i, Some("control-test")));
+        }
+    }
+
+    #[test]
+    fn a_panicking_operation_fails_alone() {
+        let control = ControlThread::start("control-panic").unwrap();
+        let failed = block_on(control.run(|| -> u8 { panic!("boom") }));
+        assert_eq!(failed, Err(ControlError::Dropped));
+        assert_eq!(block_on(control.run(|| 7)), Ok(7));
+    }
+}
