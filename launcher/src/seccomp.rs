@@ -147,4 +147,4 @@ pub fn filter_main_thread() -> Result<(), SeccompError> {
 
 #[cfg(test)]
 #[path = "seccomp_tests.rs"]
-mod tests;
+pub(crate) mod tests;

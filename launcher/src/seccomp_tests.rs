@@ -1,15 +1,28 @@
-use vmm_core::seccomp::{ChildEnd, common_rules, run_in_filtered_child};
+use vmm_core::seccomp::{Allow, ChildEnd, common_rules, run_in_filtered_child};
 
 use super::*;
 
-/// Runs `action` in a forked child under `filter` and says how it ended.
-fn end_of_filtered_child(filter: &BpfProgram, action: fn()) -> ChildEnd {
-    // SAFETY: every action in this file makes raw system calls only.
+/// Runs `action` in a forked child under `filter` and says how it ended. `action` may make
+/// raw system calls only (the child of a multi-threaded process).
+pub(crate) fn end_of_filtered_child(filter: &BpfProgram, action: fn()) -> ChildEnd {
+    // SAFETY: every action given here makes raw system calls only (see above).
     unsafe { run_in_filtered_child(filter, action) }
 }
 
-const KILLED_BY_SIGSYS: ChildEnd = ChildEnd::Killed(libc::SIGSYS);
-const EXITED_CLEANLY: ChildEnd = ChildEnd::Exited(0);
+pub(crate) const KILLED_BY_SIGSYS: ChildEnd = ChildEnd::Killed(libc::SIGSYS);
+pub(crate) const EXITED_CLEANLY: ChildEnd = ChildEnd::Exited(0);
+
+/// Asserts that the `kind` thread's list (with the shared rules) has none of `denied`.
+pub(crate) fn assert_allows_none(kind: &str, rules: Vec<Allow>, denied: &[i64]) {
+    let mut allowlist = common_rules();
+    allowlist.extend(rules);
+    for &syscall in denied {
+        assert!(
+            allowlist.iter().all(|r| r.syscall() != syscall),
+            "{kind} allows syscall {syscall}"
+        );
+    }
+}
 
 /// Starting a thread: clone3 with no arguments fails with EFAULT when it is allowed, so the
 /// child cannot actually start anything.
@@ -30,24 +43,21 @@ fn api_and_main_filters_compile_and_allow_no_thread_or_process_creation() {
     assert!(!api_filter().unwrap().is_empty());
     assert!(!main_filter().unwrap().is_empty());
     for (kind, rules) in [("api", api_rules()), ("main", main_rules())] {
-        let mut allowlist = common_rules();
-        allowlist.extend(rules);
-        for denied in [
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_fork,
-            libc::SYS_vfork,
-            libc::SYS_execve,
-            libc::SYS_execveat,
-            libc::SYS_socket,
-            libc::SYS_open,
-            libc::SYS_openat,
-        ] {
-            assert!(
-                allowlist.iter().all(|r| r.syscall() != denied),
-                "{kind} allows syscall {denied}"
-            );
-        }
+        assert_allows_none(
+            kind,
+            rules,
+            &[
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_socket,
+                libc::SYS_open,
+                libc::SYS_openat,
+            ],
+        );
     }
 }
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vmm_core::seccomp::{BpfProgram, ChildEnd, common_rules, run_in_filtered_child};
 
 use super::grpc::tests::{TempDir, fake_virt_handler};
 use super::grpc::{
@@ -20,39 +19,30 @@ use super::proto::cmd::info::cmd_info_client::CmdInfoClient;
 use super::proto::cmd::v1 as cmd;
 use super::proto::cmd::v1::cmd_client::CmdClient;
 use super::vmi::Vmi;
+use crate::seccomp::tests::{
+    EXITED_CLEANLY, KILLED_BY_SIGSYS, assert_allows_none, end_of_filtered_child,
+};
 use crate::seccomp::{grpc_filter, grpc_rules};
-
-const KILLED_BY_SIGSYS: ChildEnd = ChildEnd::Killed(libc::SIGSYS);
-const EXITED_CLEANLY: ChildEnd = ChildEnd::Exited(0);
-
-/// Runs `action` in a forked child under `filter` and says how it ended.
-fn end_of_filtered_child(filter: &BpfProgram, action: fn()) -> ChildEnd {
-    // SAFETY: every action in this file makes raw system calls only.
-    unsafe { run_in_filtered_child(filter, action) }
-}
 
 #[test]
 fn grpc_rules_allow_no_thread_process_or_file_creation() {
-    let mut allowlist = common_rules();
-    allowlist.extend(grpc_rules());
-    for denied in [
-        libc::SYS_clone,
-        libc::SYS_clone3,
-        libc::SYS_fork,
-        libc::SYS_vfork,
-        libc::SYS_execve,
-        libc::SYS_execveat,
-        libc::SYS_open,
-        libc::SYS_openat,
-        libc::SYS_bind,
-        libc::SYS_listen,
-        libc::SYS_ioctl,
-    ] {
-        assert!(
-            allowlist.iter().all(|r| r.syscall() != denied),
-            "grpc allows syscall {denied}"
-        );
-    }
+    assert_allows_none(
+        "grpc",
+        grpc_rules(),
+        &[
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_ioctl,
+        ],
+    );
 }
 
 #[test]
