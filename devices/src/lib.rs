@@ -6,10 +6,12 @@
 
 mod bus_device;
 pub mod legacy;
+mod pausable;
 pub mod seccomp;
 mod trigger;
 pub mod virtio;
 
 pub use bus_device::BusDevice;
+pub use pausable::{Pausable, PauseError};
 pub use trigger::EventFdTrigger;
 pub use vm_superio::Trigger;

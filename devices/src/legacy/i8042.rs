@@ -7,9 +7,10 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
-use crate::BusDevice;
+use crate::{BusDevice, Pausable, PauseError};
 
 /// The controller decodes ports 0x60 (data) to 0x64 (command/status).
 pub const I8042_PORT_BASE: u64 = 0x60;
@@ -81,8 +82,8 @@ const CTRL_ALT_DEL_SET1: [u8; 8] = [
 const OUTPUT_CAPACITY: usize = 32;
 
 /// What the next byte written to the data port means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pending {
     None,
     ControllerConfig,
     OutputPort,
@@ -101,6 +102,26 @@ pub struct I8042<R: Trigger, K: Trigger> {
     last_was_command: bool,
     pending: Pending,
     output: VecDeque<u8>,
+    paused: bool,
+    /// Ctrl-Alt-Del asked for while paused: typed at the resume.
+    deferred_ctrl_alt_del: bool,
+}
+
+/// The controller's state, format version 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042Snapshot {
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// The last write was to the command port.
+    pub last_was_command: bool,
+    /// What the next data byte means.
+    pub pending: Pending,
+    /// Bytes the guest has not read yet (at most 32 are restored).
+    pub output: Vec<u8>,
+    /// A Ctrl-Alt-Del asked for while paused and not yet typed.
+    pub deferred_ctrl_alt_del: bool,
 }
 
 impl<R: Trigger, K: Trigger> I8042<R, K> {
@@ -115,6 +136,36 @@ impl<R: Trigger, K: Trigger> I8042<R, K> {
             last_was_command: false,
             pending: Pending::None,
             output: VecDeque::new(),
+            paused: false,
+            deferred_ctrl_alt_del: false,
+        }
+    }
+
+    /// The controller's state for a snapshot.
+    pub fn snapshot(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            control: self.control,
+            output_port: self.output_port,
+            last_was_command: self.last_was_command,
+            pending: self.pending,
+            output: self.output.iter().copied().collect(),
+            deferred_ctrl_alt_del: self.deferred_ctrl_alt_del,
+        }
+    }
+
+    /// A controller in the state of a snapshot, paused (as a restored VM starts).
+    pub fn from_snapshot(state: &I8042Snapshot, reset: R, kbd_irq: K) -> Self {
+        let mut output: VecDeque<u8> = state.output.iter().copied().collect();
+        output.truncate(OUTPUT_CAPACITY);
+        Self {
+            control: state.control,
+            output_port: state.output_port,
+            last_was_command: state.last_was_command,
+            pending: state.pending,
+            output,
+            paused: true,
+            deferred_ctrl_alt_del: state.deferred_ctrl_alt_del,
+            ..Self::new(reset, kbd_irq)
         }
     }
 
@@ -122,6 +173,11 @@ impl<R: Trigger, K: Trigger> I8042<R, K> {
     /// in whole or not at all: with the output buffer nearly full (a guest that stopped
     /// reading), a partial sequence would leave the guest with Ctrl or Alt held down.
     pub fn trigger_ctrl_alt_del(&mut self) {
+        if self.paused {
+            // A paused guest cannot take the interrupt; the keys go in at the resume.
+            self.deferred_ctrl_alt_del = true;
+            return;
+        }
         let codes: &[u8] = if self.control & CTR_XLATE != 0 {
             &CTRL_ALT_DEL_SET1
         } else {
@@ -244,6 +300,22 @@ impl<R: Trigger, K: Trigger> I8042<R, K> {
                 self.pending = Pending::KbdParameter;
             }
             _ => self.push(KBD_ACK),
+        }
+    }
+}
+
+/// The guest alone drives the controller, except for a Ctrl-Alt-Del from the host: while
+/// paused that waits for the resume.
+impl<R: Trigger, K: Trigger> Pausable for I8042<R, K> {
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        if std::mem::take(&mut self.deferred_ctrl_alt_del) {
+            self.trigger_ctrl_alt_del();
         }
     }
 }
@@ -389,6 +461,26 @@ mod tests {
         dev.write(DATA, &[CTR_KBD_INT]);
         dev.trigger_ctrl_alt_del();
         assert_eq!(drain(&mut dev), CTRL_ALT_DEL_SET2.to_vec());
+    }
+
+    #[test]
+    fn ctrl_alt_del_while_paused_is_typed_at_the_resume_and_survives_a_snapshot() {
+        let (mut dev, _, irq) = controller();
+        dev.write(COMMAND, &[CMD_WRITE_KBD_BUFFER]);
+        dev.write(DATA, &[0x42]);
+        let before = irq.get();
+        dev.pause().unwrap();
+        dev.trigger_ctrl_alt_del();
+        assert_eq!(irq.get(), before, "interrupt while paused");
+        let saved = dev.snapshot();
+        assert_eq!(saved.output, vec![0x42]);
+        let irq2 = Counter::default();
+        let mut restored = I8042::from_snapshot(&saved, Counter::default(), irq2.clone());
+        restored.resume();
+        assert!(irq2.get() >= 1);
+        let mut expected = vec![0x42];
+        expected.extend_from_slice(&CTRL_ALT_DEL_SET1);
+        assert_eq!(drain(&mut restored), expected);
     }
 
     #[test]

@@ -3,5 +3,7 @@
 mod i8042;
 mod serial;
 
-pub use i8042::{I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{COM1_IRQ, COM1_PORT_BASE, SERIAL_PORT_LEN, SerialConsole};
+pub use i8042::{I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, I8042Snapshot};
+pub use serial::{
+    COM1_IRQ, COM1_PORT_BASE, SERIAL_PORT_LEN, SerialConsole, SerialRestoreError, SerialSnapshot,
+};

@@ -2,10 +2,11 @@
 
 use std::io::Write;
 
-use vm_superio::serial::{Error as SerialError, NoEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{Error as SerialError, NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
-use crate::BusDevice;
+use crate::{BusDevice, Pausable, PauseError};
 
 /// First port of COM1.
 pub const COM1_PORT_BASE: u64 = 0x3f8;
@@ -18,7 +19,38 @@ pub const SERIAL_PORT_LEN: u64 = 8;
 /// [`SerialConsole::queue_input`].
 pub struct SerialConsole<T: Trigger, W: Write + Send> {
     uart: Serial<T, NoEvents, W>,
+    paused: bool,
 }
+
+/// The UART's registers and receive FIFO, format version 1 (vm-superio's `SerialState`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+/// A serial snapshot vm-superio refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid serial port state in the snapshot: {0}")]
+pub struct SerialRestoreError(String);
 
 impl<T: Trigger, W: Write + Send> std::fmt::Debug for SerialConsole<T, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -31,12 +63,56 @@ impl<T: Trigger, W: Write + Send> SerialConsole<T, W> {
     pub fn new(interrupt: T, out: W) -> Self {
         Self {
             uart: Serial::new(interrupt, out),
+            paused: false,
+        }
+    }
+
+    /// A console in the state of a snapshot, paused (as a restored VM starts).
+    pub fn from_snapshot(
+        state: &SerialSnapshot,
+        interrupt: T,
+        out: W,
+    ) -> Result<Self, SerialRestoreError> {
+        let state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, interrupt, NoEvents, out)
+            .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
+        Ok(Self { uart, paused: true })
+    }
+
+    /// The UART's state for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
     /// Queues host input for the guest and returns how many bytes fitted in the receive FIFO
-    /// (0 when it is full: the caller retries once the guest has read some).
+    /// (0 when it is full, or the console is paused: the caller retries later).
     pub fn queue_input(&mut self, input: &[u8]) -> usize {
+        if self.paused {
+            return 0;
+        }
         match self.uart.enqueue_raw_bytes(input) {
             Ok(n) => n,
             Err(SerialError::FullFifo) => 0,
@@ -50,6 +126,19 @@ impl<T: Trigger, W: Write + Send> SerialConsole<T, W> {
     /// The output sink (tests read what the guest wrote from it).
     pub fn output(&self) -> &W {
         self.uart.writer()
+    }
+}
+
+/// Only the host's input reaches a UART on its own: a paused console holds it back (the
+/// console threads retry), so the receive FIFO and the interrupt line stay as they were.
+impl<T: Trigger, W: Write + Send> Pausable for SerialConsole<T, W> {
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
     }
 }
 
@@ -136,6 +225,25 @@ mod tests {
         let first = serial.queue_input(&big);
         assert!(first > 0 && first < big.len());
         assert_eq!(serial.queue_input(&big), 0);
+    }
+
+    #[test]
+    fn paused_console_takes_no_input_and_a_restored_one_has_the_saved_fifo() {
+        let mut serial = SerialConsole::new(CountingTrigger::default(), Vec::new());
+        serial.write(IER, &[0x01]);
+        assert_eq!(serial.queue_input(b"ab"), 2);
+        serial.pause().unwrap();
+        assert_eq!(serial.queue_input(b"cd"), 0);
+        let saved = serial.snapshot();
+        assert_eq!(saved.in_buffer, b"ab");
+        let irq = CountingTrigger::default();
+        let mut restored = SerialConsole::from_snapshot(&saved, irq.clone(), Vec::new()).unwrap();
+        assert_eq!(restored.queue_input(b"x"), 0, "restored paused");
+        restored.resume();
+        let mut byte = [0u8];
+        restored.read(THR, &mut byte);
+        assert_eq!(byte[0], b'a');
+        assert_eq!(restored.snapshot().interrupt_enable, 0x01);
     }
 
     #[test]

@@ -4,11 +4,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::persist::{QueueSnapshot, RestoreError, SaveError, VirtioDeviceSnapshot};
 use super::{
     ActiveQueue, GuestMemoryMmap, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
+    WorkerError,
 };
 use crate::BusDevice;
 
@@ -293,53 +296,37 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if let Err(why) = self.try_activate() {
+            self.fail(&why);
+        }
+    }
+
+    /// Hands the device its queues; the error says what the driver got wrong.
+    fn try_activate(&mut self) -> Result<(), String> {
         if self.status & STATUS_FEATURES_OK == 0 {
-            self.fail("DRIVER_OK before FEATURES_OK");
-            return;
+            return Err("DRIVER_OK before FEATURES_OK".into());
         }
         let mut active = Vec::with_capacity(self.queues.len());
         for (index, (queue, event)) in self.queues.iter().zip(&self.queue_events).enumerate() {
             if !queue.ready() || !queue.is_valid(&self.mem) {
-                self.fail(&format!(
-                    "queue {index} is not ready or not in guest memory"
-                ));
-                return;
+                return Err(format!("queue {index} is not ready or not in guest memory"));
             }
-            let notify = match event.try_clone() {
-                Ok(notify) => notify,
-                Err(e) => {
-                    self.fail(&format!("cannot clone the queue {index} eventfd: {e}"));
-                    return;
-                }
-            };
-            let Ok(mut copy) = Queue::new(queue.max_size()) else {
-                self.fail(&format!("queue {index} has an invalid maximum size"));
-                return;
-            };
-            copy.set_size(queue.size());
-            copy.set_desc_table_address(
-                Some(queue.desc_table() as u32),
-                Some((queue.desc_table() >> 32) as u32),
-            );
-            copy.set_avail_ring_address(
-                Some(queue.avail_ring() as u32),
-                Some((queue.avail_ring() >> 32) as u32),
-            );
-            copy.set_used_ring_address(
-                Some(queue.used_ring() as u32),
-                Some((queue.used_ring() >> 32) as u32),
-            );
-            copy.set_event_idx(queue.event_idx_enabled());
-            copy.set_ready(true);
+            let notify = event
+                .try_clone()
+                .map_err(|e| format!("cannot clone the queue {index} eventfd: {e}"))?;
+            // The whole state, ring positions included: a restored device goes on where it
+            // was; a new activation starts at 0.
+            let copy = Queue::try_from(queue.state())
+                .map_err(|_| format!("queue {index} has an invalid size"))?;
             active.push(ActiveQueue {
                 queue: copy,
                 notify,
             });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        if let Err(e) = self.device.activate(self.mem.clone(), interrupt, active) {
-            self.fail(&e.to_string());
-        }
+        self.device
+            .activate(self.mem.clone(), interrupt, active)
+            .map_err(|e| e.to_string())
     }
 
     /// The device cannot run with what the driver set up: NEEDS_RESET, and tell the driver.
@@ -367,6 +354,128 @@ impl MmioTransport {
         self.queue_select = 0;
         self.interrupt.status.store(0, Ordering::SeqCst);
         self.interrupt.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// virtio-mmio transport state, format version 1: the registers the driver programmed and
+/// each queue (with the device's positions in its rings).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// The device type behind the transport.
+    pub device_type: u32,
+    /// Device status (without NEEDS_RESET, kept apart).
+    pub status: u32,
+    /// DEVICE_NEEDS_RESET was signalled.
+    pub needs_reset: bool,
+    /// InterruptStatus not yet acknowledged.
+    pub interrupt_status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// DriverFeatures as written.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The queues, in order.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl MmioTransport {
+    /// Pauses the device (see [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) -> Result<(), WorkerError> {
+        self.device.pause()
+    }
+
+    /// Resumes the device.
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
+    /// The transport's and the device's state; the device must be paused.
+    pub fn save_state(&self) -> Result<VirtioDeviceSnapshot, SaveError> {
+        let device = self.device.save_state();
+        if !self.device.is_paused() {
+            return Err(SaveError::NotPaused(device.kind()));
+        }
+        let queues: Vec<QueueState> = match self.device.active_queue_states() {
+            Some(live) => live,
+            None => self.queues.iter().map(Queue::state).collect(),
+        };
+        let transport = MmioTransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            needs_reset: self.interrupt.needs_reset.load(Ordering::SeqCst),
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            queues: queues.into_iter().map(QueueSnapshot::from).collect(),
+        };
+        Ok(VirtioDeviceSnapshot {
+            transport: super::persist::TransportState::Mmio(transport),
+            device,
+        })
+    }
+
+    /// Puts a new transport (over a device built from the same configuration) into the saved
+    /// state. The device is paused first; if the driver had it running it is activated again
+    /// with the saved rings and starts once resumed.
+    pub fn restore_state(&mut self, saved: &VirtioDeviceSnapshot) -> Result<(), RestoreError> {
+        let super::persist::TransportState::Mmio(state) = &saved.transport;
+        let configured = self.device.device_type();
+        if state.device_type != configured {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                configured,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, (saved, own)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != own.max_size() {
+                return Err(RestoreError::Queue {
+                    index,
+                    source: virtio_queue::Error::InvalidSize,
+                });
+            }
+            let queue = Queue::try_from(QueueState::from(*saved))
+                .map_err(|source| RestoreError::Queue { index, source })?;
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(RestoreError::QueueMemory(index));
+            }
+            queues.push(queue);
+        }
+        super::persist::check_features(state.driver_features, self.device.features())?;
+        self.device.restore_state(&saved.device)?;
+        self.device.pause().map_err(RestoreError::Pause)?;
+        self.queues = queues;
+        self.status = state.status;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.queue_select = state.queue_select;
+        self.config_generation = state.config_generation;
+        self.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        self.interrupt
+            .needs_reset
+            .store(state.needs_reset, Ordering::SeqCst);
+        let running = STATUS_DRIVER_OK | STATUS_FEATURES_OK;
+        if self.status & (running | STATUS_FAILED) == running && !state.needs_reset {
+            self.try_activate().map_err(RestoreError::Activate)?;
+        }
+        Ok(())
     }
 }
 

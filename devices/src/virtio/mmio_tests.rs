@@ -3,7 +3,7 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 
 use super::*;
-use crate::virtio::ActivateError;
+use crate::virtio::{ActivateError, persist};
 
 const STATUS_ACKNOWLEDGE: u32 = 1;
 
@@ -70,6 +70,21 @@ impl VirtioDevice for FakeDevice {
     }
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
+    }
+    fn save_state(&self) -> persist::VirtioDeviceState {
+        persist::VirtioDeviceState::Rng
+    }
+    fn restore_state(
+        &mut self,
+        state: &persist::VirtioDeviceState,
+    ) -> Result<(), persist::RestoreError> {
+        match state {
+            persist::VirtioDeviceState::Rng => Ok(()),
+            other => Err(persist::RestoreError::DeviceKind {
+                saved: other.kind(),
+                configured: "fake",
+            }),
+        }
     }
 }
 
@@ -334,4 +349,55 @@ fn driver_ok_in_the_same_write_as_refused_features_does_not_stick() {
     write(&mut t, 0x70, ALL_OK);
     assert_eq!(read(&mut t, 0x70), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     assert!(record.lock().unwrap().activations.is_empty());
+}
+
+#[test]
+fn restored_transport_has_the_saved_registers_and_reactivates_the_device_on_its_rings() {
+    let (mut t, _, _) = transport(false);
+    negotiate(&mut t, VIRTIO_F_VERSION_1);
+    setup_queue(&mut t, 0, 16, 0x10000);
+    setup_queue(&mut t, 1, 8, 0x20000);
+    write(&mut t, 0x70, ALL_OK);
+    t.interrupt.trigger(InterruptKind::Queue).unwrap();
+    write(&mut t, 0x30, 1);
+    let saved = t.save_state().unwrap();
+    let persist::TransportState::Mmio(state) = &saved.transport;
+    assert_eq!(state.status, ALL_OK);
+    assert_eq!(state.interrupt_status, INT_VRING);
+    assert_eq!(state.queues[1].desc_table, 0x20000);
+
+    let (mut restored, record, _) = transport(false);
+    restored.restore_state(&saved).unwrap();
+    assert_eq!(read(&mut restored, 0x70), ALL_OK);
+    assert_eq!(read(&mut restored, 0x60), INT_VRING);
+    assert_eq!(read(&mut restored, 0x34), 8, "QueueSel kept");
+    let activations = &record.lock().unwrap().activations;
+    assert_eq!(
+        activations.as_slice(),
+        &[vec![
+            (16, 0x10000, 0x11000, 0x12000),
+            (8, 0x20000, 0x21000, 0x22000)
+        ]]
+    );
+}
+
+#[test]
+fn restoring_a_snapshot_of_another_device_or_impossible_queues_is_refused() {
+    let (t, _, _) = transport(false);
+    let mut saved = t.save_state().unwrap();
+    let (mut other, _, _) = transport(false);
+    let mut wrong = saved.clone();
+    let persist::TransportState::Mmio(state) = &mut wrong.transport;
+    state.device_type = crate::virtio::TYPE_BLOCK;
+    let err = other.restore_state(&wrong).unwrap_err();
+    assert!(err.to_string().contains("device type 2"), "{err}");
+    let persist::TransportState::Mmio(state) = &mut saved.transport;
+    state.queues[0].size = 3;
+    state.queues[0].ready = true;
+    let err = other.restore_state(&saved).unwrap_err();
+    assert!(err.to_string().contains("Queue 0"), "{err}");
+    let persist::TransportState::Mmio(state) = &mut saved.transport;
+    state.queues.pop();
+    let err = other.restore_state(&saved).unwrap_err();
+    assert!(err.to_string().contains("1 queues"), "{err}");
 }

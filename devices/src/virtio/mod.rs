@@ -8,6 +8,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -15,12 +16,14 @@ mod worker;
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
+use persist::{RestoreError, VirtioDeviceState};
+
 pub use worker::{
-    STOP_EVENT, WorkerError, WorkerHandle, WorkerThread, spawn_worker, start_worker_in,
-    worker_thread,
+    DeviceHandler, DeviceWorker, PAUSE_EVENT, STOP_EVENT, WorkerError, WorkerHandle, WorkerThread,
+    spawn_worker,
 };
 
 /// Guest memory as devices see it.
@@ -89,10 +92,10 @@ pub enum ActivateError {
 /// The `N` queues of a device being activated, refusing a second activation while its worker
 /// still runs.
 pub fn take_queues<const N: usize>(
-    worker: &Option<WorkerHandle>,
+    worker: &DeviceWorker,
     queues: Vec<ActiveQueue>,
 ) -> Result<[ActiveQueue; N], ActivateError> {
-    if worker.is_some() {
+    if worker.is_active() {
         return Err(ActivateError::AlreadyActive);
     }
     let got = queues.len();
@@ -141,6 +144,52 @@ pub trait VirtioDevice: Send {
     fn start_worker_thread(&mut self, _seccomp: bool) -> Result<(), WorkerError> {
         Ok(())
     }
+
+    /// The device's worker, for [`VirtioDevice::pause`] and the queue states; `None` for a
+    /// device without one (it never touches guest memory on its own).
+    fn worker(&self) -> Option<&DeviceWorker> {
+        None
+    }
+
+    /// Mutable access to [`VirtioDevice::worker`].
+    fn worker_mut(&mut self) -> Option<&mut DeviceWorker> {
+        None
+    }
+
+    /// Pauses the device: its work in flight completes (block requests are answered), then
+    /// it neither processes its queues nor touches its backend until resumed. A device paused
+    /// before activation starts paused.
+    fn pause(&mut self) -> Result<(), WorkerError> {
+        match self.worker_mut() {
+            Some(worker) => worker.pause(),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets a paused device work again.
+    fn resume(&mut self) {
+        if let Some(worker) = self.worker_mut() {
+            worker.resume();
+        }
+    }
+
+    /// Whether the device is paused (a device without a worker always is).
+    fn is_paused(&self) -> bool {
+        self.worker().is_none_or(DeviceWorker::paused)
+    }
+
+    /// The queue states of the active, paused device as its worker left them; `None` when
+    /// the device is not active (the transport's queues are then the whole truth).
+    fn active_queue_states(&self) -> Option<Vec<QueueState>> {
+        self.worker().and_then(DeviceWorker::queue_states)
+    }
+
+    /// The device-specific state a snapshot keeps.
+    fn save_state(&self) -> VirtioDeviceState;
+
+    /// Takes the device-specific state of a snapshot, before the transport re-activates the
+    /// device. Fails when the snapshot does not fit the configured device.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError>;
 }
 
 /// Copies the part of a device's configuration space `config` that a guest read at `offset`
@@ -180,8 +229,9 @@ mod tests {
 
     #[test]
     fn take_queues_wants_exactly_the_device_queue_count() {
-        let [_rx, _tx] = take_queues::<2>(&None, vec![queue(), queue()]).unwrap();
-        let err = take_queues::<2>(&None, vec![queue()]).unwrap_err();
+        let idle = DeviceWorker::new("test-idle");
+        let [_rx, _tx] = take_queues::<2>(&idle, vec![queue(), queue()]).unwrap();
+        let err = take_queues::<2>(&idle, vec![queue()]).unwrap_err();
         assert!(matches!(
             err,
             ActivateError::QueueCount {
@@ -191,9 +241,16 @@ mod tests {
         ));
     }
 
+    impl DeviceHandler for Idle {
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
+        }
+    }
+
     #[test]
     fn take_queues_refuses_a_second_activation_while_the_worker_runs() {
-        let worker = Some(spawn_worker("test-idle", Idle).unwrap());
+        let mut worker = DeviceWorker::new("test-idle");
+        worker.activate(Idle).unwrap();
         let err = take_queues::<1>(&worker, vec![queue()]).unwrap_err();
         assert!(matches!(err, ActivateError::AlreadyActive));
     }

@@ -12,12 +12,12 @@ use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
+use super::super::{DeviceHandler, GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use super::BlockCounters;
 use super::backend::{Completions, DiskBackend, DiskOp};
 use super::guest::{GuestView, HostBuf};
@@ -636,6 +636,42 @@ impl<I: ?Sized + VirtioInterrupt> Drop for BlockHandler<I> {
                 self.disk.path.display()
             );
         }
+    }
+}
+
+impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
+    /// Waits for every operation in flight and returns its request to the guest (status,
+    /// used entry, interrupt): what a pause needs before the worker parks.
+    pub fn complete_in_flight(&mut self) -> Result<usize, virtio_queue::Error> {
+        if let Err(e) = self.backend.wait_all(&mut self.done) {
+            log::warn!(
+                "virtio-blk: waiting for the I/O in flight on {} failed: {e}",
+                self.disk.path.display()
+            );
+        }
+        self.finish_done();
+        let completed = self.flush_answers()?;
+        self.notify_guest()?;
+        self.stats.publish(&self.disk.counters);
+        Ok(completed)
+    }
+}
+
+impl<I: ?Sized + VirtioInterrupt + 'static> DeviceHandler for BlockHandler<I>
+where
+    Self: Send,
+{
+    fn quiesce(&mut self) {
+        if self.broken {
+            return;
+        }
+        if let Err(e) = self.complete_in_flight() {
+            self.fail(e);
+        }
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        vec![self.queue.state()]
     }
 }
 

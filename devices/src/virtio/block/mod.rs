@@ -6,6 +6,7 @@
 mod backend;
 mod guest;
 mod handler;
+mod persist;
 mod request;
 
 use std::fs::{File, OpenOptions};
@@ -25,18 +26,19 @@ pub use backend::{
 };
 pub use guest::HostBuf;
 pub use handler::{BlockHandler, DiskContext};
+pub use persist::BlockState;
 pub use request::{
     BlockRequest, ID_BYTES, ParseError, RejectedRequest, RequestLimits, RequestType, SECTOR_SIZE,
     SectorRange,
 };
 
 // The stop tests start a worker by hand.
+use super::persist::{RestoreError, VirtioDeviceState};
 #[cfg(test)]
 use super::spawn_worker;
 use super::{
-    ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerError, WorkerHandle, WorkerThread, read_config_bytes, start_worker_in,
-    take_queues, worker_thread,
+    ActivateError, ActiveQueue, DeviceWorker, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VirtioDevice, VirtioInterrupt, WorkerError, read_config_bytes, take_queues,
 };
 use crate::seccomp::WorkerKind;
 
@@ -174,9 +176,7 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     acked: u64,
     counters: Arc<BlockCounters>,
-    // Dropped before `thread`: the run stops before its thread ends.
-    worker: Option<WorkerHandle>,
-    thread: Option<WorkerThread>,
+    worker: DeviceWorker,
 }
 
 impl Block {
@@ -223,8 +223,7 @@ impl Block {
             config: config_space(capacity),
             acked: 0,
             counters: Arc::new(BlockCounters::default()),
-            worker: None,
-            thread: None,
+            worker: DeviceWorker::new(worker_name(&id)),
         })
     }
 
@@ -276,13 +275,6 @@ impl Block {
         self.counters.clone()
     }
 
-    fn worker_name(&self) -> String {
-        format!(
-            "virtio-blk-{}",
-            String::from_utf8_lossy(&self.id).trim_end_matches('\0')
-        )
-    }
-
     /// The limits requests are checked against (what the configuration space announces).
     pub fn limits(&self) -> RequestLimits {
         RequestLimits {
@@ -324,6 +316,13 @@ impl Block {
             disk,
         ))
     }
+}
+
+fn worker_name(id: &[u8; ID_BYTES]) -> String {
+    format!(
+        "virtio-blk-{}",
+        String::from_utf8_lossy(id).trim_end_matches('\0')
+    )
 }
 
 /// Checks once that io_uring works, so a device reports the engine it will really use.
@@ -429,9 +428,7 @@ impl VirtioDevice for Block {
         let handler = self
             .handler(mem, queue, interrupt)
             .map_err(ActivateError::Worker)?;
-        let name = self.worker_name();
-        let thread = worker_thread(&mut self.thread, &name).map_err(ActivateError::Run)?;
-        self.worker = Some(thread.run(handler).map_err(ActivateError::Run)?);
+        self.worker.activate(handler).map_err(ActivateError::Run)?;
         log::debug!(
             "virtio-blk: {} active ({:?} engine)",
             self.path.display(),
@@ -444,9 +441,7 @@ impl VirtioDevice for Block {
         // Stopping the worker drops its handler, which completes the I/O in flight and flushes
         // the disk if it was written since the last FLUSH. Dropping the device (VM teardown)
         // does the same through the worker handle's Drop.
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked = 0;
     }
 
@@ -455,8 +450,23 @@ impl VirtioDevice for Block {
             Engine::Sync => WorkerKind::BlockSync,
             Engine::IoUring => WorkerKind::BlockIoUring,
         };
-        let name = self.worker_name();
-        start_worker_in(&mut self.thread, &name, kind, seccomp)
+        self.worker.start_thread(kind, seccomp)
+    }
+
+    fn worker(&self) -> Option<&DeviceWorker> {
+        Some(&self.worker)
+    }
+
+    fn worker_mut(&mut self) -> Option<&mut DeviceWorker> {
+        Some(&mut self.worker)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.persist())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
+        self.restore(state)
     }
 }
 

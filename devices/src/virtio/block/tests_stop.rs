@@ -1,6 +1,7 @@
 //! The flush when a worker stops: a disk written since its last FLUSH is flushed after the
 //! operations in flight complete, whether the worker is stopped (device reset, VM teardown) or
-//! its handler is simply dropped; clean and read-only disks are left alone.
+//! its handler is simply dropped; clean and read-only disks are left alone. And pausing: the
+//! requests in flight complete first, then nothing reaches guest memory or the disk.
 
 use std::io;
 use std::sync::Mutex;
@@ -307,4 +308,63 @@ fn disk_sync_is_offered_for_writable_disks_and_names_the_path() {
         err.to_string(),
         format!("Cannot flush disk {}", disk.path.display())
     );
+}
+
+#[test]
+fn pause_completes_the_requests_in_flight_and_returns_them_to_the_guest() {
+    let disk = TempDisk::patterned("quiesce", 64 * 1024);
+    let dev = block(&disk, false, Engine::Sync);
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, R)]);
+    add_request(&mem, &vq, 3, 1, VIRTIO_BLK_T_OUT, 4, &[(DATA, 512, R)]);
+    let backend = NeverDone {
+        pending: Vec::new(),
+        log: Log::default(),
+    };
+    let mut h = handler_over(&dev, &mem, &vq, Box::new(backend));
+    h.process_queue().unwrap();
+    assert_eq!((h.in_flight(), used_count(&vq)), (2, 0));
+    crate::virtio::DeviceHandler::quiesce(&mut h);
+    assert_eq!((h.in_flight(), used_count(&vq)), (0, 2));
+    assert_eq!((status(&mem, 0), status(&mem, 1)), (S_OK, S_OK));
+    let queues = crate::virtio::DeviceHandler::queue_states(&h);
+    assert_eq!((queues[0].next_avail, queues[0].next_used), (2, 2));
+}
+
+#[test]
+fn paused_device_touches_neither_guest_memory_nor_the_disk_until_resumed() {
+    for engine in engines() {
+        let Setup { disk, mut dev, mem } = setup("paused", engine);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let queue = ActiveQueue {
+            queue: vq.create_queue().unwrap(),
+            notify,
+        };
+        let interrupt = Arc::new(CountingInterrupt::default());
+        dev.activate(mem.clone(), interrupt.clone(), vec![queue])
+            .unwrap();
+        dev.pause().unwrap();
+        let before = disk.read();
+        mem.write_slice(&[0x77; 512], GuestAddress(DATA)).unwrap();
+        add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_OUT, 2, &[(DATA, 512, R)]);
+        kick.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(used_count(&vq), 0, "{engine:?}: used ring written");
+        assert_eq!(status(&mem, 0), UNTOUCHED, "{engine:?}: status written");
+        assert!(
+            disk.read() == before,
+            "{engine:?}: disk written while paused"
+        );
+        assert_eq!(interrupt.queue.load(Ordering::SeqCst), 0);
+        let queues = dev.active_queue_states().unwrap();
+        assert_eq!(queues[0].next_avail, 0, "{engine:?}: request taken");
+        dev.resume();
+        wait_for_used(&vq);
+        assert_eq!(status(&mem, 0), S_OK);
+        assert_eq!(&disk.read()[1024..1536], &[0x77; 512]);
+        dev.reset();
+    }
 }

@@ -6,6 +6,7 @@
 
 mod backend;
 mod handler;
+mod persist;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,11 +20,12 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 pub use backend::{IoBufs, IovecCache, NetBackend, SocketBackend, Tap, TapError, VNET_HDR_LEN};
 pub use handler::{MAX_BUFFER_LEN, MAX_FRAME_LEN, NetHandler};
+pub use persist::NetState;
 
+use super::persist::{RestoreError, VirtioDeviceState};
 use super::{
-    ActivateError, ActiveQueue, GuestMemoryMmap, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, WorkerError, WorkerHandle, WorkerThread, read_config_bytes, start_worker_in,
-    take_queues, worker_thread,
+    ActivateError, ActiveQueue, DeviceWorker, GuestMemoryMmap, TYPE_NET, VIRTIO_F_VERSION_1,
+    VirtioDevice, VirtioInterrupt, WorkerError, read_config_bytes, take_queues,
 };
 use crate::seccomp::WorkerKind;
 
@@ -102,9 +104,7 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     acked: u64,
     counters: Arc<NetCounters>,
-    // Dropped before `thread`: the run stops before its thread ends.
-    worker: Option<WorkerHandle>,
-    thread: Option<WorkerThread>,
+    worker: DeviceWorker,
 }
 
 impl Net {
@@ -127,16 +127,16 @@ impl Net {
             Some(mac) => mac,
             None => random_mac().map_err(NetError::RandomMac)?,
         };
+        let id = id.unwrap_or(tap);
         Ok(Self {
             backend,
-            id: id.unwrap_or(tap),
+            worker: DeviceWorker::new(format!("virtio-net-{id}")),
+            id,
             mac,
             mtu,
             config: config_space(mac, mtu),
             acked: 0,
             counters: Arc::new(NetCounters::default()),
-            worker: None,
-            thread: None,
         })
     }
 
@@ -153,10 +153,6 @@ impl Net {
     /// Frame statistics, shared with the worker.
     pub fn counters(&self) -> Arc<NetCounters> {
         self.counters.clone()
-    }
-
-    fn worker_name(&self) -> String {
-        format!("virtio-net-{}", self.id)
     }
 
     /// Builds the worker for the rx and tx queues without starting a thread, with the backend's
@@ -296,9 +292,7 @@ impl VirtioDevice for Net {
         let handler = self
             .handler(mem, rx, tx, interrupt)
             .map_err(ActivateError::Worker)?;
-        let name = self.worker_name();
-        let thread = worker_thread(&mut self.thread, &name).map_err(ActivateError::Run)?;
-        self.worker = Some(thread.run(handler).map_err(ActivateError::Run)?);
+        self.worker.activate(handler).map_err(ActivateError::Run)?;
         log::debug!(
             "virtio-net {}: active, MAC {}, offloads {:#x}",
             self.id,
@@ -309,15 +303,28 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked = 0;
     }
 
     fn start_worker_thread(&mut self, seccomp: bool) -> Result<(), WorkerError> {
-        let name = self.worker_name();
-        start_worker_in(&mut self.thread, &name, WorkerKind::Net, seccomp)
+        self.worker.start_thread(WorkerKind::Net, seccomp)
+    }
+
+    fn worker(&self) -> Option<&DeviceWorker> {
+        Some(&self.worker)
+    }
+
+    fn worker_mut(&mut self) -> Option<&mut DeviceWorker> {
+        Some(&mut self.worker)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.persist())
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
+        self.restore(state)
     }
 }
 

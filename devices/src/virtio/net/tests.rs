@@ -668,3 +668,52 @@ fn worker_thread_moves_frames_both_ways_and_idles_without_rx_buffers() {
     assert_eq!(NetCounters::get(&counters.tx_packets), 1);
     assert_eq!(interrupt.needs_reset.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn paused_device_neither_receives_nor_sends_until_resumed() {
+    let mem = memory();
+    let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), 16);
+    let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), 16);
+    let (inner, peer) = SocketBackend::pair().unwrap();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let backend = CountingBackend {
+        inner,
+        reads: reads.clone(),
+    };
+    let mut net = Net::with_backend(test_config(), Box::new(backend)).unwrap();
+    net.ack_features(linux_features());
+    let (rx, tx) = (active(&rxq), active(&txq));
+    let tx_kick = tx.notify.try_clone().unwrap();
+    let interrupt = Arc::new(CountingInterrupt::default());
+    rxq.add_desc_chains(&chain(0, &[(RX_BUF, 2048, W)]), 0)
+        .unwrap();
+    net.pause().unwrap();
+    net.activate(mem.clone(), interrupt.clone(), vec![rx, tx])
+        .unwrap();
+    let data = frame(100, 9);
+    let mut datagram = Hdr::default().bytes().to_vec();
+    datagram.extend_from_slice(&data);
+    peer.send(&datagram).unwrap();
+    let out = frame(64, 4);
+    put_frame(&mem, TX_BUF, &Hdr::default(), &out);
+    txq.add_desc_chains(&chain(0, &[(TX_BUF, 76, R)]), 0)
+        .unwrap();
+    tx_kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(reads.load(Ordering::SeqCst), 0, "tap read while paused");
+    assert_eq!((used_count(&rxq), used_count(&txq)), (0, 0));
+    assert_eq!(interrupt.count(), 0);
+    let queues = net.active_queue_states().unwrap();
+    assert_eq!((queues[0].next_avail, queues[1].next_avail), (0, 0));
+
+    net.resume();
+    wait_for("rx frame after resume", || used_count(&rxq) == 1);
+    assert_eq!(read_guest(&mem, RX_BUF + 12, data.len()), data);
+    peer.set_nonblocking(false).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = peer.recv(&mut buf).unwrap();
+    assert_eq!(&buf[VNET_HDR_LEN..n], &out[..]);
+    net.reset();
+}

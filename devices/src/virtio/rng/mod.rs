@@ -3,15 +3,15 @@
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryError};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::{RestoreError, VirtioDeviceState};
 use super::{
-    ActivateError, ActiveQueue, GuestMemoryMmap, InterruptKind, TYPE_RNG, VIRTIO_F_VERSION_1,
-    VirtioDevice, VirtioInterrupt, WorkerError, WorkerHandle, WorkerThread, start_worker_in,
-    take_queues, worker_thread,
+    ActivateError, ActiveQueue, DeviceHandler, DeviceWorker, GuestMemoryMmap, InterruptKind,
+    TYPE_RNG, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, WorkerError, take_queues,
 };
 use crate::seccomp::WorkerKind;
 
@@ -21,11 +21,17 @@ const WORKER_NAME: &str = "virtio-rng";
 const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 
 /// The virtio-rng device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rng {
-    // Dropped before `thread`: the run stops before its thread ends.
-    worker: Option<WorkerHandle>,
-    thread: Option<WorkerThread>,
+    worker: DeviceWorker,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self {
+            worker: DeviceWorker::new(WORKER_NAME),
+        }
+    }
 }
 
 impl Rng {
@@ -70,18 +76,36 @@ impl VirtioDevice for Rng {
             notify,
             interrupt,
         };
-        let thread = worker_thread(&mut self.thread, WORKER_NAME).map_err(ActivateError::Run)?;
-        self.worker = Some(thread.run(handler).map_err(ActivateError::Run)?);
-        Ok(())
+        self.worker.activate(handler).map_err(ActivateError::Run)
     }
 
     fn start_worker_thread(&mut self, seccomp: bool) -> Result<(), WorkerError> {
-        start_worker_in(&mut self.thread, WORKER_NAME, WorkerKind::Rng, seccomp)
+        self.worker.start_thread(WorkerKind::Rng, seccomp)
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
+        self.worker.stop();
+    }
+
+    fn worker(&self) -> Option<&DeviceWorker> {
+        Some(&self.worker)
+    }
+
+    fn worker_mut(&mut self) -> Option<&mut DeviceWorker> {
+        Some(&mut self.worker)
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
+        match state {
+            VirtioDeviceState::Rng => Ok(()),
+            other => Err(RestoreError::DeviceKind {
+                saved: other.kind(),
+                configured: "virtio-rng",
+            }),
         }
     }
 }
@@ -171,6 +195,15 @@ impl<I: ?Sized + VirtioInterrupt> RngHandler<I> {
         let mut buf = vec![0u8; len as usize];
         fill_random(&mut buf).map_err(GuestMemoryError::IOError)?;
         self.mem.write_slice(&buf, addr)
+    }
+}
+
+impl<I: ?Sized + VirtioInterrupt + 'static> DeviceHandler for RngHandler<I>
+where
+    Self: Send,
+{
+    fn queue_states(&self) -> Vec<QueueState> {
+        vec![self.queue.state()]
     }
 }
 
