@@ -120,6 +120,22 @@ pub struct RunArgs {
     /// outside a thread's list kills rvmm with SIGSYS. `--seccomp=false` is for debugging only.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub seccomp: bool,
+    /// Restore the VM of a snapshot (Cloud Hypervisor's `--restore`), paused until
+    /// `vm.resume`: source_url=file:///DIR[,prefault=on]. `--serial` may redirect its console;
+    /// the other VM flags come from the snapshot.
+    #[arg(long, value_name = "source_url=URL")]
+    pub restore: Option<String>,
+}
+
+/// `--restore`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreSpec {
+    /// The snapshot's URL (`file:///DIR`).
+    pub source_url: String,
+    /// Read the memory in at once.
+    pub prefault: bool,
+    /// `--serial`, if given: replaces the snapshot's console setting.
+    pub serial: Option<SerialMode>,
 }
 
 /// Where the serial console goes.
@@ -346,9 +362,51 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 pub type VmSpec = (VmConfigFile, VmConfig, SerialMode);
 
 impl RunArgs {
+    /// `--restore`, checked against the flags that describe a VM (the snapshot does).
+    pub fn restore_spec(&self) -> Result<Option<RestoreSpec>, InvalidFlag> {
+        let Some(text) = &self.restore else {
+            return Ok(None);
+        };
+        let given: Vec<&str> = [
+            ("--config", self.config.is_some()),
+            ("--kernel", self.kernel.is_some()),
+            ("--initrd", self.initrd.is_some()),
+            ("--cmdline", self.cmdline.is_some()),
+            ("--memory", self.memory.is_some()),
+            ("--vcpus", self.vcpus.is_some()),
+            ("--rng", self.rng),
+            ("--disk", !self.disk.is_empty()),
+            ("--net", !self.net.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if !given.is_empty() {
+            return Err(invalid(
+                "restore",
+                format!("the snapshot describes the VM: drop {}", given.join(", ")),
+            ));
+        }
+        let kv = KeyValues::parse(text, &["source_url", "prefault"])
+            .map_err(|e| invalid("restore", e.to_string()))?;
+        Ok(Some(RestoreSpec {
+            source_url: kv
+                .required("source_url")
+                .map_err(|e| invalid("restore", e.to_string()))?
+                .to_string(),
+            prefault: kv
+                .switch("prefault", false)
+                .map_err(|e| invalid("restore", e.to_string()))?,
+            serial: self.serial.as_deref().map(parse_serial).transpose()?,
+        }))
+    }
+
     /// The VM on the command line, or `None` when only `--api-socket` is given (the VM comes
-    /// through `vm.create`).
+    /// through `vm.create`) or `--restore` brings it.
     pub fn vm_spec(&self, kvm_pvm_loaded: bool) -> anyhow::Result<Option<VmSpec>> {
+        if self.restore.is_some() {
+            return Ok(None);
+        }
         if self.api_socket.is_some() && self.config.is_none() && self.kernel.is_none() {
             return Ok(None);
         }

@@ -63,6 +63,10 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
+    let restore = match args.restore_spec() {
+        Ok(restore) => restore,
+        Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
+    };
     // Servers first, so a client can watch the boot.
     let server_failed = |e: ApiServerError| {
         let code = if e.is_bad_config() {
@@ -89,20 +93,22 @@ fn run(args: &RunArgs) -> ExitCode {
     if let Err(e) = signals.handle(vmm.clone(), grace) {
         log::error!("Shutdown signals will not be handled: {e}");
     }
-    if let Some((file, config, serial)) = vm {
-        let booted = vmm
+    let started = match (vm, restore) {
+        (Some((file, config, serial)), _) => vmm
             .create_validated(file, config, serial)
-            .and_then(|()| vmm.boot());
-        if let Err(e) = booted {
-            let code = if e.is_bad_config() {
-                EXIT_BAD_CONFIG
-            } else {
-                EXIT_VMM_ERROR
-            };
-            vmm.request_exit(code);
-            vmm.teardown();
-            return fail(code, &e.into());
-        }
+            .and_then(|()| vmm.boot()),
+        (None, Some(spec)) => vmm.restore(&spec.source_url, spec.prefault, spec.serial),
+        (None, None) => Ok(()),
+    };
+    if let Err(e) = started {
+        let code = if e.is_bad_config() {
+            EXIT_BAD_CONFIG
+        } else {
+            EXIT_VMM_ERROR
+        };
+        vmm.request_exit(code);
+        vmm.teardown();
+        return fail(code, &e.into());
     }
     // From here on this thread only waits for the end, tears the VM down and returns: it
     // filters itself. Every thread it starts already runs (signals, API and vmm-control, the

@@ -20,6 +20,10 @@ use crate::config::{ConfigError, VmConfigFile};
 use crate::console::Console;
 use crate::events::EventMonitor;
 
+#[path = "vmm_snapshot.rs"]
+mod snapshot;
+pub use snapshot::{SnapshotError, file_url_path};
+
 /// Exit code: the guest powered off or reset, or the VMM was asked to stop.
 pub const EXIT_OK: u8 = 0;
 /// Exit code: the VMM or the host failed.
@@ -86,14 +90,29 @@ pub enum VmmError {
     /// The thread that waits for the VM's end cannot start.
     #[error("Cannot start the VM's waiter thread")]
     Waiter(#[source] std::io::Error),
+    /// A snapshot or migration URL rvmm cannot use.
+    #[error("{field}: {reason}")]
+    Url {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Taking a snapshot failed.
+    #[error("Cannot snapshot the VM")]
+    Snapshot(#[source] snapshot::SnapshotError),
+    /// Restoring a snapshot failed.
+    #[error("Cannot restore the VM")]
+    Restore(#[source] snapshot::SnapshotError),
 }
 
 impl VmmError {
     /// True when the user's configuration, not the host, is at fault.
     pub fn is_bad_config(&self) -> bool {
         match self {
-            Self::Config(_) | Self::Console(_) => true,
+            Self::Config(_) | Self::Console(_) | Self::Url { .. } => true,
             Self::Boot(e) => is_config_build_error(e),
+            Self::Restore(e) => e.is_bad_input(),
             _ => false,
         }
     }
@@ -332,6 +351,19 @@ impl Vmm {
             slot.config.cpu_profile.name()
         );
         let vm = vmm_core::build_vm(&slot.config, console.output()).map_err(VmmError::Boot)?;
+        self.start_built(inner, vm, VmState::Running)
+    }
+
+    /// Starts a built (or restored) VM with a waiter for its end; the slot's state becomes
+    /// `state` (a restored VM starts paused).
+    fn start_built(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        vm: vmm_core::Vm,
+        state: VmState,
+    ) -> Result<(), VmmError> {
+        let slot = inner.vm.as_mut().ok_or(VmmError::NotCreated)?;
+        let console = slot.console.as_mut().ok_or(VmmError::NotCreated)?;
         console.attach(vm.serial());
         inner.generation += 1;
         let generation = inner.generation;
@@ -360,7 +392,7 @@ impl Vmm {
             )));
         }
         let slot = inner.vm.as_mut().expect("checked above");
-        slot.state = VmState::Running;
+        slot.state = state;
         slot.active = Some(ActiveVm {
             generation,
             handle,

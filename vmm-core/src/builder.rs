@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::EventFdTrigger;
 use devices::legacy::{
-    COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN,
-    SERIAL_PORT_LEN, SerialConsole,
+    COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, I8042Snapshot,
+    SERIAL_PORT_LEN, SerialConsole, SerialRestoreError, SerialSnapshot,
 };
 use devices::seccomp::SeccompError;
 use devices::virtio::VirtioDevice;
@@ -28,6 +28,7 @@ use crate::control::{ResetTrigger, StopReason, VmControl};
 use crate::cpuid::{CpuProfile, VcpuTopology, vcpu_cpuid};
 use crate::layout::{VIRTIO_MMIO_DEVICE_SIZE, virtio_slot};
 use crate::lifecycle::{RunningVm, VmHandle};
+use crate::machine::{Machine, VcpuSlot};
 use crate::memory::{GuestMemoryMmap, MemoryError, MemoryLayout, create_guest_memory};
 use crate::metrics::{DiskSource, ExitCounters, ExitRecorder, MetricsHandle, NicSource, device_id};
 use crate::mptable::{MAX_VCPUS, MptableError, setup_mptable};
@@ -149,34 +150,39 @@ pub enum BuildError {
     /// The vCPU seccomp filter cannot be built.
     #[error("Cannot build the vCPU seccomp filter")]
     Seccomp(#[source] SeccompError),
+    /// The snapshot's serial port state is invalid.
+    #[error("Cannot restore the serial port")]
+    Serial(#[source] SerialRestoreError),
 }
 
 /// A VM built and ready to start.
 #[derive(Debug)]
 pub struct Vm {
-    vcpus: Vec<Vcpu>,
-    control: Arc<VmControl>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    serial: Arc<Mutex<Serial>>,
-    keyboard: Arc<Mutex<Keyboard>>,
-    metrics: MetricsHandle,
-    disk_syncs: Arc<[DiskSync]>,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) keyboard: Arc<Mutex<Keyboard>>,
+    pub(crate) metrics: MetricsHandle,
+    pub(crate) disk_syncs: Arc<[DiskSync]>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) kvm: Kvm,
     // Dropped in this order: the VM fd before the memory it maps.
-    vm_fd: VmFd,
-    mem: GuestMemoryMmap,
-    layout: MemoryLayout,
-    seccomp: bool,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) layout: MemoryLayout,
+    pub(crate) seccomp: bool,
 }
 
 /// The virtio devices of a configuration, and what the VM keeps of them besides the devices.
-struct VirtioDevices {
+pub(crate) struct VirtioDevices {
     /// In slot order.
-    devices: Vec<Box<dyn VirtioDevice>>,
-    disks: Vec<DiskSource>,
-    nets: Vec<NicSource>,
+    pub(crate) devices: Vec<Box<dyn VirtioDevice>>,
+    pub(crate) disks: Vec<DiskSource>,
+    pub(crate) nets: Vec<NicSource>,
     /// The writable disks.
-    syncs: Vec<DiskSync>,
+    pub(crate) syncs: Vec<DiskSync>,
 }
 
 /// Builds the VM described by `config`, its console writing to `serial_out`.
@@ -197,9 +203,9 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     let control = Arc::new(VmControl::new(usize::from(config.vcpus)));
     let mut pio = Bus::new("port I/O");
     let mut mmio = Bus::new("MMIO");
-    let serial = attach_serial(&vm_fd, &mut pio, serial_out)?;
-    let keyboard = attach_i8042(&vm_fd, &mut pio, &control)?;
-    attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio.devices, &slots)?;
+    let serial = attach_serial(&vm_fd, &mut pio, serial_out, None)?;
+    let keyboard = attach_i8042(&vm_fd, &mut pio, &control, None)?;
+    let transports = attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio.devices, &slots)?;
     let (exits, recorders) = ExitCounters::new(usize::from(config.vcpus));
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel, recorders)?;
     let metrics = MetricsHandle::new(exits, virtio.disks, virtio.nets, layout.size());
@@ -212,6 +218,8 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         keyboard,
         metrics,
         disk_syncs: virtio.syncs.into(),
+        transports,
+        kvm,
         vm_fd,
         mem,
         layout,
@@ -219,37 +227,50 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     })
 }
 
-fn check_vcpu_count(vcpus: u8) -> Result<(), BuildError> {
+pub(crate) fn check_vcpu_count(vcpus: u8) -> Result<(), BuildError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(BuildError::VcpuCount(vcpus));
     }
     Ok(())
 }
 
-fn attach_serial(
+/// COM1, new or (`saved`) as a snapshot left it.
+pub(crate) fn attach_serial(
     vm_fd: &VmFd,
     pio: &mut Bus,
     out: SerialOutput,
+    saved: Option<&SerialSnapshot>,
 ) -> Result<Arc<Mutex<Serial>>, BuildError> {
     let irq = EventFdTrigger::new().map_err(|e| BuildError::Irq("serial", e))?;
     vm_fd
         .register_irqfd(&irq, COM1_IRQ)
         .map_err(|e| BuildError::Irq("serial", e.into()))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+    let console = match saved {
+        Some(state) => SerialConsole::from_snapshot(state, irq, out).map_err(BuildError::Serial)?,
+        None => SerialConsole::new(irq, out),
+    };
+    let serial = Arc::new(Mutex::new(console));
     pio.insert(COM1_PORT_BASE, SERIAL_PORT_LEN, serial.clone())?;
     Ok(serial)
 }
 
-fn attach_i8042(
+/// The i8042, new or (`saved`) as a snapshot left it.
+pub(crate) fn attach_i8042(
     vm_fd: &VmFd,
     pio: &mut Bus,
     control: &Arc<VmControl>,
+    saved: Option<&I8042Snapshot>,
 ) -> Result<Arc<Mutex<Keyboard>>, BuildError> {
     let irq = EventFdTrigger::new().map_err(|e| BuildError::Irq("keyboard", e))?;
     vm_fd
         .register_irqfd(&irq, I8042_KBD_IRQ)
         .map_err(|e| BuildError::Irq("keyboard", e.into()))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(ResetTrigger(control.clone()), irq)));
+    let reset = ResetTrigger(control.clone());
+    let device = match saved {
+        Some(state) => I8042::from_snapshot(state, reset, irq),
+        None => I8042::new(reset, irq),
+    };
+    let i8042 = Arc::new(Mutex::new(device));
     pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone())?;
     Ok(i8042)
 }
@@ -274,7 +295,7 @@ fn setup_boot(
 
 /// The virtio devices the configuration asks for, in slot order, with their counters and
 /// the writable disks' flush handles.
-fn create_virtio_devices(config: &VmConfig) -> Result<VirtioDevices, BuildError> {
+pub(crate) fn create_virtio_devices(config: &VmConfig) -> Result<VirtioDevices, BuildError> {
     let mut virtio = VirtioDevices {
         devices: Vec::new(),
         disks: Vec::new(),
@@ -308,7 +329,7 @@ fn create_virtio_devices(config: &VmConfig) -> Result<VirtioDevices, BuildError>
 /// Starts the devices' worker threads from this (unfiltered) thread, each filtered with its
 /// own list when `seccomp` is set: started at activation by a vCPU, they would inherit its
 /// filter, which does not allow starting threads.
-fn start_worker_threads(
+pub(crate) fn start_worker_threads(
     devices: &mut [Box<dyn VirtioDevice>],
     seccomp: bool,
 ) -> Result<(), BuildError> {
@@ -321,7 +342,7 @@ fn start_worker_threads(
 }
 
 /// An MMIO window and interrupt line for each of `count` devices.
-fn virtio_slots(count: usize) -> Result<Vec<(u64, u32)>, BuildError> {
+pub(crate) fn virtio_slots(count: usize) -> Result<Vec<(u64, u32)>, BuildError> {
     (0..count)
         .map(|i| virtio_slot(i).ok_or(BuildError::TooManyDevices(i)))
         .collect()
@@ -337,13 +358,14 @@ fn virtio_cmdline(slots: &[(u64, u32)]) -> Vec<String> {
 
 /// Puts each device behind a virtio-mmio transport: interrupts through an irqfd, queue
 /// notifications through ioeventfds so the vCPU thread never runs device code.
-fn attach_virtio_devices(
+pub(crate) fn attach_virtio_devices(
     vm_fd: &VmFd,
     mmio: &mut Bus,
     mem: &GuestMemoryMmap,
     devices: Vec<Box<dyn VirtioDevice>>,
     slots: &[(u64, u32)],
-) -> Result<(), BuildError> {
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, BuildError> {
+    let mut transports = Vec::with_capacity(devices.len());
     for (index, (device, &(base, irq))) in devices.into_iter().zip(slots).enumerate() {
         let line = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Irq("virtio", e))?;
         vm_fd
@@ -357,13 +379,11 @@ fn attach_virtio_devices(
                 .register_ioevent(event, &notify, queue as u32)
                 .map_err(|e| BuildError::IoEvent(index, e))?;
         }
-        mmio.insert(
-            base,
-            VIRTIO_MMIO_DEVICE_SIZE,
-            Arc::new(Mutex::new(transport)),
-        )?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(base, VIRTIO_MMIO_DEVICE_SIZE, transport.clone())?;
+        transports.push(transport);
     }
-    Ok(())
+    Ok(transports)
 }
 
 fn setup_vcpus(
@@ -379,7 +399,7 @@ fn setup_vcpus(
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for (index, exits) in (0..config.vcpus).zip(recorders) {
-        let vcpu = Vcpu::new(vm_fd, index, exits)?;
+        let mut vcpu = Vcpu::new(vm_fd, index, exits)?;
         let topology = VcpuTopology {
             apic_id: index,
             count: config.vcpus,
@@ -424,6 +444,14 @@ impl Vm {
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let count = self.vcpus.len();
+        let vcpu_slots: Vec<VcpuSlot> = self
+            .vcpus
+            .iter()
+            .map(|v| VcpuSlot {
+                fd: v.shared_fd(),
+                cpuid: v.cpuid().to_vec(),
+            })
+            .collect();
         for vcpu in self.vcpus {
             let index = usize::from(vcpu.index());
             let (pio, mmio) = (self.pio.clone(), self.mmio.clone());
@@ -441,6 +469,16 @@ impl Vm {
                 }
             }
         }
+        let machine = Arc::new(Machine {
+            transports: self.transports,
+            serial: self.serial.clone(),
+            keyboard: self.keyboard.clone(),
+            vcpus: vcpu_slots,
+            kvm: self.kvm,
+            vm_fd: self.vm_fd,
+            mem: self.mem,
+            layout: self.layout,
+        });
         Ok(RunningVm {
             threads,
             serial: self.serial,
@@ -451,10 +489,9 @@ impl Vm {
                 keyboard: self.keyboard,
                 metrics: self.metrics,
                 disk_syncs: self.disk_syncs,
+                machine: Arc::downgrade(&machine),
             },
-            _vm_fd: self.vm_fd,
-            _mem: self.mem,
-            layout: self.layout,
+            machine,
         })
     }
 }

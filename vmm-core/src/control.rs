@@ -148,9 +148,18 @@ pub struct VmControl {
 impl VmControl {
     /// Control for `vcpus` vCPUs, initially running.
     pub fn new(vcpus: usize) -> Self {
+        Self::with_state(vcpus, RunState::Running)
+    }
+
+    /// Control for `vcpus` vCPUs that park as they start (a restored VM, resumed later).
+    pub fn new_paused(vcpus: usize) -> Self {
+        Self::with_state(vcpus, RunState::Paused)
+    }
+
+    fn with_state(vcpus: usize, run: RunState) -> Self {
         Self {
             shared: Mutex::new(Shared {
-                run: RunState::Running,
+                run,
                 reason: None,
                 vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
             }),
@@ -227,13 +236,22 @@ impl VmControl {
     }
 
     /// Called by vCPU `index` before each entry: blocks while paused, false once stopping.
-    pub(crate) fn vcpu_may_run(&self, index: usize) -> bool {
+    /// Before it parks, the vCPU runs `settle` (without the lock): it completes the exit it
+    /// handled last, so that the state a snapshot reads is consistent (see
+    /// `Vcpu::complete_pending_exit`).
+    pub(crate) fn vcpu_may_run(&self, index: usize, mut settle: impl FnMut()) -> bool {
         let mut shared = self.lock();
         loop {
             match shared.run {
                 RunState::Running => return true,
                 RunState::Stopping => return false,
                 RunState::Paused => {
+                    drop(shared);
+                    settle();
+                    shared = self.lock();
+                    if shared.run != RunState::Paused {
+                        continue;
+                    }
                     shared.vcpus[index].parked = true;
                     self.changed.notify_all();
                     shared = self.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
@@ -298,7 +316,7 @@ mod tests {
             .map(|i| {
                 let (c, entries) = (control.clone(), entries.clone());
                 thread::spawn(move || {
-                    while c.vcpu_may_run(i) {
+                    while c.vcpu_may_run(i, || {}) {
                         entries[i].fetch_add(1, Ordering::SeqCst);
                         thread::yield_now();
                     }
@@ -334,7 +352,7 @@ mod tests {
         let control = Arc::new(VmControl::new(1));
         let c = control.clone();
         let worker = thread::spawn(move || {
-            while c.vcpu_may_run(0) {
+            while c.vcpu_may_run(0, || {}) {
                 thread::yield_now();
             }
             c.vcpu_exited(0);

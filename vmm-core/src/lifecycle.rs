@@ -7,16 +7,16 @@
 //! `wait` returns, or the drop ends, every disk is flushed. [`VmHandle::flush_disks`] flushes
 //! them again from any thread and returns the errors, for a launcher that wants them.
 
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use devices::virtio::block::{BlockError, DiskSync};
-use kvm_ioctls::VmFd;
 
 use crate::builder::{Keyboard, Serial};
 use crate::bus::Bus;
 use crate::control::{RunState, StopReason, VmControl};
-use crate::memory::{GuestMemoryMmap, MemoryLayout};
+use crate::machine::{Machine, SaveError, SnapshotInfo};
 use crate::metrics::{MetricsHandle, VmMetrics};
 
 /// Errors flushing the disks.
@@ -50,10 +50,9 @@ pub struct RunningVm {
     pub(crate) _pio: Arc<Bus>,
     pub(crate) _mmio: Arc<Bus>,
     pub(crate) handle: VmHandle,
-    // Kept alive while the vCPUs run; the VM fd is closed before the memory is unmapped.
-    pub(crate) _vm_fd: VmFd,
-    pub(crate) _mem: GuestMemoryMmap,
-    pub(crate) layout: MemoryLayout,
+    // The one strong reference: the devices, the VM fd and the memory (in that order) go
+    // with it, after the buses.
+    pub(crate) machine: Arc<Machine>,
 }
 
 impl RunningVm {
@@ -69,7 +68,7 @@ impl RunningVm {
 
     /// Guest RAM size in bytes.
     pub fn memory_bytes(&self) -> u64 {
-        self.layout.size()
+        self.machine.layout.size()
     }
 
     /// A handle other threads use to control the VM (signal handlers, an API server).
@@ -149,6 +148,7 @@ pub struct VmHandle {
     pub(crate) keyboard: Arc<Mutex<Keyboard>>,
     pub(crate) metrics: MetricsHandle,
     pub(crate) disk_syncs: Arc<[DiskSync]>,
+    pub(crate) machine: Weak<Machine>,
 }
 
 impl VmHandle {
@@ -165,14 +165,43 @@ impl VmHandle {
         self.control.request_stop(StopReason::Requested);
     }
 
-    /// Takes every vCPU out of the guest; false when the VM was not running.
+    /// Pauses the VM: every vCPU out of the guest, then every device (virtio devices finish
+    /// their requests in flight); from then on nothing writes guest memory or the disks.
+    /// False when the VM was not running. A device that cannot be paused (its worker has
+    /// ended) is logged and the VM stays paused: such a device does no more work anyway, and
+    /// a snapshot then refuses it by name.
     pub fn pause(&self) -> bool {
-        self.control.pause()
+        if !self.control.pause() {
+            return false;
+        }
+        if let Some(machine) = self.machine.upgrade()
+            && let Err(e) = machine.pause_devices()
+        {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            log::error!("{e}: {}", cause.unwrap_or_default());
+        }
+        true
     }
 
-    /// Lets the vCPUs run again; false when the VM was not paused.
+    /// Lets the devices, then the vCPUs, run again; false when the VM was not paused.
     pub fn resume(&self) -> bool {
+        if self.control.state() != RunState::Paused {
+            return false;
+        }
+        if let Some(machine) = self.machine.upgrade() {
+            machine.resume_devices();
+        }
         self.control.resume()
+    }
+
+    /// Writes a snapshot of the paused VM into `dir`: `state.bin` and the sparse
+    /// `memory.bin` (see [`crate::snapshot`]). The VM stays paused.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SaveError> {
+        if self.control.state() != RunState::Paused {
+            return Err(SaveError::NotPaused);
+        }
+        let machine = self.machine.upgrade().ok_or(SaveError::Gone)?;
+        machine.snapshot_to(dir)
     }
 
     /// Current run state.

@@ -6,8 +6,8 @@ use crate::layout::{
     BIOS_END, EBDA_START, HIGH_RAM_START, HIMEM_START, MMIO_HOLE_START, PDE_COUNT,
 };
 
-/// The one alias for guest memory used throughout rvmm.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory: the one alias, shared with the devices.
+pub use devices::virtio::GuestMemoryMmap;
 /// A region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<()>;
 

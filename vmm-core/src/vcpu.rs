@@ -1,7 +1,7 @@
 //! vCPUs: configuration before the first entry, and the per-thread run loop.
 
 use std::cell::Cell;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{CpuId, Msrs, kvm_msr_entry, kvm_run};
@@ -61,12 +61,23 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// A vCPU's file descriptor, shared by its thread (which holds the lock around each
+/// `KVM_RUN`) and the VMM, which reads and writes the state of a parked vCPU (snapshots,
+/// migration) from an unfiltered thread.
+pub type SharedVcpuFd = Arc<Mutex<VcpuFd>>;
+
+/// Locks a vCPU's descriptor; a poisoned lock is still usable (the fd has no invariants).
+pub fn lock_vcpu(fd: &SharedVcpuFd) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A created vCPU, not yet running.
 #[derive(Debug)]
 pub struct Vcpu {
-    fd: VcpuFd,
+    fd: SharedVcpuFd,
     index: u8,
     exits: ExitRecorder,
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 fn configure_err(what: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -83,7 +94,12 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Self { fd, index, exits })
+        Ok(Self {
+            fd: Arc::new(Mutex::new(fd)),
+            index,
+            exits,
+            cpuid: Vec::new(),
+        })
     }
 
     /// This vCPU's index (and APIC ID).
@@ -91,13 +107,43 @@ impl Vcpu {
         self.index
     }
 
-    /// Sets CPUID, boot MSRs, FPU and the local APIC's LINT0/LINT1 wiring.
-    pub fn configure(&self, cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), VcpuError> {
+    /// The vCPU's descriptor, to read or write its state while it is parked.
+    pub fn shared_fd(&self) -> SharedVcpuFd {
+        self.fd.clone()
+    }
+
+    /// The CPUID table the vCPU was given.
+    pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    /// Sets the CPUID table only (a restored vCPU gets the rest from its snapshot).
+    pub fn set_cpuid(&mut self, cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), VcpuError> {
         let i = self.index;
-        let cpuid = CpuId::from_entries(cpuid).map_err(|_| VcpuError::CpuidSize(i))?;
-        self.fd
-            .set_cpuid2(&cpuid)
+        let table = CpuId::from_entries(cpuid).map_err(|_| VcpuError::CpuidSize(i))?;
+        lock_vcpu(&self.fd)
+            .set_cpuid2(&table)
             .map_err(configure_err("CPUID", i))?;
+        self.cpuid = cpuid.to_vec();
+        Ok(())
+    }
+
+    /// Puts a snapshot's state into this new vCPU (instead of [`Vcpu::configure`] and the boot
+    /// registers).
+    pub fn restore(
+        &mut self,
+        state: &crate::snapshot::VcpuState,
+    ) -> Result<(), crate::snapshot::VcpuStateError> {
+        crate::snapshot::restore_vcpu(&lock_vcpu(&self.fd), usize::from(self.index), state)?;
+        self.cpuid = state.cpuid.clone();
+        Ok(())
+    }
+
+    /// Sets CPUID, boot MSRs, FPU and the local APIC's LINT0/LINT1 wiring.
+    pub fn configure(&mut self, cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), VcpuError> {
+        let i = self.index;
+        self.set_cpuid(cpuid)?;
+        let fd = lock_vcpu(&self.fd);
         let entries: Vec<kvm_msr_entry> = [
             (MSR_IA32_SYSENTER_CS, 0),
             (MSR_IA32_SYSENTER_ESP, 0),
@@ -119,7 +165,7 @@ impl Vcpu {
         })
         .collect();
         let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::CpuidSize(i))?;
-        let written = self.fd.set_msrs(&msrs).map_err(configure_err("MSRs", i))?;
+        let written = fd.set_msrs(&msrs).map_err(configure_err("MSRs", i))?;
         if written != entries.len() {
             // Some hosts refuse an MSR (e.g. MTRRs); the guest copes without it.
             log::debug!(
@@ -127,17 +173,11 @@ impl Vcpu {
                 entries.len()
             );
         }
-        self.fd
-            .set_fpu(&boot_fpu())
-            .map_err(configure_err("FPU", i))?;
-        let mut lapic = self
-            .fd
-            .get_lapic()
-            .map_err(configure_err("local APIC", i))?;
+        fd.set_fpu(&boot_fpu()).map_err(configure_err("FPU", i))?;
+        let mut lapic = fd.get_lapic().map_err(configure_err("local APIC", i))?;
         set_lvt_delivery_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
         set_lvt_delivery_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-        self.fd
-            .set_lapic(&lapic)
+        fd.set_lapic(&lapic)
             .map_err(configure_err("local APIC", i))?;
         Ok(())
     }
@@ -145,15 +185,13 @@ impl Vcpu {
     /// Puts the boot vCPU at the kernel's entry. The others wait for INIT/SIPI from it.
     pub fn setup_boot_registers(&self, entry: BootEntry) -> Result<(), VcpuError> {
         let i = self.index;
-        let sregs = self
-            .fd
+        let fd = lock_vcpu(&self.fd);
+        let sregs = fd
             .get_sregs()
             .map_err(configure_err("special registers", i))?;
-        self.fd
-            .set_sregs(&boot_sregs(sregs, entry))
+        fd.set_sregs(&boot_sregs(sregs, entry))
             .map_err(configure_err("special registers", i))?;
-        self.fd
-            .set_regs(&boot_regs(entry))
+        fd.set_regs(&boot_regs(entry))
             .map_err(configure_err("registers", i))
     }
 
@@ -176,16 +214,19 @@ impl Vcpu {
 
     fn run(mut self, control: &VmControl, pio: &Bus, mmio: &Bus) {
         let index = usize::from(self.index);
-        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        let run_ptr: *mut kvm_run = lock_vcpu(&self.fd).get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run_ptr));
         // SAFETY: pthread_self has no preconditions.
         control.vcpu_started(index, unsafe { libc::pthread_self() });
-        while control.vcpu_may_run(index) {
-            let run = self.fd.run();
+        let shared = self.fd.clone();
+        while control.vcpu_may_run(index, || complete_pending_exit(&shared)) {
+            let mut fd = lock_vcpu(&self.fd);
+            let run = fd.run();
             self.exits.record(ExitReason::of(&run));
             let action = handle_kvm_exit(run, pio, mmio);
             // A kick may have set immediate_exit; the loop re-checks the run state next.
-            self.fd.set_kvm_immediate_exit(0);
+            fd.set_kvm_immediate_exit(0);
+            drop(fd);
             if let ExitAction::Stop(stop) = action {
                 let reason = self.stop_reason(stop);
                 control.request_stop(reason);
@@ -197,8 +238,9 @@ impl Vcpu {
     }
 
     fn registers(&self) -> Option<RegisterSnapshot> {
-        let regs = self.fd.get_regs().ok()?;
-        let sregs = self.fd.get_sregs().ok()?;
+        let fd = lock_vcpu(&self.fd);
+        let regs = fd.get_regs().ok()?;
+        let sregs = fd.get_sregs().ok()?;
         Some(RegisterSnapshot {
             rip: regs.rip,
             cr0: sregs.cr0,
@@ -210,7 +252,7 @@ impl Vcpu {
 
     fn internal_error_detail(&mut self) -> String {
         // SAFETY: KVM filled the `internal` member of the exit union for this exit reason.
-        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let internal = unsafe { lock_vcpu(&self.fd).get_kvm_run().__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
         describe_internal_error(internal.suberror, &internal.data[..n])
     }
@@ -247,6 +289,21 @@ impl Vcpu {
             },
         }
     }
+}
+
+/// Completes the I/O or MMIO exit a vCPU handled last without entering the guest: KVM
+/// finishes an emulated instruction (a port read's value into RAX, RIP past it) only on the
+/// next `KVM_RUN`, so a vCPU parks only after one with `immediate_exit` set, which returns
+/// `EINTR` as soon as that is done. Its registers are then those after the instruction.
+fn complete_pending_exit(fd: &SharedVcpuFd) {
+    let mut fd = lock_vcpu(fd);
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => log::warn!("Cannot complete a vCPU's last exit before it parks: {e}"),
+        Ok(_) => log::warn!("A vCPU exited instead of completing its last exit"),
+    }
+    fd.set_kvm_immediate_exit(0);
 }
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;

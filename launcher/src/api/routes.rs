@@ -79,9 +79,11 @@ fn vmm_error(err: &VmmError) -> Reply {
     let status = match err {
         VmmError::NotCreated => 404,
         VmmError::WrongState { .. } | VmmError::AlreadyCreated(_) | VmmError::Exiting => 405,
-        VmmError::Config(_) | VmmError::Console(_) => 400,
-        VmmError::Boot(_) if err.is_bad_config() => 400,
-        VmmError::Boot(_) | VmmError::Waiter(_) => 500,
+        VmmError::Config(_) | VmmError::Console(_) | VmmError::Url { .. } => 400,
+        VmmError::Boot(_) | VmmError::Restore(_) if err.is_bad_config() => 400,
+        VmmError::Boot(_) | VmmError::Waiter(_) | VmmError::Snapshot(_) | VmmError::Restore(_) => {
+            500
+        }
     };
     Reply::error(status, chain(err))
 }
@@ -107,6 +109,8 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.reboot", "PUT"),
     ("vm.power-button", "PUT"),
     ("vm.delete", "PUT"),
+    ("vm.snapshot", "PUT"),
+    ("vm.restore", "PUT"),
 ];
 
 /// Answers one request.
@@ -178,6 +182,14 @@ fn endpoint(vmm: &Arc<Vmm>, name: &str, path: &str, body: Option<&[u8]>) -> Repl
         "vm.reboot" => done(vmm.reboot()),
         "vm.power-button" => done(vmm.power_button()),
         "vm.delete" => done(vmm.delete()),
+        "vm.snapshot" => match json_body::<SnapshotRequest>(name, body) {
+            Ok(req) => done(vmm.snapshot(&req.destination_url)),
+            Err(reply) => reply,
+        },
+        "vm.restore" => match json_body::<RestoreRequest>(name, body) {
+            Ok(req) => done(vmm.restore(&req.source_url, req.prefault, None)),
+            Err(reply) => reply,
+        },
         _ => Reply::error(404, format!("No endpoint {path}")),
     }
 }
@@ -190,6 +202,38 @@ fn wrong_method(method: &str, path: &str, allowed: &'static str) -> Reply {
             format!("{method} is not allowed on {path}: use {allowed}"),
         )
     }
+}
+
+/// `vm.snapshot`'s body (Cloud Hypervisor's `VmSnapshotConfig`).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    destination_url: String,
+}
+
+/// `vm.restore`'s body (Cloud Hypervisor's `RestoreConfig`; `memory_restore_mode` `OnDemand`
+/// is what rvmm always does, `Copy` is taken as the same).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    source_url: String,
+    #[serde(default)]
+    prefault: bool,
+    #[serde(default, rename = "memory_restore_mode")]
+    _memory_restore_mode: Option<String>,
+}
+
+/// Parses a request's JSON body, naming the endpoint and the field in a 400.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    name: &str,
+    body: Option<&[u8]>,
+) -> Result<T, Reply> {
+    let Some(body) = body.filter(|b| !b.is_empty()) else {
+        return Err(Reply::error(400, format!("{name} needs a JSON body")));
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| Reply::error(400, format!("{name}: {}: {}", e.path(), e.inner())))
 }
 
 fn create(vmm: &Vmm, body: Option<&[u8]>) -> Reply {

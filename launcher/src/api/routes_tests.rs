@@ -17,7 +17,8 @@ fn vm_actions() -> impl Iterator<Item = &'static str> {
         .iter()
         .filter(|(name, method)| name.starts_with("vm.") && *method == "PUT")
         .map(|(name, _)| *name)
-        .filter(|name| *name != "vm.create")
+        // These take a body; see their own tests.
+        .filter(|name| !matches!(*name, "vm.create" | "vm.snapshot" | "vm.restore"))
 }
 
 fn create(vmm: &Arc<Vmm>, body: &str) -> Reply {
@@ -175,4 +176,51 @@ fn metrics_without_a_vm_still_report_state_and_uptime() {
     let (body, kind) = reply.body.unwrap();
     assert_eq!(kind, BodyKind::Text);
     assert!(body.contains("rvmm_uptime_seconds"), "{body}");
+}
+
+fn put_json(vmm: &Arc<Vmm>, endpoint: &str, body: &str) -> Reply {
+    handle(
+        vmm,
+        "PUT",
+        &format!("{API_PREFIX}{endpoint}"),
+        Some(body.as_bytes()),
+    )
+}
+
+#[test]
+fn snapshot_needs_a_file_url_and_a_paused_vm() {
+    let vmm = vmm();
+    let snap = r#"{"destination_url": "file:///tmp/rvmm-never-written"}"#;
+    assert_eq!(handle(&vmm, "PUT", "/api/v1/vm.snapshot", None).status, 400);
+    assert_eq!(put_json(&vmm, "vm.snapshot", snap).status, 404);
+    create(&vmm, &config());
+    let reply = put_json(&vmm, "vm.snapshot", snap);
+    assert_eq!((reply.status, reply.allow), (405, Some("PUT")));
+    assert!(error_text(&reply).contains("state Created"), "{reply:?}");
+    let reply = put_json(&vmm, "vm.snapshot", r#"{"destination_url": "http://x/y"}"#);
+    assert_eq!(reply.status, 400);
+    assert!(error_text(&reply).contains("destination_url"), "{reply:?}");
+    let reply = put_json(&vmm, "vm.snapshot", r#"{"destination": "file:///x"}"#);
+    assert_eq!(reply.status, 400);
+    assert!(error_text(&reply).contains("vm.snapshot"), "{reply:?}");
+    assert!(!std::path::Path::new("/tmp/rvmm-never-written").exists());
+}
+
+#[test]
+fn restore_names_the_missing_snapshot_and_refuses_when_a_vm_exists() {
+    let vmm = vmm();
+    let dir = std::env::temp_dir().join(format!("rvmm-no-snapshot-{}", std::process::id()));
+    let body = format!(r#"{{"source_url": "file://{}"}}"#, dir.display());
+    let reply = put_json(&vmm, "vm.restore", &body);
+    assert_eq!(reply.status, 400, "{reply:?}");
+    let text = error_text(&reply);
+    assert!(
+        text.contains(&format!("{}/config.json", dir.display())),
+        "{text}"
+    );
+    assert_eq!(vmm.state(), None, "a failed restore leaves no VM");
+    let reply = put_json(&vmm, "vm.restore", r#"{"source_url": "tcp:1.2.3.4:5"}"#);
+    assert_eq!(reply.status, 400);
+    create(&vmm, &config());
+    assert_eq!(put_json(&vmm, "vm.restore", &body).status, 405);
 }
