@@ -7,77 +7,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::http::{call, free_port, get_tcp, parse, parse_exposition, sample, wait_for_socket};
-use common::{kvm_available, rvmm, tiny_guest};
+use common::process::{Rvmm, TestDir, wait_for_text};
+use common::{kvm_available, tiny_guest};
 use serde_json::{Value, json};
-
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("rvmm-api-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// rvmm, killed if the test fails half way.
-struct Rvmm(Child);
-
-impl Rvmm {
-    fn start(args: &[&str]) -> Self {
-        Self(rvmm().args(args).spawn().expect("spawn rvmm"))
-    }
-
-    /// Waits for the exit code, failing after `timeout`.
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "rvmm still runs after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.0.id() as i32, signal) }, 0);
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut text = String::new();
-        if let Some(mut err) = self.0.stderr.take() {
-            let _ = err.read_to_string(&mut text);
-        }
-        text
-    }
-}
-
-impl Drop for Rvmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The PUT endpoints that act on a VM: 404 before `vm.create`.
 const VM_ACTIONS: [&str; 7] = [
@@ -107,23 +42,6 @@ fn state(socket: &Path) -> String {
 
 fn put(socket: &Path, endpoint: &str) -> u16 {
     call(socket, "PUT", &format!("/api/v1/{endpoint}"), None).status
-}
-
-/// Waits until `file` contains `needle` `count` times.
-fn wait_for_text(file: &Path, needle: &str, count: usize) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
-        if text.matches(needle).count() >= count {
-            return text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{needle:?} x{count} not in {}: {text:?}",
-            file.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn events(file: &Path) -> Vec<String> {
@@ -158,7 +76,7 @@ fn kvm_api_drives_a_vm_through_every_endpoint_and_state() {
     if !kvm_available("API lifecycle") {
         return;
     }
-    let dir = TestDir::new("lifecycle");
+    let dir = TestDir::new("api-lifecycle");
     let serial = dir.path("serial.log");
     let (mut vmm, socket, event_file) = start_api_only(&dir);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
@@ -309,7 +227,7 @@ fn kvm_api_booted_guest_that_resets_ends_the_vmm_with_exit_0() {
     if !kvm_available("API guest reset") {
         return;
     }
-    let dir = TestDir::new("reset");
+    let dir = TestDir::new("api-reset");
     let (mut vmm, socket, event_file) = start_api_only(&dir);
     let config = json!({
         "memory": {"size": 64 << 20},
@@ -331,7 +249,7 @@ fn kvm_api_booted_guest_that_resets_ends_the_vmm_with_exit_0() {
 
 #[test]
 fn api_survives_slow_half_closed_oversized_and_malformed_clients() {
-    let dir = TestDir::new("clients");
+    let dir = TestDir::new("api-clients");
     let socket = dir.path("api.sock");
     let mut vmm = Rvmm::start(&["run", "--api-socket", socket.to_str().unwrap()]);
     wait_for_socket(&socket, Duration::from_secs(10));
@@ -427,7 +345,7 @@ fn kvm_metrics_scrape_moves_with_guest_io_and_sigterm_leaves_the_last_write_on_d
     if !kvm_available("metrics and SIGTERM") {
         return;
     }
-    let dir = TestDir::new("metrics");
+    let dir = TestDir::new("api-metrics");
     let socket = dir.path("api.sock");
     let serial = dir.path("serial.log");
     let disk = dir.path("disk.img");

@@ -4,6 +4,7 @@
 pub mod fixtures;
 pub mod http;
 pub mod netns;
+pub mod process;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,240 @@
+//! KVM tests of snapshots through the real binary: pause, snapshot, kill, `rvmm run --restore`,
+//! resume, on the `memtest` tiny guest, which checks every page of its memory area on every
+//! pass; a paused VM that writes nothing; snapshots that are corrupt, truncated, of another
+//! format version or of another VM, refused with an error that names the problem.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::http::{call, wait_for_socket};
+use common::process::{Rvmm, TestDir, wait_for_text};
+use common::{kvm_available, tiny_guest};
+
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn put(socket: &Path, endpoint: &str, body: Option<&str>) {
+    let answer = call(socket, "PUT", &format!("/api/v1/{endpoint}"), body);
+    assert_eq!(answer.status, 204, "{endpoint}: {}", answer.body);
+}
+
+fn state(socket: &Path) -> String {
+    let info = call(socket, "GET", "/api/v1/vm.info", None);
+    assert_eq!(info.status, 200, "{}", info.body);
+    info.json()["state"].as_str().unwrap().to_string()
+}
+
+/// The numbers of the `memtest: pass N ok` lines, in order; fails on any other memtest line
+/// than those and one `start`.
+fn passes(text: &str) -> Vec<u64> {
+    assert!(!text.contains("CORRUPT"), "memory lost: {text}");
+    assert!(
+        text.matches("memtest: start").count() <= 1,
+        "rebooted: {text}"
+    );
+    text.lines()
+        .filter_map(|l| l.strip_prefix("memtest: pass "))
+        .map(|rest| {
+            let (n, verdict) = rest.split_once(' ').unwrap();
+            assert_eq!(verdict, "ok", "{text}");
+            n.parse().unwrap()
+        })
+        .collect()
+}
+
+/// `rvmm run` of memtest with the API on `dir`'s `api.sock`, console to `serial.log`.
+fn start_memtest(dir: &TestDir, vcpus: &str) -> Rvmm {
+    let kernel = tiny_guest("memtest");
+    let socket = dir.path("api.sock");
+    let vmm = Rvmm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--vcpus",
+        vcpus,
+        "--cmdline",
+        "memtest.mib=4",
+        "--serial",
+        &format!("file={}", dir.path("serial.log").display()),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    wait_for_socket(&socket, API_TIMEOUT);
+    vmm
+}
+
+fn snapshot(socket: &Path, dir: &Path) {
+    let body = format!(r#"{{"destination_url": "file://{}"}}"#, dir.display());
+    put(socket, "vm.snapshot", Some(&body));
+}
+
+#[test]
+fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_intact() {
+    if !kvm_available("snapshot/restore") {
+        return;
+    }
+    let dir = TestDir::new("snapshot-restore");
+    let socket = dir.path("api.sock");
+    let mut source = start_memtest(&dir, "2");
+    wait_for_text(&dir.path("serial.log"), " ok\n", 3);
+    put(&socket, "vm.pause", None);
+    let before = std::fs::read_to_string(dir.path("serial.log")).unwrap();
+    let last = *passes(&before).last().unwrap();
+
+    // Paused means paused: two snapshots a while apart have the same memory.
+    let (first, second) = (dir.path("snap"), dir.path("snap-later"));
+    snapshot(&socket, &first);
+    std::thread::sleep(Duration::from_millis(500));
+    snapshot(&socket, &second);
+    let memory = std::fs::read(first.join("memory.bin")).unwrap();
+    assert!(
+        memory == std::fs::read(second.join("memory.bin")).unwrap(),
+        "guest memory changed while paused"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path("serial.log")).unwrap(),
+        before
+    );
+    let meta = std::fs::metadata(first.join("memory.bin")).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 16 << 20,
+        "memory file not sparse"
+    );
+    source.signal(libc::SIGKILL);
+    source.wait(API_TIMEOUT);
+
+    let restored_socket = dir.path("restored.sock");
+    let restored_log = dir.path("restored.log");
+    let mut restored = Rvmm::start(&[
+        "run",
+        "--restore",
+        &format!("source_url=file://{}", first.display()),
+        "--serial",
+        &format!("file={}", restored_log.display()),
+        "--api-socket",
+        restored_socket.to_str().unwrap(),
+    ]);
+    wait_for_socket(&restored_socket, API_TIMEOUT);
+    assert_eq!(state(&restored_socket), "Paused");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read_to_string(&restored_log).unwrap_or_default(),
+        ""
+    );
+    put(&restored_socket, "vm.resume", None);
+    let text = wait_for_text(&restored_log, " ok\n", 3);
+    let after = passes(&text);
+    assert_eq!(after[0], last + 1, "did not go on where it was: {text}");
+    assert!(!text.contains("start"), "{text}");
+    put(&restored_socket, "vmm.shutdown", None);
+    assert_eq!(restored.wait(API_TIMEOUT), Some(0));
+}
+
+/// Runs `rvmm run --restore` of `snap` and returns its exit code and stderr.
+fn restore_fails(snap: &Path) -> (Option<i32>, String) {
+    let mut vmm = Rvmm::start(&[
+        "run",
+        "--restore",
+        &format!("source_url=file://{}", snap.display()),
+        "--serial",
+        "off",
+    ]);
+    let code = vmm.wait(API_TIMEOUT);
+    (code, vmm.stderr())
+}
+
+fn copy_snapshot(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in ["config.json", "state.bin", "memory.bin"] {
+        std::fs::copy(from.join(name), to.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() {
+    if !kvm_available("bad snapshots") {
+        return;
+    }
+    let dir = TestDir::new("snapshot-bad");
+    let socket = dir.path("api.sock");
+    let _source = start_memtest(&dir, "1");
+    wait_for_text(&dir.path("serial.log"), " ok\n", 1);
+    put(&socket, "vm.pause", None);
+    let good = dir.path("good");
+    snapshot(&socket, &good);
+    let state = std::fs::read(good.join("state.bin")).unwrap();
+
+    let case = |name: &str, edit: &dyn Fn(&Path), expect: &[&str]| {
+        let snap = dir.path(name);
+        copy_snapshot(&good, &snap);
+        edit(&snap);
+        let (code, stderr) = restore_fails(&snap);
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        for needle in expect {
+            assert!(
+                stderr.contains(needle),
+                "{name}: {needle:?} not in {stderr}"
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    };
+    case(
+        "truncated",
+        &|s| std::fs::write(s.join("state.bin"), &state[..state.len() / 2]).unwrap(),
+        &["truncated"],
+    );
+    case(
+        "flipped",
+        &|s| {
+            let mut bad = state.clone();
+            let at = bad.len() - 100;
+            bad[at] ^= 0x40;
+            std::fs::write(s.join("state.bin"), bad).unwrap();
+        },
+        &["corrupt", "CRC-32"],
+    );
+    case(
+        "version",
+        &|s| {
+            let mut bad = state.clone();
+            bad[8..12].copy_from_slice(&99u32.to_le_bytes());
+            std::fs::write(s.join("state.bin"), bad).unwrap();
+        },
+        &["format version 99", "reads version 1"],
+    );
+    case(
+        "not-a-snapshot",
+        &|s| std::fs::write(s.join("state.bin"), b"{\"json\": true}").unwrap(),
+        &["RVMMSNAP"],
+    );
+    case(
+        "short-memory",
+        &|s| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(s.join("memory.bin"))
+                .unwrap();
+            f.set_len(32 << 20).unwrap();
+        },
+        &["memory.bin", "67108864 bytes"],
+    );
+    case(
+        "other-vm",
+        &|s| {
+            let path = s.join("config.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace("67108864", "134217728");
+            std::fs::write(path, text).unwrap();
+        },
+        &["does not match", "134217728"],
+    );
+    case(
+        "missing",
+        &|s| std::fs::remove_file(s.join("state.bin")).unwrap(),
+        &["state.bin"],
+    );
+}
