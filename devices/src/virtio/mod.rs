@@ -26,8 +26,15 @@ pub use worker::{
     spawn_worker,
 };
 
-/// Guest memory as devices see it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as the whole VMM sees it (rvmm's one alias). Each region has a dirty bitmap:
+/// every page written through vm-memory (used rings, `write_slice`, ...) is marked in it, and
+/// the devices mark the pages they write through raw host addresses themselves (block reads,
+/// status bytes, net rx buffers) when they take the request. Live migration reads it, with
+/// the devices paused so that every marked write has landed, beside KVM's log of the vCPUs'
+/// writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<Bitmap>;
+/// The dirty-page bitmap of a guest memory region.
+pub type Bitmap = vm_memory::bitmap::AtomicBitmap;
 
 /// Device type: network card.
 pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;

@@ -7,11 +7,12 @@
 //! addresses of the first regions inline, so the common case is a few compares on one cache
 //! line; anything else (more regions, a buffer spanning two) goes to vm-memory as before.
 
+use vm_memory::bitmap::Bitmap as _;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use super::super::GuestMemoryMmap;
+use super::super::{Bitmap, GuestMemoryMmap};
 
 /// Regions kept inline (low memory and memory above the 32-bit hole cover most guests).
 const FAST_REGIONS: usize = 2;
@@ -21,6 +22,8 @@ struct FastRegion {
     start: u64,
     len: u64,
     host: *mut u8,
+    /// The region's dirty bitmap (owned by the region, like `host`).
+    dirty: *const Bitmap,
 }
 
 impl FastRegion {
@@ -28,6 +31,7 @@ impl FastRegion {
         start: 0,
         len: 0,
         host: std::ptr::null_mut(),
+        dirty: std::ptr::null(),
     };
 }
 
@@ -63,8 +67,9 @@ impl HostBuf {
     }
 }
 
-/// Guest memory with its first regions resolved to host addresses. The memory has no dirty
-/// bitmap (`GuestMemoryMmap<()>`), so writing through a host address skips no logging.
+/// Guest memory with its first regions resolved to host addresses. What the worker writes
+/// through a host address it marks in the region's dirty bitmap itself ([`GuestView::mark_written`],
+/// [`GuestView::write_u8`]).
 #[derive(Debug)]
 pub(crate) struct GuestView {
     /// Keeps the regions (and so the host mappings `fast` points into) alive.
@@ -90,6 +95,7 @@ impl GuestView {
                     start: region.start_addr().raw_value(),
                     len: region.len(),
                     host: slice.ptr_guard_mut().as_ptr(),
+                    dirty: std::ops::Deref::deref(region).bitmap(),
                 };
             }
         }
@@ -101,19 +107,46 @@ impl GuestView {
         &self.mem
     }
 
-    /// Host address of `addr..addr + len` when it lies inside one of the inline regions.
+    /// The inline region holding `addr..addr + len`, with the offset of `addr` in it.
     #[inline]
-    fn host(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
-        for r in &self.fast {
+    fn fast_region(&self, addr: GuestAddress, len: usize) -> Option<(&FastRegion, usize)> {
+        self.fast.iter().find_map(|r| {
             // Wraps to a huge value below `start`, so one compare checks both ends; the
             // length check cannot overflow because `off < r.len`.
             let off = addr.raw_value().wrapping_sub(r.start);
-            if off < r.len && len as u64 <= r.len - off {
-                // In bounds of the mapping: `off + len <= r.len`.
-                return Some(r.host.wrapping_add(off as usize));
-            }
+            (off < r.len && len as u64 <= r.len - off).then_some((r, off as usize))
+        })
+    }
+
+    /// Host address of `addr..addr + len` when it lies inside one of the inline regions.
+    #[inline]
+    fn host(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+        // In bounds of the mapping: `off + len <= r.len`.
+        self.fast_region(addr, len)
+            .map(|(r, off)| r.host.wrapping_add(off))
+    }
+
+    /// Marks `addr..addr + len` written in the dirty bitmap, for writes that do not go
+    /// through vm-memory (the disk's data read into a guest buffer, a status byte).
+    #[inline]
+    pub(crate) fn mark_written(&self, addr: GuestAddress, len: u32) {
+        if let Some((r, off)) = self.fast_region(addr, len as usize) {
+            // SAFETY: `dirty` points at the bitmap of a region `self.mem` keeps alive.
+            unsafe { &*r.dirty }.mark_dirty(off, len as usize);
+            return;
         }
-        None
+        // Elsewhere, or across regions: one region at a time.
+        let (mut addr, mut left) = (addr, len as u64);
+        while left > 0 {
+            let Some(region) = self.mem.find_region(addr) else {
+                return;
+            };
+            let off = addr.raw_value() - region.start_addr().raw_value();
+            let n = left.min(region.len() - off);
+            region.bitmap().mark_dirty(off as usize, n as usize);
+            addr = GuestAddress(addr.raw_value() + n);
+            left -= n;
+        }
     }
 
     /// `addr..addr + len` as a host buffer, when it lies inside one of the inline regions.
@@ -142,13 +175,15 @@ impl GuestView {
         self.mem.read_slice(&mut buf, addr).ok().map(|()| buf)
     }
 
-    /// Writes one byte at `addr`; false if it is not guest memory.
+    /// Writes one byte at `addr` (marking its page dirty); false if it is not guest memory.
     #[inline]
     pub(crate) fn write_u8(&self, addr: GuestAddress, value: u8) -> bool {
-        if let Some(ptr) = self.host(addr, 1) {
-            // SAFETY: `host` checked that the byte at `ptr` is inside a mapping owned by
-            // `self.mem`; volatile because the guest may access it concurrently.
-            unsafe { std::ptr::write_volatile(ptr, value) };
+        if let Some((r, off)) = self.fast_region(addr, 1) {
+            // SAFETY: `fast_region` checked that the byte at `off` is inside a mapping owned
+            // by `self.mem`; volatile because the guest may access it concurrently.
+            unsafe { std::ptr::write_volatile(r.host.wrapping_add(off), value) };
+            // SAFETY: `dirty` points at the bitmap of a region `self.mem` keeps alive.
+            unsafe { &*r.dirty }.mark_dirty(off, 1);
             return true;
         }
         self.mem.write_obj(value, addr).is_ok()

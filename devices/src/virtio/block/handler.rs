@@ -325,6 +325,13 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 continue;
             }
             let is_rw = matches!(req.request_type, RequestType::In | RequestType::Out);
+            if req.request_type == RequestType::In {
+                // The disk's data goes in through host addresses: mark its pages now (a
+                // migration reads the bitmap with the worker paused, so after it lands).
+                for &(addr, len) in &req.data {
+                    self.view.mark_written(addr, len);
+                }
+            }
             // A single data buffer inside the view's regions goes to the backend as a host
             // buffer (checked here, while the view is in the cache).
             let buf = match req.data.as_slice() {

@@ -368,3 +368,44 @@ fn paused_device_touches_neither_guest_memory_nor_the_disk_until_resumed() {
         dev.reset();
     }
 }
+
+/// Whether the page of `addr` is marked in its region's dirty bitmap.
+fn dirty(mem: &GuestMemoryMmap, addr: u64) -> bool {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let region = mem.find_region(GuestAddress(addr)).unwrap();
+    let offset = addr - region.start_addr().0;
+    std::ops::Deref::deref(region)
+        .bitmap()
+        .is_addr_set(offset as usize)
+}
+
+#[test]
+fn requests_mark_the_guest_pages_the_device_writes_dirty_and_no_others() {
+    for engine in engines() {
+        let Setup {
+            disk: _disk,
+            dev,
+            mem,
+        } = setup("dirty", engine);
+        let vq = MockSplitQueue::new(&mem, 16);
+        add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_IN, 1, &[(DATA, 512, W)]);
+        add_request(
+            &mem,
+            &vq,
+            3,
+            1,
+            VIRTIO_BLK_T_OUT,
+            4,
+            &[(DATA + 0x4000, 512, R)],
+        );
+        let (mut h, _) = handler(&dev, &mem, &vq);
+        for region in vm_memory::GuestMemoryBackend::iter(&mem) {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        assert_eq!(run(&mut h), 2);
+        assert!(dirty(&mem, DATA), "{engine:?}: read buffer");
+        assert!(dirty(&mem, STATUS), "{engine:?}: status byte");
+        assert!(!dirty(&mem, DATA + 0x4000), "{engine:?}: write buffer");
+        assert!(!dirty(&mem, HDR), "{engine:?}: header");
+    }
+}

@@ -67,8 +67,8 @@ impl<'a> IoBufs<'a> {
         }
     }
 
-    /// Appends a slice of guest memory.
-    pub fn push_slice(&mut self, slice: &VolatileSlice<'a>) {
+    /// Appends a slice of guest memory (or of host memory: any bitmap).
+    pub fn push_slice<B: vm_memory::bitmap::BitmapSlice>(&mut self, slice: &VolatileSlice<'a, B>) {
         if slice.is_empty() {
             return;
         }

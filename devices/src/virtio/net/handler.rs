@@ -633,21 +633,31 @@ fn signal<I: ?Sized + VirtioInterrupt>(
     Ok(())
 }
 
+/// A slice of guest memory with its part of the dirty bitmap.
+type GuestSlice<'m> = vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, super::super::Bitmap>>;
+
 /// Appends the guest buffer of `desc` to `bufs`, checked and translated once; false if any of
-/// it is not guest memory.
+/// it is not guest memory. A buffer the device may write (rx) is marked dirty now: frames go
+/// in through raw iovecs, which vm-memory does not see.
 fn push_guest<'m>(bufs: &mut IoBufs<'m>, mem: &'m GuestMemoryMmap, desc: &Descriptor) -> bool {
     let len = desc.len() as usize;
     if len == 0 {
         return true;
     }
-    if let Ok(slice) = mem.get_slice(desc.addr(), len) {
+    let push = |bufs: &mut IoBufs<'m>, slice: GuestSlice<'m>| {
+        if desc.is_write_only() {
+            vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+        }
         bufs.push_slice(&slice);
+    };
+    if let Ok(slice) = mem.get_slice(desc.addr(), len) {
+        push(bufs, slice);
         return true;
     }
     // Across regions, or not guest memory at all.
     for slice in mem.get_slices(desc.addr(), len) {
         match slice {
-            Ok(slice) => bufs.push_slice(&slice),
+            Ok(slice) => push(bufs, slice),
             Err(_) => return false,
         }
     }
