@@ -93,6 +93,16 @@ fn run(args: &RunArgs) -> ExitCode {
     if let Err(e) = signals.handle(vmm.clone(), grace) {
         log::error!("Shutdown signals will not be handled: {e}");
     }
+    if vm.is_none()
+        && let Some(text) = &args.serial
+    {
+        // Without a VM on the command line, --serial is the console of one restored or
+        // migrated in through the API.
+        match launcher::cli::parse_serial(text) {
+            Ok(serial) => vmm.set_serial_override(Some(serial)),
+            Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
+        }
+    }
     let started = match (vm, restore) {
         (Some((file, config, serial)), _) => vmm
             .create_validated(file, config, serial)

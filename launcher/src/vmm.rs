@@ -20,9 +20,23 @@ use crate::config::{ConfigError, VmConfigFile};
 use crate::console::Console;
 use crate::events::EventMonitor;
 
+#[path = "migration/mod.rs"]
+pub mod migration;
 #[path = "vmm_snapshot.rs"]
 mod snapshot;
 pub use snapshot::{SnapshotError, file_url_path};
+
+/// An error and its causes on one line.
+pub fn chain_text(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// Exit code: the guest powered off or reset, or the VMM was asked to stop.
 pub const EXIT_OK: u8 = 0;
@@ -104,6 +118,12 @@ pub enum VmmError {
     /// Restoring a snapshot failed.
     #[error("Cannot restore the VM")]
     Restore(#[source] snapshot::SnapshotError),
+    /// A live migration failed or was cancelled.
+    #[error("Live migration failed")]
+    Migration(#[source] migration::MigrationError),
+    /// A migration is already under way.
+    #[error("A migration is already in progress")]
+    MigrationBusy,
 }
 
 impl VmmError {
@@ -204,6 +224,9 @@ struct Inner {
 /// The VMM: at most one VM, driven from any thread.
 pub struct Vmm {
     settings: VmmSettings,
+    /// `--serial` given without a VM: the console of a restored or migrated-in VM.
+    serial_override: Mutex<Option<SerialMode>>,
+    migration: Mutex<migration::MigrationSlot>,
     events: EventMonitor,
     listeners: Mutex<Vec<EventListener>>,
     started: Instant,
@@ -225,6 +248,8 @@ impl Vmm {
     pub fn new(settings: VmmSettings, events: EventMonitor) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            serial_override: Mutex::new(None),
+            migration: Mutex::new(migration::MigrationSlot::default()),
             events,
             listeners: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -272,6 +297,32 @@ impl Vmm {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migration_slot(&self) -> MutexGuard<'_, migration::MigrationSlot> {
+        self.migration.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last (or current) migration's figures.
+    pub fn migration_stats(&self) -> Option<migration::MigrationStats> {
+        self.migration_slot().last.clone()
+    }
+
+    /// Sets the console a restored or migrated-in VM gets instead of its own setting
+    /// (`rvmm run --serial ...` without a VM).
+    pub fn set_serial_override(&self, serial: Option<SerialMode>) {
+        *self
+            .serial_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = serial;
+    }
+
+    /// See [`Vmm::set_serial_override`].
+    pub fn serial_override(&self) -> Option<SerialMode> {
+        self.serial_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// How long the VMM has been up.

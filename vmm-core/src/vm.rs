@@ -84,6 +84,16 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 
 /// Registers every guest RAM region as a KVM memory slot.
 pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    register_memory_with_flags(vm, mem, 0)
+}
+
+/// Registers (or re-registers, changing only `flags`) every guest RAM region as a KVM memory
+/// slot; slot N is the Nth region.
+pub fn register_memory_with_flags(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
@@ -98,7 +108,7 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> 
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: the region is a live mapping of exactly `memory_size` bytes, owned by the Vm
         // together with this VM fd and unmapped only after the fd is closed.

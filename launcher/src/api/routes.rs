@@ -65,14 +65,7 @@ impl Reply {
 
 /// The error and its causes on one line.
 fn chain(err: &dyn Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    crate::vmm::chain_text(err)
 }
 
 fn vmm_error(err: &VmmError) -> Reply {
@@ -81,9 +74,12 @@ fn vmm_error(err: &VmmError) -> Reply {
         VmmError::WrongState { .. } | VmmError::AlreadyCreated(_) | VmmError::Exiting => 405,
         VmmError::Config(_) | VmmError::Console(_) | VmmError::Url { .. } => 400,
         VmmError::Boot(_) | VmmError::Restore(_) if err.is_bad_config() => 400,
-        VmmError::Boot(_) | VmmError::Waiter(_) | VmmError::Snapshot(_) | VmmError::Restore(_) => {
-            500
-        }
+        VmmError::MigrationBusy => 409,
+        VmmError::Boot(_)
+        | VmmError::Waiter(_)
+        | VmmError::Snapshot(_)
+        | VmmError::Restore(_)
+        | VmmError::Migration(_) => 500,
     };
     Reply::error(status, chain(err))
 }
@@ -111,6 +107,8 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.delete", "PUT"),
     ("vm.snapshot", "PUT"),
     ("vm.restore", "PUT"),
+    ("vm.send-migration", "PUT"),
+    ("vm.receive-migration", "PUT"),
 ];
 
 /// Answers one request.
@@ -121,15 +119,16 @@ pub fn handle(vmm: &Arc<Vmm>, method: &str, path: &str, body: Option<&[u8]>) -> 
         if method != "GET" {
             return wrong_method(method, path, "GET");
         }
+        let mut text = crate::metrics::render(
+            vmm.state().map_or("NotCreated", VmState::name),
+            vmm.uptime(),
+            vmm.metrics().as_ref(),
+        );
+        text.push_str(&crate::vmm::migration::render_metrics(
+            vmm.migration_stats().as_ref(),
+        ));
         return Reply {
-            body: Some((
-                crate::metrics::render(
-                    vmm.state().map_or("NotCreated", VmState::name),
-                    vmm.uptime(),
-                    vmm.metrics().as_ref(),
-                ),
-                BodyKind::Text,
-            )),
+            body: Some((text, BodyKind::Text)),
             ..Reply::status(200)
         };
     }
@@ -187,7 +186,15 @@ fn endpoint(vmm: &Arc<Vmm>, name: &str, path: &str, body: Option<&[u8]>) -> Repl
             Err(reply) => reply,
         },
         "vm.restore" => match json_body::<RestoreRequest>(name, body) {
-            Ok(req) => done(vmm.restore(&req.source_url, req.prefault, None)),
+            Ok(req) => done(vmm.restore(&req.source_url, req.prefault, vmm.serial_override())),
+            Err(reply) => reply,
+        },
+        "vm.send-migration" => match json_body::<SendMigrationRequest>(name, body) {
+            Ok(req) => send_migration(vmm, &req),
+            Err(reply) => reply,
+        },
+        "vm.receive-migration" => match json_body::<ReceiveMigrationRequest>(name, body) {
+            Ok(req) => done(vmm.receive_migration(&req.receiver_url, vmm.serial_override())),
             Err(reply) => reply,
         },
         _ => Reply::error(404, format!("No endpoint {path}")),
@@ -221,6 +228,49 @@ struct RestoreRequest {
     prefault: bool,
     #[serde(default, rename = "memory_restore_mode")]
     _memory_restore_mode: Option<String>,
+}
+
+/// `vm.send-migration`'s body (Cloud Hypervisor's `SendMigrationData`, the fields rvmm
+/// honours).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMigrationRequest {
+    destination_url: String,
+    #[serde(default)]
+    local: bool,
+    downtime_ms: Option<u64>,
+    timeout_s: Option<u64>,
+}
+
+/// `vm.receive-migration`'s body (Cloud Hypervisor's `ReceiveMigrationData`).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveMigrationRequest {
+    receiver_url: String,
+}
+
+/// Migrates the VM away; once the receiver runs it this VMM exits 0 (after the answer).
+fn send_migration(vmm: &Arc<Vmm>, req: &SendMigrationRequest) -> Reply {
+    if req.local {
+        return Reply::error(
+            400,
+            "vm.send-migration: local: memory-fd migration is not supported; leave it false",
+        );
+    }
+    let mut options = crate::vmm::migration::SendOptions::default();
+    if let Some(ms) = req.downtime_ms.filter(|ms| *ms > 0) {
+        options.downtime = std::time::Duration::from_millis(ms);
+    }
+    if let Some(s) = req.timeout_s.filter(|s| *s > 0) {
+        options.timeout = std::time::Duration::from_secs(s);
+    }
+    match vmm.send_migration(&req.destination_url, &options) {
+        Ok(_) => Reply {
+            exit_after: true,
+            ..Reply::no_content()
+        },
+        Err(e) => vmm_error(&e),
+    }
 }
 
 /// Parses a request's JSON body, naming the endpoint and the field in a 400.

@@ -14,18 +14,22 @@
 //! Disk images are not part of a snapshot: as with Cloud Hypervisor, keeping them as they
 //! were (or unchanged) is the user's business.
 
+pub mod dirty;
 pub mod format;
 pub mod memory_file;
 mod restore;
+mod source;
 mod vcpu_state;
 mod vm_state;
 
+pub use dirty::{DirtyLogError, DirtyPages};
 pub use format::{
     FORMAT_VERSION, READABLE_VERSIONS, StateFileError, decode_state, encode_state, read_state,
     write_state,
 };
 pub use memory_file::{MemoryFileError, map_memory_file, memory_regions, write_memory_file};
 pub use restore::{RestoreError, build_restored, restore_vm};
+pub use source::MigrationSource;
 pub use vcpu_state::{MsrEntry, VcpuState, VcpuStateError, restore_vcpu, save_vcpu};
 pub use vm_state::{
     KvmVmState, MemoryRegionState, VmState, VmStateError, restore_vm_kvm_state, save_vm_kvm_state,

@@ -1,0 +1,211 @@
+//! The receiving side: `vm.receive-migration` on a VMM without a VM, and the target pod's
+//! launcher in KubeVirt.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use vmm_core::memory::{MemoryLayout, create_guest_memory};
+use vmm_core::snapshot::{build_restored, decode_state};
+
+use super::memory::receive_pages;
+use super::protocol::{self, Command, MAX_CONFIG, ProtocolError, answer, read_header};
+use super::{MigrationError, MigrationUrl, Stream};
+use crate::cli::SerialMode;
+use crate::config::VmConfigFile;
+use crate::vmm::{Console, VmSlot, VmState, Vmm, VmmError};
+
+/// Accepts the sender's one connection on `url` (a stale unix socket is replaced; the
+/// socket is removed again once connected).
+fn accept(url: &MigrationUrl, text: &str) -> Result<Box<dyn Stream>, MigrationError> {
+    let err = |source| MigrationError::Connect {
+        action: "listen on",
+        url: text.to_string(),
+        source,
+    };
+    Ok(match url {
+        MigrationUrl::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).map_err(err)?;
+            let accepted = listener.accept().map_err(err);
+            let _ = std::fs::remove_file(path);
+            Box::new(accepted?.0)
+        }
+        MigrationUrl::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).map_err(err)?;
+            let (stream, _) = listener.accept().map_err(err)?;
+            stream.set_nodelay(true).map_err(err)?;
+            Box::new(stream)
+        }
+    })
+}
+
+/// What the receiver has so far.
+struct Incoming {
+    file: VmConfigFile,
+    config: vmm_core::VmConfig,
+    serial: SerialMode,
+    memory: vmm_core::memory::GuestMemoryMmap,
+}
+
+impl Vmm {
+    /// `vm.receive-migration`: waits for a sender on `receiver_url`, builds the VM it sends
+    /// and, on `Complete`, runs it. `serial` replaces the sender's console setting (the
+    /// command line's `--serial`). Returns once the VM runs here, or the migration failed
+    /// (then no VM is left).
+    pub fn receive_migration(
+        self: &Arc<Self>,
+        receiver_url: &str,
+        serial: Option<SerialMode>,
+    ) -> Result<(), VmmError> {
+        let url = MigrationUrl::parse("receiver_url", receiver_url)?;
+        if let Some(state) = self.state() {
+            return Err(VmmError::AlreadyCreated(state));
+        }
+        let mut stream = accept(&url, receiver_url).map_err(VmmError::Migration)?;
+        let started = Instant::now();
+        let result = self.serve_migration(&mut *stream, serial);
+        match result {
+            Ok(bytes) => {
+                self.emit(
+                    "vm.migration-received",
+                    json!({
+                        "receiver_url": receiver_url,
+                        "memory_bytes": bytes,
+                        "total_ms": started.elapsed().as_secs_f64() * 1e3,
+                    }),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.drop_incoming_vm();
+                Err(VmmError::Migration(e))
+            }
+        }
+    }
+
+    /// Answers the sender's requests until `Complete`; returns the memory bytes received.
+    fn serve_migration(
+        self: &Arc<Self>,
+        stream: &mut dyn Stream,
+        serial: Option<SerialMode>,
+    ) -> Result<u64, MigrationError> {
+        let mut incoming: Option<Incoming> = None;
+        let mut started = false;
+        let mut built = false;
+        let mut bytes = 0u64;
+        loop {
+            let Some(header) = read_header(stream)? else {
+                return Err(MigrationError::Invalid(
+                    "the sender closed the connection before Complete".into(),
+                ));
+            };
+            let step = match header.command {
+                Command::Start => {
+                    let payload = protocol::read_payload(stream, header, 8)?;
+                    started = true;
+                    protocol::check_start(&payload)
+                }
+                Command::Config if started && incoming.is_none() => {
+                    let payload = protocol::read_payload(stream, header, MAX_CONFIG)?;
+                    self.take_config(&payload, serial.clone())
+                        .map(|i| incoming = Some(i))
+                }
+                Command::Memory if !built => match &incoming {
+                    Some(incoming) => {
+                        bytes += receive_pages(stream, &incoming.memory, header)?;
+                        Ok(())
+                    }
+                    None => return Err(out_of_order(header.command)),
+                },
+                Command::State if !built => {
+                    let max = vmm_core::snapshot::format::HEADER_LEN as u64
+                        + vmm_core::snapshot::format::MAX_PAYLOAD;
+                    let payload = protocol::read_payload(stream, header, max)?;
+                    let incoming = incoming
+                        .take()
+                        .ok_or_else(|| out_of_order(header.command))?;
+                    let result = self.build_incoming(incoming, &payload);
+                    built = result.is_ok();
+                    result
+                }
+                Command::Complete if built => {
+                    let resumed = self.resume().map_err(|e| super::super::chain_text(&e));
+                    answer(stream, resumed.clone()).map_err(ProtocolError::Io)?;
+                    return resumed.map(|()| bytes).map_err(MigrationError::Invalid);
+                }
+                Command::Abandon => return Err(MigrationError::Cancelled),
+                other => return Err(out_of_order(other)),
+            };
+            let failed = step.as_ref().err().cloned();
+            answer(stream, step).map_err(ProtocolError::Io)?;
+            if let Some(why) = failed {
+                return Err(MigrationError::Invalid(why));
+            }
+        }
+    }
+
+    /// The sender's configuration, validated, and guest memory of its size.
+    fn take_config(&self, payload: &[u8], serial: Option<SerialMode>) -> Result<Incoming, String> {
+        let text = std::str::from_utf8(payload).map_err(|_| "Config is not UTF-8".to_string())?;
+        let file = VmConfigFile::from_json(text).map_err(|e| super::super::chain_text(&e))?;
+        let (mut config, saved_serial) = file
+            .validate(&self.settings.kvm_path, self.settings.cpu_profile)
+            .map_err(|e| super::super::chain_text(&e))?;
+        config.seccomp = self.settings.seccomp;
+        let layout =
+            MemoryLayout::new(config.memory_bytes).map_err(|e| super::super::chain_text(&e))?;
+        let memory = create_guest_memory(&layout).map_err(|e| super::super::chain_text(&e))?;
+        let (file, serial) = match serial {
+            Some(serial) => (VmConfigFile::from_validated(&config, &serial), serial),
+            None => (file, saved_serial),
+        };
+        Ok(Incoming {
+            file,
+            config,
+            serial,
+            memory,
+        })
+    }
+
+    /// Builds the VM from the received state, paused.
+    fn build_incoming(self: &Arc<Self>, incoming: Incoming, state: &[u8]) -> Result<(), String> {
+        let state = decode_state(state).map_err(|e| super::super::chain_text(&e))?;
+        let mut inner = self.lock();
+        if let Some(slot) = &inner.vm {
+            return Err(format!(
+                "a VM already exists here (state {})",
+                slot.state.name()
+            ));
+        }
+        let console = Console::open(&incoming.serial, self.settings.serial_log.as_deref())
+            .map_err(|e| format!("Cannot set up the serial console: {e}"))?;
+        let vm = build_restored(&incoming.config, &state, incoming.memory, console.output())
+            .map_err(|e| super::super::chain_text(&e))?;
+        inner.vm = Some(VmSlot {
+            file: incoming.file,
+            config: incoming.config,
+            serial: incoming.serial,
+            console: Some(console),
+            state: VmState::Created,
+            active: None,
+        });
+        self.start_built(&mut inner, vm, VmState::Paused)
+            .map_err(|e| super::super::chain_text(&e))
+    }
+
+    /// Stops and forgets a VM a failed migration left half built.
+    fn drop_incoming_vm(&self) {
+        if self.state().is_some()
+            && let Err(e) = self.delete()
+        {
+            log::warn!("Cannot drop the half-migrated VM: {e}");
+        }
+    }
+}
+
+fn out_of_order(command: Command) -> MigrationError {
+    MigrationError::Invalid(format!("{command:?} request out of order"))
+}

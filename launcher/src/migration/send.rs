@@ -1,0 +1,244 @@
+//! The sending side: `vm.send-migration` and KubeVirt's MigrateVirtualMachine.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmm_core::snapshot::{DirtyPages, MigrationSource, encode_state};
+
+use super::memory::send_pages;
+use super::protocol::{Command, read_answer, send_request, start_payload};
+use super::{
+    DEFAULT_DOWNTIME, MAX_ROUNDS, MigrationError, MigrationStats, MigrationUrl, Stream, unix_now,
+};
+use crate::vmm::{VmState, Vmm, VmmError};
+
+/// How to migrate.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    /// Downtime to aim for: the pre-copy goes on until the rest would be sent within it.
+    pub downtime: Duration,
+    /// The whole migration's limit; past it, it is cancelled (the source goes on).
+    pub timeout: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            downtime: DEFAULT_DOWNTIME,
+            timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+fn connect(url: &MigrationUrl, text: &str) -> Result<Box<dyn Stream>, MigrationError> {
+    let err = |source| MigrationError::Connect {
+        action: "connect to",
+        url: text.to_string(),
+        source,
+    };
+    Ok(match url {
+        MigrationUrl::Unix(path) => Box::new(UnixStream::connect(path).map_err(err)?),
+        MigrationUrl::Tcp(addr) => {
+            let stream = std::net::TcpStream::connect(addr).map_err(err)?;
+            // Requests are written whole, then answered: no use for Nagle's delay.
+            stream.set_nodelay(true).map_err(err)?;
+            Box::new(stream)
+        }
+    })
+}
+
+fn request(
+    stream: &mut dyn Stream,
+    command: Command,
+    payload: &[u8],
+) -> Result<(), MigrationError> {
+    send_request(stream, command, payload).map_err(super::ProtocolError::Io)?;
+    read_answer(stream, command)?;
+    Ok(())
+}
+
+impl Vmm {
+    /// `vm.send-migration`: migrates the running VM to `destination_url`; returns once the
+    /// receiver runs it. The caller then ends this VMM (exit 0). On failure or cancellation
+    /// the VM goes on here.
+    pub fn send_migration(
+        &self,
+        destination_url: &str,
+        options: &SendOptions,
+    ) -> Result<MigrationStats, VmmError> {
+        let url = MigrationUrl::parse("destination_url", destination_url)?;
+        let (handle, config) = {
+            let mut inner = self.lock();
+            let slot = Self::slot_in(&mut inner, "migrate", &[VmState::Running])?;
+            let handle = slot
+                .active
+                .as_ref()
+                .map(|a| a.handle.clone())
+                .ok_or(VmmError::NotCreated)?;
+            let config = serde_json::to_vec(&slot.file).expect("a configuration always serialises");
+            (handle, config)
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        {
+            let mut slot = self.migration_slot();
+            if slot.cancel.is_some() {
+                return Err(VmmError::MigrationBusy);
+            }
+            slot.cancel = Some(cancel.clone());
+            slot.last = Some(MigrationStats {
+                status: "running",
+                start_timestamp: unix_now(),
+                ..Default::default()
+            });
+        }
+        self.emit(
+            "vm.migration-started",
+            json!({ "destination_url": destination_url }),
+        );
+        let mut stats = MigrationStats {
+            start_timestamp: unix_now(),
+            ..Default::default()
+        };
+        let outcome = migrate(
+            &handle,
+            &config,
+            &url,
+            destination_url,
+            options,
+            &cancel,
+            &mut stats,
+        );
+        stats.end_timestamp = Some(unix_now());
+        stats.status = match &outcome {
+            Ok(()) => "completed",
+            Err(MigrationError::Cancelled) => "cancelled",
+            Err(_) => "failed",
+        };
+        {
+            let mut slot = self.migration_slot();
+            slot.cancel = None;
+            slot.last = Some(stats.clone());
+        }
+        match outcome {
+            Ok(()) => {
+                log::info!(
+                    "Migrated to {destination_url}: {:.0} ms in all, {:.1} ms down, {} rounds, {} bytes",
+                    stats.total_ms,
+                    stats.downtime_ms,
+                    stats.rounds,
+                    stats.memory_bytes
+                );
+                self.emit("vm.migrated", json!(stats));
+                Ok(stats)
+            }
+            Err(e) => {
+                let text = super::super::chain_text(&e);
+                log::warn!("Migration to {destination_url} {}: {text}", stats.status);
+                self.emit(
+                    "vm.migration-failed",
+                    json!({ "status": stats.status, "error": text }),
+                );
+                Err(VmmError::Migration(e))
+            }
+        }
+    }
+
+    /// Asks the migration in progress to stop; false when there is none.
+    pub fn cancel_migration(&self) -> bool {
+        match &self.migration_slot().cancel {
+            Some(cancel) => {
+                cancel.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The pre-copy rounds, the stop-and-copy and the hand-over. On an error the VM is resumed
+/// if this paused it, and the receiver is told to abandon.
+fn migrate(
+    handle: &vmm_core::VmHandle,
+    config: &[u8],
+    url: &MigrationUrl,
+    text: &str,
+    options: &SendOptions,
+    cancel: &AtomicBool,
+    stats: &mut MigrationStats,
+) -> Result<(), MigrationError> {
+    let started = Instant::now();
+    let mut stream = connect(url, text)?;
+    let mut source = MigrationSource::new(handle)?;
+    let mut paused = false;
+    let result = (|| {
+        request(&mut *stream, Command::Start, &start_payload())?;
+        request(&mut *stream, Command::Config, config)?;
+        source.start_dirty_log()?;
+        let mut dirty = DirtyPages::all(source.memory());
+        let mut first = true;
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(MigrationError::Cancelled);
+            }
+            if started.elapsed() > options.timeout {
+                return Err(MigrationError::Timeout(options.timeout));
+            }
+            let round = Instant::now();
+            let ranges = dirty.ranges();
+            let sent = send_pages(&mut *stream, source.memory(), &ranges, first, cancel)?;
+            stats.memory_bytes += sent;
+            stats.rounds += 1;
+            first = false;
+            // Bytes per second this round managed (at least one page's worth).
+            let rate = (sent.max(4096) as f64) / round.elapsed().as_secs_f64().max(1e-6);
+            dirty = source.dirty_pages()?;
+            let left = dirty.count() * source.page_size();
+            let eta = Duration::from_secs_f64(left as f64 / rate);
+            log::debug!(
+                "Migration round {}: {sent} bytes in {:?}, {left} bytes dirty (~{eta:?})",
+                stats.rounds,
+                round.elapsed()
+            );
+            if eta <= options.downtime || stats.rounds >= MAX_ROUNDS {
+                break;
+            }
+        }
+        // Stop and copy.
+        let down = Instant::now();
+        if !source.pause() {
+            return Err(MigrationError::Invalid("the VM stopped running".into()));
+        }
+        paused = true;
+        dirty.merge(&source.dirty_pages()?);
+        stats.memory_bytes += send_pages(
+            &mut *stream,
+            source.memory(),
+            &dirty.ranges(),
+            false,
+            cancel,
+        )?;
+        if let Err(e) = handle.flush_disks() {
+            return Err(MigrationError::Invalid(super::super::chain_text(&e)));
+        }
+        let state = encode_state(&source.save_state()?)?;
+        request(&mut *stream, Command::State, &state)?;
+        if cancel.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        request(&mut *stream, Command::Complete, &[])?;
+        stats.downtime_ms = down.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    })();
+    stats.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    if result.is_err() {
+        // Best effort: the receiver drops what it has; the connection may be gone already.
+        let _ = send_request(&mut *stream, Command::Abandon, &[]);
+        if paused {
+            source.resume();
+        }
+    }
+    result
+}
