@@ -8,63 +8,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::http::{call, wait_for_socket};
+use common::http::wait_for_socket;
+use common::kvm_available;
+use common::memtest::{API_TIMEOUT, passes, put, start_memtest, state};
 use common::process::{Rvmm, TestDir, wait_for_text};
-use common::{kvm_available, tiny_guest};
-
-const API_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn put(socket: &Path, endpoint: &str, body: Option<&str>) {
-    let answer = call(socket, "PUT", &format!("/api/v1/{endpoint}"), body);
-    assert_eq!(answer.status, 204, "{endpoint}: {}", answer.body);
-}
-
-fn state(socket: &Path) -> String {
-    let info = call(socket, "GET", "/api/v1/vm.info", None);
-    assert_eq!(info.status, 200, "{}", info.body);
-    info.json()["state"].as_str().unwrap().to_string()
-}
-
-/// The numbers of the `memtest: pass N ok` lines, in order; fails on any other memtest line
-/// than those and one `start`.
-fn passes(text: &str) -> Vec<u64> {
-    assert!(!text.contains("CORRUPT"), "memory lost: {text}");
-    assert!(
-        text.matches("memtest: start").count() <= 1,
-        "rebooted: {text}"
-    );
-    text.lines()
-        .filter_map(|l| l.strip_prefix("memtest: pass "))
-        .map(|rest| {
-            let (n, verdict) = rest.split_once(' ').unwrap();
-            assert_eq!(verdict, "ok", "{text}");
-            n.parse().unwrap()
-        })
-        .collect()
-}
-
-/// `rvmm run` of memtest with the API on `dir`'s `api.sock`, console to `serial.log`.
-fn start_memtest(dir: &TestDir, vcpus: &str) -> Rvmm {
-    let kernel = tiny_guest("memtest");
-    let socket = dir.path("api.sock");
-    let vmm = Rvmm::start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--vcpus",
-        vcpus,
-        "--cmdline",
-        "memtest.mib=4",
-        "--serial",
-        &format!("file={}", dir.path("serial.log").display()),
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
-    wait_for_socket(&socket, API_TIMEOUT);
-    vmm
-}
 
 fn snapshot(socket: &Path, dir: &Path) {
     let body = format!(r#"{{"destination_url": "file://{}"}}"#, dir.display());
@@ -78,7 +25,7 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
     }
     let dir = TestDir::new("snapshot-restore");
     let socket = dir.path("api.sock");
-    let mut source = start_memtest(&dir, "2");
+    let mut source = start_memtest(&dir, "2", 4);
     wait_for_text(&dir.path("serial.log"), " ok\n", 3);
     put(&socket, "vm.pause", None);
     let before = std::fs::read_to_string(dir.path("serial.log")).unwrap();
@@ -161,7 +108,7 @@ fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() 
     }
     let dir = TestDir::new("snapshot-bad");
     let socket = dir.path("api.sock");
-    let _source = start_memtest(&dir, "1");
+    let _source = start_memtest(&dir, "1", 4);
     wait_for_text(&dir.path("serial.log"), " ok\n", 1);
     put(&socket, "vm.pause", None);
     let good = dir.path("good");

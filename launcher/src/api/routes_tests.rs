@@ -18,7 +18,16 @@ fn vm_actions() -> impl Iterator<Item = &'static str> {
         .filter(|(name, method)| name.starts_with("vm.") && *method == "PUT")
         .map(|(name, _)| *name)
         // These take a body; see their own tests.
-        .filter(|name| !matches!(*name, "vm.create" | "vm.snapshot" | "vm.restore"))
+        .filter(|name| {
+            !matches!(
+                *name,
+                "vm.create"
+                    | "vm.snapshot"
+                    | "vm.restore"
+                    | "vm.send-migration"
+                    | "vm.receive-migration"
+            )
+        })
 }
 
 fn create(vmm: &Arc<Vmm>, body: &str) -> Reply {
@@ -223,4 +232,29 @@ fn restore_names_the_missing_snapshot_and_refuses_when_a_vm_exists() {
     assert_eq!(reply.status, 400);
     create(&vmm, &config());
     assert_eq!(put_json(&vmm, "vm.restore", &body).status, 405);
+}
+
+#[test]
+fn migration_requests_need_a_supported_url_and_the_right_vm_state() {
+    let vmm = vmm();
+    let send = r#"{"destination_url": "unix:/tmp/rvmm-no-such-receiver.sock"}"#;
+    assert_eq!(put_json(&vmm, "vm.send-migration", send).status, 404);
+    let reply = put_json(&vmm, "vm.send-migration", r#"{"destination_url": "udp:x"}"#);
+    assert_eq!(reply.status, 400);
+    assert!(error_text(&reply).contains("destination_url"), "{reply:?}");
+    let local = r#"{"destination_url": "unix:/x", "local": true}"#;
+    assert!(error_text(&put_json(&vmm, "vm.send-migration", local)).contains("local"));
+    let reply = put_json(
+        &vmm,
+        "vm.receive-migration",
+        r#"{"receiver_url": "file:///x"}"#,
+    );
+    assert_eq!(reply.status, 400);
+    assert!(error_text(&reply).contains("receiver_url"), "{reply:?}");
+    create(&vmm, &config());
+    // Only a running VM migrates; only a VMM without a VM receives.
+    assert_eq!(put_json(&vmm, "vm.send-migration", send).status, 405);
+    let receive = r#"{"receiver_url": "unix:/tmp/rvmm-never-bound.sock"}"#;
+    assert_eq!(put_json(&vmm, "vm.receive-migration", receive).status, 405);
+    assert!(!std::path::Path::new("/tmp/rvmm-never-bound.sock").exists());
 }

@@ -68,9 +68,71 @@ impl MigrationUrl {
 }
 
 /// A migration connection.
-pub(crate) trait Stream: Read + Write + Send {}
-impl Stream for UnixStream {}
-impl Stream for TcpStream {}
+pub(crate) trait Stream: Read + Write + Send {
+    /// Ends the connection both ways, also for a thread blocked on it.
+    fn shut_down(&self);
+    /// Another handle to the connection.
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>>;
+}
+
+impl Stream for UnixStream {
+    fn shut_down(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Stream for TcpStream {
+    fn shut_down(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+/// Cancels a migration: raises the flag the sender checks and ends its connection, so a
+/// sender waiting on a silent receiver returns at once.
+#[derive(Default)]
+pub(crate) struct Canceller {
+    pub(crate) flag: AtomicBool,
+    stream: std::sync::Mutex<Option<Box<dyn Stream>>>,
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canceller")
+            .field("flag", &self.flag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Canceller {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Stream>>> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a handle to the connection, to end it on a cancel.
+    pub(crate) fn watch(&self, stream: &dyn Stream) {
+        match stream.try_clone_stream() {
+            Ok(clone) => *self.lock() = Some(clone),
+            Err(e) => log::warn!("A cancel will wait for the receiver's next answer: {e}"),
+        }
+        if self.flag.load(std::sync::atomic::Ordering::SeqCst) {
+            self.cancel();
+        }
+    }
+
+    /// Raises the flag and ends the connection.
+    pub(crate) fn cancel(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(stream) = self.lock().as_ref() {
+            stream.shut_down();
+        }
+    }
+}
 
 /// Errors of a migration, at either end.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +199,7 @@ pub struct MigrationStats {
 /// A migration in progress (and the last one's outcome), shared with whoever may cancel it.
 #[derive(Debug, Default)]
 pub(crate) struct MigrationSlot {
-    pub(crate) cancel: Option<Arc<AtomicBool>>,
+    pub(crate) cancel: Option<Arc<Canceller>>,
     pub(crate) last: Option<MigrationStats>,
 }
 

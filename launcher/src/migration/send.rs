@@ -2,7 +2,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -11,7 +11,8 @@ use vmm_core::snapshot::{DirtyPages, MigrationSource, encode_state};
 use super::memory::send_pages;
 use super::protocol::{Command, read_answer, send_request, start_payload};
 use super::{
-    DEFAULT_DOWNTIME, MAX_ROUNDS, MigrationError, MigrationStats, MigrationUrl, Stream, unix_now,
+    Canceller, DEFAULT_DOWNTIME, MAX_ROUNDS, MigrationError, MigrationStats, MigrationUrl, Stream,
+    unix_now,
 };
 use crate::vmm::{VmState, Vmm, VmmError};
 
@@ -33,21 +34,39 @@ impl Default for SendOptions {
     }
 }
 
+/// How long the sender waits for a receiver that does not listen yet (it is usually told to
+/// receive at about the same time).
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+
 fn connect(url: &MigrationUrl, text: &str) -> Result<Box<dyn Stream>, MigrationError> {
     let err = |source| MigrationError::Connect {
         action: "connect to",
         url: text.to_string(),
         source,
     };
-    Ok(match url {
-        MigrationUrl::Unix(path) => Box::new(UnixStream::connect(path).map_err(err)?),
-        MigrationUrl::Tcp(addr) => {
-            let stream = std::net::TcpStream::connect(addr).map_err(err)?;
-            // Requests are written whole, then answered: no use for Nagle's delay.
-            stream.set_nodelay(true).map_err(err)?;
-            Box::new(stream)
+    let started = Instant::now();
+    loop {
+        let attempt: std::io::Result<Box<dyn Stream>> = match url {
+            MigrationUrl::Unix(path) => UnixStream::connect(path).map(|s| Box::new(s) as _),
+            MigrationUrl::Tcp(addr) => std::net::TcpStream::connect(addr).and_then(|s| {
+                // Requests are written whole, then answered: no use for Nagle's delay.
+                s.set_nodelay(true)?;
+                Ok(Box::new(s) as _)
+            }),
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && started.elapsed() < CONNECT_PATIENCE =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(err(e)),
         }
-    })
+    }
 }
 
 fn request(
@@ -81,7 +100,7 @@ impl Vmm {
             let config = serde_json::to_vec(&slot.file).expect("a configuration always serialises");
             (handle, config)
         };
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(Canceller::default());
         {
             let mut slot = self.migration_slot();
             if slot.cancel.is_some() {
@@ -146,11 +165,12 @@ impl Vmm {
         }
     }
 
-    /// Asks the migration in progress to stop; false when there is none.
+    /// Stops the migration in progress (the VM goes on here); false when there is none.
     pub fn cancel_migration(&self) -> bool {
-        match &self.migration_slot().cancel {
+        let cancel = self.migration_slot().cancel.clone();
+        match cancel {
             Some(cancel) => {
-                cancel.store(true, Ordering::SeqCst);
+                cancel.cancel();
                 true
             }
             None => false,
@@ -166,11 +186,13 @@ fn migrate(
     url: &MigrationUrl,
     text: &str,
     options: &SendOptions,
-    cancel: &AtomicBool,
+    canceller: &Canceller,
     stats: &mut MigrationStats,
 ) -> Result<(), MigrationError> {
     let started = Instant::now();
     let mut stream = connect(url, text)?;
+    canceller.watch(&*stream);
+    let cancel = &canceller.flag;
     let mut source = MigrationSource::new(handle)?;
     let mut paused = false;
     let result = (|| {
@@ -233,6 +255,11 @@ fn migrate(
         Ok(())
     })();
     stats.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    // A connection ended by a cancel fails with an I/O error: report the cancel.
+    let result = match result {
+        Err(_) if cancel.load(Ordering::SeqCst) => Err(MigrationError::Cancelled),
+        other => other,
+    };
     if result.is_err() {
         // Best effort: the receiver drops what it has; the connection may be gone already.
         let _ = send_request(&mut *stream, Command::Abandon, &[]);

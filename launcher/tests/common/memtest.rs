@@ -1,0 +1,78 @@
+//! The `memtest` tiny guest driven through rvmm's API: snapshot and migration tests.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::http::{call, wait_for_socket};
+use super::process::{Rvmm, TestDir};
+use super::tiny_guest;
+
+/// How long an API socket may take to appear.
+pub const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// PUT `endpoint` with an optional JSON body, which must answer 204.
+pub fn put(socket: &Path, endpoint: &str, body: Option<&str>) {
+    let answer = call(socket, "PUT", &format!("/api/v1/{endpoint}"), body);
+    assert_eq!(answer.status, 204, "{endpoint}: {}", answer.body);
+}
+
+/// `vm.info`'s state.
+pub fn state(socket: &Path) -> String {
+    let info = call(socket, "GET", "/api/v1/vm.info", None);
+    assert_eq!(info.status, 200, "{}", info.body);
+    info.json()["state"].as_str().unwrap().to_string()
+}
+
+/// The numbers of the `memtest: pass N ok` lines, in order; fails on a CORRUPT or bad pass
+/// and on more than one `start` (a reboot).
+pub fn passes(text: &str) -> Vec<u64> {
+    assert!(!text.contains("CORRUPT"), "memory lost: {text}");
+    assert!(
+        text.matches("memtest: start").count() <= 1,
+        "rebooted: {text}"
+    );
+    text.lines()
+        .filter_map(|l| l.strip_prefix("memtest: pass "))
+        .map(|rest| {
+            let (n, verdict) = rest.split_once(' ').unwrap();
+            assert_eq!(verdict, "ok", "{text}");
+            n.parse().unwrap()
+        })
+        .collect()
+}
+
+/// `rvmm run` of memtest over `mib` MiB with the API on `dir`'s `api.sock`, console to
+/// `serial.log`, events to `events.jsonl`; returns once the API listens.
+pub fn start_memtest(dir: &TestDir, vcpus: &str, mib: u32) -> Rvmm {
+    let kernel = tiny_guest("memtest");
+    let socket = dir.path("api.sock");
+    let vmm = Rvmm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--vcpus",
+        vcpus,
+        "--cmdline",
+        &format!("memtest.mib={mib}"),
+        "--serial",
+        &format!("file={}", dir.path("serial.log").display()),
+        "--event-monitor",
+        &format!("path={}", dir.path("events.jsonl").display()),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    wait_for_socket(&socket, API_TIMEOUT);
+    vmm
+}
+
+/// The events of an event-monitor file with `name`, as JSON.
+pub fn events_named(file: &Path, name: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == name)
+        .collect()
+}
