@@ -11,19 +11,23 @@
 //! | SoftRebootVirtualMachine | unsupported: the guest's own reboot ends an rvmm VM |
 //! | GetDomain | the domain ([`super::domain::build`]) in the state the VMM's events left it |
 //! | GetDomainStats | [`super::stats::domain_stats`] from [`Vmm::metrics`] |
+//! | MigrateVirtualMachine, SyncMigrationTarget, CancelVirtualMachineMigration, FinalizeVirtualMachineMigration, SignalTargetPodCleanup | see [`super::migration`] |
 //!
 //! One VMI per launcher: a Sync for another UID than `--uid` (or than the VMI already
 //! running) fails.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde_json::Value;
 
-use super::domain::{self, DomainState};
+use super::domain::{self, DomainState, LifeCycle, Reason};
 use super::domain_events::Change;
 use super::grpc::{BackendError, LauncherBackend};
+use super::migration::MigrationMetadata;
 use super::proto::cmd::v1 as cmd;
 use super::stats::domain_stats;
 use super::vmi::{LaunchPlan, LauncherDirs, PrepareError, Vmi, plan, prepare};
@@ -65,6 +69,10 @@ pub struct DomainRecord {
     defined: Mutex<Option<Defined>>,
     /// The state the VMM's last event left the domain in (written by the event listener).
     state: Mutex<Option<DomainState>>,
+    /// The migration metadata (`Spec.Metadata.KubeVirt.Migration`), once one started.
+    migration: Mutex<Option<MigrationMetadata>>,
+    /// The VM migrated away: its stop is reported as Shutoff (Migrated).
+    migrated: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -113,6 +121,31 @@ impl DomainRecord {
         *lock(&self.state) = Some(state);
     }
 
+    /// The state a VMM event means for this domain: a stop after the VM migrated away is
+    /// Shutoff (Migrated).
+    pub fn event_state(&self, state: DomainState) -> DomainState {
+        if self.migrated.load(Ordering::SeqCst) && state.status == LifeCycle::Shutoff {
+            DomainState::shutoff(Reason::Migrated)
+        } else {
+            state
+        }
+    }
+
+    /// Marks the VM as migrated away (before it is stopped).
+    pub fn set_migrated(&self) {
+        self.migrated.store(true, Ordering::SeqCst);
+    }
+
+    /// The migration metadata.
+    pub fn migration(&self) -> Option<MigrationMetadata> {
+        lock(&self.migration).clone()
+    }
+
+    /// Changes the migration metadata.
+    pub fn update_migration(&self, update: impl FnOnce(&mut Option<MigrationMetadata>)) {
+        update(&mut lock(&self.migration));
+    }
+
     /// The domain's state, once it has booted.
     pub fn state(&self) -> Option<DomainState> {
         *lock(&self.state)
@@ -125,6 +158,9 @@ impl DomainRecord {
         let d = defined.as_ref()?;
         let mut domain = domain::build(&d.vmi, &d.plan, state);
         domain::set_graceful_shutdown(&mut domain, d.marked_for_shutdown, d.shutdown_started);
+        if let Some(migration) = lock(&self.migration).as_ref() {
+            domain["Spec"]["Metadata"]["KubeVirt"]["Migration"] = migration.to_json();
+        }
         Some(domain)
     }
 
@@ -138,7 +174,7 @@ impl DomainRecord {
     pub(crate) fn synced(vmi: Vmi, plan: LaunchPlan) -> Self {
         Self {
             defined: Mutex::new(Some(Defined::new(vmi, plan))),
-            state: Mutex::default(),
+            ..Self::default()
         }
     }
 }
@@ -160,6 +196,8 @@ impl Defined {
 pub struct KubevirtBackend {
     vmm: Arc<Vmm>,
     dirs: LauncherDirs,
+    /// `--kubevirt-share-dir` (the migration proxies' sockets are under it).
+    share_dir: PathBuf,
     /// `--uid`; empty: any.
     expected_uid: String,
     record: Arc<DomainRecord>,
@@ -179,10 +217,68 @@ impl KubevirtBackend {
         Self {
             vmm,
             dirs,
+            share_dir: PathBuf::from("/var/run/kubevirt"),
             expected_uid,
             record,
             changes,
         }
+    }
+
+    /// The backend with its `--kubevirt-share-dir`.
+    pub fn with_share_dir(mut self, share_dir: PathBuf) -> Self {
+        self.share_dir = share_dir;
+        self
+    }
+
+    pub(super) fn vmm(&self) -> &Arc<Vmm> {
+        &self.vmm
+    }
+
+    pub(super) fn dirs(&self) -> &LauncherDirs {
+        &self.dirs
+    }
+
+    pub(super) fn share_dir(&self) -> &Path {
+        &self.share_dir
+    }
+
+    pub(super) fn record(&self) -> &Arc<DomainRecord> {
+        &self.record
+    }
+
+    pub(super) fn changes(&self) -> Sender<Change> {
+        self.changes.clone()
+    }
+
+    pub(super) fn send_change(&self, change: Change) {
+        self.notify(change);
+    }
+
+    /// `vmi` is this launcher's (`--uid`).
+    pub(super) fn check_expected_uid(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        if !self.expected_uid.is_empty() && vmi.metadata.uid != self.expected_uid {
+            return Err(failed(LaunchError::WrongVmi {
+                expected: self.expected_uid.clone(),
+                got: vmi.metadata.uid.clone(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// `vmi` is the defined, not deleted VMI.
+    pub(super) fn check_defined(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        defined_for(&mut lock(&self.record.defined), vmi).map(|_| ())
+    }
+
+    /// Defines `vmi` as a migration target (nothing boots); false when it is defined already.
+    pub(super) fn define_target(&self, vmi: &Vmi, plan: &LaunchPlan) -> Result<bool, BackendError> {
+        let mut defined = lock(&self.record.defined);
+        if defined.is_some() {
+            defined_for(&mut defined, vmi)?;
+            return Ok(false);
+        }
+        *defined = Some(Defined::new(vmi.clone(), plan.clone()));
+        Ok(true)
     }
 
     /// SIGTERM: marks the domain for a graceful shutdown, which virt-handler answers with
@@ -236,12 +332,7 @@ impl KubevirtBackend {
 
 impl LauncherBackend for KubevirtBackend {
     fn sync(&self, vmi: &Vmi, _options: &cmd::VirtualMachineOptions) -> Result<(), BackendError> {
-        if !self.expected_uid.is_empty() && vmi.metadata.uid != self.expected_uid {
-            return Err(failed(LaunchError::WrongVmi {
-                expected: self.expected_uid.clone(),
-                got: vmi.metadata.uid.clone(),
-            }));
-        }
+        self.check_expected_uid(vmi)?;
         // Held until the VM runs: the event thread builds the ADDED event from it.
         let mut defined = lock(&self.record.defined);
         if defined.is_some() {
@@ -351,6 +442,26 @@ impl LauncherBackend for KubevirtBackend {
             return None;
         }
         self.record.domain_in(self.record.state()?)
+    }
+
+    fn migrate(&self, vmi: &Vmi, options: &[u8]) -> Result<(), BackendError> {
+        KubevirtBackend::migrate(self, vmi, options)
+    }
+
+    fn sync_migration_target(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        KubevirtBackend::sync_migration_target(self, vmi)
+    }
+
+    fn cancel_migration(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        KubevirtBackend::cancel_migration(self, vmi)
+    }
+
+    fn finalize_migration(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        KubevirtBackend::finalize_migration(self, vmi)
+    }
+
+    fn signal_target_pod_cleanup(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        KubevirtBackend::signal_target_pod_cleanup(self, vmi)
     }
 
     fn domain_stats(&self) -> Result<Option<Value>, BackendError> {

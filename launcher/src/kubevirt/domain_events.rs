@@ -7,10 +7,10 @@
 //!
 //! | VMM event | domain state | sent |
 //! | --- | --- | --- |
-//! | `vm.booted` | Running | `ADDED` the first time, `MODIFIED` after |
+//! | `vm.booted`, `vm.migration-received` | Running | `ADDED` the first time, `MODIFIED` after |
 //! | `vm.paused` | Paused (User) | `MODIFIED` |
 //! | `vm.resumed`, `vm.rebooted` | Running | `MODIFIED` |
-//! | `vm.shutdown` | Shutoff: Destroyed (stopped by rvmm: kill, delete, grace period over), Shutdown (the guest powered off or reset), Failed (KVM could not run it) | `MODIFIED` |
+//! | `vm.shutdown` | Shutoff: Destroyed (stopped by rvmm: kill, delete, grace period over), Shutdown (the guest powered off or reset), Failed (KVM could not run it), Migrated (after a live migration away) | `MODIFIED` |
 //! | `guest.crashed` | Shutoff (Crashed) | `MODIFIED` |
 //! | `vmm.shutdown` | NoState (NonExistent), deletion timestamp | `MODIFIED`, the final event |
 //!
@@ -52,7 +52,8 @@ pub enum Change {
 /// The change a VMM event means for the domain, if any.
 pub fn change_for(event: &str, properties: &Value) -> Option<Change> {
     Some(match event {
-        "vm.booted" => Change::Booted,
+        // A VM that came in by live migration appears as one that booted.
+        "vm.booted" | "vm.migration-received" => Change::Booted,
         "vm.paused" => Change::State(DomainState::PAUSED_BY_USER),
         "vm.resumed" | "vm.rebooted" => Change::State(DomainState::RUNNING),
         "vm.shutdown" => Change::State(DomainState::shutoff(stop_reason(properties))),
@@ -128,6 +129,10 @@ impl DomainEvents {
         Box::new(move |event, properties| {
             let Some(change) = change_for(event, properties) else {
                 return;
+            };
+            let change = match change {
+                Change::State(state) => Change::State(record.event_state(state)),
+                other => other,
             };
             match change {
                 Change::Booted => record.set_state(DomainState::RUNNING),

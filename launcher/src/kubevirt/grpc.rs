@@ -86,6 +86,17 @@ pub trait LauncherBackend: Send + Sync + 'static {
     fn domain(&self) -> Option<Value>;
     /// KubeVirt's `stats.DomainStats` JSON, or `None` when there is no VM.
     fn domain_stats(&self) -> Result<Option<Value>, BackendError>;
+    /// Starts migrating the VM away (returns at once); `options` is KubeVirt's
+    /// `MigrationOptions` JSON.
+    fn migrate(&self, vmi: &Vmi, options: &[u8]) -> Result<(), BackendError>;
+    /// Prepares this launcher to receive `vmi` (returns at once).
+    fn sync_migration_target(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Aborts the migration in progress, if any.
+    fn cancel_migration(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// Completes an incoming migration.
+    fn finalize_migration(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// A target pod whose migration will not come ends.
+    fn signal_target_pod_cleanup(&self, vmi: &Vmi) -> Result<(), BackendError>;
 }
 
 /// The command server failed to start, serve or become ready.
@@ -237,9 +248,6 @@ struct CmdHandler {
     control: ControlThread,
 }
 
-type VmiCall =
-    fn(&dyn LauncherBackend, &Vmi, &cmd::VirtualMachineOptions) -> Result<(), BackendError>;
-
 fn ok() -> cmd::Response {
     cmd::Response {
         success: true,
@@ -272,7 +280,13 @@ impl CmdHandler {
         &self,
         what: &'static str,
         request: Request<cmd::VmiRequest>,
-        call: VmiCall,
+        call: impl FnOnce(
+            &dyn LauncherBackend,
+            &Vmi,
+            &cmd::VirtualMachineOptions,
+        ) -> Result<(), BackendError>
+        + Send
+        + 'static,
     ) -> Result<Response<cmd::Response>, Status> {
         let request = request.into_inner();
         let vmi = match request.vmi.as_ref().map(|v| Vmi::from_json(&v.vmi_json)) {
@@ -401,6 +415,60 @@ impl Cmd for CmdHandler {
 
     async fn ping(&self, _: Request<cmd::EmptyRequest>) -> Result<Response<cmd::Response>, Status> {
         Ok(Response::new(ok()))
+    }
+
+    async fn migrate_virtual_machine(
+        &self,
+        request: Request<cmd::MigrationRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        let request = request.into_inner();
+        let options = request.options;
+        let vmi_request = Request::new(cmd::VmiRequest {
+            vmi: request.vmi,
+            options: None,
+        });
+        self.vmi_command("Migrate", vmi_request, move |b, v, _| {
+            b.migrate(v, &options)
+        })
+        .await
+    }
+
+    async fn sync_migration_target(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("SyncMigrationTarget", request, |b, v, _| {
+            b.sync_migration_target(v)
+        })
+        .await
+    }
+
+    async fn cancel_virtual_machine_migration(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("CancelMigration", request, |b, v, _| b.cancel_migration(v))
+            .await
+    }
+
+    async fn finalize_virtual_machine_migration(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("FinalizeMigration", request, |b, v, _| {
+            b.finalize_migration(v)
+        })
+        .await
+    }
+
+    async fn signal_target_pod_cleanup(
+        &self,
+        request: Request<cmd::VmiRequest>,
+    ) -> Result<Response<cmd::Response>, Status> {
+        self.vmi_command("SignalTargetPodCleanup", request, |b, v, _| {
+            b.signal_target_pod_cleanup(v)
+        })
+        .await
     }
 }
 

@@ -102,6 +102,21 @@ impl LauncherBackend for FakeBackend {
     fn domain_stats(&self) -> Result<Option<Value>, BackendError> {
         Ok(Some(json!({"Name": "default_testvm", "Cpu": {}})))
     }
+    fn migrate(&self, vmi: &Vmi, options: &[u8]) -> Result<(), BackendError> {
+        self.record(&format!("migrate{}", String::from_utf8_lossy(options)), vmi)
+    }
+    fn sync_migration_target(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        self.record("sync-migration-target", vmi)
+    }
+    fn cancel_migration(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        self.record("cancel-migration", vmi)
+    }
+    fn finalize_migration(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        self.record("finalize-migration", vmi)
+    }
+    fn signal_target_pod_cleanup(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        self.record("signal-target-pod-cleanup", vmi)
+    }
 }
 
 fn vmi_request(json: &str) -> cmd::VmiRequest {
@@ -259,15 +274,42 @@ async fn rpcs_rvmm_lacks_are_unimplemented() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
     let status = client
-        .migrate_virtual_machine(cmd::MigrationRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    let status = client
         .freeze_virtual_machine(cmd::FreezeRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn migration_commands_reach_the_backend_with_their_vmi_and_options() {
+    let backend = Arc::new(FakeBackend::default());
+    let (_dir, mut client, _stop) = start(backend.clone()).await;
+    let migrate = cmd::MigrationRequest {
+        vmi: vmi_request(VMI).vmi,
+        options: br#"{"CompletionTimeoutPerGiB":150}"#.to_vec(),
+    };
+    assert!(succeeded(client.migrate_virtual_machine(migrate)).await);
+    assert!(succeeded(client.sync_migration_target(vmi_request(VMI))).await);
+    assert!(succeeded(client.cancel_virtual_machine_migration(vmi_request(VMI))).await);
+    assert!(succeeded(client.finalize_virtual_machine_migration(vmi_request(VMI))).await);
+    assert!(succeeded(client.signal_target_pod_cleanup(vmi_request(VMI))).await);
+    let names: Vec<String> = backend
+        .calls()
+        .iter()
+        .map(|c| c.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            r#"migrate{"CompletionTimeoutPerGiB":150}"#,
+            "sync-migration-target",
+            "cancel-migration",
+            "finalize-migration",
+            "signal-target-pod-cleanup"
+        ]
+    );
+    let bad = cmd::MigrationRequest::default();
+    assert!(!succeeded(client.migrate_virtual_machine(bad)).await);
 }
 
 #[tokio::test]

@@ -262,13 +262,16 @@ impl Launcher {
         )
         .map_err(|e| LauncherModeError::Thread("domain-event", e))?;
         vmm.on_event(events.listener(record.clone()));
-        let backend = Arc::new(KubevirtBackend::new(
-            vmm.clone(),
-            args.dirs(),
-            args.uid.clone(),
-            record,
-            events.sender(),
-        ));
+        let backend = Arc::new(
+            KubevirtBackend::new(
+                vmm.clone(),
+                args.dirs(),
+                args.uid.clone(),
+                record,
+                events.sender(),
+            )
+            .with_share_dir(args.kubevirt_share_dir.clone()),
+        );
         let sockets = args.sockets_dir();
         let server = LauncherServer::start(&runtime, &sockets, backend.clone())
             .map_err(LauncherModeError::Server)?;

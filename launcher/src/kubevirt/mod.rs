@@ -20,6 +20,7 @@ pub mod domain_events;
 pub mod grpc;
 pub mod launcher_flags;
 pub mod launcher_mode;
+pub mod migration;
 pub mod nocloud;
 pub mod notify;
 pub mod quantity;

@@ -166,6 +166,21 @@ impl LauncherBackend for QuietBackend {
     fn domain_stats(&self) -> Result<Option<Value>, BackendError> {
         Ok(None)
     }
+    fn migrate(&self, _: &Vmi, _: &[u8]) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn sync_migration_target(&self, _: &Vmi) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn cancel_migration(&self, _: &Vmi) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn finalize_migration(&self, _: &Vmi) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn signal_target_pod_cleanup(&self, _: &Vmi) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// A fake virt-handler on a runtime of its own, so that it can go away and come back.

@@ -17,6 +17,42 @@ pub struct Vmi {
     pub metadata: ObjectMeta,
     /// The desired VM.
     pub spec: VmiSpec,
+    /// What virt-controller and virt-handler recorded (only the migration part is read).
+    pub status: VmiStatus,
+}
+
+/// `status`, the part a migration needs.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct VmiStatus {
+    /// `migrationState`.
+    pub migration_state: Option<MigrationState>,
+    /// `migrationTransport`: "Unix" or (legacy) TCP.
+    pub migration_transport: String,
+}
+
+/// `status.migrationState`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct MigrationState {
+    /// `migrationUid`.
+    pub migration_uid: String,
+    /// `targetPod`: the pod receiving the VM.
+    pub target_pod: String,
+    /// `sourceState` (decentralized migrations).
+    pub source_state: Option<MigrationEndState>,
+}
+
+/// `status.migrationState.sourceState`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct MigrationEndState {
+    /// `migrationUID`.
+    #[serde(rename = "migrationUID")]
+    pub migration_uid: String,
+    /// `virtualMachineInstanceUID`.
+    #[serde(rename = "virtualMachineInstanceUID")]
+    pub vmi_uid: Option<String>,
 }
 
 /// `metadata`.

@@ -42,6 +42,12 @@ fn accept(url: &MigrationUrl, text: &str) -> Result<Box<dyn Stream>, MigrationEr
     })
 }
 
+/// What this end brings: a console setting, or a whole configuration of its own.
+struct Local {
+    serial: Option<SerialMode>,
+    config: Option<VmConfigFile>,
+}
+
 /// What the receiver has so far.
 struct Incoming {
     file: VmConfigFile,
@@ -60,13 +66,40 @@ impl Vmm {
         receiver_url: &str,
         serial: Option<SerialMode>,
     ) -> Result<(), VmmError> {
+        self.receive(
+            receiver_url,
+            Local {
+                serial,
+                config: None,
+            },
+        )
+    }
+
+    /// Receives a VM with this end's own configuration `config` (KubeVirt's target pod:
+    /// its disks, tap and console are its own); the sender's must have the same vCPUs and
+    /// memory.
+    pub fn receive_migration_as(
+        self: &Arc<Self>,
+        receiver_url: &str,
+        config: VmConfigFile,
+    ) -> Result<(), VmmError> {
+        self.receive(
+            receiver_url,
+            Local {
+                serial: None,
+                config: Some(config),
+            },
+        )
+    }
+
+    fn receive(self: &Arc<Self>, receiver_url: &str, local: Local) -> Result<(), VmmError> {
         let url = MigrationUrl::parse("receiver_url", receiver_url)?;
         if let Some(state) = self.state() {
             return Err(VmmError::AlreadyCreated(state));
         }
         let mut stream = accept(&url, receiver_url).map_err(VmmError::Migration)?;
         let started = Instant::now();
-        let result = self.serve_migration(&mut *stream, serial);
+        let result = self.serve_migration(&mut *stream, local);
         match result {
             Ok(bytes) => {
                 self.emit(
@@ -90,7 +123,7 @@ impl Vmm {
     fn serve_migration(
         self: &Arc<Self>,
         stream: &mut dyn Stream,
-        serial: Option<SerialMode>,
+        local: Local,
     ) -> Result<u64, MigrationError> {
         let mut incoming: Option<Incoming> = None;
         let mut started = false;
@@ -110,7 +143,7 @@ impl Vmm {
                 }
                 Command::Config if started && incoming.is_none() => {
                     let payload = protocol::read_payload(stream, header, MAX_CONFIG)?;
-                    self.take_config(&payload, serial.clone())
+                    self.take_config(&payload, &local)
                         .map(|i| incoming = Some(i))
                 }
                 Command::Memory if !built => match &incoming {
@@ -147,10 +180,29 @@ impl Vmm {
         }
     }
 
-    /// The sender's configuration, validated, and guest memory of its size.
-    fn take_config(&self, payload: &[u8], serial: Option<SerialMode>) -> Result<Incoming, String> {
+    /// The configuration (the sender's, or this end's own when it has one, then checked
+    /// against the sender's), validated, and guest memory of its size.
+    fn take_config(&self, payload: &[u8], local: &Local) -> Result<Incoming, String> {
         let text = std::str::from_utf8(payload).map_err(|_| "Config is not UTF-8".to_string())?;
-        let file = VmConfigFile::from_json(text).map_err(|e| super::super::chain_text(&e))?;
+        let sent = VmConfigFile::from_json(text).map_err(|e| super::super::chain_text(&e))?;
+        let file = match &local.config {
+            None => sent,
+            Some(own) => {
+                if (own.cpus.boot_vcpus, own.memory.size)
+                    != (sent.cpus.boot_vcpus, sent.memory.size)
+                {
+                    return Err(format!(
+                        "the sender's VM has {} vCPUs and {} bytes of memory, this end's {} and {}",
+                        sent.cpus.boot_vcpus,
+                        sent.memory.size,
+                        own.cpus.boot_vcpus,
+                        own.memory.size
+                    ));
+                }
+                own.clone()
+            }
+        };
+        let serial = local.serial.clone();
         let (mut config, saved_serial) = file
             .validate(&self.settings.kvm_path, self.settings.cpu_profile)
             .map_err(|e| super::super::chain_text(&e))?;
