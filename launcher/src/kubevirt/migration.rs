@@ -35,7 +35,7 @@ use super::domain::rfc3339;
 use super::domain_events::Change;
 use super::grpc::BackendError;
 use super::vmi::{Vmi, plan, prepare};
-use crate::vmm::migration::{MigrationError, SendOptions};
+use crate::vmm::migration::{MigrationError, MigrationListener, SendOptions};
 use crate::vmm::{EXIT_OK, VmState, Vmm, VmmError};
 
 /// The port KubeVirt's proxies name the direct migration stream after.
@@ -163,9 +163,6 @@ impl KubevirtBackend {
     /// MigrateVirtualMachine.
     pub(super) fn migrate(&self, vmi: &Vmi, options: &[u8]) -> Result<(), BackendError> {
         self.check_defined(vmi)?;
-        if self.vmm().state() != Some(VmState::Running) {
-            return Err(invalid("only a running VM can migrate".into()));
-        }
         let uid = migration_uid(vmi);
         if vmi.status.migration_state.is_none() {
             return Err(invalid(
@@ -182,6 +179,9 @@ impl KubevirtBackend {
                     m.abort_status
                 ))),
             };
+        }
+        if self.vmm().state() != Some(VmState::Running) {
+            return Err(invalid("only a running VM can migrate".into()));
         }
         self.set_migration(|m| *m = Some(MigrationMetadata::started(uid)));
         let url = format!(
@@ -248,13 +248,16 @@ impl KubevirtBackend {
             "unix:{}",
             proxy_socket(self.share_dir(), &target_proxy_key(vmi)).display()
         );
+        // Bound before the answer: virt-handler's proxy may connect right after it.
+        let listener =
+            MigrationListener::bind(&url).map_err(|e| invalid(crate::vmm::chain_text(&e)))?;
         let (vmm, record, changes) = (self.vmm().clone(), self.record().clone(), self.changes());
         let config = plan.config.clone();
         log::info!("Prepared migration target pod, listening on {url}");
         std::thread::Builder::new()
             .name("kubevirt-receive".into())
             .spawn(move || {
-                let result = vmm.receive_migration_as(&url, config);
+                let result = vmm.receive_migration_as(listener, config);
                 record.update_migration(|m| {
                     if let Some(m) = m {
                         m.end = Some(SystemTime::now());
@@ -311,6 +314,13 @@ fn finish_source(
     result: Result<crate::vmm::migration::MigrationStats, VmmError>,
 ) {
     let aborted = matches!(&result, Err(VmmError::Migration(MigrationError::Cancelled)));
+    if result.is_ok() {
+        // Stopped first: once the end is recorded, virt-handler finds the domain gone here.
+        record.set_migrated();
+        if let Err(e) = vmm.shutdown() {
+            log::warn!("Cannot stop the migrated VM: {e}");
+        }
+    }
     record.update_migration(|m| {
         if let Some(m) = m {
             m.end = Some(SystemTime::now());
@@ -331,10 +341,4 @@ fn finish_source(
             }
         }
     });
-    if result.is_ok() {
-        record.set_migrated();
-        if let Err(e) = vmm.shutdown() {
-            log::warn!("Cannot stop the migrated VM: {e}");
-        }
-    }
 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use protocol::ProtocolError;
+pub use receive::MigrationListener;
 pub use send::SendOptions;
 
 /// Pre-copy rounds at most before the final stop-and-copy.

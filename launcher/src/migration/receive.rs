@@ -17,29 +17,63 @@ use crate::cli::SerialMode;
 use crate::config::VmConfigFile;
 use crate::vmm::{Console, VmSlot, VmState, Vmm, VmmError};
 
-/// Accepts the sender's one connection on `url` (a stale unix socket is replaced; the
-/// socket is removed again once connected).
-fn accept(url: &MigrationUrl, text: &str) -> Result<Box<dyn Stream>, MigrationError> {
-    let err = |source| MigrationError::Connect {
-        action: "listen on",
-        url: text.to_string(),
-        source,
-    };
-    Ok(match url {
-        MigrationUrl::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(err)?;
-            let accepted = listener.accept().map_err(err);
-            let _ = std::fs::remove_file(path);
-            Box::new(accepted?.0)
-        }
-        MigrationUrl::Tcp(addr) => {
-            let listener = TcpListener::bind(addr).map_err(err)?;
-            let (stream, _) = listener.accept().map_err(err)?;
-            stream.set_nodelay(true).map_err(err)?;
-            Box::new(stream)
-        }
-    })
+/// A bound migration socket, waiting for its sender.
+#[derive(Debug)]
+pub struct MigrationListener {
+    url: String,
+    socket: Listening,
+}
+
+#[derive(Debug)]
+enum Listening {
+    Unix(UnixListener, std::path::PathBuf),
+    Tcp(TcpListener),
+}
+
+impl MigrationListener {
+    /// Binds `url` (a stale unix socket is replaced).
+    pub fn bind(receiver_url: &str) -> Result<Self, VmmError> {
+        let url = MigrationUrl::parse("receiver_url", receiver_url)?;
+        let err = |source| {
+            VmmError::Migration(MigrationError::Connect {
+                action: "listen on",
+                url: receiver_url.to_string(),
+                source,
+            })
+        };
+        let socket = match url {
+            MigrationUrl::Unix(path) => {
+                let _ = std::fs::remove_file(&path);
+                Listening::Unix(UnixListener::bind(&path).map_err(err)?, path)
+            }
+            MigrationUrl::Tcp(addr) => Listening::Tcp(TcpListener::bind(addr).map_err(err)?),
+        };
+        Ok(Self {
+            url: receiver_url.to_string(),
+            socket,
+        })
+    }
+
+    /// Waits for the sender's one connection (the unix socket is removed once connected).
+    fn accept(self) -> Result<Box<dyn Stream>, MigrationError> {
+        let err = |source| MigrationError::Connect {
+            action: "accept on",
+            url: self.url.clone(),
+            source,
+        };
+        Ok(match &self.socket {
+            Listening::Unix(listener, path) => {
+                let accepted = listener.accept().map_err(err);
+                let _ = std::fs::remove_file(path);
+                Box::new(accepted?.0)
+            }
+            Listening::Tcp(listener) => {
+                let (stream, _) = listener.accept().map_err(err)?;
+                stream.set_nodelay(true).map_err(err)?;
+                Box::new(stream)
+            }
+        })
+    }
 }
 
 /// What this end brings: a console setting, or a whole configuration of its own.
@@ -66,38 +100,42 @@ impl Vmm {
         receiver_url: &str,
         serial: Option<SerialMode>,
     ) -> Result<(), VmmError> {
-        self.receive(
-            receiver_url,
-            Local {
-                serial,
-                config: None,
-            },
-        )
-    }
-
-    /// Receives a VM with this end's own configuration `config` (KubeVirt's target pod:
-    /// its disks, tap and console are its own); the sender's must have the same vCPUs and
-    /// memory.
-    pub fn receive_migration_as(
-        self: &Arc<Self>,
-        receiver_url: &str,
-        config: VmConfigFile,
-    ) -> Result<(), VmmError> {
-        self.receive(
-            receiver_url,
-            Local {
-                serial: None,
-                config: Some(config),
-            },
-        )
-    }
-
-    fn receive(self: &Arc<Self>, receiver_url: &str, local: Local) -> Result<(), VmmError> {
-        let url = MigrationUrl::parse("receiver_url", receiver_url)?;
         if let Some(state) = self.state() {
             return Err(VmmError::AlreadyCreated(state));
         }
-        let mut stream = accept(&url, receiver_url).map_err(VmmError::Migration)?;
+        let listener = MigrationListener::bind(receiver_url)?;
+        let local = Local {
+            serial,
+            config: None,
+        };
+        self.receive(listener, local)
+    }
+
+    /// Receives a VM on `listener` with this end's own configuration `config` (KubeVirt's
+    /// target pod: its disks, tap and console are its own); the sender's must have the same
+    /// vCPUs and memory.
+    pub fn receive_migration_as(
+        self: &Arc<Self>,
+        listener: MigrationListener,
+        config: VmConfigFile,
+    ) -> Result<(), VmmError> {
+        let local = Local {
+            serial: None,
+            config: Some(config),
+        };
+        self.receive(listener, local)
+    }
+
+    fn receive(
+        self: &Arc<Self>,
+        listener: MigrationListener,
+        local: Local,
+    ) -> Result<(), VmmError> {
+        if let Some(state) = self.state() {
+            return Err(VmmError::AlreadyCreated(state));
+        }
+        let receiver_url = listener.url.clone();
+        let mut stream = listener.accept().map_err(VmmError::Migration)?;
         let started = Instant::now();
         let result = self.serve_migration(&mut *stream, local);
         match result {
@@ -105,7 +143,7 @@ impl Vmm {
                 self.emit(
                     "vm.migration-received",
                     json!({
-                        "receiver_url": receiver_url,
+                        "receiver_url": &receiver_url,
                         "memory_bytes": bytes,
                         "total_ms": started.elapsed().as_secs_f64() * 1e3,
                     }),
@@ -165,7 +203,7 @@ impl Vmm {
                     result
                 }
                 Command::Complete if built => {
-                    let resumed = self.resume().map_err(|e| super::super::chain_text(&e));
+                    let resumed = self.resume_incoming();
                     answer(stream, resumed.clone()).map_err(ProtocolError::Io)?;
                     return resumed.map(|()| bytes).map_err(MigrationError::Invalid);
                 }
@@ -246,6 +284,21 @@ impl Vmm {
         });
         self.start_built(&mut inner, vm, VmState::Paused)
             .map_err(|e| super::super::chain_text(&e))
+    }
+
+    /// Runs the received VM; its `vm.migration-received` event follows (no `vm.resumed`: for
+    /// KubeVirt the VM appears, `ADDED`, rather than resumes).
+    fn resume_incoming(&self) -> Result<(), String> {
+        let mut inner = self.lock();
+        let slot = Self::slot_in(&mut inner, "resume", &[VmState::Paused])
+            .map_err(|e| super::super::chain_text(&e))?;
+        match &slot.active {
+            Some(active) if active.handle.resume() => {
+                slot.state = VmState::Running;
+                Ok(())
+            }
+            _ => Err("the received VM cannot run".into()),
+        }
     }
 
     /// Stops and forgets a VM a failed migration left half built.

@@ -3,6 +3,7 @@
 
 pub mod fixtures;
 pub mod http;
+pub mod kubevirt;
 pub mod memtest;
 pub mod netns;
 pub mod process;
