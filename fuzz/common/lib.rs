@@ -420,3 +420,15 @@ pub fn fixture_dir(tag: &str) -> std::path::PathBuf {
     });
     dir
 }
+
+/// A vm-superio interrupt line that counts its triggers.
+#[derive(Clone, Debug, Default)]
+pub struct CountingTrigger(pub std::sync::Arc<AtomicUsize>);
+
+impl vm_superio::Trigger for CountingTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}

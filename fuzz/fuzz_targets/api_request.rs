@@ -38,11 +38,11 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use fuzz_common::{fixture_dir, rarely};
+use launcher::api::routes::ENDPOINTS;
 use launcher::api::routes::{self, API_PREFIX, BodyKind, METRICS_PATH, Reply};
 use launcher::api::{MAX_BODY_BYTES, serve_stream};
 use launcher::config::{SerialModeName, VmConfigFile};
 use launcher::events::EventMonitor;
-use launcher::api::routes::ENDPOINTS;
 use launcher::vmm::{Vmm, VmmSettings};
 use libfuzzer_sys::{Corpus, fuzz_target};
 use serde_json::{Map, Value, json};

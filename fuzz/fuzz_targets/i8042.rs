@@ -8,25 +8,13 @@
 
 #![no_main]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use devices::BusDevice;
 use devices::legacy::I8042;
+use fuzz_common::CountingTrigger;
 use libfuzzer_sys::fuzz_target;
-use vm_superio::Trigger;
-
-#[derive(Clone, Default)]
-struct CountingTrigger(Arc<AtomicUsize>);
-
-impl Trigger for CountingTrigger {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
 
 const DATA: u64 = 0;
 const COMMAND: u64 = 4;

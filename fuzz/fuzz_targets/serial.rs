@@ -7,25 +7,11 @@
 
 #![no_main]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use arbitrary::{Arbitrary, Result, Unstructured};
 use devices::BusDevice;
 use devices::legacy::SerialConsole;
+use fuzz_common::CountingTrigger;
 use libfuzzer_sys::fuzz_target;
-use vm_superio::Trigger;
-
-#[derive(Clone, Default)]
-struct CountingTrigger(Arc<AtomicUsize>);
-
-impl Trigger for CountingTrigger {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
 
 #[derive(Arbitrary, Debug)]
 enum Op {

@@ -13,28 +13,14 @@
 
 #![no_main]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use devices::legacy::{I8042, SerialConsole};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::rng::Rng;
+use fuzz_common::CountingTrigger;
 use libfuzzer_sys::fuzz_target;
-use vm_superio::Trigger;
 use vmm_core::snapshot::format::{FORMAT_VERSION, HEADER_LEN, MAGIC};
 use vmm_core::snapshot::{decode_state, encode_state};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-#[derive(Clone, Default)]
-struct CountingTrigger(Arc<AtomicUsize>);
-
-impl Trigger for CountingTrigger {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
 
 /// `payload` behind a header this build accepts.
 fn framed(payload: &[u8]) -> Vec<u8> {
@@ -64,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let encoded = encode_state(&state).expect("a decoded state encodes");
     let again = decode_state(&encoded).expect("an encoded state decodes");
-    assert_eq!(encode_state(&again).unwrap(), encoded, "encoding is not stable");
+    assert_eq!(
+        encode_state(&again).unwrap(),
+        encoded,
+        "encoding is not stable"
+    );
 
     let _ = SerialConsole::from_snapshot(&state.serial, CountingTrigger::default(), Vec::new());
     let _ = I8042::from_snapshot(
@@ -75,8 +65,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = fuzz_common::memory();
     for saved in state.virtio.iter().take(4) {
         let line = EventFd::new(EFD_NONBLOCK).unwrap();
-        let Ok(mut transport) = MmioTransport::new(Box::new(Rng::new()), mem.clone(), line)
-        else {
+        let Ok(mut transport) = MmioTransport::new(Box::new(Rng::new()), mem.clone(), line) else {
             continue;
         };
         let _ = transport.restore_state(saved);

@@ -362,25 +362,34 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 pub type VmSpec = (VmConfigFile, VmConfig, SerialMode);
 
 impl RunArgs {
-    /// `--restore`, checked against the flags that describe a VM (the snapshot does).
-    pub fn restore_spec(&self) -> Result<Option<RestoreSpec>, InvalidFlag> {
-        let Some(text) = &self.restore else {
-            return Ok(None);
-        };
-        let given: Vec<&str> = [
-            ("--config", self.config.is_some()),
+    /// The flags given that describe a VM (which `--config` and `--restore` replace).
+    fn vm_flags_given(&self) -> Vec<&'static str> {
+        [
             ("--kernel", self.kernel.is_some()),
             ("--initrd", self.initrd.is_some()),
             ("--cmdline", self.cmdline.is_some()),
             ("--memory", self.memory.is_some()),
             ("--vcpus", self.vcpus.is_some()),
+            ("--serial", self.serial.is_some()),
             ("--rng", self.rng),
             ("--disk", !self.disk.is_empty()),
             ("--net", !self.net.is_empty()),
         ]
         .into_iter()
         .filter_map(|(flag, set)| set.then_some(flag))
-        .collect();
+        .collect()
+    }
+
+    /// `--restore`, checked against the flags that describe a VM (the snapshot does).
+    pub fn restore_spec(&self) -> Result<Option<RestoreSpec>, InvalidFlag> {
+        let Some(text) = &self.restore else {
+            return Ok(None);
+        };
+        let mut given = self.vm_flags_given();
+        given.retain(|flag| *flag != "--serial");
+        if self.config.is_some() {
+            given.insert(0, "--config");
+        }
         if !given.is_empty() {
             return Err(invalid(
                 "restore",
@@ -424,20 +433,7 @@ impl RunArgs {
         let Some(file) = &self.config else {
             return Ok(self.flags_to_config(cpu_profile)?);
         };
-        let given: Vec<&str> = [
-            ("--kernel", self.kernel.is_some()),
-            ("--initrd", self.initrd.is_some()),
-            ("--cmdline", self.cmdline.is_some()),
-            ("--memory", self.memory.is_some()),
-            ("--vcpus", self.vcpus.is_some()),
-            ("--serial", self.serial.is_some()),
-            ("--rng", self.rng),
-            ("--disk", !self.disk.is_empty()),
-            ("--net", !self.net.is_empty()),
-        ]
-        .into_iter()
-        .filter_map(|(flag, set)| set.then_some(flag))
-        .collect();
+        let given = self.vm_flags_given();
         if !given.is_empty() {
             return Err(invalid(
                 "config",

@@ -4,40 +4,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::linux::{base_cmdline, image_dir, manifest};
 use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
 use common::{kvm_available, rvmm};
 
 /// Emulated guests are slow here: about a minute to init.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn image_dir(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("RVMM_GUEST_IMAGE_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: RVMM_GUEST_IMAGE_DIR is not set; CI=true requires the Linux guest")
-        }
-        None => {
-            eprintln!("SKIPPED {test}: RVMM_GUEST_IMAGE_DIR is not set (run guest-images/build)");
-            None
-        }
-    }
-}
-
-/// `key=value` lines of the image's manifest.
-fn manifest(dir: &Path) -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(dir.join("manifest")).expect("read the image manifest");
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 struct Boot {
     console: Vec<String>,
@@ -58,11 +36,7 @@ fn boot_linux(
     net: Option<&TestNetwork>,
 ) -> Boot {
     let m = manifest(dir);
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let cmdline = format!(
-        "{} {extra_cmdline}",
-        if pvm { &m["cmdline"] } else { &m["cmdline_hw"] }
-    );
+    let cmdline = format!("{} {extra_cmdline}", base_cmdline(&m));
     let mut args: Vec<&str> = vec![
         "run",
         "--kernel",

@@ -4,6 +4,7 @@
 pub mod fixtures;
 pub mod http;
 pub mod kubevirt;
+pub mod linux;
 pub mod memtest;
 pub mod netns;
 pub mod process;

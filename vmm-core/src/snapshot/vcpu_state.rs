@@ -101,6 +101,17 @@ fn ioctl_err(
     }
 }
 
+/// KVM's MSR entries for (index, value) pairs.
+fn msr_entries(pairs: impl Iterator<Item = (u32, u64)>) -> Vec<kvm_msr_entry> {
+    pairs
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// Reads the state of parked vCPU `index`; `msr_indices` are the MSRs to save, `cpuid` the
 /// table it was given.
 pub fn save_vcpu(
@@ -110,13 +121,7 @@ pub fn save_vcpu(
     msr_indices: &[u32],
 ) -> Result<VcpuState, VcpuStateError> {
     let read = |what| ioctl_err("read", what, index);
-    let entries: Vec<kvm_msr_entry> = msr_indices
-        .iter()
-        .map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
+    let entries = msr_entries(msr_indices.iter().map(|&index| (index, 0)));
     let mut msrs =
         Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany("MSR", index))?;
     let got = fd.get_msrs(&mut msrs).map_err(read("MSRs"))?;
@@ -172,15 +177,7 @@ pub fn restore_vcpu(fd: &VcpuFd, index: usize, state: &VcpuState) -> Result<(), 
         }
         _ => {}
     }
-    let entries: Vec<kvm_msr_entry> = state
-        .msrs
-        .iter()
-        .map(|m| kvm_msr_entry {
-            index: m.index,
-            data: m.data,
-            ..Default::default()
-        })
-        .collect();
+    let entries = msr_entries(state.msrs.iter().map(|m| (m.index, m.data)));
     let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany("MSR", index))?;
     let set = fd.set_msrs(&msrs).map_err(write("MSRs"))?;
     if set != entries.len() {

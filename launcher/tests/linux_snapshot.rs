@@ -1,0 +1,148 @@
+//! End to end: the Linux guest with a disk, a NIC (a tap in a private network namespace) and
+//! virtio-rng is snapshotted while its /init beats (`rvmm.beat`: every 2 s it reads the disk
+//! past the page cache and pings the host through the NIC), killed, restored with `rvmm run
+//! --restore` and resumed: the beat count goes on from where it was, without a reboot, and the
+//! disk and the NIC still work. One boot; needs KVM and the built image (as linux_guest.rs).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::http::wait_for_socket;
+use common::kvm_available;
+use common::linux::{base_cmdline, image_dir, manifest};
+use common::memtest::{put, state};
+use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
+use common::process::TestDir;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The `RVMM-BEAT` lines of the console file: (count, disk and net ok).
+fn beats(log: &Path) -> (Vec<(u64, bool)>, String) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let beats = text
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RVMM-BEAT "))
+        .map(|rest| {
+            let mut words = rest.split(' ');
+            let n = words.next().unwrap().parse().unwrap();
+            (n, words.all(|w| w.ends_with("=ok")))
+        })
+        .collect();
+    (beats, text)
+}
+
+/// Waits until the console file shows a beat numbered at least `n`.
+fn wait_for_beat(log: &Path, n: u64) -> Vec<(u64, bool)> {
+    let start = Instant::now();
+    loop {
+        let (beats, text) = beats(log);
+        if beats.last().is_some_and(|b| b.0 >= n) {
+            return beats;
+        }
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no beat {n} in {}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn spawn_in(net: &TestNetwork, args: &[&str]) -> Child {
+    net.command(env!("CARGO_BIN_EXE_rvmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn rvmm")
+}
+
+#[test]
+fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
+    let test = "linux snapshot/restore";
+    let Some(images) = image_dir(test) else {
+        return;
+    };
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(net) = test_network("lsnap") else {
+        return;
+    };
+    let dir = TestDir::new("linux-snapshot");
+    let m = manifest(&images);
+    let disk = dir.path("rootfs.ext4");
+    std::fs::copy(&m["rootfs"], &disk).unwrap();
+    let cmdline = format!(
+        "{} rvmm.ip={GUEST_IP} rvmm.peer={HOST_IP} rvmm.beat",
+        base_cmdline(&m)
+    );
+    let (log1, api1) = (dir.path("console1.log"), dir.path("api1.sock"));
+    let mut source = spawn_in(
+        &net,
+        &[
+            "run",
+            "--kernel",
+            &m["vmlinux"],
+            "--initrd",
+            &m["initramfs"],
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "256M",
+            "--rng",
+            "--disk",
+            &format!("path={},id=rootfs", disk.display()),
+            "--net",
+            "tap=tap0,id=eth0",
+            "--serial",
+            &format!("file={}", log1.display()),
+            "--api-socket",
+            api1.to_str().unwrap(),
+        ],
+    );
+    let before = wait_for_beat(&log1, 2);
+    let text = std::fs::read_to_string(&log1).unwrap();
+    for check in ["blk", "net", "rng"] {
+        assert!(text.contains(&format!("RVMM-CHECK {check} ok")), "{text}");
+    }
+    assert!(before.iter().all(|b| b.1), "{text}");
+
+    put(&api1, "vm.pause", None);
+    let last = beats(&log1).0.last().unwrap().0;
+    let snap = dir.path("snap");
+    let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
+    put(&api1, "vm.snapshot", Some(&body));
+    source.kill().unwrap();
+    source.wait().unwrap();
+
+    let (log2, api2) = (dir.path("console2.log"), dir.path("api2.sock"));
+    let mut restored = spawn_in(
+        &net,
+        &[
+            "run",
+            "--restore",
+            &format!("source_url=file://{}", snap.display()),
+            "--serial",
+            &format!("file={}", log2.display()),
+            "--api-socket",
+            api2.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api2, Duration::from_secs(60));
+    assert_eq!(state(&api2), "Paused");
+    put(&api2, "vm.resume", None);
+    let after = wait_for_beat(&log2, last + 2);
+    let text = std::fs::read_to_string(&log2).unwrap();
+    assert_eq!(after[0].0, last + 1, "the count did not go on: {text}");
+    assert!(
+        after.iter().all(|b| b.1),
+        "disk or NIC broken after restore: {text}"
+    );
+    assert!(!text.contains("RVMM-INIT"), "rebooted: {text}");
+    put(&api2, "vmm.shutdown", None);
+    assert_eq!(restored.wait().unwrap().code(), Some(0));
+}
