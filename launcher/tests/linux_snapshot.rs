@@ -17,7 +17,9 @@ use common::memtest::{put, state};
 use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
 use common::process::TestDir;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Emulated guests are slow here (about a minute to init on an idle machine; a loaded one
+/// takes several times that).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// The `RVMM-BEAT` lines of the console file: (count, disk and net ok).
 fn beats(log: &Path) -> (Vec<(u64, bool)>, String) {
