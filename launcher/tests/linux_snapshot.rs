@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::http::wait_for_socket;
@@ -15,7 +15,7 @@ use common::kvm_available;
 use common::linux::{base_cmdline, image_dir, manifest};
 use common::memtest::{put, state};
 use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
-use common::process::TestDir;
+use common::process::{Rvmm, TestDir};
 
 /// Emulated guests are slow here (about a minute to init on an idle machine; a loaded one
 /// takes several times that).
@@ -53,13 +53,16 @@ fn wait_for_beat(log: &Path, n: u64) -> Vec<(u64, bool)> {
     }
 }
 
-fn spawn_in(net: &TestNetwork, args: &[&str]) -> Child {
-    net.command(env!("CARGO_BIN_EXE_rvmm"))
+/// rvmm in the network namespace, killed if the test fails half way.
+fn spawn_in(net: &TestNetwork, args: &[&str]) -> Rvmm {
+    let child = net
+        .command(env!("CARGO_BIN_EXE_rvmm"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .expect("spawn rvmm")
+        .expect("spawn rvmm");
+    Rvmm(child)
 }
 
 #[test]
@@ -118,8 +121,8 @@ fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
     let snap = dir.path("snap");
     let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
     put(&api1, "vm.snapshot", Some(&body));
-    source.kill().unwrap();
-    source.wait().unwrap();
+    source.0.kill().unwrap();
+    source.0.wait().unwrap();
 
     let (log2, api2) = (dir.path("console2.log"), dir.path("api2.sock"));
     let mut restored = spawn_in(
@@ -146,5 +149,5 @@ fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
     );
     assert!(!text.contains("RVMM-INIT"), "rebooted: {text}");
     put(&api2, "vmm.shutdown", None);
-    assert_eq!(restored.wait().unwrap().code(), Some(0));
+    assert_eq!(restored.wait(Duration::from_secs(60)), Some(0));
 }
