@@ -1,12 +1,12 @@
 //! The control API's endpoints, as a pure function of (method, path, body) so tests and the
 //! `api_request` fuzz target can drive it without a socket.
 
-use std::error::Error;
 use std::sync::Arc;
 
 use serde_json::json;
 
 use crate::config::VmConfigFile;
+use crate::errors::error_chain;
 use crate::vmm::{VmState, Vmm, VmmError};
 
 /// Where Cloud Hypervisor's API lives; rvmm keeps its paths.
@@ -63,18 +63,6 @@ impl Reply {
     }
 }
 
-/// The error and its causes on one line.
-fn chain(err: &dyn Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn vmm_error(err: &VmmError) -> Reply {
     let status = match err {
         VmmError::NotCreated => 404,
@@ -83,7 +71,7 @@ fn vmm_error(err: &VmmError) -> Reply {
         VmmError::Boot(_) if err.is_bad_config() => 400,
         VmmError::Boot(_) | VmmError::Waiter(_) => 500,
     };
-    Reply::error(status, chain(err))
+    Reply::error(status, error_chain(err))
 }
 
 fn done(result: Result<(), VmmError>) -> Reply {
@@ -201,7 +189,7 @@ fn create(vmm: &Vmm, body: Option<&[u8]>) -> Reply {
     };
     match VmConfigFile::from_json(text) {
         Ok(file) => done(vmm.create(file)),
-        Err(e) => Reply::error(400, chain(&e)),
+        Err(e) => Reply::error(400, error_chain(&e)),
     }
 }
 
