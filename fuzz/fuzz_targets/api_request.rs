@@ -43,7 +43,7 @@ use launcher::api::{MAX_BODY_BYTES, serve_stream};
 use launcher::config::{SerialModeName, VmConfigFile};
 use launcher::events::EventMonitor;
 use launcher::api::routes::ENDPOINTS;
-use launcher::vmm::{Vmm, VmmSettings};
+use launcher::vmm::{OnReboot, Vmm, VmmSettings};
 use libfuzzer_sys::{Corpus, fuzz_target};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,6 +73,8 @@ fn new_vmm() -> Arc<Vmm> {
             serial_log: None,
             // As `rvmm run`: device threads a boot starts run under their filters.
             seccomp: true,
+            on_reboot: OnReboot::Exit,
+            exit_when_guest_ends: true,
         },
         EventMonitor::disabled(),
     )

@@ -50,7 +50,7 @@ use super::notify::Notifier;
 use crate::events::EventMonitor;
 use crate::seccomp::{filter_main_thread, grpc_filter};
 use crate::shutdown::ShutdownSignals;
-use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, Vmm, VmmSettings};
+use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, OnReboot, Vmm, VmmSettings};
 
 /// How long the launcher waits for its last domain events at exit (KubeVirt's launcher waits
 /// 15 s for its final notification).
@@ -164,6 +164,8 @@ fn settings() -> VmmSettings {
         cpu_profile: CpuProfile::for_host(Path::new(KVM_PVM_MODULE).exists()),
         serial_log: None,
         seccomp: true,
+        on_reboot: OnReboot::Exit,
+        exit_when_guest_ends: true,
     }
 }
 
