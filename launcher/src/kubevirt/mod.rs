@@ -9,12 +9,14 @@
 //! - [`backend`]: virt-handler's commands on the VM controller ([`crate::vmm::Vmm`]).
 //! - [`domain_events`]: the VMM's events turned into domain events for virt-handler.
 //! - [`stats`]: GetDomainStats from the VM's metrics.
+//! - [`container_disks`]: the containerDisk sockets removed at exit.
 //! - [`launcher_mode`]: `rvmm virt-launcher`, the mode that puts it all together.
 //!
 //! Only this mode runs a tokio runtime (one current-thread scheduler on its own thread);
 //! `rvmm run` never does.
 
 pub mod backend;
+pub mod container_disks;
 pub mod domain;
 pub mod domain_events;
 pub mod grpc;

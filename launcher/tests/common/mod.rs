@@ -3,6 +3,7 @@
 
 pub mod fixtures;
 pub mod http;
+pub mod kubevirt;
 pub mod netns;
 
 use std::io::Read;
