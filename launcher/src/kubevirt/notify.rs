@@ -320,6 +320,7 @@ impl Notifier {
 
     async fn deliver(&mut self, call: Call) -> Result<(), NotifyError> {
         let deadline = Instant::now() + self.total_timeout;
+        let mut last = None;
         loop {
             let now = Instant::now();
             let deadline = self
@@ -330,7 +331,7 @@ impl Notifier {
                 .checked_duration_since(now)
                 .filter(|l| !l.is_zero())
             else {
-                return Err(NotifyError::Exiting);
+                return Err(last.unwrap_or(NotifyError::Exiting));
             };
             match self
                 .attempt(call.clone(), self.send_timeout.min(left))
@@ -350,6 +351,7 @@ impl Notifier {
                         return Err(e);
                     }
                     log::debug!("event not delivered yet: {e}");
+                    last = Some(e);
                     tokio::time::sleep(self.retry_interval).await;
                 }
             }
