@@ -34,11 +34,13 @@ use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
 use vmm_core::seccomp::{BpfProgram, SeccompError, SpawnError, spawn_filtered};
 
+use super::h2_authority::AuthorityFix;
 use super::proto::cmd::info::cmd_info_server::{CmdInfo, CmdInfoServer};
 use super::proto::cmd::info::{CmdInfoRequest, CmdInfoResponse};
 use super::proto::cmd::v1 as cmd;
@@ -211,10 +213,11 @@ pub async fn serve_with(
     control: ControlThread,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
+    let clients = UnixListenerStream::new(listener).map(|client| client.map(AuthorityFix::new));
     Server::builder()
         .add_service(CmdInfoServer::new(InfoService))
         .add_service(CmdService::new(CmdHandler { backend, control }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(clients, shutdown)
         .await
         .map_err(GrpcError::Serve)
 }

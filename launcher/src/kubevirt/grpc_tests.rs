@@ -41,7 +41,7 @@ impl Drop for TempDir {
 
 /// Records calls; fails the ones named in `fail`, takes `slow` to answer the one named there.
 #[derive(Default)]
-struct FakeBackend {
+pub(crate) struct FakeBackend {
     calls: Mutex<Vec<String>>,
     fail: Option<&'static str>,
     slow: Option<(&'static str, Duration)>,

@@ -4,7 +4,8 @@
 //!   the VMI field rvmm cannot honour.
 //! - [`domain`]: the `api.Domain` JSON virt-handler reads back (GetDomain, domain events).
 //! - [`launcher_flags`]: the command line virt-controller gives the launcher pod.
-//! - [`grpc`]: the command server (`cmd.v1` + `cmd.info`) on the launcher socket.
+//! - [`grpc`]: the command server (`cmd.v1` + `cmd.info`) on the launcher socket;
+//!   [`h2_authority`] lets it answer clients that send the socket path as `:authority`.
 //! - [`notify`]: the client that sends domain events to virt-handler's notify socket.
 //! - [`backend`]: virt-handler's commands on the VM controller ([`crate::vmm::Vmm`]).
 //! - [`domain_events`]: the VMM's events turned into domain events for virt-handler.
@@ -20,6 +21,7 @@ pub mod container_disks;
 pub mod domain;
 pub mod domain_events;
 pub mod grpc;
+pub mod h2_authority;
 pub mod launcher_flags;
 pub mod launcher_mode;
 pub mod nocloud;
