@@ -186,8 +186,14 @@ fn kvm_virt_handler_drives_a_vmi_through_its_life_and_gets_every_domain_event() 
     assert_eq!(stats["Memory"]["ActualBalloon"], 64 * 1024);
     assert_eq!(stats["NrVirtCpu"], 1);
     // The vCPU thread's and the VMM's CPU time, in nanoseconds.
-    assert!(stats["Vcpu"][0]["Time"].as_u64().is_some_and(|t| t > 0), "{stats}");
-    assert!(stats["Cpu"]["Time"].as_u64().is_some_and(|t| t > 0), "{stats}");
+    assert!(
+        stats["Vcpu"][0]["Time"].as_u64().is_some_and(|t| t > 0),
+        "{stats}"
+    );
+    assert!(
+        stats["Cpu"]["Time"].as_u64().is_some_and(|t| t > 0),
+        "{stats}"
+    );
     // virt-handler's metrics scrape asks for the guest's filesystems right after.
     let filesystems = handler
         .block_on(c.get_filesystems(cmd::EmptyRequest {}))
