@@ -687,7 +687,8 @@ impl Vmm {
         match running {
             Some(_) if first => {
                 log::warn!(
-                    "Shutdown signal: asked the guest to shut down (power button), {} s grace",
+                    "Shutdown signal: asked the guest to shut down (power button: {POWER_BUTTON}), \
+                     {} s grace",
                     grace.as_secs()
                 );
                 let vmm = self.clone();
@@ -724,8 +725,11 @@ impl Vmm {
     }
 }
 
-/// The guest's power button: Ctrl-Alt-Del on the i8042 today. Every way rvmm asks a guest to
-/// shut down comes here.
+/// What the guest's power button is, for the log.
+const POWER_BUTTON: &str = "Ctrl-Alt-Del on the i8042";
+
+/// The guest's power button ([`POWER_BUTTON`]). Every way rvmm asks a guest to shut down comes
+/// here.
 fn press_power_button(active: &mut ActiveVm) {
     active.power_button_pressed = true;
     active.handle.send_ctrl_alt_del();
