@@ -38,12 +38,12 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use fuzz_common::{fixture_dir, rarely};
-use launcher::api::routes::ENDPOINTS;
 use launcher::api::routes::{self, API_PREFIX, BodyKind, METRICS_PATH, Reply};
 use launcher::api::{MAX_BODY_BYTES, serve_stream};
 use launcher::config::{SerialModeName, VmConfigFile};
 use launcher::events::EventMonitor;
-use launcher::vmm::{Vmm, VmmSettings};
+use launcher::api::routes::ENDPOINTS;
+use launcher::vmm::{OnReboot, Vmm, VmmSettings};
 use libfuzzer_sys::{Corpus, fuzz_target};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,6 +73,8 @@ fn new_vmm() -> Arc<Vmm> {
             serial_log: None,
             // As `rvmm run`: device threads a boot starts run under their filters.
             seccomp: true,
+            on_reboot: OnReboot::Exit,
+            exit_when_guest_ends: true,
         },
         EventMonitor::disabled(),
     )

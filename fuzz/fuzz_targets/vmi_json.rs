@@ -132,7 +132,11 @@ fn check_contained(plan: &LaunchPlan) {
         );
     };
     let payload = &plan.config.payload;
-    let optional = [payload.initramfs.as_ref(), plan.serial_socket.as_ref()];
+    let optional = [
+        payload.initramfs.as_ref(),
+        plan.serial_socket.as_ref(),
+        plan.serial_log.as_ref(),
+    ];
     for path in std::iter::once(&payload.kernel).chain(optional.into_iter().flatten()) {
         inside(path);
     }

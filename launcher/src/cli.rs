@@ -11,6 +11,7 @@ use vmm_core::{CpuProfile, VmConfig};
 use crate::config::VmConfigFile;
 use crate::keyvalue::KeyValues;
 use crate::kubevirt::launcher_flags::LauncherFlags;
+use crate::vmm::OnReboot;
 
 /// rvmm: a small KVM virtual machine monitor.
 #[derive(Debug, Parser)]
@@ -98,6 +99,10 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT the guest gets Ctrl-Alt-Del; after this many seconds it is stopped.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub grace_period_seconds: u64,
+    /// What a reset by the guest does: exit (the VM ends, exit 0, as a microVM's) or restart
+    /// (the guest boots again in the same process, as a PC reboots).
+    #[arg(long, value_name = "exit|restart", default_value = "exit")]
+    pub on_reboot: OnReboot,
     /// A virtio-blk disk over a file or block device (repeatable; /dev/vda, /dev/vdb, ...):
     /// path=PATH[,readonly=on][,id=NAME][,engine=sync|io_uring].
     #[arg(long, value_name = "OPTIONS")]
@@ -614,6 +619,21 @@ mod tests {
         assert_eq!(config.vcpus, 2);
         assert_eq!(config.cpu_profile, CpuProfile::Host);
         assert_eq!(serial, SerialMode::Stdio);
+    }
+
+    #[test]
+    fn on_reboot_defaults_to_exit_and_takes_restart() {
+        assert_eq!(args(&[]).on_reboot, OnReboot::Exit);
+        assert_eq!(
+            args(&["--on-reboot", "restart"]).on_reboot,
+            OnReboot::Restart
+        );
+        let argv = ["rvmm", "run", "--kernel", "/x", "--on-reboot", "reboot"];
+        let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(
+            err.contains("--on-reboot") && err.contains("'reboot' is not restart or exit"),
+            "{err}"
+        );
     }
 
     #[test]

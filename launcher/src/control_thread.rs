@@ -1,5 +1,7 @@
 //! The thread that runs VM operations for a server whose own thread only moves bytes (the
-//! control API's `vmm-control`, the KubeVirt mode's `launcher-control`).
+//! control API's `vmm-control`, the KubeVirt mode's `launcher-control`), or for a thread that
+//! must not start threads itself (`vm-restart`, which boots a VM again after its guest reset,
+//! for the VM's waiter).
 //!
 //! It is not seccomp-filtered: its list would be the whole VMM's (opening KVM, disks, taps
 //! and sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
@@ -47,6 +49,11 @@ impl ControlThread {
         Ok(Self { jobs })
     }
 
+    /// Queues `call` on the thread without waiting for it; dropped if the thread is gone.
+    pub fn submit(&self, call: impl FnOnce() + Send + 'static) {
+        let _ = self.jobs.send(Box::new(call));
+    }
+
     /// Runs `call` on the thread and waits for its result without blocking the runtime.
     pub async fn run<T: Send + 'static>(
         &self,
@@ -84,6 +91,18 @@ mod tests {
         for (i, (n, name)) in names.into_iter().enumerate() {
             assert_eq!((n, name.as_deref()), (i, Some("control-test")));
         }
+    }
+
+    #[test]
+    fn submitted_operations_run_in_order_without_a_caller_waiting() {
+        let control = ControlThread::start("control-submit").unwrap();
+        let (done, finished) = mpsc::channel();
+        for i in 0..3 {
+            let done = done.clone();
+            control.submit(move || done.send(i).unwrap());
+        }
+        let order: Vec<i32> = (0..3).map(|_| finished.recv().unwrap()).collect();
+        assert_eq!(order, [0, 1, 2]);
     }
 
     #[test]

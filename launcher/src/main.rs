@@ -151,6 +151,8 @@ fn setup(args: &RunArgs, kvm_pvm_loaded: bool) -> anyhow::Result<Arc<Vmm>> {
         cpu_profile,
         serial_log: args.serial_log.clone(),
         seccomp: args.seccomp,
+        on_reboot: args.on_reboot,
+        exit_when_guest_ends: true,
     };
     Ok(Vmm::new(settings, events))
 }

@@ -200,6 +200,7 @@ fn full_metrics() -> VmMetrics {
             tx_errors: 3,
         }],
         memory_bytes: 256 << 20,
+        vcpu_cpu_ns: vec![Some(1_500_000_000)],
     }
 }
 

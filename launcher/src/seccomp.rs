@@ -120,6 +120,12 @@ pub fn main_rules() -> Vec<Allow> {
         // Removing the API socket (ApiServer's drop) and the serial console's socket
         // (Console::close).
         Allow::any(libc::SYS_unlink),
+        // virt-launcher mode removes the containerDisk sockets at exit: it reads the
+        // container-disk directory, opened at start (rewinddir's lseek, readdir's getdents64),
+        // and unlinks each socket in it.
+        Allow::any(libc::SYS_lseek),
+        Allow::any(libc::SYS_getdents64),
+        Allow::any(libc::SYS_unlinkat),
         // Console::close gives the terminal back (stdin in raw mode): isatty and tcgetattr
         // are TCGETS, tcsetattr(TCSANOW) is TCSETS.
         Allow::args_match(

@@ -3,21 +3,31 @@
 //! [`Vmm`]; every change is reported to the event monitor.
 //!
 //! The VM stopping by itself (power-off, reset, crash) ends the VMM with the matching exit
-//! code; a VM stopped through the API (`vm.shutdown`) stays defined and can boot again.
+//! code ([`VmmSettings::exit_when_guest_ends`]; virt-launcher mode keeps the stopped VM defined
+//! until it is deleted instead); a VM stopped through the API (`vm.shutdown`) stays defined and
+//! can boot again.
+//!
+//! A guest-initiated reset ends the VM, or with [`OnReboot::Restart`] boots it again in the
+//! same process: the VM is torn down (vCPUs joined, devices and their workers dropped, disks
+//! flushed, guest memory unmapped) and built afresh from its configuration by the `vm-restart`
+//! thread, the same steps as `vm.boot` (kernel or disk boot source, every device reset), so
+//! the guest finds the machine it booted on. The console, its socket and the VM's state
+//! (`Running`) stay; `vm.rebooted` reports it. A reset that follows a power-button press is the
+//! guest's way of powering off (Linux answers Ctrl-Alt-Del with a reboot) and ends the VM.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use serde_json::{Value, json};
-use vmm_core::boot::BootError;
 use vmm_core::metrics::VmMetrics;
-use vmm_core::{BuildError, CpuProfile, Outcome, StopReason, VmConfig, VmHandle};
+use vmm_core::{MetricsHandle, Outcome, StopReason, VmConfig, VmHandle};
 
 use crate::cli::SerialMode;
-use crate::config::{ConfigError, VmConfigFile};
+use crate::config::VmConfigFile;
 use crate::console::Console;
+use crate::control_thread::ControlThread;
+use crate::errors::error_chain;
 use crate::events::EventMonitor;
 
 #[path = "migration/mod.rs"]
@@ -25,165 +35,9 @@ pub mod migration;
 #[path = "vmm_snapshot.rs"]
 mod snapshot;
 pub use snapshot::{SnapshotError, file_url_path};
-
-/// An error and its causes on one line.
-pub fn chain_text(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Exit code: the guest powered off or reset, or the VMM was asked to stop.
-pub const EXIT_OK: u8 = 0;
-/// Exit code: the VMM or the host failed.
-pub const EXIT_VMM_ERROR: u8 = 1;
-/// Exit code: the configuration is invalid.
-pub const EXIT_BAD_CONFIG: u8 = 2;
-/// Exit code: the guest crashed.
-pub const EXIT_GUEST_CRASH: u8 = 3;
-
-/// The VM's state as the API reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum VmState {
-    /// Configured, never booted.
-    Created,
-    /// vCPUs running.
-    Running,
-    /// vCPUs paused.
-    Paused,
-    /// Stopped; can boot again.
-    Shutdown,
-}
-
-impl VmState {
-    /// The state's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Created => "Created",
-            Self::Running => "Running",
-            Self::Paused => "Paused",
-            Self::Shutdown => "Shutdown",
-        }
-    }
-}
-
-/// What a VM-level request can fail with; each maps to an HTTP status.
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    /// No VM has been created.
-    #[error("No VM has been created")]
-    NotCreated,
-    /// The request does not fit the VM's state.
-    #[error("Cannot {action} a VM in state {}", state.name())]
-    WrongState {
-        /// What was asked.
-        action: &'static str,
-        /// The VM's state.
-        state: VmState,
-    },
-    /// A VM already exists.
-    #[error("A VM is already created (state {})", .0.name())]
-    AlreadyCreated(VmState),
-    /// The VMM is on its way out.
-    #[error("The VMM is shutting down")]
-    Exiting,
-    /// The configuration is invalid.
-    #[error("Invalid VM configuration")]
-    Config(#[source] ConfigError),
-    /// The console's host side cannot be set up.
-    #[error("Cannot set up the serial console")]
-    Console(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The VM cannot be built or started.
-    #[error("Cannot boot the VM")]
-    Boot(#[source] BuildError),
-    /// The thread that waits for the VM's end cannot start.
-    #[error("Cannot start the VM's waiter thread")]
-    Waiter(#[source] std::io::Error),
-    /// A snapshot or migration URL rvmm cannot use.
-    #[error("{field}: {reason}")]
-    Url {
-        /// The request field.
-        field: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Taking a snapshot failed.
-    #[error("Cannot snapshot the VM")]
-    Snapshot(#[source] snapshot::SnapshotError),
-    /// Restoring a snapshot failed.
-    #[error("Cannot restore the VM")]
-    Restore(#[source] snapshot::SnapshotError),
-    /// A live migration failed or was cancelled.
-    #[error("Live migration failed")]
-    Migration(#[source] migration::MigrationError),
-    /// A migration is already under way.
-    #[error("A migration is already in progress")]
-    MigrationBusy,
-}
-
-impl VmmError {
-    /// True when the user's configuration, not the host, is at fault.
-    pub fn is_bad_config(&self) -> bool {
-        match self {
-            Self::Config(_) | Self::Console(_) | Self::Url { .. } => true,
-            Self::Boot(e) => is_config_build_error(e),
-            Self::Restore(e) => e.is_bad_input(),
-            _ => false,
-        }
-    }
-}
-
-/// Configuration mistakes found while building (exit 2) versus failures of the VMM or host.
-fn is_config_build_error(err: &BuildError) -> bool {
-    matches!(
-        err,
-        BuildError::VcpuCount(_)
-            | BuildError::Memory(_)
-            | BuildError::Disk { .. }
-            | BuildError::Net { .. }
-            | BuildError::TooManyDevices(_)
-            | BuildError::Boot(
-                BootError::ReadKernel { .. }
-                    | BootError::NotAKernel { .. }
-                    | BootError::LoadKernel { .. }
-                    | BootError::ReadInitrd { .. }
-                    | BootError::InitrdTooLarge { .. }
-                    | BootError::Cmdline(_),
-            )
-    )
-}
-
-/// Receives the VMM's events (see [`Vmm::on_event`]).
-pub type EventListener = Box<dyn Fn(&str, &Value) + Send + Sync>;
-
-/// Host-side settings that are not part of a VM's configuration.
-#[derive(Clone, Debug)]
-pub struct VmmSettings {
-    /// The KVM device.
-    pub kvm_path: PathBuf,
-    /// CPU features shown to guests.
-    pub cpu_profile: CpuProfile,
-    /// Copy of all console output.
-    pub serial_log: Option<PathBuf>,
-    /// Run every thread kind that has a filter under it (`--seccomp`; see `crate::seccomp`).
-    pub seccomp: bool,
-}
-
-/// `vm.info`'s answer.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmInfo {
-    /// The VM's configuration.
-    pub config: VmConfigFile,
-    /// Its state.
-    pub state: VmState,
-    /// Guest RAM in bytes.
-    pub memory_actual_size: u64,
-}
+#[path = "vmm_types.rs"]
+mod types;
+pub use types::*;
 
 /// Why rvmm itself stopped a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +55,11 @@ struct ActiveVm {
     generation: u64,
     handle: VmHandle,
     stop: Option<StopCause>,
+    /// The power button was pressed: a guest reset from now on is its power-off.
+    power_button_pressed: bool,
+    /// The guest reset itself and the `vm-restart` thread is building the VM again; `handle`
+    /// is the stopped VM's until then.
+    restarting: bool,
 }
 
 #[derive(Debug)]
@@ -208,6 +67,8 @@ struct VmSlot {
     file: VmConfigFile,
     config: VmConfig,
     serial: SerialMode,
+    /// Where the console's output is copied, instead of the settings' `serial_log`.
+    serial_log: Option<PathBuf>,
     console: Option<Console>,
     state: VmState,
     active: Option<ActiveVm>,
@@ -217,8 +78,13 @@ struct VmSlot {
 struct Inner {
     vm: Option<VmSlot>,
     exit_code: Option<u8>,
+    /// How the last VM ended by itself, as an exit code (see [`Vmm::vm_end_code`]).
+    end_code: Option<u8>,
     generation: u64,
     shutdown_signalled: bool,
+    /// Boots the VM again after a guest reset ([`OnReboot::Restart`]); started with the
+    /// first boot.
+    restarter: Option<ControlThread>,
 }
 
 /// The VMM: at most one VM, driven from any thread.
@@ -232,6 +98,9 @@ pub struct Vmm {
     started: Instant,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// The running VM's statistics, readable while `inner` is held by a slow operation (a
+    /// boot, a stop waiting for the teardown).
+    live_metrics: Mutex<Option<MetricsHandle>>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -255,6 +124,7 @@ impl Vmm {
             started: Instant::now(),
             inner: Mutex::new(Inner::default()),
             changed: Condvar::new(),
+            live_metrics: Mutex::new(None),
         })
     }
 
@@ -265,9 +135,11 @@ impl Vmm {
         Self::new(
             VmmSettings {
                 kvm_path: PathBuf::from("/nonexistent/kvm"),
-                cpu_profile: CpuProfile::Host,
+                cpu_profile: vmm_core::CpuProfile::Host,
                 serial_log: None,
                 seccomp: false,
+                on_reboot: OnReboot::Exit,
+                exit_when_guest_ends: true,
             },
             EventMonitor::disabled(),
         )
@@ -344,6 +216,20 @@ impl Vmm {
         self.create_validated(file, config, serial)
     }
 
+    /// [`Vmm::create`] with the console's output also appended to `serial_log` (virt-launcher
+    /// mode's `virt-serial0-log`).
+    pub fn create_logged(
+        &self,
+        file: VmConfigFile,
+        serial_log: Option<PathBuf>,
+    ) -> Result<(), VmmError> {
+        self.create(file)?;
+        if let Some(slot) = self.lock().vm.as_mut() {
+            slot.serial_log = serial_log;
+        }
+        Ok(())
+    }
+
     /// Keeps an already validated VM (from the command line's flags).
     pub fn create_validated(
         &self,
@@ -362,6 +248,7 @@ impl Vmm {
             file,
             config,
             serial,
+            serial_log: None,
             console: None,
             state: VmState::Created,
             active: None,
@@ -389,7 +276,11 @@ impl Vmm {
             });
         }
         if slot.console.is_none() {
-            let console = Console::open(&slot.serial, self.settings.serial_log.as_deref())
+            let log = slot
+                .serial_log
+                .as_ref()
+                .or(self.settings.serial_log.as_ref());
+            let console = Console::open(&slot.serial, log.map(PathBuf::as_path))
                 .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
@@ -416,6 +307,11 @@ impl Vmm {
         let slot = inner.vm.as_mut().ok_or(VmmError::NotCreated)?;
         let console = slot.console.as_mut().ok_or(VmmError::NotCreated)?;
         console.attach(vm.serial());
+        if self.settings.on_reboot == OnReboot::Restart && inner.restarter.is_none() {
+            // Started here, on a thread that may start threads, not by the waiter that needs it.
+            let restarter = ControlThread::start("vm-restart").map_err(VmmError::Waiter)?;
+            inner.restarter = Some(restarter);
+        }
         inner.generation += 1;
         let generation = inner.generation;
         // The waiter exists before the vCPUs start, so a running VM always has someone to
@@ -442,12 +338,16 @@ impl Vmm {
                 "the waiter thread ended early",
             )));
         }
+        *self.live_metrics.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(handle.metrics_handle());
         let slot = inner.vm.as_mut().expect("checked above");
         slot.state = state;
         slot.active = Some(ActiveVm {
             generation,
             handle,
             stop: None,
+            power_button_pressed: false,
+            restarting: false,
         });
         Ok(())
     }
@@ -465,24 +365,45 @@ impl Vmm {
 
     /// Called on the waiter thread once the VM of `generation` has stopped and been torn down
     /// (its disks flushed).
-    fn vm_stopped(&self, generation: u64, reason: StopReason) {
+    fn vm_stopped(self: &Arc<Self>, generation: u64, reason: StopReason) {
         let mut inner = self.lock();
+        let restarter = inner.restarter.clone();
         let Some(slot) = inner.vm.as_mut() else {
             return;
         };
-        let Some(active) = slot.active.take_if(|a| a.generation == generation) else {
+        let Some(mut active) = slot.active.take_if(|a| a.generation == generation) else {
             return;
         };
-        slot.state = VmState::Shutdown;
         if let Some(console) = &slot.console {
             console.detach();
         }
+        // A guest reboot, as opposed to its end (a reset after the power button).
+        let reboot = reason == StopReason::Reset
+            && self.settings.on_reboot == OnReboot::Restart
+            && !active.power_button_pressed;
+        if let Some(restarter) = restarter.filter(|_| reboot && active.stop.is_none()) {
+            // Still the active VM for whoever stops or reboots it meanwhile: they wait until
+            // the restart thread has taken it over.
+            log::info!("Guest reset: booting the VM again");
+            active.restarting = true;
+            slot.active = Some(active);
+            let vmm = self.clone();
+            restarter.submit(move || vmm.restart_after_reset(generation));
+            return;
+        }
+        slot.state = VmState::Shutdown;
+        self.clear_live_metrics();
+        // Stopped by rvmm while the guest rebooted: it is rvmm's stop.
+        let reason = match active.stop {
+            Some(_) if reboot => StopReason::Requested,
+            _ => reason,
+        };
         let properties = json!({ "reason": reason.to_string() });
         match active.stop {
             Some(StopCause::Shutdown | StopCause::Exit) => self.emit("vm.shutdown", properties),
             Some(StopCause::Reboot) => {}
             None => {
-                // The guest ended itself (or KVM could not run it): the VMM's job is done.
+                // The guest ended itself (or KVM could not run it).
                 let code = match reason.outcome() {
                     Outcome::Clean => {
                         log::info!("{reason}");
@@ -500,10 +421,72 @@ impl Vmm {
                         EXIT_VMM_ERROR
                     }
                 };
-                inner.exit_code.get_or_insert(code);
+                self.guest_ended(&mut inner, code);
             }
         }
         self.changed.notify_all();
+    }
+
+    /// The VM ended by itself with the exit code `code`: the VMM's job is done, or (virt-launcher
+    /// mode) the stopped VM waits to be deleted.
+    fn guest_ended(&self, inner: &mut Inner, code: u8) {
+        inner.end_code = Some(code);
+        if self.settings.exit_when_guest_ends {
+            inner.exit_code.get_or_insert(code);
+        }
+    }
+
+    /// On the `vm-restart` thread: boots the VM of `generation` again after its guest reset,
+    /// unless it was asked to stop meanwhile.
+    fn restart_after_reset(self: &Arc<Self>, generation: u64) {
+        let mut inner = self.lock();
+        let exiting = inner.exit_code.is_some();
+        let Some(slot) = inner.vm.as_mut() else {
+            return;
+        };
+        let Some(active) = slot
+            .active
+            .take_if(|a| a.generation == generation && a.restarting)
+        else {
+            return;
+        };
+        slot.state = VmState::Shutdown;
+        match active.stop {
+            Some(StopCause::Reboot) => {}
+            Some(StopCause::Shutdown | StopCause::Exit) => self.emit(
+                "vm.shutdown",
+                json!({ "reason": StopReason::Requested.to_string() }),
+            ),
+            None if exiting => self.emit(
+                "vm.shutdown",
+                json!({ "reason": StopReason::Reset.to_string() }),
+            ),
+            None => match self.boot_locked(&mut inner) {
+                Ok(()) => {
+                    let mut properties = self.boot_properties(&inner);
+                    properties["cause"] = json!("guest");
+                    self.emit("vm.rebooted", properties);
+                }
+                Err(e) => {
+                    let reason = format!(
+                        "Cannot boot the VM again after the guest reset: {}",
+                        error_chain(&e)
+                    );
+                    eprintln!("rvmm: {reason}");
+                    self.clear_live_metrics();
+                    self.emit("vm.shutdown", json!({ "reason": reason }));
+                    self.guest_ended(&mut inner, EXIT_VMM_ERROR);
+                }
+            },
+        }
+        if active.stop.is_some() || exiting {
+            self.clear_live_metrics();
+        }
+        self.changed.notify_all();
+    }
+
+    fn clear_live_metrics(&self) {
+        *self.live_metrics.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Stops the active VM for `cause` and waits until it is torn down.
@@ -575,10 +558,22 @@ impl Vmm {
     pub fn power_button(&self) -> Result<(), VmmError> {
         let mut inner = self.lock();
         let slot = Self::slot_in(&mut inner, "press the power button of", &[VmState::Running])?;
-        if let Some(active) = &slot.active {
-            active.handle.send_ctrl_alt_del();
+        if let Some(active) = &mut slot.active {
+            press_power_button(active);
         }
         Ok(())
+    }
+
+    /// Asks the guest to shut down, as often as called (a booting guest can miss the press): the
+    /// power button of a running VM, or of a paused one, whose guest then sees it when resumed.
+    /// False when no VM runs or is paused.
+    pub fn request_guest_shutdown(&self) -> bool {
+        let mut inner = self.lock();
+        let Some(active) = inner.vm.as_mut().and_then(|s| s.active.as_mut()) else {
+            return false;
+        };
+        press_power_button(active);
+        true
     }
 
     /// `vm.shutdown`: stops the VM now; it can boot again.
@@ -629,11 +624,17 @@ impl Vmm {
         })
     }
 
-    /// The statistics of the VM that runs (or is paused), for the Prometheus scrape.
+    /// The statistics of the VM that runs (or is paused), for the Prometheus scrape and
+    /// GetDomainStats. Never waits for a VM operation in progress.
     pub fn metrics(&self) -> Option<VmMetrics> {
-        let inner = self.lock();
-        let active = inner.vm.as_ref()?.active.as_ref()?;
-        Some(active.handle.metrics())
+        let live = self.live_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        live.as_ref().map(MetricsHandle::snapshot)
+    }
+
+    /// How the last VM ended by itself, as the VMM's exit code would say it: 0 (also when no VM
+    /// ended by itself), 3 a guest crash, 1 a VMM failure.
+    pub fn vm_end_code(&self) -> u8 {
+        self.lock().end_code.unwrap_or(EXIT_OK)
     }
 
     /// `vm.counters`: per-device counters keyed by device id, as Cloud Hypervisor answers.
@@ -712,23 +713,33 @@ impl Vmm {
     /// second stops it now. Without a running VM the VMM exits at once.
     pub fn shutdown_signal(self: &Arc<Self>, grace: Duration) {
         let mut inner = self.lock();
-        let running = inner
-            .vm
-            .as_ref()
-            .and_then(|s| s.active.as_ref().map(|a| (s.state, a.handle.clone())));
         let first = !std::mem::replace(&mut inner.shutdown_signalled, true);
+        let running = inner.vm.as_mut().and_then(|slot| {
+            let state = slot.state;
+            let active = slot.active.as_mut()?;
+            if first {
+                if state == VmState::Paused {
+                    // A paused guest cannot see the press: let it run to shut down.
+                    active.handle.resume();
+                }
+                press_power_button(active);
+            }
+            Some(state)
+        });
+        if running == Some(VmState::Paused) && first {
+            if let Some(slot) = inner.vm.as_mut() {
+                slot.state = VmState::Running;
+            }
+            self.emit("vm.resumed", Value::Null);
+        }
         drop(inner);
         match running {
-            Some((state, handle)) if first => {
+            Some(_) if first => {
                 log::warn!(
-                    "Shutdown signal: asking the guest to shut down (Ctrl-Alt-Del), {} s grace",
+                    "Shutdown signal: asked the guest to shut down (power button: {POWER_BUTTON}), \
+                     {} s grace",
                     grace.as_secs()
                 );
-                if state == VmState::Paused {
-                    // A paused guest cannot see the key press.
-                    handle.resume();
-                }
-                handle.send_ctrl_alt_del();
                 let vmm = self.clone();
                 let timer = std::thread::Builder::new()
                     .name("grace".into())
@@ -761,4 +772,14 @@ impl Vmm {
         let code = inner.exit_code.unwrap_or(EXIT_OK);
         self.emit("vmm.shutdown", json!({ "exit_code": code }));
     }
+}
+
+/// What the guest's power button is, for the log.
+const POWER_BUTTON: &str = "Ctrl-Alt-Del on the i8042";
+
+/// The guest's power button ([`POWER_BUTTON`]). Every way rvmm asks a guest to shut down comes
+/// here.
+fn press_power_button(active: &mut ActiveVm) {
+    active.power_button_pressed = true;
+    active.handle.send_ctrl_alt_del();
 }

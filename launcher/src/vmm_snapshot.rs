@@ -142,6 +142,7 @@ impl Vmm {
             file,
             config,
             serial,
+            serial_log: None,
             console: Some(console),
             state: VmState::Created,
             active: None,

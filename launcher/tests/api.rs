@@ -9,7 +9,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::http::{call, free_port, get_tcp, parse, parse_exposition, sample, wait_for_socket};
+use common::http::{
+    ChAnswer, call, ch_api_client, free_port, get_tcp, parse, parse_exposition, sample,
+    wait_for_socket,
+};
 use common::process::{Rvmm, TestDir, wait_for_text};
 use common::{kvm_available, tiny_guest};
 use serde_json::{Value, json};
@@ -333,6 +336,53 @@ fn api_survives_slow_half_closed_oversized_and_malformed_clients() {
     assert_eq!(vmm.wait(Duration::from_secs(10)), Some(0));
     assert!(!socket.exists());
     drop(slow);
+}
+
+#[test]
+fn answers_read_by_cloud_hypervisor_api_client_carry_their_status_and_body() {
+    let dir = TestDir::new("ch-client");
+    let socket = dir.path("api.sock");
+    let mut vmm = Rvmm::start(&["run", "--api-socket", socket.to_str().unwrap()]);
+    wait_for_socket(&socket, Duration::from_secs(10));
+
+    let ping = ch_api_client(&socket, "GET", "vmm.ping", None);
+    assert_eq!(ping.status, 200);
+    let body: Value = serde_json::from_str(ping.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["pid"], vmm.0.id());
+    // A 404 and a 405 (wrong method) with their JSON error bodies.
+    let missing = ch_api_client(&socket, "GET", "vm.info", None);
+    assert_eq!(missing.status, 404);
+    assert!(missing.body.unwrap().contains("No VM has been created"));
+    assert_eq!(ch_api_client(&socket, "PUT", "vmm.ping", None).status, 405);
+    // 204: no body, and the client does not wait for one.
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, b"not booted here").unwrap();
+    let config = json!({"payload": {"kernel": kernel}}).to_string();
+    assert_eq!(
+        ch_api_client(&socket, "PUT", "vm.create", Some(&config)),
+        ChAnswer {
+            status: 204,
+            body: None
+        }
+    );
+    let info = ch_api_client(&socket, "GET", "vm.info", None);
+    assert_eq!(info.status, 200);
+    let info: Value = serde_json::from_str(&info.body.unwrap()).unwrap();
+    assert_eq!(info["state"], "Created");
+    // The raw status line is Cloud Hypervisor's: no reason phrase.
+    let raw = {
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    assert!(raw.starts_with("HTTP/1.1 200 \r\n"), "{raw:?}");
+    assert!(raw.contains("\r\nContent-Length: "), "{raw:?}");
+    vmm.signal(libc::SIGTERM);
+    assert_eq!(vmm.wait(Duration::from_secs(10)), Some(0));
 }
 
 /// A 1 MiB disk image of zeros.

@@ -208,7 +208,13 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     let transports = attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio.devices, &slots)?;
     let (exits, recorders) = ExitCounters::new(usize::from(config.vcpus));
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel, recorders)?;
-    let metrics = MetricsHandle::new(exits, virtio.disks, virtio.nets, layout.size());
+    let metrics = MetricsHandle::new(
+        exits,
+        virtio.disks,
+        virtio.nets,
+        layout.size(),
+        control.clone(),
+    );
     Ok(Vm {
         vcpus,
         control,

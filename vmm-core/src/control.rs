@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use devices::Trigger;
 
@@ -268,6 +269,19 @@ impl VmControl {
         self.changed.notify_all();
     }
 
+    /// The CPU time each vCPU thread has used so far (`None` for one not started or gone).
+    pub fn vcpu_cpu_times(&self) -> Vec<Option<Duration>> {
+        let shared = self.lock();
+        shared
+            .vcpus
+            .iter()
+            .map(|slot| match (slot.thread, slot.exited) {
+                (Some(thread), false) => thread_cpu_time(thread),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Waits until every vCPU thread has left and returns why the VM stopped.
     pub fn wait_stopped(&self) -> StopReason {
         let mut shared = self.lock();
@@ -276,6 +290,26 @@ impl VmControl {
         }
         shared.reason.clone().unwrap_or(StopReason::Requested)
     }
+}
+
+/// The CPU time `thread` has used, from its CPU-time clock.
+fn thread_cpu_time(thread: libc::pthread_t) -> Option<Duration> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `thread` has not exited, so it is not joined yet and its handle is valid (the
+    // caller holds the lock its exit takes); `clock` is a valid out pointer.
+    if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
+        return None;
+    }
+    // SAFETY: a zeroed timespec is valid; clock_gettime writes it.
+    let mut time: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `clock` is a CPU-time clock id and `time` a valid out pointer.
+    if unsafe { libc::clock_gettime(clock, &mut time) } != 0 {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(time.tv_sec).ok()?,
+        u32::try_from(time.tv_nsec).ok()?,
+    ))
 }
 
 /// The i8042's reset line: a guest reset ends the VM.
@@ -361,6 +395,32 @@ mod tests {
         control.request_stop(StopReason::PowerOff);
         assert_eq!(control.wait_stopped(), StopReason::PowerOff);
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn vcpu_cpu_time_is_read_while_the_thread_runs_and_not_after() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let control = Arc::new(VmControl::new(2));
+        let done = Arc::new(AtomicBool::new(false));
+        let (started, running) = std::sync::mpsc::channel();
+        let (c, d) = (control.clone(), done.clone());
+        let worker = thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            c.vcpu_started(0, unsafe { libc::pthread_self() });
+            started.send(()).unwrap();
+            while !d.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            c.vcpu_exited(0);
+        });
+        running.recv().unwrap();
+        thread::sleep(std::time::Duration::from_millis(20));
+        let times = control.vcpu_cpu_times();
+        assert!(times[0].is_some_and(|t| t > Duration::ZERO), "{times:?}");
+        assert_eq!(times[1], None, "never started");
+        done.store(true, Ordering::SeqCst);
+        worker.join().unwrap();
+        assert_eq!(control.vcpu_cpu_times(), [None, None]);
     }
 
     #[test]

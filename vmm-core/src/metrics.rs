@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use devices::virtio::block::BlockCounters;
 use devices::virtio::net::NetCounters;
 
+use crate::control::VmControl;
 use crate::exit::ExitReason;
 
 const REASONS: usize = ExitReason::ALL.len();
@@ -142,6 +143,8 @@ pub struct VmMetrics {
     pub nets: Vec<NicMetrics>,
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
+    /// The CPU time each vCPU's thread has used, in nanoseconds (`None` while not running).
+    pub vcpu_cpu_ns: Vec<Option<u64>>,
 }
 
 /// A disk's counters, shared with its device.
@@ -164,6 +167,8 @@ struct Sources {
     disks: Vec<DiskSource>,
     nets: Vec<NicSource>,
     memory_bytes: u64,
+    /// The vCPU threads' CPU time.
+    vcpus: Arc<VmControl>,
 }
 
 /// Reads a VM's statistics from any thread (an API server), while the VM runs or after it
@@ -179,6 +184,7 @@ impl MetricsHandle {
         disks: Vec<DiskSource>,
         nets: Vec<NicSource>,
         memory_bytes: u64,
+        vcpus: Arc<VmControl>,
     ) -> Self {
         Self {
             sources: Arc::new(Sources {
@@ -186,6 +192,7 @@ impl MetricsHandle {
                 disks,
                 nets,
                 memory_bytes,
+                vcpus,
             }),
         }
     }
@@ -199,6 +206,12 @@ impl MetricsHandle {
             disks: s.disks.iter().map(disk_metrics).collect(),
             nets: s.nets.iter().map(nic_metrics).collect(),
             memory_bytes: s.memory_bytes,
+            vcpu_cpu_ns: s
+                .vcpus
+                .vcpu_cpu_times()
+                .into_iter()
+                .map(|t| t.map(|t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)))
+                .collect(),
         }
     }
 
@@ -327,6 +340,7 @@ mod tests {
                 counters: net,
             }],
             64 << 20,
+            Arc::new(VmControl::new(1)),
         );
         let m = handle.clone().snapshot();
         assert_eq!(
@@ -362,7 +376,13 @@ mod tests {
     #[test]
     fn a_reader_thread_sees_counts_recorded_on_another_thread() {
         let (counters, mut recorders) = ExitCounters::new(1);
-        let handle = MetricsHandle::new(counters, Vec::new(), Vec::new(), 0);
+        let handle = MetricsHandle::new(
+            counters,
+            Vec::new(),
+            Vec::new(),
+            0,
+            Arc::new(VmControl::new(0)),
+        );
         let recorder = recorders.pop().unwrap();
         std::thread::spawn(move || {
             for _ in 0..1000 {

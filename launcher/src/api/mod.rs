@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
+use hyper::ext::ReasonPhrase;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -233,6 +234,9 @@ where
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // Cloud Hypervisor's `api_client` (ch-remote) finds `Content-Length: ` by its exact
+        // spelling; without it, it reads no body.
+        .title_case_headers(true)
         // A client that shuts down its write side after the request still gets the answer.
         .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
@@ -300,10 +304,17 @@ async fn answer(
 }
 
 /// The HTTP response for `reply`.
+///
+/// The status line is `HTTP/1.1 204 ` (no reason phrase), as Cloud Hypervisor's server writes
+/// it: its `api_client` (ch-remote) parses everything after `HTTP/1.1 ` up to the line's end
+/// as the status number, so a reason phrase fails every answer there.
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .extensions_mut()
+        .insert(ReasonPhrase::from_static(b""));
     let headers = response.headers_mut();
     if let Some(allow) = reply.allow {
         headers.insert(ALLOW, HeaderValue::from_static(allow));

@@ -1,12 +1,12 @@
 //! The control API's endpoints, as a pure function of (method, path, body) so tests and the
 //! `api_request` fuzz target can drive it without a socket.
 
-use std::error::Error;
 use std::sync::Arc;
 
 use serde_json::json;
 
 use crate::config::VmConfigFile;
+use crate::errors::error_chain;
 use crate::vmm::{VmState, Vmm, VmmError};
 
 /// Where Cloud Hypervisor's API lives; rvmm keeps its paths.
@@ -63,11 +63,6 @@ impl Reply {
     }
 }
 
-/// The error and its causes on one line.
-fn chain(err: &dyn Error) -> String {
-    crate::vmm::chain_text(err)
-}
-
 fn vmm_error(err: &VmmError) -> Reply {
     let status = match err {
         VmmError::NotCreated => 404,
@@ -81,7 +76,7 @@ fn vmm_error(err: &VmmError) -> Reply {
         | VmmError::Restore(_)
         | VmmError::Migration(_) => 500,
     };
-    Reply::error(status, chain(err))
+    Reply::error(status, error_chain(err))
 }
 
 fn done(result: Result<(), VmmError>) -> Reply {
@@ -295,7 +290,7 @@ fn create(vmm: &Vmm, body: Option<&[u8]>) -> Reply {
     };
     match VmConfigFile::from_json(text) {
         Ok(file) => done(vmm.create(file)),
-        Err(e) => Reply::error(400, chain(&e)),
+        Err(e) => Reply::error(400, error_chain(&e)),
     }
 }
 

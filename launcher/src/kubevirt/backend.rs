@@ -2,20 +2,25 @@
 //!
 //! | command | rvmm |
 //! | --- | --- |
-//! | SyncVirtualMachine | plan the VMI ([`plan`]), prepare its files ([`prepare`]), create and boot the VM; a no-op once this VMI's VM exists (running, paused or stopped) |
+//! | SyncVirtualMachine | plan the VMI ([`plan`]), prepare its files ([`prepare`]), create and boot the VM; once this VMI's VM exists (running, paused or stopped): apply a new grace period, refuse any other change naming the field ([`live_update`]) |
 //! | Pause / Unpause | [`Vmm::pause`] / [`Vmm::resume`]; a no-op when already so |
-//! | ShutdownVirtualMachine | Ctrl-Alt-Del ([`Vmm::power_button`], after resuming a paused VM), once: the grace period starts (`DeletionTimestamp`) and virt-handler calls Kill when it is over |
+//! | ShutdownVirtualMachine | the power button ([`Vmm::request_guest_shutdown`]), on every call (virt-handler calls again every 5 s: a booting guest can miss it); the first starts the grace period (`DeletionTimestamp`), after which virt-handler calls Kill |
 //! | KillVirtualMachine | [`Vmm::shutdown`]: stopped at once (disks flushed), still defined |
 //! | DeleteVirtualMachine | [`Vmm::delete`], the final domain event, then the launcher exits |
 //! | ResetVirtualMachine | [`Vmm::reboot`] |
-//! | SoftRebootVirtualMachine | unsupported: the guest's own reboot ends an rvmm VM |
+//! | SoftRebootVirtualMachine | unsupported: it needs a guest agent (a guest's own reboot restarts it) |
 //! | GetDomain | the domain ([`super::domain::build`]) in the state the VMM's events left it |
 //! | GetDomainStats | [`super::stats::domain_stats`] from [`Vmm::metrics`] |
 //! | MigrateVirtualMachine, SyncMigrationTarget, CancelVirtualMachineMigration, FinalizeVirtualMachineMigration, SignalTargetPodCleanup | see [`super::migration`] |
 //!
 //! One VMI per launcher: a Sync for another UID than `--uid` (or than the VMI already
 //! running) fails.
+//!
+//! Commands run one at a time on the control thread; GetDomain and GetDomainStats run on the
+//! gRPC runtime's thread meanwhile. So the record's locks are only ever held for a moment,
+//! never across a call into the [`Vmm`] (which can take long: a boot, a stop flushing disks).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -30,7 +35,7 @@ use super::grpc::{BackendError, LauncherBackend};
 use super::migration::MigrationMetadata;
 use super::proto::cmd::v1 as cmd;
 use super::stats::domain_stats;
-use super::vmi::{LaunchPlan, LauncherDirs, PrepareError, Vmi, plan, prepare};
+use super::vmi::{LaunchPlan, LauncherDirs, PrepareError, Vmi, live_update, plan, prepare};
 use crate::vmm::{VmState, Vmm, VmmError};
 
 /// What the backend refuses or fails at beyond the VMI itself.
@@ -56,6 +61,9 @@ pub enum LaunchError {
     /// A VM operation failed.
     #[error("Cannot {0} the VM")]
     Vm(&'static str, #[source] VmmError),
+    /// The serial console's log file cannot be created.
+    #[error("Cannot create the serial console log {}", .0.display())]
+    SerialLog(PathBuf, #[source] std::io::Error),
 }
 
 fn failed(err: LaunchError) -> BackendError {
@@ -265,11 +273,6 @@ impl KubevirtBackend {
         Ok(())
     }
 
-    /// `vmi` is the defined, not deleted VMI.
-    pub(super) fn check_defined(&self, vmi: &Vmi) -> Result<(), BackendError> {
-        defined_for(&mut lock(&self.record.defined), vmi).map(|_| ())
-    }
-
     /// Defines `vmi` as a migration target (nothing boots); false when it is defined already.
     pub(super) fn define_target(&self, vmi: &Vmi, plan: &LaunchPlan) -> Result<bool, BackendError> {
         let mut defined = lock(&self.record.defined);
@@ -284,13 +287,13 @@ impl KubevirtBackend {
     /// SIGTERM: marks the domain for a graceful shutdown, which virt-handler answers with
     /// ShutdownVirtualMachine, and tells whether a VM runs (or is paused) that needs one.
     pub fn mark_for_graceful_shutdown(&self) -> bool {
+        if self.running_or_paused().is_none() {
+            return false;
+        }
         let mut defined = lock(&self.record.defined);
         let Some(d) = defined.as_mut().filter(|d| !d.deleted) else {
             return false;
         };
-        if !matches!(self.vmm.state(), Some(VmState::Running | VmState::Paused)) {
-            return false;
-        }
         if !std::mem::replace(&mut d.marked_for_shutdown, true) {
             self.notify(Change::Metadata);
         }
@@ -307,6 +310,11 @@ impl KubevirtBackend {
         let _ = self.changes.send(change);
     }
 
+    /// Checks that `vmi`'s VM is defined and not deleted.
+    pub(super) fn check_defined(&self, vmi: &Vmi) -> Result<(), BackendError> {
+        defined_for(&mut lock(&self.record.defined), vmi).map(drop)
+    }
+
     /// Runs `op` unless the VM is already in `done`; `op` needs a defined VM.
     fn transition(
         &self,
@@ -315,12 +323,28 @@ impl KubevirtBackend {
         action: &'static str,
         op: impl FnOnce(&Vmm) -> Result<(), VmmError>,
     ) -> Result<(), BackendError> {
-        let mut defined = lock(&self.record.defined);
-        defined_for(&mut defined, vmi)?;
+        self.check_defined(vmi)?;
         if self.vmm.state() == Some(done) {
             return Ok(());
         }
         op(&self.vmm).map_err(|e| failed(LaunchError::Vm(action, e)))
+    }
+
+    /// A Sync of the VMI whose VM exists: applies what can change live, refuses the rest.
+    fn resync(&self, d: &mut Defined, vmi: &Vmi) -> Result<(), BackendError> {
+        check_uid(d, vmi)?;
+        if d.deleted {
+            return Err(failed(LaunchError::Deleted));
+        }
+        // Running, paused, or stopped for good (virt-handler then finishes the VMI; it does
+        // not start it again).
+        let update = live_update(&d.vmi, vmi).map_err(BackendError::Vmi)?;
+        if update.grace_period_changed {
+            // As KubeVirt's launcher: the domain's grace period follows the VMI's.
+            d.vmi.spec.termination_grace_period_seconds = vmi.spec.termination_grace_period_seconds;
+            self.notify(Change::Metadata);
+        }
+        Ok(())
     }
 
     fn running_or_paused(&self) -> Option<VmState> {
@@ -331,23 +355,37 @@ impl KubevirtBackend {
 }
 
 impl LauncherBackend for KubevirtBackend {
-    fn sync(&self, vmi: &Vmi, _options: &cmd::VirtualMachineOptions) -> Result<(), BackendError> {
-        self.check_expected_uid(vmi)?;
-        // Held until the VM runs: the event thread builds the ADDED event from it.
-        let mut defined = lock(&self.record.defined);
-        if defined.is_some() {
-            // The VM exists: running, paused, or stopped for good (virt-handler then
-            // finishes the VMI; it does not start it again).
-            defined_for(&mut defined, vmi)?;
-            return Ok(());
+    fn sync(&self, vmi: &Vmi, options: &cmd::VirtualMachineOptions) -> Result<(), BackendError> {
+        if !self.expected_uid.is_empty() && vmi.metadata.uid != self.expected_uid {
+            return Err(failed(LaunchError::WrongVmi {
+                expected: self.expected_uid.clone(),
+                got: vmi.metadata.uid.clone(),
+            }));
         }
-        let plan = plan(vmi, &self.dirs).map_err(BackendError::Vmi)?;
+        if let Some(d) = lock(&self.record.defined).as_mut() {
+            return self.resync(d, vmi);
+        }
+        let mut plan = plan(vmi, &self.dirs).map_err(BackendError::Vmi)?;
+        let cluster_disables_log = options
+            .cluster_config
+            .as_ref()
+            .is_some_and(|c| c.serial_console_log_disabled);
+        if cluster_disables_log && vmi.spec.domain.devices.log_serial_console != Some(true) {
+            plan.serial_log = None;
+        }
         prepare(&plan).map_err(|e| failed(LaunchError::Prepare(e)))?;
-        *defined = Some(Defined::new(vmi.clone(), plan.clone()));
-        let started = self.vmm.create(plan.config).and_then(|()| self.vmm.boot());
+        if let Some(log) = &plan.serial_log {
+            create_serial_log(log).map_err(|e| failed(LaunchError::SerialLog(log.clone(), e)))?;
+        }
+        // Defined before the VM boots: the event thread builds the ADDED event from it.
+        *lock(&self.record.defined) = Some(Defined::new(vmi.clone(), plan.clone()));
+        let started = self
+            .vmm
+            .create_logged(plan.config, plan.serial_log.clone())
+            .and_then(|()| self.vmm.boot());
         if let Err(e) = started {
             // Forget the VM so that the next Sync tries afresh.
-            *defined = None;
+            *lock(&self.record.defined) = None;
             let _ = self.vmm.delete();
             return Err(failed(LaunchError::Start(e)));
         }
@@ -364,40 +402,35 @@ impl LauncherBackend for KubevirtBackend {
     }
 
     fn shutdown(&self, vmi: &Vmi) -> Result<(), BackendError> {
-        let mut defined = lock(&self.record.defined);
-        let d = match defined_for(&mut defined, vmi) {
-            Ok(d) => d,
+        match self.check_defined(vmi) {
+            Ok(()) => {}
             // Nothing to shut down, as KubeVirt answers for a missing domain.
             Err(BackendError::NoVm) => return Ok(()),
             Err(e) => return Err(e),
-        };
-        let Some(state) = self.running_or_paused() else {
+        }
+        // Every call presses the button again; a paused guest sees it when resumed.
+        if !self.vmm.request_guest_shutdown() {
             return Ok(()); // Already off.
-        };
-        if d.shutdown_started.is_some() {
-            // Asked once; virt-handler kills the VM when the grace period is over.
-            return Ok(());
         }
-        if state == VmState::Paused {
-            // A paused guest cannot see the key press.
-            self.vmm
-                .resume()
-                .map_err(|e| failed(LaunchError::Vm("resume", e)))?;
+        let first = lock(&self.record.defined).as_mut().is_some_and(|d| {
+            let first = d.shutdown_started.is_none();
+            d.shutdown_started.get_or_insert_with(SystemTime::now);
+            first
+        });
+        if first {
+            // The grace period starts with the first request: virt-handler kills the VM when
+            // it is over.
+            self.notify(Change::Metadata);
         }
-        self.vmm
-            .power_button()
-            .map_err(|e| failed(LaunchError::Vm("shut down", e)))?;
-        d.shutdown_started = Some(SystemTime::now());
-        self.notify(Change::Metadata);
         Ok(())
     }
 
     fn kill(&self, vmi: &Vmi) -> Result<(), BackendError> {
-        let defined = lock(&self.record.defined);
-        let Some(d) = defined.as_ref() else {
+        if let Some(d) = lock(&self.record.defined).as_ref() {
+            check_uid(d, vmi)?;
+        } else {
             return Ok(()); // Nothing to kill, as KubeVirt answers for a missing domain.
-        };
-        check_uid(d, vmi)?;
+        }
         if self.running_or_paused().is_none() {
             return Ok(());
         }
@@ -407,32 +440,32 @@ impl LauncherBackend for KubevirtBackend {
     }
 
     fn delete(&self, vmi: &Vmi) -> Result<(), BackendError> {
-        let mut defined = lock(&self.record.defined);
-        let Some(d) = defined.as_mut().filter(|d| !d.deleted) else {
-            return Ok(()); // Nothing (more) to delete.
-        };
-        check_uid(d, vmi)?;
+        match lock(&self.record.defined).as_ref().filter(|d| !d.deleted) {
+            Some(d) => check_uid(d, vmi)?,
+            None => return Ok(()), // Nothing (more) to delete.
+        }
         match self.vmm.delete() {
             Ok(()) | Err(VmmError::NotCreated) => {}
             Err(e) => return Err(failed(LaunchError::Vm("delete", e))),
         }
-        d.deleted = true;
+        if let Some(d) = lock(&self.record.defined).as_mut() {
+            d.deleted = true;
+        }
         self.notify(Change::Deleted);
         Ok(())
     }
 
     fn reset(&self, vmi: &Vmi) -> Result<(), BackendError> {
-        let mut defined = lock(&self.record.defined);
-        defined_for(&mut defined, vmi)?;
+        self.check_defined(vmi)?;
         self.vmm
             .reboot()
             .map_err(|e| failed(LaunchError::Vm("reset", e)))
     }
 
     fn soft_reboot(&self, _vmi: &Vmi) -> Result<(), BackendError> {
+        // KubeVirt's launcher asks the guest agent; without one it fails too.
         Err(BackendError::Unsupported(
-            "A soft reboot (the guest's own reboot ends an rvmm VM; ResetVirtualMachine \
-             restarts it)",
+            "A soft reboot (it needs a guest agent; ResetVirtualMachine restarts the guest)",
         ))
     }
 
@@ -474,7 +507,32 @@ impl LauncherBackend for KubevirtBackend {
             .metrics()
             .map(|metrics| domain_stats(&d.vmi, &d.plan, &metrics)))
     }
+
+    fn guest_ping_failed(&self) {
+        self.notify(Change::GuestAgentPingFailed);
+    }
 }
+
+/// Creates the serial console's log for KubeVirt's `guest-console-log` container (it runs as
+/// KubeVirt's unprivileged user and follows the file): private to that user and rvmm.
+fn create_serial_log(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(path, Some(KUBEVIRT_UID), Some(KUBEVIRT_UID))?;
+    }
+    Ok(())
+}
+
+/// KubeVirt's unprivileged user and group (`qemu`, 107), which reads the serial console log.
+const KUBEVIRT_UID: u32 = 107;
 
 #[cfg(test)]
 #[path = "backend_tests.rs"]

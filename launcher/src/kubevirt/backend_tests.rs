@@ -129,7 +129,7 @@ fn soft_reboot_is_unsupported_with_the_reason() {
     let (backend, _) = backend(&dir.0);
     let err = message(backend.soft_reboot(&vmi("u-1", |_| {})));
     assert!(
-        err.starts_with("A soft reboot (the guest's own reboot ends an rvmm VM")
+        err.starts_with("A soft reboot (it needs a guest agent")
             && err.ends_with("is not supported by rvmm"),
         "{err}"
     );

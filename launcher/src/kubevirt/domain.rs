@@ -190,15 +190,21 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
         })
         .collect();
     let (serials, consoles) = match &plan.serial_socket {
-        Some(socket) => (
-            json!([{
+        Some(socket) => {
+            let mut serial = json!({
                 "Type": "unix",
                 "Target": {"Port": 0},
                 "Source": {"Mode": "bind", "Path": socket},
                 "Alias": {"Name": "serial0", "UserDefined": false},
-            }]),
-            json!([{"Type": "pty", "Target": {"Type": "serial", "Port": 0}}]),
-        ),
+            });
+            if let Some(log) = &plan.serial_log {
+                serial["Log"] = json!({"File": log, "Append": "on"});
+            }
+            (
+                json!([serial]),
+                json!([{"Type": "pty", "Target": {"Type": "serial", "Port": 0}}]),
+            )
+        }
         None => (json!([]), json!([])),
     };
     // virt-handler dereferences GracePeriod unchecked: always present, KubeVirt's default 30 s.
@@ -340,6 +346,7 @@ pub(crate) mod tests {
             domain_name: "default_testvm".into(),
             config,
             serial_socket: Some(PathBuf::from("/run/p/1b2c-uid/virt-serial0")),
+            serial_log: Some(PathBuf::from("/run/p/1b2c-uid/virt-serial0-log")),
             disks: vec![
                 PlannedDisk {
                     name: "rootdisk".into(),
@@ -421,6 +428,10 @@ pub(crate) mod tests {
         assert_eq!(ifaces[0]["Target"]["Device"], "tap0");
         let serial = &d["Spec"]["Devices"]["Serials"][0];
         assert_eq!(serial["Source"]["Path"], "/run/p/1b2c-uid/virt-serial0");
+        assert_eq!(
+            serial["Log"],
+            json!({"File": "/run/p/1b2c-uid/virt-serial0-log", "Append": "on"})
+        );
     }
 
     #[test]

@@ -1,41 +1,53 @@
 //! Domain events for virt-handler, from the VMM's own events.
 //!
 //! [`Vmm::on_event`] calls its listener with the VMM's lock held, so the listener only
-//! translates the event ([`change_for`]), records the domain's new state and queues the
-//! change; the `kubevirt-notify` thread builds each domain and delivers it through the
+//! translates the event ([`changes_for`]), records the domain's new state and queues the
+//! changes; the `kubevirt-notify` thread builds each domain and delivers it through the
 //! [`Notifier`], in order:
 //!
 //! | VMM event | domain state | sent |
 //! | --- | --- | --- |
 //! | `vm.booted`, `vm.migration-received` | Running | `ADDED` the first time, `MODIFIED` after |
 //! | `vm.paused` | Paused (User) | `MODIFIED` |
-//! | `vm.resumed`, `vm.rebooted` | Running | `MODIFIED` |
-//! | `vm.shutdown` | Shutoff: Destroyed (stopped by rvmm: kill, delete, grace period over), Shutdown (the guest powered off or reset), Failed (KVM could not run it), Migrated (after a live migration away) | `MODIFIED` |
-//! | `guest.crashed` | Shutoff (Crashed) | `MODIFIED` |
-//! | `vmm.shutdown` | NoState (NonExistent), deletion timestamp | `MODIFIED`, the final event |
+//! | `vm.resumed`, `vm.rebooted` (also a guest's own reboot) | Running | `MODIFIED` |
+//! | `vm.shutdown` | Shutoff: Destroyed (stopped by rvmm: kill, delete, grace period over), Shutdown (the guest powered off, or reset after the power button), Failed (KVM could not run it, or it could not boot again), Migrated (after a live migration away) | `MODIFIED` |
+//! | `guest.crashed` | Shutoff (Crashed) | the Kubernetes event `GuestPanicked`, then `MODIFIED` |
+//! | `vmm.shutdown` | NoState (NonExistent), deletion timestamp | `MODIFIED`, the final event, unless sent already |
 //!
-//! The command backend adds two of its own: [`Change::Metadata`] (the grace-period metadata
-//! changed: a graceful shutdown was asked for or SIGTERM came) and [`Change::Deleted`] (the
-//! domain was deleted: the final event is sent at once and the VMM asked to exit, as
-//! KubeVirt's launcher ends once its domain is gone). The launcher waits for the final event
-//! before it exits ([`DomainEvents::wait_flushed`]).
+//! The command backend adds its own: [`Change::Metadata`] (the grace-period metadata changed: a
+//! graceful shutdown was asked for or SIGTERM came), [`Change::Deleted`] and
+//! [`Change::GuestAgentPingFailed`] (the Kubernetes event `GuestAgentPingFailed`).
+//!
+//! The end, as KubeVirt's launcher: the domain of a VM that stopped (the guest powered off or
+//! crashed, or virt-handler killed it) stays, Shutoff, until virt-handler deletes it
+//! (DeleteVirtualMachine): only then goes the final event (NoState, with a deletion timestamp)
+//! and the launcher exits. Sending it right after Shutoff would let virt-handler take its
+//! orphan path before it records the VMI's end, and later fail the VMI (Running, no domain).
+//! Without a deletion within [`DELETE_WAIT`] (KubeVirt's launcher waits 15 s, kills, and waits
+//! 30 s more) the launcher exits all the same. Events that cannot be delivered are logged once
+//! (then counted); at exit, the last events get until the exit deadline
+//! ([`DomainEvents::finish`]).
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::time::{Duration, SystemTime};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use tokio::runtime::Handle;
 use vmm_core::StopReason;
 
 use super::backend::DomainRecord;
-use super::domain::{DomainState, Reason};
-use super::grpc::error_chain;
-use super::notify::{DomainEvent, Notifier};
-use crate::vmm::{EXIT_OK, EventListener, Vmm};
+use super::domain::{DomainState, LifeCycle, Reason};
+use super::notify::{DomainEvent, ExitDeadline, K8sEvent, Notifier, NotifyError, VmiRef};
+use crate::errors::error_chain;
+use crate::vmm::{EventListener, Vmm};
+
+/// How long a stopped VM's launcher waits for virt-handler to delete the domain.
+pub const DELETE_WAIT: Duration = Duration::from_secs(45);
 
 /// Something virt-handler must hear about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// The VM booted: `ADDED` the first time, then `MODIFIED`.
     Booted,
@@ -47,20 +59,27 @@ pub enum Change {
     Deleted,
     /// The VMM is exiting: send the final event if it is still owed, then stop.
     Exit,
+    /// The guest crashed (the reason): the Kubernetes event `GuestPanicked`.
+    GuestPanicked(String),
+    /// GuestPing found no guest agent: the Kubernetes event `GuestAgentPingFailed`.
+    GuestAgentPingFailed,
 }
 
-/// The change a VMM event means for the domain, if any.
-pub fn change_for(event: &str, properties: &Value) -> Option<Change> {
-    Some(match event {
+/// The changes a VMM event means for the domain, in order.
+pub fn changes_for(event: &str, properties: &Value) -> Vec<Change> {
+    match event {
         // A VM that came in by live migration appears as one that booted.
-        "vm.booted" | "vm.migration-received" => Change::Booted,
-        "vm.paused" => Change::State(DomainState::PAUSED_BY_USER),
-        "vm.resumed" | "vm.rebooted" => Change::State(DomainState::RUNNING),
-        "vm.shutdown" => Change::State(DomainState::shutoff(stop_reason(properties))),
-        "guest.crashed" => Change::State(DomainState::shutoff(Reason::Crashed)),
-        "vmm.shutdown" => Change::Exit,
-        _ => return None,
-    })
+        "vm.booted" | "vm.migration-received" => vec![Change::Booted],
+        "vm.paused" => vec![Change::State(DomainState::PAUSED_BY_USER)],
+        "vm.resumed" | "vm.rebooted" => vec![Change::State(DomainState::RUNNING)],
+        "vm.shutdown" => vec![Change::State(DomainState::shutoff(stop_reason(properties)))],
+        "guest.crashed" => vec![
+            Change::GuestPanicked(properties["reason"].as_str().unwrap_or_default().into()),
+            Change::State(DomainState::shutoff(Reason::Crashed)),
+        ],
+        "vmm.shutdown" => vec![Change::Exit],
+        _ => vec![],
+    }
 }
 
 /// Why a VM stopped, from `vm.shutdown`'s `reason` (a [`StopReason`]'s text).
@@ -81,39 +100,54 @@ fn stop_reason(properties: &Value) -> Reason {
 pub struct DomainEvents {
     changes: Sender<Change>,
     flushed: Receiver<()>,
+    exit_deadline: ExitDeadline,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl DomainEvents {
-    /// Starts the thread: it builds domains from `record` and sends them with `notifier` on
-    /// `runtime`; after a deletion it asks `vmm` to exit.
+    /// Starts the thread: it builds domains from `record` and sends them, and Kubernetes events
+    /// about `vmi`, with `notifier` on `runtime`; once the domain is deleted (or was not
+    /// within `delete_wait`, [`DELETE_WAIT`] in a pod, of the VM's stop) it asks `vmm` to exit.
     pub fn start(
         notifier: Notifier,
         runtime: Handle,
         record: Arc<DomainRecord>,
         vmm: Arc<Vmm>,
+        vmi: VmiRef,
+        delete_wait: Duration,
     ) -> std::io::Result<Self> {
         let (changes, queue) = channel();
         let (done, flushed) = channel();
+        let exit_deadline = notifier.exit_deadline.clone();
         let mut sender = EventSender {
             notifier,
             runtime,
             record,
             vmm,
+            vmi,
             state: None,
             added: false,
             final_sent: false,
+            delete_wait,
+            delete_by: None,
+            undelivered: 0,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("kubevirt-notify".into())
             .spawn(move || {
-                while let Ok(change) = queue.recv() {
+                while let Some(change) = sender.next(&queue) {
                     if sender.handle(change) {
-                        let _ = done.send(());
-                        return;
+                        break;
                     }
                 }
+                let _ = done.send(());
             })?;
-        Ok(Self { changes, flushed })
+        Ok(Self {
+            changes,
+            flushed,
+            exit_deadline,
+            thread: Some(thread),
+        })
     }
 
     /// Where the command backend queues its changes.
@@ -122,32 +156,40 @@ impl DomainEvents {
     }
 
     /// The VMM event listener for [`Vmm::on_event`]: records each state in `record` and queues
-    /// the change. It takes only `record`'s state lock, which nobody holds while calling into
+    /// the changes. It takes only `record`'s state lock, which nobody holds while calling into
     /// the VMM.
     pub fn listener(&self, record: Arc<DomainRecord>) -> EventListener {
         let changes = self.changes.clone();
         Box::new(move |event, properties| {
-            let Some(change) = change_for(event, properties) else {
-                return;
-            };
-            let change = match change {
-                Change::State(state) => Change::State(record.event_state(state)),
-                other => other,
-            };
-            match change {
-                Change::Booted => record.set_state(DomainState::RUNNING),
-                Change::State(state) => record.set_state(state),
-                Change::Metadata | Change::Deleted | Change::Exit => {}
+            for change in changes_for(event, properties) {
+                // A stop after the VM migrated away is reported as Shutoff (Migrated).
+                let change = match change {
+                    Change::State(state) => Change::State(record.event_state(state)),
+                    other => other,
+                };
+                match &change {
+                    Change::Booted => record.set_state(DomainState::RUNNING),
+                    Change::State(state) => record.set_state(*state),
+                    _ => {}
+                }
+                let _ = changes.send(change);
             }
-            let _ = changes.send(change);
         })
     }
 
-    /// Waits until the final event is delivered (or given up on), at most `timeout`; false on
-    /// timeout.
-    pub fn wait_flushed(&self, timeout: Duration) -> bool {
-        match self.flushed.recv_timeout(timeout) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
+    /// At exit (after the VMM's `vmm.shutdown`): gives the last events until `within` from
+    /// now, then waits for the thread to end. False when it did not end in time (it is then
+    /// still inside the runtime: keep the runtime alive).
+    pub fn finish(mut self, within: Duration) -> bool {
+        self.exit_deadline.set(Instant::now() + within);
+        // The last attempt ends at the deadline; a retry pause may add a second.
+        match self.flushed.recv_timeout(within + Duration::from_secs(2)) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                if let Some(thread) = self.thread.take() {
+                    let _ = thread.join();
+                }
+                true
+            }
             Err(RecvTimeoutError::Timeout) => false,
         }
     }
@@ -158,6 +200,7 @@ struct EventSender {
     runtime: Handle,
     record: Arc<DomainRecord>,
     vmm: Arc<Vmm>,
+    vmi: VmiRef,
     /// The state of the last change handled: metadata changes go out in it (the record's
     /// state may be ahead of the queue).
     state: Option<DomainState>,
@@ -165,14 +208,43 @@ struct EventSender {
     added: bool,
     /// The final (deleted) event went out.
     final_sent: bool,
+    /// How long a stopped VM waits for its deletion.
+    delete_wait: Duration,
+    /// The VM stopped: the launcher exits at this time if the domain was not deleted by then.
+    delete_by: Option<Instant>,
+    /// Events not delivered (the first is logged with its cause).
+    undelivered: usize,
 }
 
 impl EventSender {
+    /// The next change; `None` once nobody can queue any. While a stopped VM waits for its
+    /// deletion, gives up waiting at [`DELETE_WAIT`] and ends the launcher.
+    fn next(&mut self, queue: &Receiver<Change>) -> Option<Change> {
+        loop {
+            let Some(deadline) = self.delete_by else {
+                return queue.recv().ok();
+            };
+            match queue.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(change) => return Some(change),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    log::warn!(
+                        "The VM stopped {} s ago and virt-handler did not delete its domain: \
+                         exiting",
+                        self.delete_wait.as_secs()
+                    );
+                    self.delete_by = None;
+                    self.vmm.request_exit(self.vmm.vm_end_code());
+                }
+            }
+        }
+    }
+
     /// Sends what `change` calls for; true once the thread's work is done.
     fn handle(&mut self, change: Change) -> bool {
         match change {
             Change::Booted => {
-                self.state = Some(DomainState::RUNNING);
+                self.running();
                 if let Some(domain) = self.record.domain_in(DomainState::RUNNING) {
                     let event = if std::mem::replace(&mut self.added, true) {
                         DomainEvent::modified(domain)
@@ -183,6 +255,12 @@ impl EventSender {
                 }
             }
             Change::State(state) => {
+                if state.status == LifeCycle::Shutoff {
+                    self.delete_by
+                        .get_or_insert(Instant::now() + self.delete_wait);
+                } else {
+                    self.running();
+                }
                 self.state = Some(state);
                 if let Some(domain) = self.record.domain_in(state) {
                     self.send(&DomainEvent::modified(domain));
@@ -196,15 +274,38 @@ impl EventSender {
                 }
             }
             Change::Deleted => {
+                self.delete_by = None;
                 self.send_final();
-                self.vmm.request_exit(EXIT_OK);
+                self.vmm.request_exit(self.vmm.vm_end_code());
             }
             Change::Exit => {
                 self.send_final();
+                if self.undelivered > 1 {
+                    log::warn!(
+                        "{} events were not delivered to virt-handler",
+                        self.undelivered
+                    );
+                }
                 return true;
             }
+            Change::GuestPanicked(reason) => self.send_k8s_event(K8sEvent {
+                warning: true,
+                reason: "GuestPanicked",
+                message: format!("GuestPanicked: {reason}"),
+            }),
+            Change::GuestAgentPingFailed => self.send_k8s_event(K8sEvent {
+                warning: true,
+                reason: "GuestAgentPingFailed",
+                message: format!("GuestAgentPing probe failed for VMI {}", self.vmi.name),
+            }),
         }
         false
+    }
+
+    /// The VM runs (again): nothing to wait for.
+    fn running(&mut self) {
+        self.state = Some(DomainState::RUNNING);
+        self.delete_by = None;
     }
 
     /// The domain gone (NoState, deletion timestamp), once, if it ever existed.
@@ -230,16 +331,33 @@ impl EventSender {
                 )
             })
             .unwrap_or_default();
-        match self.notifier.send_blocking(&self.runtime, event) {
-            Ok(()) => log::info!(
-                "Domain event {} {status} sent to virt-handler",
-                event.event_type.as_str()
-            ),
-            Err(e) => log::warn!(
-                "Domain event {} {status} not delivered: {}",
-                event.event_type.as_str(),
-                error_chain(&e)
-            ),
+        let what = format!("Domain event {} {status}", event.event_type.as_str());
+        let sent = self.notifier.send_blocking(&self.runtime, event);
+        self.delivered(&what, sent);
+    }
+
+    fn send_k8s_event(&mut self, event: K8sEvent) {
+        let what = format!("Kubernetes event {}", event.reason);
+        let sent = self
+            .notifier
+            .send_k8s_event_blocking(&self.runtime, &event, &self.vmi);
+        self.delivered(&what, sent);
+    }
+
+    fn delivered(&mut self, what: &str, sent: Result<(), NotifyError>) {
+        match sent {
+            Ok(()) => log::info!("{what} sent to virt-handler"),
+            Err(e) => {
+                self.undelivered += 1;
+                if self.undelivered == 1 {
+                    log::warn!(
+                        "{what} not delivered ({}); further undelivered events are counted",
+                        error_chain(&e)
+                    );
+                } else {
+                    log::debug!("{what} not delivered: {}", error_chain(&e));
+                }
+            }
         }
     }
 }
@@ -249,25 +367,31 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::kubevirt::domain::LifeCycle;
     use crate::kubevirt::grpc::GrpcRuntime;
-    use crate::kubevirt::grpc::tests::{TempDir, fake_virt_handler};
+    use crate::kubevirt::grpc::tests::{TempDir, fake_virt_handler_with_k8s_events};
     use crate::kubevirt::proto::notify::v1::DomainEventRequest;
     use crate::kubevirt::vmi::{LauncherDirs, Vmi, plan};
+    use crate::vmm::EXIT_OK;
 
-    /// The event thread sending to a fake virt-handler in a temporary share directory, for a
-    /// synced kernel-boot VMI (no KVM: the VMM's events are fed to the listener by hand).
+    /// The event thread sending to a fake virt-handler (or to none) in a temporary share
+    /// directory, for a synced kernel-boot VMI (no KVM: the VMM's events are fed to the
+    /// listener by hand).
     struct Harness {
         _dir: TempDir,
         _runtime: GrpcRuntime,
         vmm: Arc<Vmm>,
-        events: DomainEvents,
+        events: Option<DomainEvents>,
         listener: EventListener,
         received: tokio::sync::mpsc::UnboundedReceiver<DomainEventRequest>,
+        k8s_events: tokio::sync::mpsc::UnboundedReceiver<Value>,
     }
 
     impl Harness {
         fn new(tag: &str) -> Self {
+            Self::with(tag, true, DELETE_WAIT)
+        }
+
+        fn with(tag: &str, virt_handler: bool, delete_wait: Duration) -> Self {
             let dir = TempDir::new(tag);
             let dirs = LauncherDirs::under(&dir.0);
             let kernel = dirs.container_disks.join("kernel-boot/vmlinux");
@@ -289,16 +413,27 @@ mod tests {
             let plan = plan(&vmi, &dirs).unwrap();
             let record = Arc::new(DomainRecord::synced(vmi, plan));
             let runtime = GrpcRuntime::start().unwrap();
-            let received = {
+            let (received, k8s_events) = {
                 let _entered = runtime.handle().enter();
-                fake_virt_handler(&dir.0, vec![1])
+                let (received, k8s_events) = fake_virt_handler_with_k8s_events(&dir.0, vec![1]);
+                if !virt_handler {
+                    std::fs::remove_file(dir.0.join("domain-notify-pipe.sock")).unwrap();
+                }
+                (received, k8s_events)
             };
             let vmm = Vmm::without_kvm();
+            let vmi_ref = VmiRef {
+                namespace: "ns".into(),
+                name: "vm".into(),
+                uid: "u-1".into(),
+            };
             let events = DomainEvents::start(
                 Notifier::new(&dir.0),
                 runtime.handle().clone(),
                 record.clone(),
                 vmm.clone(),
+                vmi_ref,
+                delete_wait,
             )
             .unwrap();
             let listener = events.listener(record);
@@ -306,10 +441,15 @@ mod tests {
                 _dir: dir,
                 _runtime: runtime,
                 vmm,
-                events,
+                events: Some(events),
                 listener,
                 received,
+                k8s_events,
             }
+        }
+
+        fn send(&self, change: Change) {
+            self.events.as_ref().unwrap().sender().send(change).unwrap();
         }
 
         /// (type, status, reason, has a deletion timestamp) of each event delivered so far.
@@ -326,6 +466,33 @@ mod tests {
             }
             seen
         }
+
+        /// Waits for `count` domain events.
+        fn wait_for(&mut self, count: usize) -> Vec<(String, String, String, bool)> {
+            let start = Instant::now();
+            let mut seen = Vec::new();
+            while seen.len() < count {
+                assert!(start.elapsed() < Duration::from_secs(20), "{seen:?}");
+                seen.extend(self.delivered());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        }
+
+        /// Ends the VMM as the launcher does and waits for the thread.
+        fn exit(mut self) -> Self {
+            (self.listener)("vmm.shutdown", &json!({"exit_code": 0}));
+            assert!(self.events.take().unwrap().finish(Duration::from_secs(3)));
+            self
+        }
+
+        /// Whether the VMM was asked to exit within `within`.
+        fn exits_within(&self, within: Duration) -> bool {
+            let (exited, exit) = std::sync::mpsc::channel();
+            let vmm = self.vmm.clone();
+            std::thread::spawn(move || exited.send(vmm.wait_for_exit()));
+            exit.recv_timeout(within).is_ok()
+        }
     }
 
     fn event(kind: &str, status: &str, reason: &str, gone: bool) -> (String, String, String, bool) {
@@ -334,21 +501,22 @@ mod tests {
 
     #[test]
     fn vm_life_reaches_virt_handler_in_order_with_the_final_event_before_exit() {
-        let mut h = Harness::new("events-life");
+        let h = Harness::new("events-life");
         (h.listener)("vm.booted", &json!({"vcpus": 1}));
         (h.listener)("vm.paused", &Value::Null);
-        h.events.sender().send(Change::Metadata).unwrap();
+        h.send(Change::Metadata);
         (h.listener)("vm.resumed", &Value::Null);
+        (h.listener)("vm.rebooted", &json!({"cause": "guest"}));
         let killed = json!({"reason": StopReason::Requested.to_string()});
         (h.listener)("vm.shutdown", &killed);
-        (h.listener)("vmm.shutdown", &json!({"exit_code": 0}));
-        assert!(h.events.wait_flushed(Duration::from_secs(20)));
+        let mut h = h.exit();
         assert_eq!(
             h.delivered(),
             [
                 event("ADDED", "Running", "Unknown", false),
                 event("MODIFIED", "Paused", "User", false),
                 event("MODIFIED", "Paused", "User", false),
+                event("MODIFIED", "Running", "Unknown", false),
                 event("MODIFIED", "Running", "Unknown", false),
                 event("MODIFIED", "Shutoff", "Destroyed", false),
                 event("MODIFIED", "NoState", "NonExistent", true),
@@ -357,62 +525,146 @@ mod tests {
     }
 
     #[test]
-    fn deletion_sends_the_final_event_once_and_ends_the_vmm() {
-        let mut h = Harness::new("events-delete");
+    fn guest_power_off_leaves_the_domain_until_virt_handler_deletes_it() {
+        let mut h = Harness::new("events-poweroff");
         (h.listener)("vm.booted", &Value::Null);
-        h.events.sender().send(Change::Deleted).unwrap();
-        assert_eq!(h.vmm.wait_for_exit(), EXIT_OK);
-        (h.listener)("vmm.shutdown", &json!({"exit_code": 0}));
-        assert!(h.events.wait_flushed(Duration::from_secs(20)));
+        let off = json!({"reason": StopReason::PowerOff.to_string()});
+        (h.listener)("vm.shutdown", &off);
         assert_eq!(
-            h.delivered(),
+            h.wait_for(2),
             [
                 event("ADDED", "Running", "Unknown", false),
-                event("MODIFIED", "NoState", "NonExistent", true),
+                event("MODIFIED", "Shutoff", "Shutdown", false),
             ]
+        );
+        // virt-handler records the VMI's end from Shutoff, then deletes the domain; until
+        // then the launcher stays and the domain is not gone.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(h.delivered(), []);
+        h.send(Change::Deleted);
+        assert_eq!(h.vmm.wait_for_exit(), EXIT_OK);
+        assert_eq!(
+            h.wait_for(1),
+            [event("MODIFIED", "NoState", "NonExistent", true)]
+        );
+        let mut h = h.exit();
+        assert_eq!(h.delivered(), [], "one final event");
+    }
+
+    #[test]
+    fn stopped_vm_that_is_not_deleted_ends_the_launcher_after_the_wait() {
+        let mut h = Harness::with("events-nodelete", true, Duration::from_millis(300));
+        (h.listener)("vm.booted", &Value::Null);
+        let start = Instant::now();
+        (h.listener)(
+            "guest.crashed",
+            &json!({"reason": "Guest triple fault on vCPU 0"}),
+        );
+        h.vmm.wait_for_exit();
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            h.wait_for(2),
+            [
+                event("ADDED", "Running", "Unknown", false),
+                event("MODIFIED", "Shutoff", "Crashed", false),
+            ]
+        );
+        // The crash went to virt-handler as a Kubernetes event too, before the state.
+        let panicked = h.k8s_events.try_recv().unwrap();
+        assert_eq!(panicked["reason"], "GuestPanicked");
+        assert_eq!(
+            panicked["message"],
+            "GuestPanicked: Guest triple fault on vCPU 0"
+        );
+        assert_eq!(panicked["involvedObject"]["uid"], "u-1");
+    }
+
+    #[test]
+    fn a_vm_booted_again_waits_for_no_deletion() {
+        let mut h = Harness::with("events-reboot", true, Duration::from_millis(200));
+        (h.listener)("vm.booted", &Value::Null);
+        (h.listener)("vm.shutdown", &json!({"reason": "Stopped on request"}));
+        (h.listener)("vm.rebooted", &Value::Null);
+        assert_eq!(h.wait_for(3).len(), 3);
+        assert!(!h.exits_within(Duration::from_millis(600)));
+    }
+
+    #[test]
+    fn guest_agent_ping_failure_is_a_kubernetes_warning_about_the_vmi() {
+        let mut h = Harness::new("events-ping");
+        h.send(Change::GuestAgentPingFailed);
+        let start = Instant::now();
+        let event = loop {
+            if let Ok(event) = h.k8s_events.try_recv() {
+                break event;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            (&event["type"], &event["reason"], &event["message"]),
+            (
+                &json!("Warning"),
+                &json!("GuestAgentPingFailed"),
+                &json!("GuestAgentPing probe failed for VMI vm")
+            )
+        );
+    }
+
+    #[test]
+    fn exit_without_virt_handler_gives_up_on_the_last_events_in_time() {
+        let mut h = Harness::with("events-absent", false, DELETE_WAIT);
+        (h.listener)("vm.booted", &Value::Null);
+        h.send(Change::Metadata);
+        (h.listener)("vm.shutdown", &json!({"reason": "Stopped on request"}));
+        (h.listener)("vmm.shutdown", &json!({"exit_code": 0}));
+        let start = Instant::now();
+        assert!(h.events.take().unwrap().finish(Duration::from_secs(1)));
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
         );
     }
 
     #[test]
     fn vmm_exit_without_a_booted_vm_sends_nothing() {
-        let mut h = Harness::new("events-none");
-        (h.listener)("vmm.shutdown", &json!({"exit_code": 1}));
-        assert!(h.events.wait_flushed(Duration::from_secs(20)));
+        let mut h = Harness::new("events-none").exit();
         assert_eq!(h.delivered(), []);
     }
 
     #[test]
     fn vmm_events_map_to_domain_changes() {
         let none = Value::Null;
-        assert_eq!(change_for("vm.booted", &none), Some(Change::Booted));
+        assert_eq!(changes_for("vm.booted", &none), [Change::Booted]);
         assert_eq!(
-            change_for("vm.paused", &none),
-            Some(Change::State(DomainState::PAUSED_BY_USER))
+            changes_for("vm.paused", &none),
+            [Change::State(DomainState::PAUSED_BY_USER)]
         );
         for resumed in ["vm.resumed", "vm.rebooted"] {
             assert_eq!(
-                change_for(resumed, &none),
-                Some(Change::State(DomainState::RUNNING))
+                changes_for(resumed, &none),
+                [Change::State(DomainState::RUNNING)]
             );
         }
         assert_eq!(
-            change_for("guest.crashed", &json!({"reason": "Guest triple fault"})),
-            Some(Change::State(DomainState::new(
-                LifeCycle::Shutoff,
-                Reason::Crashed
-            )))
+            changes_for("guest.crashed", &json!({"reason": "Guest triple fault"})),
+            [
+                Change::GuestPanicked("Guest triple fault".into()),
+                Change::State(DomainState::new(LifeCycle::Shutoff, Reason::Crashed))
+            ]
         );
         assert_eq!(
-            change_for("vmm.shutdown", &json!({"exit_code": 0})),
-            Some(Change::Exit)
+            changes_for("vmm.shutdown", &json!({"exit_code": 0})),
+            [Change::Exit]
         );
-        assert_eq!(change_for("vm.created", &none), None);
+        assert_eq!(changes_for("vm.created", &none), []);
     }
 
     #[test]
     fn stopped_vm_reason_tells_kill_from_guest_shutdown_and_failure() {
-        let stopped = |reason: String| change_for("vm.shutdown", &json!({ "reason": reason }));
-        let shutoff = |reason| Some(Change::State(DomainState::shutoff(reason)));
+        let stopped = |reason: String| changes_for("vm.shutdown", &json!({ "reason": reason }));
+        let shutoff = |reason| vec![Change::State(DomainState::shutoff(reason))];
         assert_eq!(
             stopped(StopReason::Requested.to_string()),
             shutoff(Reason::Destroyed)
@@ -431,5 +683,9 @@ mod tests {
             regs: None,
         };
         assert_eq!(stopped(kvm.to_string()), shutoff(Reason::Failed));
+        assert_eq!(
+            stopped("Cannot boot the VM again after the guest reset: x".into()),
+            shutoff(Reason::Failed)
+        );
     }
 }

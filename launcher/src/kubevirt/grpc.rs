@@ -8,11 +8,20 @@
 //! RPCs rvmm does not implement answer gRPC `UNIMPLEMENTED`, which virt-handler's client
 //! reports as such.
 //!
-//! Backend calls are blocking calls into the VM controller, made one at a time on the
-//! `launcher-control` thread ([`ControlThread`]), so a slow call (a VM start, a graceful
-//! shutdown) does not stall the runtime (Ping, Info). The runtime's thread only moves bytes,
+//! Commands (Sync, Pause, Shutdown, ...) are blocking calls into the VM controller, made one
+//! at a time on the `launcher-control` thread ([`ControlThread`]). Queries are answered on the
+//! runtime's thread from the current state, never behind a running command: virt-handler gives
+//! GetDomain and GetDomainStats 5 s, and a Sync may take longer (it gets 20 s). Info, Ping and
+//! the guest-agent RPCs need no state. The runtime's thread only moves bytes and reads state,
 //! under a narrow seccomp filter ([`crate::seccomp::grpc_filter`]): building a VM needs KVM,
 //! memory mappings, files and new threads, which only the control thread does.
+//!
+//! Guest agent: rvmm has no guest-agent channel, and answers as KubeVirt's launcher does when a
+//! guest runs no agent: GetGuestInfo, GetUsers and GetFilesystems succeed with empty data
+//! (virt-handler's metrics scrape calls GetFilesystems after GetDomainStats and drops the whole
+//! VMI's metrics on an error); GuestPing and Exec fail with a gRPC error saying that no agent
+//! is connected, and a failed GuestPing is reported as a `GuestAgentPingFailed` Kubernetes
+//! event, as KubeVirt's launcher does on its main branch (after v1.8).
 
 use std::error::Error;
 use std::future::Future;
@@ -25,11 +34,13 @@ use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
 use vmm_core::seccomp::{BpfProgram, SeccompError, SpawnError, spawn_filtered};
 
+use super::h2_authority::AuthorityFix;
 use super::proto::cmd::info::cmd_info_server::{CmdInfo, CmdInfoServer};
 use super::proto::cmd::info::{CmdInfoRequest, CmdInfoResponse};
 use super::proto::cmd::v1 as cmd;
@@ -63,8 +74,10 @@ pub enum BackendError {
     Controller(#[source] Box<dyn Error + Send + Sync>),
 }
 
-/// What the command server asks of the VM controller. Calls may block; they run one at a
-/// time on the [`ControlThread`].
+/// What the command server asks of the VM controller. Commands may block; they run one at a
+/// time on the [`ControlThread`]. Queries ([`Self::domain`], [`Self::domain_stats`],
+/// [`Self::guest_ping_failed`]) run on the runtime's thread, concurrently with a command: they
+/// must answer from the current state at once, without waiting for a command to finish.
 pub trait LauncherBackend: Send + Sync + 'static {
     /// Defines and starts the VM for `vmi`, or reconciles the running one; idempotent.
     fn sync(&self, vmi: &Vmi, options: &cmd::VirtualMachineOptions) -> Result<(), BackendError>;
@@ -97,7 +110,17 @@ pub trait LauncherBackend: Send + Sync + 'static {
     fn finalize_migration(&self, vmi: &Vmi) -> Result<(), BackendError>;
     /// A target pod whose migration will not come ends.
     fn signal_target_pod_cleanup(&self, vmi: &Vmi) -> Result<(), BackendError>;
+    /// GuestPing failed (there is no guest agent): report it to virt-handler.
+    fn guest_ping_failed(&self) {}
 }
+
+/// What GetGuestInfo answers without a guest agent: KubeVirt's
+/// `VirtualMachineInstanceGuestAgentInfo` with nothing filled in, as Go marshals it (the
+/// timezone is KubeVirt's `"<zone>, <offset>"` of an empty zone).
+pub const NO_AGENT_GUEST_INFO: &str = r#"{"os":{},"timezone":", 0","fsInfo":{"disks":null}}"#;
+/// What GuestPing and Exec fail with: libvirt's words for a guest without an agent.
+pub const NO_AGENT: &str = "Guest agent is not responding: no guest agent is connected (rvmm \
+                            has no guest agent channel)";
 
 /// The command server failed to start, serve or become ready.
 #[derive(Debug, thiserror::Error)]
@@ -148,17 +171,7 @@ pub enum GrpcError {
     Task(#[source] tokio::task::JoinError),
 }
 
-/// `err` and its causes, `: `-separated (the text virt-handler logs and puts in VMI events).
-pub fn error_chain(err: &dyn Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
+pub use crate::errors::error_chain;
 
 /// `<sockets_dir>/launcher-init-sock`.
 pub fn init_socket_path(sockets_dir: &Path) -> PathBuf {
@@ -211,10 +224,11 @@ pub async fn serve_with(
     control: ControlThread,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
+    let clients = UnixListenerStream::new(listener).map(|client| client.map(AuthorityFix::new));
     Server::builder()
         .add_service(CmdInfoServer::new(InfoService))
         .add_service(CmdService::new(CmdHandler { backend, control }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(clients, shutdown)
         .await
         .map_err(GrpcError::Serve)
 }
@@ -388,7 +402,7 @@ impl Cmd for CmdHandler {
         &self,
         _: Request<cmd::EmptyRequest>,
     ) -> Result<Response<cmd::DomainResponse>, Status> {
-        let domain = self.blocking(|b| b.domain()).await?;
+        let domain = self.backend.domain();
         Ok(Response::new(cmd::DomainResponse {
             response: Some(ok()),
             // An empty string tells virt-handler that no domain exists.
@@ -400,7 +414,7 @@ impl Cmd for CmdHandler {
         &self,
         _: Request<cmd::EmptyRequest>,
     ) -> Result<Response<cmd::DomainStatsResponse>, Status> {
-        let stats = self.blocking(|b| b.domain_stats()).await?;
+        let stats = self.backend.domain_stats();
         Ok(Response::new(match stats {
             Ok(stats) => cmd::DomainStatsResponse {
                 response: Some(ok()),
@@ -469,6 +483,51 @@ impl Cmd for CmdHandler {
             b.signal_target_pod_cleanup(v)
         })
         .await
+    }
+
+    async fn get_guest_info(
+        &self,
+        _: Request<cmd::EmptyRequest>,
+    ) -> Result<Response<cmd::GuestInfoResponse>, Status> {
+        Ok(Response::new(cmd::GuestInfoResponse {
+            response: Some(ok()),
+            guest_info_response: NO_AGENT_GUEST_INFO.into(),
+        }))
+    }
+
+    async fn get_users(
+        &self,
+        _: Request<cmd::EmptyRequest>,
+    ) -> Result<Response<cmd::GuestUserListResponse>, Status> {
+        Ok(Response::new(cmd::GuestUserListResponse {
+            response: Some(ok()),
+            guest_user_list_response: "[]".into(),
+        }))
+    }
+
+    async fn get_filesystems(
+        &self,
+        _: Request<cmd::EmptyRequest>,
+    ) -> Result<Response<cmd::GuestFilesystemsResponse>, Status> {
+        Ok(Response::new(cmd::GuestFilesystemsResponse {
+            response: Some(ok()),
+            guest_filesystems_response: "[]".into(),
+        }))
+    }
+
+    async fn guest_ping(
+        &self,
+        _: Request<cmd::GuestPingRequest>,
+    ) -> Result<Response<cmd::GuestPingResponse>, Status> {
+        self.backend.guest_ping_failed();
+        Err(Status::unknown(NO_AGENT))
+    }
+
+    async fn exec(
+        &self,
+        _: Request<cmd::ExecRequest>,
+    ) -> Result<Response<cmd::ExecResponse>, Status> {
+        Err(Status::unknown(NO_AGENT))
     }
 }
 

@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::kubevirt::notify::{DomainEvent, Notifier, NotifyError};
+use crate::kubevirt::notify::{DomainEvent, K8sEvent, Notifier, NotifyError, VmiRef};
 use crate::kubevirt::proto::cmd::info::cmd_info_client::CmdInfoClient;
 use crate::kubevirt::proto::cmd::v1::cmd_client::CmdClient;
 use crate::kubevirt::proto::notify::info::notify_info_server::{NotifyInfo, NotifyInfoServer};
@@ -39,11 +39,12 @@ impl Drop for TempDir {
     }
 }
 
-/// Records calls; fails the ones named in `fail`.
+/// Records calls; fails the ones named in `fail`, takes `slow` to answer the one named there.
 #[derive(Default)]
-struct FakeBackend {
+pub(crate) struct FakeBackend {
     calls: Mutex<Vec<String>>,
     fail: Option<&'static str>,
+    slow: Option<(&'static str, Duration)>,
 }
 
 impl FakeBackend {
@@ -52,6 +53,11 @@ impl FakeBackend {
             .lock()
             .unwrap()
             .push(format!("{what} {}", vmi.domain_name()));
+        if let Some((slow, delay)) = self.slow
+            && slow == what
+        {
+            std::thread::sleep(delay);
+        }
         if self.fail == Some(what) {
             return Err(BackendError::Controller("vCPU thread died".into()));
         }
@@ -116,6 +122,9 @@ impl LauncherBackend for FakeBackend {
     }
     fn signal_target_pod_cleanup(&self, vmi: &Vmi) -> Result<(), BackendError> {
         self.record("signal-target-pod-cleanup", vmi)
+    }
+    fn guest_ping_failed(&self) {
+        self.calls.lock().unwrap().push("guest ping failed".into());
     }
 }
 
@@ -313,6 +322,71 @@ async fn migration_commands_reach_the_backend_with_their_vmi_and_options() {
 }
 
 #[tokio::test]
+async fn guest_agent_queries_answer_empty_and_guest_ping_and_exec_fail_like_no_agent() {
+    let backend = Arc::new(FakeBackend::default());
+    let (_dir, mut client, _stop) = start(backend.clone()).await;
+    let info = reply(client.get_guest_info(cmd::EmptyRequest {})).await;
+    assert!(info.response.unwrap().success);
+    let info: Value = serde_json::from_str(&info.guest_info_response).unwrap();
+    assert_eq!(info["os"], json!({}));
+    assert!(info.get("guestAgentVersion").is_none(), "{info}");
+    let users = reply(client.get_users(cmd::EmptyRequest {})).await;
+    assert!(users.response.unwrap().success);
+    assert_eq!(users.guest_user_list_response, "[]");
+    // What virt-handler's metrics scrape calls right after GetDomainStats.
+    let filesystems = reply(client.get_filesystems(cmd::EmptyRequest {})).await;
+    assert!(filesystems.response.unwrap().success);
+    assert_eq!(filesystems.guest_filesystems_response, "[]");
+
+    let ping = client
+        .guest_ping(cmd::GuestPingRequest {
+            domain_name: "default_testvm".into(),
+            timeout_seconds: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ping.code(), tonic::Code::Unknown);
+    assert!(ping.message().starts_with("Guest agent is not responding"));
+    let exec = client
+        .exec(cmd::ExecRequest {
+            domain_name: "default_testvm".into(),
+            command: "/bin/true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(exec.code(), tonic::Code::Unknown);
+    assert_eq!(backend.calls(), ["guest ping failed"]);
+}
+
+#[tokio::test]
+async fn queries_are_answered_while_a_slow_command_runs() {
+    let backend = Arc::new(FakeBackend {
+        slow: Some(("shutdown", Duration::from_secs(3))),
+        ..Default::default()
+    });
+    let (_dir, mut client, _stop) = start(backend.clone()).await;
+    let mut slow_client = client.clone();
+    let shutdown =
+        tokio::spawn(async move { slow_client.shutdown_virtual_machine(vmi_request(VMI)).await });
+    while backend.calls().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The shutdown holds the control thread for 3 s; queries do not wait for it.
+    let start = std::time::Instant::now();
+    reply(client.get_domain(cmd::EmptyRequest {})).await;
+    reply(client.get_domain_stats(cmd::EmptyRequest {})).await;
+    assert!(succeeded(client.ping(cmd::EmptyRequest {})).await);
+    reply(client.get_filesystems(cmd::EmptyRequest {})).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "queries waited {:?} behind the shutdown",
+        start.elapsed()
+    );
+    assert!(shutdown.await.unwrap().unwrap().into_inner().success);
+}
+
+#[tokio::test]
 async fn domain_stats_are_returned_as_json_text() {
     let (_dir, mut client, _stop) = start(Arc::default()).await;
     let stats = reply(client.get_domain_stats(cmd::EmptyRequest {})).await;
@@ -358,6 +432,7 @@ fn launcher_server_renames_its_socket_when_ready_and_removes_it_on_stop() {
 /// virt-handler's side of the notify socket.
 struct FakeVirtHandler {
     events: mpsc::UnboundedSender<notify::DomainEventRequest>,
+    k8s_events: mpsc::UnboundedSender<Value>,
     versions: Vec<u32>,
 }
 
@@ -392,15 +467,44 @@ impl Notify for Arc<FakeVirtHandler> {
             },
         }))
     }
+
+    async fn handle_k8s_event(
+        &self,
+        request: Request<notify::K8sEventRequest>,
+    ) -> Result<Response<notify::Response>, Status> {
+        let event = serde_json::from_slice(&request.into_inner().event_json).unwrap();
+        let _ = self.k8s_events.send(event);
+        Ok(Response::new(notify::Response {
+            success: true,
+            message: String::new(),
+        }))
+    }
 }
 
-/// A fake virt-handler notify server in `share_dir`; events arrive on the receiver.
+/// A fake virt-handler notify server in `share_dir`; domain events arrive on the receiver.
 pub(crate) fn fake_virt_handler(
     share_dir: &Path,
     versions: Vec<u32>,
 ) -> mpsc::UnboundedReceiver<notify::DomainEventRequest> {
+    fake_virt_handler_with_k8s_events(share_dir, versions).0
+}
+
+/// [`fake_virt_handler`], with the Kubernetes events (`core/v1.Event` JSON) on a second
+/// receiver.
+pub(crate) fn fake_virt_handler_with_k8s_events(
+    share_dir: &Path,
+    versions: Vec<u32>,
+) -> (
+    mpsc::UnboundedReceiver<notify::DomainEventRequest>,
+    mpsc::UnboundedReceiver<Value>,
+) {
     let (events, received) = mpsc::unbounded_channel();
-    let handler = Arc::new(FakeVirtHandler { events, versions });
+    let (k8s_events, k8s_received) = mpsc::unbounded_channel();
+    let handler = Arc::new(FakeVirtHandler {
+        events,
+        k8s_events,
+        versions,
+    });
     let listener = UnixListener::bind(share_dir.join("domain-notify-pipe.sock")).unwrap();
     tokio::spawn(
         Server::builder()
@@ -408,7 +512,7 @@ pub(crate) fn fake_virt_handler(
             .add_service(NotifyServer::new(handler))
             .serve_with_incoming(UnixListenerStream::new(listener)),
     );
-    received
+    (received, k8s_received)
 }
 
 #[tokio::test]
@@ -471,10 +575,74 @@ async fn notifier_reports_a_refused_event_without_retrying() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "virt-handler refused the domain event: domain not found"
+        "virt-handler refused the event: domain not found"
     );
     assert_eq!(received.recv().await.unwrap().event_type, "MODIFIED");
     assert!(received.try_recv().is_err(), "sent once");
+}
+
+#[tokio::test]
+async fn notifier_sends_kubernetes_events_about_the_vmi() {
+    let dir = TempDir::new("notify-k8s");
+    let (_domains, mut k8s) = fake_virt_handler_with_k8s_events(&dir.0, vec![1]);
+    let mut notifier = Notifier::new(&dir.0);
+    let vmi = VmiRef {
+        namespace: "default".into(),
+        name: "testvm".into(),
+        uid: "u-1".into(),
+    };
+    let event = K8sEvent {
+        warning: true,
+        reason: "GuestPanicked",
+        message: "GuestPanicked: triple fault".into(),
+    };
+    notifier.send_k8s_event(&event, &vmi).await.unwrap();
+    let got = k8s.recv().await.unwrap();
+    // What virt-handler's notify server reads: the VMI by namespace, name and UID.
+    assert_eq!(
+        got["involvedObject"],
+        json!({"kind": "VirtualMachineInstance", "namespace": "default", "name": "testvm",
+               "uid": "u-1", "apiVersion": "kubevirt.io/v1"})
+    );
+    assert_eq!(
+        (&got["type"], &got["reason"], &got["message"]),
+        (
+            &json!("Warning"),
+            &json!("GuestPanicked"),
+            &json!("GuestPanicked: triple fault")
+        )
+    );
+}
+
+#[tokio::test]
+async fn notifier_stops_retrying_at_the_exit_deadline() {
+    let dir = TempDir::new("notify-exit");
+    let mut notifier = Notifier::new(&dir.0);
+    notifier.retry_interval = Duration::from_millis(10);
+    notifier
+        .exit_deadline
+        .set(std::time::Instant::now() + Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    let err = notifier
+        .send(&DomainEvent::modified(json!({})))
+        .await
+        .unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        matches!(err, NotifyError::Connect { .. } | NotifyError::Exiting),
+        "{err}"
+    );
+    // Past the deadline nothing is tried.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let err = notifier
+        .send(&DomainEvent::modified(json!({})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NotifyError::Exiting), "{err}");
 }
 
 #[tokio::test]

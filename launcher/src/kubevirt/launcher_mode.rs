@@ -10,10 +10,12 @@
 //! and drives the VM through the command server ([`super::backend`]).
 //!
 //! The end:
-//! - The guest powers off, resets or crashes: the final domain events go out and rvmm exits
-//!   (0, or 3 for a crash, 1 when KVM could not run the guest), as `rvmm run` does.
-//! - DeleteVirtualMachine: the VM is stopped and forgotten, the final event goes out, rvmm
-//!   exits 0. After KillVirtualMachine the stopped VM stays defined until then.
+//! - The guest powers off or crashes, or KillVirtualMachine stops the VM: the domain stays,
+//!   Shutoff, as KubeVirt's does, until virt-handler deletes it (at most
+//!   [`super::domain_events::DELETE_WAIT`]). A guest's reboot restarts the guest.
+//! - DeleteVirtualMachine: the VM is stopped (if it still runs) and forgotten, the final event
+//!   goes out, rvmm exits: 0, or as `rvmm run` for how the guest ended (3 a crash, 1 when KVM
+//!   could not run it).
 //! - SIGTERM: as KubeVirt's launcher, rvmm marks the domain for a graceful shutdown (a domain
 //!   event) and lets virt-handler drive it (ShutdownVirtualMachine, then Kill); once
 //!   `--grace-period-seconds` have passed the VM is stopped. Without a VM running rvmm exits at
@@ -21,10 +23,13 @@
 //! - No VMI synced within `--qemu-timeout`: exit 1, as virt-launcher's "timed out waiting for
 //!   domain to be defined".
 //!
-//! Every way out stops the VM (disks flushed), sends the last domain events (bounded wait),
-//! stops the command server and removes its socket. `--keep-after-failure` then keeps a failed
-//! launcher (exit code not 0) alive until a signal, for debugging; `--simulate-crash` fails at
-//! once. The other flags are accepted and logged ([`super::launcher_flags::FLAG_USES`]).
+//! Every way out stops the VM (disks flushed), sends the last domain events (for at most
+//! [`FINAL_EVENTS_WITHIN`]: a virt-handler that does not answer does not hold the pod), stops
+//! the command server, removes its socket and, as virt-launcher-monitor does, the container
+//! disks' sockets (`<container-disk-dir>/*.sock`), which ends the containerDisk containers.
+//! `--keep-after-failure` then keeps a failed launcher (exit code not 0) alive until a signal,
+//! for debugging; `--simulate-crash` fails at once. The other flags are accepted and logged
+//! ([`super::launcher_flags::FLAG_USES`]).
 //!
 //! Seccomp: as `rvmm run`, one filter per thread kind ([`crate::seccomp`]); the mode has no
 //! `--seccomp` flag, filters are always on. The vCPU and device threads have theirs; the gRPC
@@ -43,18 +48,19 @@ use vmm_core::CpuProfile;
 use vmm_core::cpuid::KVM_PVM_MODULE;
 
 use super::backend::{DomainRecord, KubevirtBackend};
-use super::domain_events::DomainEvents;
+use super::container_disks::ContainerDiskSockets;
+use super::domain_events::{DELETE_WAIT, DomainEvents};
 use super::grpc::{GrpcError, GrpcRuntime, LauncherServer, error_chain, ready_socket_path};
 use super::launcher_flags::{LauncherFlags, VirtLauncherArgs};
-use super::notify::Notifier;
+use super::notify::{Notifier, VmiRef};
 use crate::events::EventMonitor;
 use crate::seccomp::{filter_main_thread, grpc_filter};
 use crate::shutdown::ShutdownSignals;
-use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, Vmm, VmmSettings};
+use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, OnReboot, Vmm, VmmSettings};
 
-/// How long the launcher waits for its last domain events at exit (KubeVirt's launcher waits
-/// 15 s for its final notification).
-const FINAL_EVENTS_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the launcher gives its last events at exit, when virt-handler does not take them
+/// at once (its socket gone, say): the exit stays within the grace period plus a few seconds.
+const FINAL_EVENTS_WITHIN: Duration = Duration::from_secs(3);
 
 /// The mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,7 @@ pub enum LauncherModeError {
 
 /// Runs the virt-launcher mode; returns the exit code.
 pub fn run(flags: &LauncherFlags) -> u8 {
+    single_malloc_arena();
     // Before any thread starts, so that every thread inherits the blocked signals.
     let signals = match ShutdownSignals::block() {
         Ok(signals) => signals,
@@ -89,8 +96,11 @@ pub fn run(flags: &LauncherFlags) -> u8 {
         args.kubevirt_share_dir.display()
     );
     flags.log_usage();
+    // Opened before the main thread filters itself; cleaned up on every way out.
+    let container_disks = ContainerDiskSockets::open(&args.container_disk_dir);
     if args.simulate_crash {
         eprintln!("rvmm: simulated virt-launcher crash (--simulate-crash)");
+        container_disks.remove_sockets();
         return EXIT_VMM_ERROR;
     }
     let settings = settings();
@@ -144,10 +154,22 @@ pub fn run(flags: &LauncherFlags) -> u8 {
             fail(&e)
         }
     };
+    container_disks.remove_sockets();
     if code != EXIT_OK && args.keep_after_failure {
         keep_after_failure(&signalled, code);
     }
     code
+}
+
+/// Every thread allocates from glibc's main heap. A thread heap of its own (glibc's default)
+/// is trimmed by `shrink_heap`, which first reads /proc/sys/vm/overcommit_memory: an `openat`
+/// that the gRPC thread's filter forbids, and that thread now builds the domains and stats
+/// GetDomain and GetDomainStats answer. The main heap is trimmed with `brk` alone.
+fn single_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        log::warn!("Cannot limit glibc to one malloc arena");
+    }
 }
 
 fn fail(err: &LauncherModeError) -> u8 {
@@ -157,13 +179,17 @@ fn fail(err: &LauncherModeError) -> u8 {
 }
 
 /// The VMM's host-side settings in a launcher pod (seccomp filters always on: the mode has
-/// no `--seccomp` flag).
+/// no `--seccomp` flag). As under KubeVirt's libvirt (no `on_reboot` in its domains), a guest
+/// reboot restarts the guest and the domain stays running; a guest that ends itself leaves a
+/// stopped domain for virt-handler to delete.
 fn settings() -> VmmSettings {
     VmmSettings {
         kvm_path: "/dev/kvm".into(),
         cpu_profile: CpuProfile::for_host(Path::new(KVM_PVM_MODULE).exists()),
         serial_log: None,
         seccomp: true,
+        on_reboot: OnReboot::Restart,
+        exit_when_guest_ends: false,
     }
 }
 
@@ -181,7 +207,7 @@ fn shutdown_signal(
     }
     if !backend.is_some_and(|b| b.mark_for_graceful_shutdown()) {
         log::info!("Shutdown signal: no VM runs, exiting");
-        vmm.request_exit(EXIT_OK);
+        vmm.request_exit(vmm.vm_end_code());
         return;
     }
     log::warn!(
@@ -254,11 +280,18 @@ impl Launcher {
             .map_err(|e| LauncherModeError::Server(GrpcError::Seccomp(e)))?;
         let runtime = GrpcRuntime::start_filtered(filter).map_err(LauncherModeError::Server)?;
         let record = Arc::new(DomainRecord::default());
+        let vmi = VmiRef {
+            namespace: args.namespace.clone(),
+            name: args.name.clone(),
+            uid: args.uid.clone(),
+        };
         let events = DomainEvents::start(
             Notifier::new(&args.kubevirt_share_dir),
             runtime.handle().clone(),
             record.clone(),
             vmm.clone(),
+            vmi,
+            DELETE_WAIT,
         )
         .map_err(|e| LauncherModeError::Thread("domain-event", e))?;
         vmm.on_event(events.listener(record.clone()));
@@ -292,16 +325,18 @@ impl Launcher {
     fn run_to_end(self, vmm: &Vmm) -> u8 {
         let code = vmm.wait_for_exit();
         vmm.teardown();
-        if !self.events.wait_flushed(FINAL_EVENTS_TIMEOUT) {
-            log::warn!(
-                "The last domain events were not delivered within {} s",
-                FINAL_EVENTS_TIMEOUT.as_secs()
-            );
-        }
+        let finished = self.events.finish(FINAL_EVENTS_WITHIN);
         if let Err(e) = self.server.stop() {
             log::warn!("Stopping the command server: {}", error_chain(&e));
         }
-        drop(self.runtime);
+        if finished {
+            drop(self.runtime);
+        } else {
+            // The event thread still waits inside the runtime: shutting the runtime down under
+            // it would panic that thread. The process ends now anyway.
+            log::warn!("The domain-event thread did not end: leaving it to the exit");
+            std::mem::forget(self.runtime);
+        }
         code
     }
 }

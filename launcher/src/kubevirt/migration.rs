@@ -250,7 +250,7 @@ impl KubevirtBackend {
         );
         // Bound before the answer: virt-handler's proxy may connect right after it.
         let listener =
-            MigrationListener::bind(&url).map_err(|e| invalid(crate::vmm::chain_text(&e)))?;
+            MigrationListener::bind(&url).map_err(|e| invalid(crate::errors::error_chain(&e)))?;
         let (vmm, record, changes) = (self.vmm().clone(), self.record().clone(), self.changes());
         let config = plan.config.clone();
         log::info!("Prepared migration target pod, listening on {url}");
@@ -263,12 +263,15 @@ impl KubevirtBackend {
                         m.end = Some(SystemTime::now());
                         if let Err(e) = &result {
                             m.failed = true;
-                            m.failure_reason = crate::vmm::chain_text(e);
+                            m.failure_reason = crate::errors::error_chain(e);
                         }
                     }
                 });
                 if let Err(e) = result {
-                    log::error!("Incoming migration failed: {}", crate::vmm::chain_text(&e));
+                    log::error!(
+                        "Incoming migration failed: {}",
+                        crate::errors::error_chain(&e)
+                    );
                 }
                 let _ = changes.send(Change::Metadata);
             })
@@ -336,7 +339,7 @@ fn finish_source(
                 Err(e) => {
                     m.failed = true;
                     m.failure_reason =
-                        format!("Live migration failed. {}", crate::vmm::chain_text(e));
+                        format!("Live migration failed. {}", crate::errors::error_chain(e));
                 }
             }
         }

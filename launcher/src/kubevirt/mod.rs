@@ -4,20 +4,24 @@
 //!   the VMI field rvmm cannot honour.
 //! - [`domain`]: the `api.Domain` JSON virt-handler reads back (GetDomain, domain events).
 //! - [`launcher_flags`]: the command line virt-controller gives the launcher pod.
-//! - [`grpc`]: the command server (`cmd.v1` + `cmd.info`) on the launcher socket.
+//! - [`grpc`]: the command server (`cmd.v1` + `cmd.info`) on the launcher socket;
+//!   [`h2_authority`] lets it answer clients that send the socket path as `:authority`.
 //! - [`notify`]: the client that sends domain events to virt-handler's notify socket.
 //! - [`backend`]: virt-handler's commands on the VM controller ([`crate::vmm::Vmm`]).
 //! - [`domain_events`]: the VMM's events turned into domain events for virt-handler.
 //! - [`stats`]: GetDomainStats from the VM's metrics.
+//! - [`container_disks`]: the containerDisk sockets removed at exit.
 //! - [`launcher_mode`]: `rvmm virt-launcher`, the mode that puts it all together.
 //!
 //! Only this mode runs a tokio runtime (one current-thread scheduler on its own thread);
 //! `rvmm run` never does.
 
 pub mod backend;
+pub mod container_disks;
 pub mod domain;
 pub mod domain_events;
 pub mod grpc;
+pub mod h2_authority;
 pub mod launcher_flags;
 pub mod launcher_mode;
 pub mod migration;

@@ -6,9 +6,15 @@
 //! domain once it is defined, `MODIFIED` with the domain on every state change, and at the
 //! end `MODIFIED` with the domain in [`super::domain::DomainState::gone`] (a deletion
 //! timestamp), which tells virt-handler the VM is gone. `ERROR` carries a `metav1.Status`
-//! instead of a domain.
+//! instead of a domain. Kubernetes events about the VMI (`HandleK8sEvent`, a `core/v1.Event`)
+//! go to the same socket; virt-handler records them on the VMI.
+//!
+//! An event is retried for 20 s, as KubeVirt's notifier does, but never past the exit deadline
+//! ([`ExitDeadline`]): a launcher on its way out gives up on a virt-handler that does not
+//! answer (its socket gone, say) rather than hold the pod.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -18,8 +24,8 @@ use tonic::transport::Channel;
 use super::grpc::connect_unix;
 use super::proto::notify::info::NotifyInfoRequest;
 use super::proto::notify::info::notify_info_client::NotifyInfoClient;
-use super::proto::notify::v1::DomainEventRequest;
 use super::proto::notify::v1::notify_client::NotifyClient;
+use super::proto::notify::v1::{DomainEventRequest, K8sEventRequest};
 
 /// The notify protocol version rvmm speaks.
 pub const NOTIFY_VERSION: u32 = 1;
@@ -107,6 +113,69 @@ impl DomainEvent {
     }
 }
 
+/// The VMI a Kubernetes event is about, as virt-handler finds it (namespace, name, UID).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmiRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+}
+
+/// A Kubernetes event about the VMI, as KubeVirt's launcher sends them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct K8sEvent {
+    /// `Warning` (all of KubeVirt's launcher events are warnings).
+    pub warning: bool,
+    /// The reason (`GuestPanicked`, `GuestAgentPingFailed`).
+    pub reason: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+impl K8sEvent {
+    /// The `core/v1.Event` JSON about `vmi`.
+    pub fn to_json(&self, vmi: &VmiRef) -> Value {
+        json!({
+            "metadata": {"creationTimestamp": null},
+            "involvedObject": {
+                "kind": "VirtualMachineInstance",
+                "namespace": vmi.namespace,
+                "name": vmi.name,
+                "uid": vmi.uid,
+                "apiVersion": "kubevirt.io/v1",
+            },
+            "reason": self.reason,
+            "message": self.message,
+            "source": {},
+            "firstTimestamp": null,
+            "lastTimestamp": null,
+            "eventTime": null,
+            "reportingComponent": "",
+            "reportingInstance": "",
+            "type": if self.warning { "Warning" } else { "Normal" },
+        })
+    }
+}
+
+/// When a launcher on its way out stops retrying undelivered events; shared by the notifier
+/// and whoever ends the launcher.
+#[derive(Clone, Debug, Default)]
+pub struct ExitDeadline(Arc<Mutex<Option<Instant>>>);
+
+impl ExitDeadline {
+    /// Gives up on events at `when`.
+    pub fn set(&self, when: Instant) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(when);
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// An event could not be delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -132,11 +201,21 @@ pub enum NotifyError {
     #[error("Sending the domain event failed")]
     Send(#[source] tonic::Status),
     /// The call took too long.
-    #[error("Sending the domain event timed out after {0:?}")]
+    #[error("Sending the event timed out after {0:?}")]
     Timeout(Duration),
     /// virt-handler answered `success: false`.
-    #[error("virt-handler refused the domain event: {0}")]
+    #[error("virt-handler refused the event: {0}")]
     Refused(String),
+    /// The launcher is exiting and the event was not out in time.
+    #[error("The launcher exited before the event was delivered")]
+    Exiting,
+}
+
+/// One of the notify service's two calls.
+#[derive(Clone, Debug)]
+enum Call {
+    Domain(DomainEventRequest),
+    K8s(K8sEventRequest),
 }
 
 /// The client side of virt-handler's notify socket; reconnects as needed.
@@ -150,6 +229,8 @@ pub struct Notifier {
     pub total_timeout: Duration,
     /// Time allowed for one call.
     pub send_timeout: Duration,
+    /// No retries past this once it is set.
+    pub exit_deadline: ExitDeadline,
 }
 
 impl Notifier {
@@ -162,6 +243,7 @@ impl Notifier {
             retry_interval: Duration::from_secs(1),
             total_timeout: Duration::from_secs(20),
             send_timeout: Duration::from_secs(5),
+            exit_deadline: ExitDeadline::default(),
         }
     }
 
@@ -198,14 +280,14 @@ impl Notifier {
         Ok(client)
     }
 
-    async fn attempt(&mut self, request: DomainEventRequest) -> Result<(), NotifyError> {
-        let timeout = self.send_timeout;
+    async fn attempt(&mut self, call: Call, timeout: Duration) -> Result<(), NotifyError> {
         let call = async {
             let mut client = self.connect().await?;
-            client
-                .handle_domain_event(request)
-                .await
-                .map_err(NotifyError::Send)
+            match call {
+                Call::Domain(request) => client.handle_domain_event(request).await,
+                Call::K8s(request) => client.handle_k8s_event(request).await,
+            }
+            .map_err(NotifyError::Send)
         };
         let response = tokio::time::timeout(timeout, call)
             .await
@@ -218,32 +300,80 @@ impl Notifier {
         }
     }
 
-    /// Delivers `event`, retrying until [`Self::total_timeout`]; a refusal is not retried.
+    /// Delivers `event`, retrying until [`Self::total_timeout`] (or the exit deadline); a
+    /// refusal is not retried.
     pub async fn send(&mut self, event: &DomainEvent) -> Result<(), NotifyError> {
+        self.deliver(Call::Domain(event.request())).await
+    }
+
+    /// Delivers a Kubernetes event about `vmi`, as [`Self::send`] does a domain event.
+    pub async fn send_k8s_event(
+        &mut self,
+        event: &K8sEvent,
+        vmi: &VmiRef,
+    ) -> Result<(), NotifyError> {
+        let request = K8sEventRequest {
+            event_json: event.to_json(vmi).to_string().into_bytes(),
+        };
+        self.deliver(Call::K8s(request)).await
+    }
+
+    async fn deliver(&mut self, call: Call) -> Result<(), NotifyError> {
         let deadline = Instant::now() + self.total_timeout;
+        let mut last = None;
         loop {
-            match self.attempt(event.request()).await {
+            let now = Instant::now();
+            let deadline = self
+                .exit_deadline
+                .get()
+                .map_or(deadline, |e| e.min(deadline));
+            let Some(left) = deadline
+                .checked_duration_since(now)
+                .filter(|l| !l.is_zero())
+            else {
+                return Err(last.unwrap_or(NotifyError::Exiting));
+            };
+            match self
+                .attempt(call.clone(), self.send_timeout.min(left))
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e @ NotifyError::Refused(_)) => return Err(e),
                 Err(e) => {
                     // Reconnect next time: the socket may have been recreated.
                     self.client = None;
-                    if Instant::now() + self.retry_interval > deadline {
+                    let next = Instant::now() + self.retry_interval;
+                    let deadline = self
+                        .exit_deadline
+                        .get()
+                        .map_or(deadline, |e| e.min(deadline));
+                    if next > deadline {
                         return Err(e);
                     }
-                    log::debug!("domain event not delivered yet: {e}");
+                    log::debug!("event not delivered yet: {e}");
+                    last = Some(e);
                     tokio::time::sleep(self.retry_interval).await;
                 }
             }
         }
     }
 
-    /// [`Self::send`] from a thread outside the runtime (the VM controller's).
+    /// [`Self::send`] from a thread outside the runtime (the domain-event thread).
     pub fn send_blocking(
         &mut self,
         runtime: &Handle,
         event: &DomainEvent,
     ) -> Result<(), NotifyError> {
         runtime.block_on(self.send(event))
+    }
+
+    /// [`Self::send_k8s_event`] from a thread outside the runtime.
+    pub fn send_k8s_event_blocking(
+        &mut self,
+        runtime: &Handle,
+        event: &K8sEvent,
+        vmi: &VmiRef,
+    ) -> Result<(), NotifyError> {
+        runtime.block_on(self.send_k8s_event(event, vmi))
     }
 }

@@ -4,14 +4,17 @@
 //! stats, every value comes with a `...Set` flag, and virt-handler skips a value whose flag is
 //! false; rvmm sets the flags of what it counts:
 //!
-//! - `Name`, `UUID`: the domain's.
-//! - `Vcpu`: one entry per vCPU, `State` 1 (running); no CPU time (`TimeSet` false).
-//! - `Memory`: `ActualBalloon` = guest RAM in KiB (no balloon and no guest-reported figures).
+//! - `Name`, `UUID`: the domain's; `NrVirtCpu`, the vCPU count (KubeVirt up to v1.6 reads it
+//!   for the downward metrics' `ResourceProcessorLimit`).
+//! - `Vcpu`: one entry per vCPU, `State` 1 (running), `Time` the CPU time its thread used (ns).
+//! - `Cpu`: `Time`, the CPU time the whole VMM used (ns; libvirt's is QEMU's); no user/system
+//!   split.
+//! - `Memory`: `ActualBalloon` and `Total` = guest RAM in KiB (no balloon and no
+//!   guest-reported figures).
 //! - `Block`: per disk in guest order: `Name` (`vda`), `Alias` (the VMI disk name), `Path`,
 //!   `RdReqs`/`RdBytes`, `WrReqs`/`WrBytes`, `FlReqs`, `Errors`; no times, no capacity.
 //! - `Net`: per interface: `Name` (the tap), `Alias` (the VMI interface name), rx/tx bytes,
 //!   packets, drops and errors.
-//! - `Cpu` (host CPU time of the whole VM): empty, all flags false.
 
 use serde_json::{Value, json};
 use vmm_core::metrics::VmMetrics;
@@ -31,9 +34,20 @@ pub fn domain_stats(vmi: &Vmi, plan: &LaunchPlan, metrics: &VmMetrics) -> Value 
         .as_ref()
         .and_then(|f| f.uuid.clone())
         .unwrap_or_else(|| vmi.metadata.uid.clone());
-    let vcpus: Vec<Value> = (0..plan.config.cpus.boot_vcpus)
-        .map(|_| json!({"StateSet": true, "State": VCPU_RUNNING}))
+    let vcpus: Vec<Value> = (0..usize::from(plan.config.cpus.boot_vcpus))
+        .map(|i| {
+            let mut vcpu = json!({"StateSet": true, "State": VCPU_RUNNING});
+            if let Some(ns) = metrics.vcpu_cpu_ns.get(i).copied().flatten() {
+                vcpu["TimeSet"] = json!(true);
+                vcpu["Time"] = json!(ns);
+            }
+            vcpu
+        })
         .collect();
+    let cpu = match process_cpu_ns() {
+        Some(ns) => json!({"TimeSet": true, "Time": ns}),
+        None => json!({}),
+    };
     let block: Vec<Value> = plan
         .disks
         .iter()
@@ -92,17 +106,36 @@ pub fn domain_stats(vmi: &Vmi, plan: &LaunchPlan, metrics: &VmMetrics) -> Value 
     json!({
         "Name": plan.domain_name,
         "UUID": uuid,
-        "Cpu": {},
-        "Memory": {"ActualBalloonSet": true, "ActualBalloon": metrics.memory_bytes >> 10},
+        "Cpu": cpu,
+        "Memory": {
+            "ActualBalloonSet": true,
+            "ActualBalloon": metrics.memory_bytes >> 10,
+            "TotalSet": true,
+            "Total": metrics.memory_bytes >> 10,
+        },
         "MigrateDomainJobInfo": null,
         "Vcpu": vcpus,
         "Net": net,
         "Block": block,
         "CPUMapSet": false,
         "CPUMap": null,
+        "NrVirtCpu": plan.config.cpus.boot_vcpus,
         "DirtyRate": null,
         "Load": null,
     })
+}
+
+/// The CPU time the whole process has used, in nanoseconds.
+fn process_cpu_ns() -> Option<u64> {
+    // SAFETY: a zeroed timespec is valid; clock_gettime writes it.
+    let mut time: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(time.tv_sec).ok()?;
+    let nanos = u64::try_from(time.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
 #[cfg(test)]
@@ -136,6 +169,7 @@ mod tests {
                 ..Default::default()
             }],
             memory_bytes: 64 << 20,
+            vcpu_cpu_ns: vec![Some(2_000_000), None],
         };
         let s = domain_stats(&vmi, &plan, &metrics);
         assert_eq!(
@@ -147,9 +181,19 @@ mod tests {
         );
         assert_eq!(
             s["Vcpu"],
-            json!([{"StateSet": true, "State": 1}, {"StateSet": true, "State": 1}])
+            json!([
+                {"StateSet": true, "State": 1, "TimeSet": true, "Time": 2_000_000},
+                {"StateSet": true, "State": 1}
+            ])
         );
+        assert_eq!(s["NrVirtCpu"], 2);
         assert_eq!(s["Memory"]["ActualBalloon"], 65536);
+        assert_eq!(
+            (&s["Memory"]["TotalSet"], &s["Memory"]["Total"]),
+            (&json!(true), &json!(65536))
+        );
+        assert_eq!(s["Cpu"]["TimeSet"], true);
+        assert!(s["Cpu"]["Time"].as_u64().unwrap() > 0);
         let disk = &s["Block"][0];
         assert_eq!(
             (disk["Name"].as_str(), disk["Alias"].as_str()),
@@ -180,6 +224,5 @@ mod tests {
             [500, 5, 600, 6].map(|n| json!(n)).each_ref()
         );
         assert_eq!(nic["RxDropSet"], true);
-        assert_eq!(s["Cpu"], json!({}), "no host CPU time: every flag false");
     }
 }

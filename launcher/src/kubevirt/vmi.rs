@@ -92,10 +92,16 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> VmiError {
 }
 
 impl Vmi {
-    /// Parses the VMI JSON, naming the field of any type error.
+    /// Parses the VMI JSON, naming the field of any type error. `null` is an unset field, as
+    /// in Kubernetes' own decoding.
     pub fn from_json(bytes: &[u8]) -> Result<Self, VmiError> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| VmiError::Parse {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| VmiError::Parse {
+                path: ".".into(),
+                message: e.to_string(),
+            })?;
+        strip_nulls(&mut value);
+        serde_path_to_error::deserialize(value).map_err(|e| VmiError::Parse {
             path: e.path().to_string(),
             message: e.inner().to_string(),
         })
@@ -104,6 +110,18 @@ impl Vmi {
     /// The libvirt-style domain name virt-handler expects: `<namespace>_<name>`.
     pub fn domain_name(&self) -> String {
         format!("{}_{}", self.metadata.namespace, self.metadata.name)
+    }
+}
+
+/// Removes every `null` member of every object in `value`.
+fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
     }
 }
 
@@ -158,6 +176,10 @@ pub struct LaunchPlan {
     /// The serial console's unix socket (virt-handler's console proxy connects here), if the
     /// VMI keeps the serial console.
     pub serial_socket: Option<PathBuf>,
+    /// The console output's copy (`virt-serial0-log`) that KubeVirt's `guest-console-log`
+    /// container follows: with the serial console unless the VMI (`logSerialConsole`) or the
+    /// cluster turns it off.
+    pub serial_log: Option<PathBuf>,
     /// The disks, in guest order (`vda`, `vdb`, ...).
     pub disks: Vec<PlannedDisk>,
     /// The network interfaces, in guest order.
@@ -324,6 +346,10 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
     let devices = &spec.domain.devices;
     let serial_socket = (devices.autoattach_serial_console != Some(false))
         .then(|| dirs.private.join(&vmi.metadata.uid).join("virt-serial0"));
+    let serial_log = serial_socket
+        .as_ref()
+        .filter(|_| devices.log_serial_console != Some(false))
+        .map(|socket| socket.with_file_name("virt-serial0-log"));
     if let Some(dir) = serial_socket.as_ref().and_then(|s| s.parent()) {
         prepare.push(PrepareStep::CreateDir {
             path: dir.to_owned(),
@@ -377,6 +403,7 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
         domain_name: vmi.domain_name(),
         config,
         serial_socket,
+        serial_log,
         disks,
         interfaces,
         prepare,
@@ -479,9 +506,12 @@ fn vcpus(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u8, VmiError> {
         Some(cpu) => {
             let one = |n: u32| u64::from(n.max(1));
             if cpu.dedicated_cpu_placement {
-                warnings.push(
-                    "spec.domain.cpu.dedicatedCpuPlacement: vCPUs are not pinned by rvmm".into(),
-                );
+                // virt-handler pins and tunes a dedicated-CPU VMI's QEMU threads (it looks for
+                // a qemu-kvm process and its `CPU n/KVM` threads): it would fail on rvmm.
+                return Err(unsupported(
+                    "spec.domain.cpu.dedicatedCpuPlacement",
+                    "dedicated CPUs are not supported (virt-handler pins QEMU's vCPU threads)",
+                ));
             }
             if cpu.numa.is_some() {
                 warnings.push("spec.domain.cpu.numa: ignored (one NUMA node)".into());
@@ -523,6 +553,14 @@ fn vcpus(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u8, VmiError> {
 }
 
 fn memory_bytes(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u64, VmiError> {
+    memory_field_and_bytes(vmi, warnings).map(|(_, bytes)| bytes)
+}
+
+/// The VMI field that sizes the guest's memory, and the size.
+fn memory_field_and_bytes(
+    vmi: &Vmi,
+    warnings: &mut Vec<String>,
+) -> Result<(String, u64), VmiError> {
     let domain = &vmi.spec.domain;
     let memory = domain.memory.as_ref();
     if memory.and_then(|m| m.max_guest.as_ref()).is_some() {
@@ -556,7 +594,122 @@ fn memory_bytes(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u64, VmiError> 
     // The same checks `memory.size` gets later, reported on the VMI's own field.
     vmm_core::memory::MemoryLayout::new(bytes)
         .map_err(|e| invalid(field.clone(), format!("{quantity}: {e}")))?;
-    Ok(bytes)
+    Ok((field, bytes))
+}
+
+/// What a Sync of the running VMI changes that rvmm applies live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveUpdate {
+    /// `terminationGracePeriodSeconds` changed (KubeVirt's launcher follows it).
+    pub grace_period_changed: bool,
+}
+
+/// Compares `synced`, a VMI virt-handler syncs again, with `running`, the one the VM was built
+/// from. Hotplug (CPUs, memory, disks and volumes, interfaces) and any other change of the VM
+/// cannot be applied to a running rvmm VM: the first such field is the error, so virt-handler
+/// reports it on the VMI rather than believing it applied. Metadata and status are not the
+/// VM's and may change.
+pub fn live_update(running: &Vmi, synced: &Vmi) -> Result<LiveUpdate, VmiError> {
+    let mut ignored = Vec::new();
+    let cpus = (vcpus(running, &mut ignored)?, vcpus(synced, &mut ignored)?);
+    if cpus.0 != cpus.1 {
+        let field = match synced.spec.domain.cpu {
+            Some(_) => "spec.domain.cpu",
+            None => "spec.domain.resources",
+        };
+        return Err(not_live(
+            field,
+            format!("{} to {} vCPUs: CPU hotplug", cpus.0, cpus.1),
+        ));
+    }
+    let (field, new_memory) = memory_field_and_bytes(synced, &mut ignored)?;
+    let (_, memory) = memory_field_and_bytes(running, &mut ignored)?;
+    if memory != new_memory {
+        return Err(not_live(
+            &field,
+            format!(
+                "{} MiB to {} MiB: memory hotplug",
+                memory >> 20,
+                new_memory >> 20
+            ),
+        ));
+    }
+    let (old, new) = (&running.spec, &synced.spec);
+    changed_list(
+        "spec.domain.devices.disks",
+        &old.domain.devices.disks,
+        &new.domain.devices.disks,
+        "disk hotplug",
+    )?;
+    changed_list("spec.volumes", &old.volumes, &new.volumes, "volume hotplug")?;
+    changed_list(
+        "spec.domain.devices.interfaces",
+        &old.domain.devices.interfaces,
+        &new.domain.devices.interfaces,
+        "interface hotplug",
+    )?;
+    changed_list(
+        "spec.networks",
+        &old.networks,
+        &new.networks,
+        "network hotplug",
+    )?;
+    let unchanged = [
+        (
+            "spec.domain.firmware",
+            old.domain.firmware == new.domain.firmware,
+        ),
+        (
+            "spec.domain.devices",
+            old.domain.devices == new.domain.devices,
+        ),
+        ("spec.domain.memory", old.domain.memory == new.domain.memory),
+        (
+            "spec.domain.launchSecurity",
+            old.domain.launch_security == new.domain.launch_security,
+        ),
+        ("spec.architecture", old.architecture == new.architecture),
+        (
+            "spec.accessCredentials",
+            old.access_credentials == new.access_credentials,
+        ),
+    ];
+    if let Some((field, _)) = unchanged.iter().find(|(_, same)| !same) {
+        return Err(not_live(field, "changed".into()));
+    }
+    Ok(LiveUpdate {
+        grace_period_changed: old.termination_grace_period_seconds
+            != new.termination_grace_period_seconds,
+    })
+}
+
+fn not_live(field: &str, what: String) -> VmiError {
+    unsupported(
+        field,
+        format!("{what} is not supported on a running rvmm VM (restart the VMI to apply it)"),
+    )
+}
+
+/// Names the first entry of `field` that differs between the running and the synced VMI.
+fn changed_list<T: PartialEq>(
+    field: &str,
+    running: &[T],
+    synced: &[T],
+    what: &str,
+) -> Result<(), VmiError> {
+    if running.len() != synced.len() {
+        return Err(not_live(
+            field,
+            format!("{} to {} entries: {what}", running.len(), synced.len()),
+        ));
+    }
+    match running.iter().zip(synced).position(|(a, b)| a != b) {
+        Some(i) => Err(not_live(
+            &format!("{field}[{i}]"),
+            format!("changed: {what}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn payload(

@@ -1,6 +1,8 @@
 //! The part of KubeVirt's `VirtualMachineInstance` (kubevirt.io/v1) that rvmm reads or must
-//! refuse. Unknown fields are ignored: VMIs carry much that does not concern the VMM. Fields
-//! rvmm only checks for presence are kept as raw JSON.
+//! refuse. Unknown fields are ignored: VMIs carry much that does not concern the VMM, and a
+//! newer KubeVirt adds more. Fields rvmm only checks for presence are kept as raw JSON. Every
+//! typed field has KubeVirt's type (`launcher/tests/fixtures/kubevirt/vmi-every-field.json`
+//! sets every field of the v1 schema), and a `null` is an unset field.
 
 use std::collections::BTreeMap;
 
@@ -93,8 +95,8 @@ pub struct VmiSpec {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct DomainSpec {
-    /// `requests` and `limits`, by resource name (`memory`, `cpu`).
-    pub resources: BTreeMap<String, BTreeMap<String, Quantity>>,
+    /// CPU and memory requests and limits.
+    pub resources: Resources,
     /// CPU topology.
     pub cpu: Option<Cpu>,
     /// Guest memory.
@@ -105,6 +107,29 @@ pub struct DomainSpec {
     pub devices: Devices,
     /// SEV / TDX.
     pub launch_security: Option<Value>,
+}
+
+/// `spec.domain.resources`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Resources {
+    /// Requests, by resource name (`memory`, `cpu`).
+    pub requests: BTreeMap<String, Quantity>,
+    /// Limits, by resource name.
+    pub limits: BTreeMap<String, Quantity>,
+    /// Leave the VMM's overhead out of the pod's request (a scheduling matter).
+    pub overcommit_guest_overhead: bool,
+}
+
+impl Resources {
+    /// `requests` or `limits` by that name.
+    pub fn get(&self, kind: &str) -> Option<&BTreeMap<String, Quantity>> {
+        match kind {
+            "requests" => Some(&self.requests),
+            "limits" => Some(&self.limits),
+            _ => None,
+        }
+    }
 }
 
 /// `spec.domain.cpu`.
@@ -195,6 +220,9 @@ pub struct Devices {
     pub interfaces: Vec<Interface>,
     /// Serial console (default true).
     pub autoattach_serial_console: Option<bool>,
+    /// Copy the serial console to a log for the `guest-console-log` container (default: the
+    /// cluster's setting, on unless disabled).
+    pub log_serial_console: Option<bool>,
     /// VNC display (default true).
     pub autoattach_graphics_device: Option<bool>,
     /// virtio-vsock.

@@ -513,3 +513,85 @@ fn bad_mac_and_unusable_memory_are_reported_on_the_vmi_fields() {
         error_text(&vmi, &pod.dirs)
     );
 }
+
+#[test]
+fn serial_console_log_follows_the_console_and_log_serial_console() {
+    let pod = fedora_pod();
+    let p = plan(&parse(FEDORA), &pod.dirs).unwrap();
+    let socket = p.serial_socket.clone().unwrap();
+    assert_eq!(
+        p.serial_log,
+        Some(socket.with_file_name("virt-serial0-log"))
+    );
+    let off = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["logSerialConsole"] = json!(false)
+    });
+    assert_eq!(plan(&off, &pod.dirs).unwrap().serial_log, None);
+    let no_console = edited(FEDORA, |v| {
+        v["spec"]["domain"]["devices"]["autoattachSerialConsole"] = json!(false)
+    });
+    assert_eq!(plan(&no_console, &pod.dirs).unwrap().serial_log, None);
+}
+
+#[test]
+fn dedicated_cpu_placement_is_refused_naming_the_field() {
+    let pod = fedora_pod();
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["cpu"]["dedicatedCpuPlacement"] = json!(true)
+    });
+    assert!(
+        error_text(&vmi, &pod.dirs)
+            .starts_with("spec.domain.cpu.dedicatedCpuPlacement: dedicated CPUs are not supported"),
+        "{}",
+        error_text(&vmi, &pod.dirs)
+    );
+}
+
+#[test]
+fn live_update_applies_the_grace_period_and_refuses_hotplug_naming_the_field() {
+    let running = parse(FEDORA);
+    let same = edited(FEDORA, |v| {
+        v["metadata"]["annotations"] = json!({"kubevirt.io/latest-observed-api-version": "v1"});
+        v["status"] = json!({"phase": "Running"});
+    });
+    assert_eq!(live_update(&running, &same).unwrap(), LiveUpdate::default());
+    let grace = edited(FEDORA, |v| {
+        v["spec"]["terminationGracePeriodSeconds"] = json!(5)
+    });
+    assert!(live_update(&running, &grace).unwrap().grace_period_changed);
+    let refused = |edit: fn(&mut Value)| {
+        let text = live_update(&running, &edited(FEDORA, edit))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("is not supported on a running rvmm VM"),
+            "{text}"
+        );
+        text
+    };
+    assert!(
+        refused(|v| v["spec"]["domain"]["memory"]["guest"] = json!("4Gi"))
+            .starts_with("spec.domain.memory.guest: 2048 MiB to 4096 MiB: memory hotplug")
+    );
+    assert!(
+        refused(|v| v["spec"]["domain"]["cpu"]["sockets"] = json!(2))
+            .starts_with("spec.domain.cpu: 2 to 4 vCPUs: CPU hotplug")
+    );
+    assert!(
+        refused(|v| v["spec"]["domain"]["devices"]["disks"][0]["disk"]["readonly"] = json!(true))
+            .starts_with("spec.domain.devices.disks[0]: changed: disk hotplug")
+    );
+    assert!(
+        refused(|v| v["spec"]["volumes"][0]["containerDisk"]["image"] = json!("other"))
+            .starts_with("spec.volumes[0]: changed: volume hotplug")
+    );
+    assert!(
+        refused(|v| {
+            v["spec"]["domain"]["devices"]
+                .as_object_mut()
+                .unwrap()
+                .remove("rng");
+        })
+        .starts_with("spec.domain.devices: changed")
+    );
+}

@@ -222,7 +222,7 @@ impl Vmm {
     /// against the sender's), validated, and guest memory of its size.
     fn take_config(&self, payload: &[u8], local: &Local) -> Result<Incoming, String> {
         let text = std::str::from_utf8(payload).map_err(|_| "Config is not UTF-8".to_string())?;
-        let sent = VmConfigFile::from_json(text).map_err(|e| super::super::chain_text(&e))?;
+        let sent = VmConfigFile::from_json(text).map_err(|e| crate::errors::error_chain(&e))?;
         let file = match &local.config {
             None => sent,
             Some(own) => {
@@ -243,11 +243,11 @@ impl Vmm {
         let serial = local.serial.clone();
         let (mut config, saved_serial) = file
             .validate(&self.settings.kvm_path, self.settings.cpu_profile)
-            .map_err(|e| super::super::chain_text(&e))?;
+            .map_err(|e| crate::errors::error_chain(&e))?;
         config.seccomp = self.settings.seccomp;
         let layout =
-            MemoryLayout::new(config.memory_bytes).map_err(|e| super::super::chain_text(&e))?;
-        let memory = create_guest_memory(&layout).map_err(|e| super::super::chain_text(&e))?;
+            MemoryLayout::new(config.memory_bytes).map_err(|e| crate::errors::error_chain(&e))?;
+        let memory = create_guest_memory(&layout).map_err(|e| crate::errors::error_chain(&e))?;
         let (file, serial) = match serial {
             Some(serial) => (VmConfigFile::from_validated(&config, &serial), serial),
             None => (file, saved_serial),
@@ -262,7 +262,7 @@ impl Vmm {
 
     /// Builds the VM from the received state, paused.
     fn build_incoming(self: &Arc<Self>, incoming: Incoming, state: &[u8]) -> Result<(), String> {
-        let state = decode_state(state).map_err(|e| super::super::chain_text(&e))?;
+        let state = decode_state(state).map_err(|e| crate::errors::error_chain(&e))?;
         let mut inner = self.lock();
         if let Some(slot) = &inner.vm {
             return Err(format!(
@@ -273,17 +273,18 @@ impl Vmm {
         let console = Console::open(&incoming.serial, self.settings.serial_log.as_deref())
             .map_err(|e| format!("Cannot set up the serial console: {e}"))?;
         let vm = build_restored(&incoming.config, &state, incoming.memory, console.output())
-            .map_err(|e| super::super::chain_text(&e))?;
+            .map_err(|e| crate::errors::error_chain(&e))?;
         inner.vm = Some(VmSlot {
             file: incoming.file,
             config: incoming.config,
             serial: incoming.serial,
+            serial_log: None,
             console: Some(console),
             state: VmState::Created,
             active: None,
         });
         self.start_built(&mut inner, vm, VmState::Paused)
-            .map_err(|e| super::super::chain_text(&e))
+            .map_err(|e| crate::errors::error_chain(&e))
     }
 
     /// Runs the received VM; its `vm.migration-received` event follows (no `vm.resumed`: for
@@ -291,7 +292,7 @@ impl Vmm {
     fn resume_incoming(&self) -> Result<(), String> {
         let mut inner = self.lock();
         let slot = Self::slot_in(&mut inner, "resume", &[VmState::Paused])
-            .map_err(|e| super::super::chain_text(&e))?;
+            .map_err(|e| crate::errors::error_chain(&e))?;
         match &slot.active {
             Some(active) if active.handle.resume() => {
                 slot.state = VmState::Running;

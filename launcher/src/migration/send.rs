@@ -154,7 +154,7 @@ impl Vmm {
                 Ok(stats)
             }
             Err(e) => {
-                let text = super::super::chain_text(&e);
+                let text = crate::errors::error_chain(&e);
                 log::warn!("Migration to {destination_url} {}: {text}", stats.status);
                 self.emit(
                     "vm.migration-failed",
@@ -243,7 +243,7 @@ fn migrate(
             cancel,
         )?;
         if let Err(e) = handle.flush_disks() {
-            return Err(MigrationError::Invalid(super::super::chain_text(&e)));
+            return Err(MigrationError::Invalid(crate::errors::error_chain(&e)));
         }
         let state = encode_state(&source.save_state()?)?;
         request(&mut *stream, Command::State, &state)?;

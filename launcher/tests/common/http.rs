@@ -84,6 +84,74 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Answ
     parse(&raw)
 }
 
+/// What Cloud Hypervisor's `api_client` (the client inside `ch-remote`) gets from one request:
+/// the status and, when the answer has a `Content-Length`, the body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChAnswer {
+    pub status: u16,
+    pub body: Option<String>,
+}
+
+/// Sends a request the way `api_client` does (request line, `Host: localhost`, `Accept: */*`,
+/// `Content-Length` only with a body; the connection stays open) and reads the answer by its
+/// rules: 256-byte reads until the header block is complete and, if a header spelled exactly
+/// `Content-Length: ` is there, until the body is in; the status is everything between
+/// `HTTP/1.1 ` and the line's `\r`, trimmed, as an integer (a reason phrase makes it fail);
+/// the body is the rest after the header block.
+pub fn ch_api_client(socket: &Path, method: &str, command: &str, body: Option<&str>) -> ChAnswer {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut request =
+        format!("{method} /api/v1/{command} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    let mut content: Option<(usize, usize)> = None;
+    loop {
+        let mut chunk = [0u8; 256];
+        let count = stream.read(&mut chunk).unwrap();
+        if count == 0 {
+            break;
+        }
+        text.push_str(std::str::from_utf8(&chunk[..count]).unwrap());
+        if let Some(end) = text.find("\r\n\r\n") {
+            let offset = end + 4;
+            let Some(length) = exact_header(&text, "Content-Length") else {
+                break;
+            };
+            let length: usize = length.trim().parse().expect("Content-Length is a number");
+            content = Some((offset, length));
+            if text.len() >= offset + length {
+                break;
+            }
+        }
+    }
+    let start = text.find("HTTP/1.1").expect("HTTP/1.1 in the answer") + "HTTP/1.1 ".len();
+    let end = start + text[start..].find('\r').expect("a status line end");
+    let status = text[start..end]
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("status line {:?}: {e}", &text[..end]));
+    ChAnswer {
+        status,
+        body: content.map(|(offset, _)| text[offset..].to_string()),
+    }
+}
+
+/// The value of the header spelled exactly `name` (case-sensitive, as `api_client` looks).
+fn exact_header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("{name}: ");
+    let start = text.find(&key)? + key.len();
+    Some(&text[start..start + text[start..].find('\r')?])
+}
+
 /// GET over TCP.
 pub fn get_tcp(addr: &str, path: &str) -> Answer {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));

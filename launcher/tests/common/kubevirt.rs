@@ -1,5 +1,6 @@
-//! KubeVirt's side of the virt-launcher tests: a launcher pod's directories, the launcher
-//! process, a fake virt-handler (notify server and command client from KubeVirt's protos).
+//! virt-launcher mode's tests' harness: a launcher pod in a temporary directory, the real
+//! binary in it, virt-handler's command client (tonic, from KubeVirt's protos) and a fake
+//! virt-handler notify server that records every domain and Kubernetes event.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -143,7 +144,8 @@ impl Drop for Launcher {
 /// virt-handler's side of the notify socket: records every domain event.
 #[derive(Clone)]
 pub struct FakeVirtHandler {
-    pub events: Sender<notify::DomainEventRequest>,
+    events: Sender<notify::DomainEventRequest>,
+    k8s_events: Sender<Value>,
 }
 
 #[tonic::async_trait]
@@ -170,12 +172,30 @@ impl Notify for FakeVirtHandler {
             message: String::new(),
         }))
     }
+
+    async fn handle_k8s_event(
+        &self,
+        request: Request<notify::K8sEventRequest>,
+    ) -> Result<Response<notify::Response>, Status> {
+        let event = serde_json::from_slice(&request.into_inner().event_json).unwrap();
+        let _ = self.k8s_events.send(event);
+        Ok(Response::new(notify::Response {
+            success: true,
+            message: String::new(),
+        }))
+    }
 }
 
-/// Serves the fake virt-handler at `<share-dir>/domain-notify-pipe.sock` on `runtime`.
-pub fn fake_virt_handler(runtime: &GrpcRuntime, pod: &Pod) -> Receiver<notify::DomainEventRequest> {
+/// Serves the fake virt-handler at `<share-dir>/domain-notify-pipe.sock` on `runtime`:
+/// domain events arrive on the first receiver, Kubernetes events (`core/v1.Event` JSON) on
+/// the second.
+pub fn fake_virt_handler(
+    runtime: &GrpcRuntime,
+    pod: &Pod,
+) -> (Receiver<notify::DomainEventRequest>, Receiver<Value>) {
     let (events, received) = channel();
-    let handler = FakeVirtHandler { events };
+    let (k8s_events, k8s_received) = channel();
+    let handler = FakeVirtHandler { events, k8s_events };
     let _entered = runtime.handle().enter();
     let listener =
         tokio::net::UnixListener::bind(pod.path("share/domain-notify-pipe.sock")).unwrap();
@@ -185,7 +205,7 @@ pub fn fake_virt_handler(runtime: &GrpcRuntime, pod: &Pod) -> Receiver<notify::D
             .add_service(NotifyServer::new(handler))
             .serve_with_incoming(UnixListenerStream::new(listener)),
     );
-    received
+    (received, k8s_received)
 }
 
 /// A domain event: type, `Status.Status`, `Status.Reason`, and the domain.
@@ -212,8 +232,8 @@ pub fn next_event(
 
 /// virt-handler's client, on the client runtime.
 pub struct Handler {
-    pub runtime: Handle,
-    pub channel: Channel,
+    runtime: Handle,
+    channel: Channel,
 }
 
 impl Handler {
@@ -324,17 +344,28 @@ pub struct Session {
     // Declared first: the launcher is killed before the pod's directory goes.
     pub launcher: Launcher,
     pub events: Receiver<notify::DomainEventRequest>,
+    pub k8s_events: Receiver<Value>,
     pub runtime: GrpcRuntime,
     pub pod: Pod,
 }
 
 impl Session {
     pub fn start(tag: &str, guest: &str, grace: u32) -> Self {
+        Self::with(tag, guest, grace, "uid-1", true)
+    }
+
+    /// A session for VMI `uid`; without a fake virt-handler when `virt_handler` is false (its
+    /// notify socket is missing).
+    pub fn with(tag: &str, guest: &str, grace: u32, uid: &str, virt_handler: bool) -> Self {
         let pod = Pod::new(tag);
         let kernel = format!("cd/kernel-boot/{guest}.elf");
         std::fs::copy(tiny_guest(guest), pod.path(&kernel)).unwrap();
         let runtime = GrpcRuntime::start().unwrap();
-        let events = fake_virt_handler(&runtime, &pod);
+        let (events, k8s_events) = if virt_handler {
+            fake_virt_handler(&runtime, &pod)
+        } else {
+            (channel().1, channel().1)
+        };
         let mut args: Vec<String> = [
             "virt-launcher",
             "--name",
@@ -342,7 +373,7 @@ impl Session {
             "--namespace",
             "default",
             "--uid",
-            "uid-1",
+            uid,
             "--grace-period-seconds",
             &grace.to_string(),
         ]
@@ -354,6 +385,7 @@ impl Session {
         Self {
             launcher,
             events,
+            k8s_events,
             runtime,
             pod,
         }

@@ -149,7 +149,13 @@ pub fn build_restored(
         vcpu.restore(saved)?;
         vcpus.push(vcpu);
     }
-    let metrics = MetricsHandle::new(exits, virtio.disks, virtio.nets, layout.size());
+    let metrics = MetricsHandle::new(
+        exits,
+        virtio.disks,
+        virtio.nets,
+        layout.size(),
+        control.clone(),
+    );
     Ok(Vm {
         vcpus,
         control,
