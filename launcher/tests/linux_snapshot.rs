@@ -66,6 +66,8 @@ fn spawn_in(net: &TestNetwork, args: &[&str]) -> Rvmm {
 }
 
 #[test]
+#[ignore = "not yet seen passing: on the loaded development machine the guest needed 14 min to \
+            reach /init; run it with --ignored on an idle one before enabling it"]
 fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
     let test = "linux snapshot/restore";
     let Some(images) = image_dir(test) else {
