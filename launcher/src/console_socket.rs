@@ -1,9 +1,14 @@
 //! A console on a unix socket, as KubeVirt's `virt-serial0` needs: one client at a time can
 //! attach, detach and re-attach; output while nobody is attached (or while a slow client is
 //! not reading) waits in a bounded backlog instead of blocking the guest.
+//!
+//! The client's connection stays blocking: its input thread reads it. Output is sent with
+//! `MSG_DONTWAIT` instead of setting `O_NONBLOCK`, which the reader's handle would share (its
+//! `read` then fails with `WouldBlock` at once and host input is lost).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -29,12 +34,12 @@ impl Attachment {
 
     /// Sends as much of the backlog as the client takes without blocking.
     fn drain_to_client(&mut self) {
-        while let Some(stream) = self.client.as_mut() {
+        while let Some(stream) = self.client.as_ref() {
             let (front, _) = self.backlog.as_slices();
             if front.is_empty() {
                 return;
             }
-            match stream.write(front) {
+            match send_without_blocking(stream, front) {
                 Ok(0) => self.client = None,
                 Ok(n) => {
                     self.backlog.drain(..n);
@@ -48,6 +53,22 @@ impl Attachment {
     }
 }
 
+/// `send(MSG_DONTWAIT | MSG_NOSIGNAL)`: never waits for the client, leaves the socket's file
+/// flags (shared with the input thread's handle) alone.
+fn send_without_blocking(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: the descriptor is the stream's, open while it is borrowed; the kernel reads at
+    // most `bytes.len()` bytes from the slice's start.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(sent).map_err(|_| io::Error::last_os_error())
+}
+
 /// The shared attachment state: the writer side for the UART, the attach side for the acceptor.
 #[derive(Clone, Debug, Default)]
 pub struct SocketConsole(Arc<Mutex<Attachment>>);
@@ -57,9 +78,10 @@ impl SocketConsole {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches `client` (replacing any previous one) and sends it the backlog.
+    /// Attaches `client` (replacing any previous one) and sends it the backlog. The client
+    /// stays blocking for whoever reads its input.
     pub fn attach(&self, client: UnixStream) -> io::Result<()> {
-        client.set_nonblocking(true)?;
+        client.set_nonblocking(false)?;
         let mut state = self.lock();
         state.client = Some(client);
         state.drain_to_client();
@@ -189,6 +211,25 @@ mod tests {
         }
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(console.dropped() > 0);
+    }
+
+    #[test]
+    fn an_attached_clients_input_stays_readable() {
+        let mut console = SocketConsole::default();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut input = ours.try_clone().unwrap();
+        console.attach(ours).unwrap();
+        console.write_all(b"prompt$ ").unwrap();
+        let typist = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            theirs.write_all(b"ls\n").unwrap();
+            read_available(&mut theirs)
+        });
+        // The input thread's read waits for the client rather than failing with WouldBlock.
+        let mut buf = [0u8; 16];
+        let n = input.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ls\n");
+        assert_eq!(typist.join().unwrap(), b"prompt$ ");
     }
 
     #[test]

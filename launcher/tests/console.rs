@@ -1,14 +1,16 @@
 //! KVM tests of the serial console's host side: a unix socket that clients attach to, detach
-//! from and re-attach to without losing output, and the --serial-log copy.
+//! from and re-attach to without losing output, the --serial-log copy, and host input that
+//! reaches the guest (the `echo` tiny guest answers each line) from a socket client or stdin.
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::process::{Rvmm, TestDir};
 use common::{kvm_available, rvmm, tiny_guest};
 
 /// Reads from `stream` until `needle` has been seen (or panics after 60 s).
@@ -142,4 +144,104 @@ fn kvm_on_a_terminal_rvmm_exits_and_restores_it_when_the_guest_ends() {
         .unwrap();
     assert!(status.success(), "{status}: {out}");
     assert!(out.contains("rvmm-tiny hello: guest is alive"), "{out}");
+}
+
+/// Waits for `path` to exist (a console socket rvmm binds).
+fn wait_for_path(path: &std::path::Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kvm_socket_client_input_reaches_the_guest_also_after_a_reattach() {
+    if !kvm_available("socket console input") {
+        return;
+    }
+    let dir = TestDir::new("console-input");
+    let socket = dir.path("serial.sock");
+    let kernel = tiny_guest("echo");
+    let mut vmm = Rvmm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--serial",
+        &format!("socket={}", socket.display()),
+    ]);
+    wait_for_path(&socket);
+    let mut first = UnixStream::connect(&socket).unwrap();
+    read_until(&mut first, "echo: ready\n");
+    // The client waits a moment before typing, as a person does: its input thread must still
+    // be reading by then.
+    std::thread::sleep(Duration::from_millis(300));
+    first.write_all(b"hello guest\n").unwrap();
+    read_until(&mut first, "echo: hello guest\n");
+    drop(first);
+
+    let mut second = UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    second.write_all(b"typed after a re-attach\n").unwrap();
+    read_until(&mut second, "echo: typed after a re-attach\n");
+    // More than the UART's 64-byte receive FIFO in one write: the rest waits for the guest.
+    let long = "x".repeat(70);
+    second
+        .write_all(format!("{long}\nbye\n").as_bytes())
+        .unwrap();
+    read_until(&mut second, &format!("echo: {long}\n"));
+    assert_eq!(
+        vmm.wait(Duration::from_secs(60)),
+        Some(0),
+        "bye resets the guest"
+    );
+}
+
+#[test]
+fn kvm_stdin_input_reaches_the_guest() {
+    if !kvm_available("stdin console input") {
+        return;
+    }
+    let kernel = tiny_guest("echo");
+    let mut child = rvmm()
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"from stdin\nbye\n").unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the guest never read 'bye' from stdin");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{status}: {out}");
+    assert!(out.contains("echo: from stdin\n"), "{out}");
 }

@@ -43,11 +43,12 @@ pub fn vcpu_rules() -> Vec<Allow> {
     ];
     // The serial console's output to stdout or a file is a write, allowed for every thread (so
     // are the irqfd writes that raise guest interrupts); to a socket client
-    // (`--serial socket=PATH`) it is std's UnixStream::write, a send(MSG_NOSIGNAL).
+    // (`--serial socket=PATH`) it is a send(MSG_DONTWAIT | MSG_NOSIGNAL), which never waits
+    // for the client (launcher's console_socket.rs).
     rules.push(Allow::arg_in(
         libc::SYS_sendto,
         3,
-        &[libc::MSG_NOSIGNAL as u64],
+        &[(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u64],
     ));
     rules.extend(activation_rules());
     rules
