@@ -10,28 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::process::{Rvmm, TestDir};
+use common::process::{Rvmm, TestDir, read_until, wait_for_path};
 use common::{kvm_available, rvmm, tiny_guest};
-
-/// Reads from `stream` until `needle` has been seen (or panics after 60 s).
-fn read_until(stream: &mut UnixStream, needle: &str) -> String {
-    stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let start = Instant::now();
-    let mut text = String::new();
-    let mut buf = [0u8; 4096];
-    while !text.contains(needle) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no '{needle}' in {text:?}"
-        );
-        if let Ok(n) = stream.read(&mut buf) {
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
-    text
-}
 
 fn tick_numbers(text: &str) -> Vec<u64> {
     text.lines()
@@ -144,19 +124,6 @@ fn kvm_on_a_terminal_rvmm_exits_and_restores_it_when_the_guest_ends() {
         .unwrap();
     assert!(status.success(), "{status}: {out}");
     assert!(out.contains("rvmm-tiny hello: guest is alive"), "{out}");
-}
-
-/// Waits for `path` to exist (a console socket rvmm binds).
-fn wait_for_path(path: &std::path::Path) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

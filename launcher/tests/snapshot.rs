@@ -1,17 +1,20 @@
 //! KVM tests of snapshots through the real binary: pause, snapshot, kill, `rvmm run --restore`,
 //! resume, on the `memtest` tiny guest, which checks every page of its memory area on every
 //! pass; a paused VM that writes nothing; snapshots that are corrupt, truncated, of another
-//! format version or of another VM, refused with an error that names the problem.
+//! format version or of another VM, refused with an error that names the problem; serial input
+//! that reaches a restored guest through its new console socket (the `echo` tiny guest).
 
 mod common;
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use common::http::wait_for_socket;
-use common::kvm_available;
 use common::memtest::{API_TIMEOUT, passes, put, start_memtest, state};
-use common::process::{Rvmm, TestDir, wait_for_text};
+use common::process::{Rvmm, TestDir, read_until, wait_for_path, wait_for_text};
+use common::{kvm_available, tiny_guest};
 
 fn snapshot(socket: &Path, dir: &Path) {
     let body = format!(r#"{{"destination_url": "file://{}"}}"#, dir.display());
@@ -79,6 +82,61 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
     assert!(!text.contains("start"), "{text}");
     put(&restored_socket, "vmm.shutdown", None);
     assert_eq!(restored.wait(API_TIMEOUT), Some(0));
+}
+
+#[test]
+fn kvm_restored_guest_reads_input_from_its_new_console_socket() {
+    if !kvm_available("serial input after restore") {
+        return;
+    }
+    let dir = TestDir::new("snapshot-serial");
+    let (console, api) = (dir.path("serial.sock"), dir.path("api.sock"));
+    let kernel = tiny_guest("echo");
+    let mut source = Rvmm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--serial",
+        &format!("socket={}", console.display()),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    wait_for_socket(&api, API_TIMEOUT);
+    wait_for_path(&console);
+    let mut client = UnixStream::connect(&console).unwrap();
+    read_until(&mut client, "echo: ready\n");
+    client.write_all(b"before the snapshot\n").unwrap();
+    read_until(&mut client, "echo: before the snapshot\n");
+    put(&api, "vm.pause", None);
+    let snap = dir.path("snap");
+    snapshot(&api, &snap);
+    source.signal(libc::SIGKILL);
+    source.wait(API_TIMEOUT);
+
+    let (console2, api2) = (dir.path("restored-serial.sock"), dir.path("restored.sock"));
+    let mut restored = Rvmm::start(&[
+        "run",
+        "--restore",
+        &format!("source_url=file://{}", snap.display()),
+        "--serial",
+        &format!("socket={}", console2.display()),
+        "--api-socket",
+        api2.to_str().unwrap(),
+    ]);
+    wait_for_socket(&api2, API_TIMEOUT);
+    assert_eq!(state(&api2), "Paused");
+    let mut client = UnixStream::connect(&console2).unwrap();
+    // Typed while the restored guest is paused: held, then read after the resume.
+    client.write_all(b"while paused\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    put(&api2, "vm.resume", None);
+    let text = read_until(&mut client, "echo: while paused\n");
+    assert!(!text.contains("ready"), "the guest started again: {text}");
+    client.write_all(b"after the restore\nbye\n").unwrap();
+    read_until(&mut client, "echo: after the restore\n");
+    assert_eq!(restored.wait(API_TIMEOUT), Some(0), "bye resets the guest");
 }
 
 /// Runs `rvmm run --restore` of `snap` and returns its exit code and stderr.

@@ -1,6 +1,7 @@
 //! A test's own directory and an rvmm child process, killed if the test fails half way.
 
 use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -90,6 +91,40 @@ pub fn wait_for_text(file: &Path, needle: &str, count: usize) -> String {
             start.elapsed() < Duration::from_secs(120),
             "{needle:?} x{count} not in {}: {text:?}",
             file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a console socket until `needle` has been seen (or panics after 60 s); returns all
+/// that was read.
+pub fn read_until(stream: &mut UnixStream, needle: &str) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no '{needle}' in {text:?}"
+        );
+        if let Ok(n) = stream.read(&mut buf) {
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    text
+}
+
+/// Waits for `path` to exist (a socket rvmm binds).
+pub fn wait_for_path(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
