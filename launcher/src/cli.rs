@@ -8,7 +8,8 @@ use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig;
 use vmm_core::{CpuProfile, VmConfig};
 
-use crate::config::VmConfigFile;
+use crate::config::{VmConfigFile, dhcp_mac};
+use crate::dhcp::DhcpConfig;
 use crate::keyvalue::KeyValues;
 use crate::kubevirt::launcher_flags::LauncherFlags;
 use crate::vmm::OnReboot;
@@ -279,7 +280,20 @@ fn parse_disks(entries: &[String]) -> Result<Vec<BlockConfig>, InvalidFlag> {
     Ok(disks)
 }
 
-const NET_KEYS: &[&str] = &["tap", "mac", "mtu", "id"];
+/// The `--net` keys: the NIC's, then its DHCP server's ([`crate::dhcp::flags::DHCP_KEYS`]).
+const NET_KEYS: &[&str] = &[
+    "tap",
+    "mac",
+    "mtu",
+    "id",
+    "dhcp",
+    "gateway",
+    "dns",
+    "search",
+    "hostname",
+    "dhcp-interface",
+    "dhcp-server",
+];
 
 /// Parses a MAC address such as `52:54:00:12:34:56`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -328,12 +342,23 @@ pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
                 .ok_or_else(|| bad(format!("mtu={text}: expected 68 to 65535")))?,
         ),
     };
+    let mac = match kv.get("dhcp") {
+        Some(_) => Some(dhcp_mac(mac).map_err(|e| bad(format!("mac: {e}")))?),
+        None => mac,
+    };
     Ok(NetConfig {
         tap,
         mac,
         mtu,
         id: kv.get("id").map(str::to_string),
     })
+}
+
+/// The DHCP server of one `--net` entry, if it has one ([`crate::dhcp::flags`]).
+pub fn parse_net_dhcp(entry: &str) -> Result<Option<DhcpConfig>, InvalidFlag> {
+    let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
+    let kv = KeyValues::parse(entry, NET_KEYS).map_err(|e| bad(e.to_string()))?;
+    crate::dhcp::flags::dhcp_from_net_keys(&kv).map_err(bad)
 }
 
 fn parse_nets(entries: &[String]) -> Result<Vec<NetConfig>, InvalidFlag> {
@@ -427,7 +452,13 @@ impl RunArgs {
         let (config, serial) = self.to_config(kvm_pvm_loaded)?;
         let file = match &self.config {
             Some(path) => VmConfigFile::load(path)?,
-            None => VmConfigFile::from_validated(&config, &serial),
+            None => {
+                let mut file = VmConfigFile::from_validated(&config, &serial);
+                for (net, entry) in file.net.iter_mut().zip(&self.net) {
+                    net.dhcp = parse_net_dhcp(entry)?;
+                }
+                file
+            }
         };
         Ok(Some((file, config, serial)))
     }
@@ -746,6 +777,25 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("tap 'tap0' is used twice")
+        );
+    }
+
+    #[test]
+    fn net_dhcp_keys_give_the_nic_a_mac_and_the_file_its_server() {
+        let entry = "tap=tap0,dhcp=10.0.2.2/24,dns=10.0.2.1";
+        let a = args(&["--net", entry]);
+        let (file, config, _) = a.vm_spec(false).unwrap().unwrap();
+        assert!(config.nets[0].mac.is_some(), "a MAC for the DHCP client");
+        let dhcp = file.net[0]
+            .dhcp
+            .as_ref()
+            .expect("the file carries the server");
+        assert_eq!((dhcp.address.as_str(), dhcp.dns.len()), ("10.0.2.2/24", 1));
+        assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
+        let err = parse_net_dhcp("tap=tap0,dhcp=10.0.2.2/24,gateway=x").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--net: tap=tap0,dhcp=10.0.2.2/24,gateway=x: gateway=x: not an IPv4 address"
         );
     }
 

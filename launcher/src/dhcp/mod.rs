@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the settings ([`DhcpConfig`], a NIC's `dhcp` in the VM configuration) and the
 //!   lease they make for one client ([`LeaseConfig`]).
+//! - [`flags`]: the same settings on `rvmm run --net`.
 //! - [`handler`]: DHCPv4 packet handling, a pure function of the client's packets.
 //! - [`server`]: the `dhcp` thread that serves one or more NICs on their host interfaces, and
 //!   its seccomp rules.
@@ -12,9 +13,34 @@
 //! The wire format is dhcproto's; which packets get which answers is rvmm's.
 
 pub mod config;
+pub mod flags;
 pub mod handler;
 pub mod netif;
 pub mod server;
 
 pub use config::{DhcpConfig, DhcpConfigError, LeaseConfig};
 
+use server::ServedNic;
+use vmm_core::VmConfig;
+
+use crate::config::VmConfigFile;
+
+/// The NICs of a validated VM that have a DHCP server: its settings from `file`, the tap, MAC
+/// and MTU the NIC has in `config` (validation gave every such NIC a MAC).
+pub fn served_nics(file: &VmConfigFile, config: &VmConfig) -> Vec<ServedNic> {
+    file.net
+        .iter()
+        .zip(&config.nets)
+        .filter_map(|(net, nic)| {
+            let dhcp = net.dhcp.clone()?;
+            let mac = nic.mac?;
+            Some(ServedNic {
+                nic: nic.id.clone().unwrap_or_else(|| nic.tap.clone()),
+                interface: dhcp.interface.clone().unwrap_or_else(|| nic.tap.clone()),
+                mac,
+                nic_mtu: nic.mtu,
+                config: dhcp,
+            })
+        })
+        .collect()
+}

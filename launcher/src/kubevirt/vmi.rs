@@ -378,6 +378,7 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
                 mac: Some(i.mac.clone()),
                 mtu: None,
                 id: Some(i.name.clone()),
+                dhcp: None,
             })
             .collect(),
         rng: devices.rng.as_ref().map(|_| RngConfig {

@@ -13,7 +13,7 @@ pub struct TestNetwork {
     pub name: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -1,0 +1,137 @@
+//! A launcher pod's network as virt-handler leaves it for a bridged NIC: in a namespace of the
+//! test's own, a bridge with `tap0` (for rvmm's NIC) and one end of a veth pair whose other end
+//! is in a second namespace. Both namespaces are removed on drop.
+//!
+//! - [`BridgedNetwork::masquerade_pod`]: the masquerade layout. The pod NIC `eth0` (the veth,
+//!   10.244.1.5/24, MTU 1450, default route via the "node" end 10.244.1.1) and the bridge
+//!   `k6t-eth0` (10.0.2.1/24, MTU 1450) with `tap0`.
+//! - [`BridgedNetwork::with_client`]: a bridge `br0` (10.0.2.1/24) with `tap0` and the veth, whose
+//!   other end `eth0` (with a MAC the test picks) stands in for the guest: a DHCP client runs
+//!   there.
+
+use std::process::Command;
+
+use super::netns::ip;
+
+/// The two namespaces.
+pub struct BridgedNetwork {
+    /// Holds the bridge and `tap0`: rvmm runs here.
+    pub pod: String,
+    /// The veth's other end.
+    pub peer: String,
+}
+
+/// Runs `ip` in namespace `ns`.
+fn ip_in(ns: &str, args: &[&str]) -> Result<(), String> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+impl BridgedNetwork {
+    fn namespaces(tag: &str) -> Result<Self, String> {
+        let id = std::process::id();
+        let net = Self {
+            pod: format!("rvmm-{tag}-{id}"),
+            peer: format!("rvmm-{tag}p-{id}"),
+        };
+        ip(&["netns", "add", &net.pod])?;
+        ip(&["netns", "add", &net.peer])?;
+        for ns in [&net.pod, &net.peer] {
+            ip_in(ns, &["link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// `bridge` with `address`, MTU `mtu`, and `tap0` in it.
+    fn bridge_with_tap(&self, bridge: &str, address: &str, mtu: &str) -> Result<(), String> {
+        let ns = self.pod.as_str();
+        ip_in(ns, &["link", "add", bridge, "type", "bridge"])?;
+        ip_in(ns, &["link", "set", bridge, "mtu", mtu])?;
+        ip_in(ns, &["addr", "add", address, "dev", bridge])?;
+        ip_in(
+            ns,
+            &["tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr"],
+        )?;
+        ip_in(
+            ns,
+            &["link", "set", "tap0", "mtu", mtu, "master", bridge, "up"],
+        )?;
+        ip_in(ns, &["link", "set", bridge, "up"])
+    }
+
+    /// The masquerade layout (see the module).
+    pub fn masquerade_pod(tag: &str) -> Result<Self, String> {
+        let net = Self::namespaces(tag)?;
+        let (pod, node) = (net.pod.as_str(), net.peer.as_str());
+        ip_in(
+            pod,
+            &[
+                "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "node0",
+                "netns", node,
+            ],
+        )?;
+        ip_in(pod, &["addr", "add", "10.244.1.5/24", "dev", "eth0"])?;
+        ip_in(pod, &["link", "set", "eth0", "up"])?;
+        ip_in(pod, &["route", "add", "default", "via", "10.244.1.1"])?;
+        ip_in(node, &["link", "set", "node0", "mtu", "1450", "up"])?;
+        ip_in(node, &["addr", "add", "10.244.1.1/24", "dev", "node0"])?;
+        net.bridge_with_tap("k6t-eth0", "10.0.2.1/24", "1450")?;
+        Ok(net)
+    }
+
+    /// The client layout (see the module): the client's `eth0` has `mac`.
+    pub fn with_client(tag: &str, mac: &str) -> Result<Self, String> {
+        let net = Self::namespaces(tag)?;
+        net.bridge_with_tap("br0", "10.0.2.1/24", "1500")?;
+        let (pod, client) = (net.pod.as_str(), net.peer.as_str());
+        ip_in(
+            pod,
+            &[
+                "link", "add", "cli0", "type", "veth", "peer", "name", "eth0", "netns", client,
+            ],
+        )?;
+        ip_in(pod, &["link", "set", "cli0", "master", "br0", "up"])?;
+        ip_in(client, &["link", "set", "eth0", "address", mac, "up"])?;
+        Ok(net)
+    }
+
+    /// `program` run in the pod namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.pod, program]);
+        cmd
+    }
+
+    /// `program` run in the other namespace.
+    pub fn peer_command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.peer, program]);
+        cmd
+    }
+}
+
+impl Drop for BridgedNetwork {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its devices; the veth pair goes with either end.
+        let _ = ip(&["netns", "del", &self.pod]);
+        let _ = ip(&["netns", "del", &self.peer]);
+    }
+}
+
+/// `make(tag)`, or None with a printed reason (a failure under CI=true).
+pub fn bridged_network(
+    test: &str,
+    make: impl FnOnce() -> Result<BridgedNetwork, String>,
+) -> Option<BridgedNetwork> {
+    match make() {
+        Ok(net) => Some(net),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: cannot create the test network: {e}; CI=true requires it")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: cannot create the test network: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! rvmm's DHCP server against a real client, busybox's `udhcpc`, in network namespaces of the
+//! test's own: `rvmm run` (seccomp on) serves a NIC whose tap is in a bridge; the client runs
+//! behind a veth in the same bridge with the NIC's MAC, as the guest would. No Linux boot: the
+//! tiny `ticker` guest keeps the VM running while the client binds, renews and releases.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bridged::{BridgedNetwork, bridged_network};
+use common::{kvm_available, tiny_guest};
+
+const MAC: &str = "52:54:00:12:34:56";
+
+/// udhcpc's script: one line per event with the fields the server sent; on `bound` and
+/// `renew` it also configures the address, as a distribution's script would.
+const SCRIPT: &str = r#"#!/bin/sh
+echo "$1 ip=$ip mask=$mask router=$router dns=$dns search=$search domain=$domain hostname=$hostname mtu=$mtu lease=$lease serverid=$serverid" >> "$(dirname "$0")/events.log"
+case $1 in
+bound|renew) ip addr replace "$ip/$mask" dev "$interface" ;;
+deconfig) ip addr flush dev "$interface" ;;
+esac
+"#;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rvmm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what} within {timeout:?}:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+fn udhcpc(net: &BridgedNetwork, script: &Path, extra: &[&str]) -> Command {
+    let mut cmd = net.peer_command("busybox");
+    cmd.args(["udhcpc", "-f", "-i", "eth0", "-s", script.to_str().unwrap()])
+        .args(["-O", "search", "-O", "mtu"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+#[test]
+fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
+    let test = "rvmm run DHCP";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(net) = bridged_network(test, || BridgedNetwork::with_client("dhcp", MAC)) else {
+        return;
+    };
+    let scratch = Scratch::new("dhcp");
+    let script = scratch.path("udhcpc.script");
+    std::fs::write(&script, SCRIPT).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let events = scratch.path("vm-events.json");
+    let kernel = tiny_guest("ticker");
+    let nic = format!(
+        "tap=tap0,mac={MAC},dhcp=10.0.2.2/24,gateway=10.0.2.1,dns=10.0.2.1:10.0.2.53,\
+         search=example.com:corp.example.com,hostname=vm1,dhcp-interface=br0"
+    );
+    let rvmm = Killed(
+        net.command(env!("CARGO_BIN_EXE_rvmm"))
+            .args([
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "64M",
+            ])
+            .args(["--serial", "off", "--net", &nic])
+            .args(["--event-monitor", &format!("path={}", events.display())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(scratch.path("rvmm.log")).unwrap())
+            .spawn()
+            .expect("spawn rvmm"),
+    );
+    let rvmm_log = || {
+        format!(
+            "{}\n{}",
+            scratch.read("rvmm.log"),
+            scratch.read("vm-events.json")
+        )
+    };
+    wait_until(
+        "the VM boots",
+        Duration::from_secs(60),
+        || scratch.read("vm-events.json").contains("vm.booted"),
+        rvmm_log,
+    );
+
+    let client = Killed(
+        udhcpc(&net, &script, &[])
+            .spawn()
+            .expect("spawn busybox udhcpc"),
+    );
+    let log = || {
+        format!(
+            "client:\n{}\nrvmm:\n{}",
+            scratch.read("events.log"),
+            rvmm_log()
+        )
+    };
+    wait_until(
+        "a lease",
+        Duration::from_secs(60),
+        || scratch.read("events.log").contains("bound "),
+        log,
+    );
+    let bound = scratch
+        .read("events.log")
+        .lines()
+        .find(|l| l.starts_with("bound "))
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        bound,
+        "bound ip=10.0.2.2 mask=24 router=10.0.2.1 dns=10.0.2.1 10.0.2.53 \
+         search=example.com corp.example.com domain= hostname=vm1 mtu= lease=86313600 \
+         serverid=10.0.2.1"
+    );
+    wait_until(
+        "the lease event",
+        Duration::from_secs(10),
+        || scratch.read("vm-events.json").contains("net.dhcp-lease"),
+        log,
+    );
+    let lease_event = scratch
+        .read("vm-events.json")
+        .lines()
+        .find(|l| l.contains("net.dhcp-lease"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .unwrap();
+    assert_eq!(
+        lease_event["properties"],
+        serde_json::json!({"id": "tap0", "mac": MAC, "address": "10.0.2.2", "prefix_len": 24})
+    );
+
+    // A renewal is a REQUEST from the bound address, unicast to the server: acknowledged.
+    signal(&client.0, libc::SIGUSR1);
+    wait_until(
+        "a renewal",
+        Duration::from_secs(30),
+        || scratch.read("events.log").contains("renew "),
+        log,
+    );
+    // A release ends the lease on the server.
+    signal(&client.0, libc::SIGUSR2);
+    wait_until(
+        "the release event",
+        Duration::from_secs(30),
+        || scratch.read("vm-events.json").contains("net.dhcp-release"),
+        log,
+    );
+    drop(client);
+
+    // Another MAC gets nothing: udhcpc gives up (-n) after its discovers.
+    let foreign = net
+        .peer_command("ip")
+        .args(["link", "set", "eth0", "address", "52:54:00:99:99:99"])
+        .status()
+        .unwrap();
+    assert!(foreign.success());
+    let status = udhcpc(&net, &script, &["-n", "-q", "-t", "3", "-T", "1"])
+        .status()
+        .unwrap();
+    assert!(!status.success(), "a foreign MAC got a lease:\n{}", log());
+    assert_eq!(
+        scratch.read("events.log").matches("bound ").count(),
+        1,
+        "{}",
+        log()
+    );
+    drop(rvmm);
+}
