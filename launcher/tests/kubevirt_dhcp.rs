@@ -1,0 +1,223 @@
+//! End to end: a launcher pod's network after virt-handler's masquerade setup, rvmm in
+//! virt-launcher mode driven through KubeVirt's gRPC protocol, and the Linux test guest's stock
+//! DHCP client (busybox udhcpc) configuring eth0 from rvmm's server: address, router, the pod's
+//! DNS server and search domains (with the VMI's subdomain), the VMI name as host name, the pod
+//! MTU; then it pings its gateway, and virt-handler sees the lease in the domain's
+//! Status.Interfaces. One Linux boot for all of it.
+//!
+//! The pod: a network namespace (see [`common::bridged`]) and, in the launcher's own mount
+//! namespace (`ip netns exec` makes one), the pod's volumes: a directory bind-mounted on /run
+//! (so /var/run/kubevirt-private, the private volume, is the test's) and a pod-style
+//! resolv.conf on /etc/resolv.conf.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::bridged::{BridgedNetwork, bridged_network};
+use common::kubevirt::{Handler, Launcher, Pod, fake_virt_handler, next_event};
+use common::kvm_available;
+use common::linux::{image_dir, manifest};
+use launcher::kubevirt::grpc::GrpcRuntime;
+use launcher::kubevirt::proto::cmd::v1 as cmd;
+use serde_json::{Value, json};
+
+/// Emulated Linux guests are slow here: about a minute to init, more on a busy machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A Kubernetes pod's resolv.conf (namespace `default`).
+const POD_RESOLV_CONF: &str = "search default.svc.cluster.local svc.cluster.local \
+                               cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n";
+
+/// Mounts the pod's volumes in the launcher's mount namespace, then runs the launcher:
+/// `sh -c SCRIPT sh RUN_DIR RESOLV_CONF PROGRAM ARGS...`.
+const MOUNT_POD_VOLUMES: &str =
+    r#"mount --bind "$1" /run && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@""#;
+
+/// The VMI: kernel boot of the test guest with its DHCP check, a masquerade interface on the
+/// pod network, subdomain `mysub`, the serial console on.
+fn vmi(kernel_args: &str) -> Value {
+    json!({
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": "testvm", "namespace": "default", "uid": "uid-1"},
+        "spec": {
+            "subdomain": "mysub",
+            "domain": {
+                "devices": {
+                    "interfaces": [{"name": "default", "masquerade": {}}],
+                    "rng": {}
+                },
+                "firmware": {"kernelBoot": {
+                    "kernelArgs": kernel_args,
+                    "container": {
+                        "image": "example.com/rvmm-test-guest",
+                        "kernelPath": "/boot/vmlinux",
+                        "initrdPath": "/boot/initramfs.cpio"
+                    }
+                }},
+                "memory": {"guest": "256Mi"}
+            },
+            "networks": [{"name": "default", "pod": {}}],
+            "terminationGracePeriodSeconds": 30
+        }
+    })
+}
+
+/// Reads the console socket's lines on a thread, each with the time since `start`.
+fn console_lines(socket: &Path, start: Instant) -> mpsc::Receiver<(f64, String)> {
+    let stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let line = line.trim_end_matches('\r').to_string();
+            if tx.send((start.elapsed().as_secs_f64(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_dhcp() {
+    let test = "KubeVirt masquerade DHCP";
+    let Some(image) = image_dir(test) else { return };
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(net) = bridged_network(test, || BridgedNetwork::masquerade_pod("kvdhcp")) else {
+        return;
+    };
+    let m = manifest(&image);
+    let pod = Pod::new("dhcp");
+    for (from, to) in [("vmlinux", "vmlinux"), ("initramfs", "initramfs.cpio")] {
+        std::fs::copy(&m[from], pod.path(&format!("cd/kernel-boot/{to}"))).unwrap();
+    }
+    let run: PathBuf = pod.path("run");
+    let private = run.join("kubevirt-private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(pod.path("resolv.conf"), POD_RESOLV_CONF).unwrap();
+
+    let runtime = GrpcRuntime::start().unwrap();
+    let events = fake_virt_handler(&runtime, &pod);
+    let mut command = net.command("sh");
+    command
+        .args(["-c", MOUNT_POD_VOLUMES, "sh"])
+        .arg(&run)
+        .arg(pod.path("resolv.conf"))
+        .arg(env!("CARGO_BIN_EXE_rvmm"))
+        .args([
+            "virt-launcher",
+            "--name",
+            "testvm",
+            "--namespace",
+            "default",
+        ])
+        .args(["--uid", "uid-1"])
+        .args(pod.flags());
+    let mut launcher = Launcher::spawn(command, &pod);
+    launcher.wait_for(&pod.ready_socket(), Duration::from_secs(20));
+    let handler = Handler::connect(&runtime, &pod.ready_socket());
+
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let cmdline = if pvm { &m["cmdline"] } else { &m["cmdline_hw"] };
+    let vmi = vmi(&format!("{cmdline} rvmm.dhcp=1 rvmm.hold"));
+    // virt-handler attaches bridge and masquerade interfaces as taps.
+    let options = cmd::VirtualMachineOptions {
+        interface_domain_attachment: HashMap::from([("default".into(), "tap".into())]),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let sync = handler.vmi_command_with("Sync", &vmi, Some(options));
+    assert_eq!(sync, (true, String::new()), "log:\n{}", launcher.log());
+    let marker = private.join("dhcp_started-eth0");
+    assert!(marker.exists(), "KubeVirt's marker: {}", marker.display());
+
+    let (kind, state, _, domain) = next_event(&events);
+    assert_eq!((kind.as_str(), state.as_str()), ("ADDED", "Running"));
+    let iface = &domain["Spec"]["Devices"]["Interfaces"][0];
+    let mac = iface["MAC"]["MAC"].as_str().unwrap().to_string();
+    assert_eq!(iface["MTU"], json!({"Size": "1450"}), "the pod's MTU");
+
+    let socket = private.join("uid-1/virt-serial0");
+    launcher.wait_for(&socket, Duration::from_secs(20));
+    let lines = console_lines(&socket, start);
+    let mut console = Vec::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(1)) {
+            Ok((at, line)) => {
+                eprintln!("[{at:7.2}] {line}");
+                let held = line == "RVMM-HOLD";
+                console.push(line);
+                if held {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the console closed early; log:\n{}", launcher.log())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => assert!(
+                start.elapsed() < BOOT_TIMEOUT,
+                "the guest did not finish its checks within {BOOT_TIMEOUT:?}"
+            ),
+        }
+    }
+    let failed: Vec<&String> = console.iter().filter(|l| l.contains(" FAIL")).collect();
+    assert!(failed.is_empty(), "failed checks: {failed:?}");
+    assert!(
+        console.contains(&"RVMM-CHECK dhcp ok".to_string()),
+        "the dhcp check ran and pinged"
+    );
+    let lease: Vec<&str> = console
+        .iter()
+        .filter_map(|l| l.strip_prefix("RVMM-DHCP "))
+        .collect();
+    for expected in [
+        "ip=10.0.2.2",
+        "mask=24",
+        "router=10.0.2.1",
+        "dns=10.96.0.10",
+        "search=mysub.default.svc.cluster.local default.svc.cluster.local svc.cluster.local \
+         cluster.local",
+        "domain=mysub.default.svc.cluster.local",
+        "hostname=testvm",
+        "mtu=1450",
+        "lease=86313600",
+        "serverid=10.0.2.1",
+        "link_mtu=1450",
+        "uname_n=testvm",
+    ] {
+        assert!(lease.contains(&expected), "{expected} not in {lease:?}");
+    }
+
+    // virt-handler reads the guest's address from the domain's Status.Interfaces.
+    let leased = json!([{"Mac": mac, "Ip": "10.0.2.2", "IPs": ["10.0.2.2"], "InterfaceName": ""}]);
+    let domain = handler.domain().expect("a domain");
+    assert_eq!(domain["Status"]["Interfaces"], leased);
+    let mut modified = None;
+    while let Ok(request) = events.try_recv() {
+        let domain: Value = serde_json::from_slice(&request.domain_json).unwrap();
+        if domain["Status"]["Interfaces"] == leased {
+            modified = Some(request.event_type);
+        }
+    }
+    assert_eq!(
+        modified.as_deref(),
+        Some("MODIFIED"),
+        "a domain event carried the lease"
+    );
+
+    // The guest shuts down (Ctrl-Alt-Del): the VM, its DHCP server and the launcher end.
+    assert!(handler.vmi_command("Shutdown", &json!(vmi)).0);
+    let exit = launcher.wait(Duration::from_secs(180));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", launcher.log());
+    assert!(!marker.exists(), "the marker goes with the server");
+}
