@@ -20,9 +20,10 @@
 use std::net::Ipv4Addr;
 
 use dhcproto::v4::{
-    DhcpOption, DhcpOptions, HType, Message, MessageType, Opcode, OptionCode, UnknownOption,
+    DhcpOption, DhcpOptions, Flags, HType, Message, MessageType, Opcode, OptionCode, UnknownOption,
+    borrowed,
 };
-use dhcproto::{Decodable, Decoder, Encodable, Name};
+use dhcproto::{Encodable, Name};
 
 use super::config::LeaseConfig;
 
@@ -72,7 +73,7 @@ pub struct Handled {
 /// Why a packet got no answer (logged at debug level: a guest may send anything).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ignored {
-    /// Too short, no magic cookie, undecodable, or no message type.
+    /// Too short, no magic cookie, or no (or a malformed) message type.
     Malformed,
     /// Not a BOOTREQUEST.
     NotARequest,
@@ -84,6 +85,20 @@ pub enum Ignored {
     OtherServer,
     /// A message type a server does not answer.
     Unanswered,
+}
+
+/// What an answer depends on in a client's message.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    /// Option 53.
+    kind: MessageType,
+    xid: u32,
+    flags: Flags,
+    ciaddr: Ipv4Addr,
+    /// Option 50, if it holds an address.
+    requested: Option<Ipv4Addr>,
+    /// Option 54, if it holds an address.
+    server: Option<Ipv4Addr>,
 }
 
 /// The DHCPv4 server's state for one client.
@@ -129,42 +144,20 @@ impl Dhcpv4Handler {
     }
 
     fn answer(&mut self, packet: &[u8]) -> Result<Handled, Ignored> {
-        if packet.len() < MIN_MESSAGE || packet[236..240] != MAGIC_COOKIE {
-            return Err(Ignored::Malformed);
-        }
-        let request = Message::decode(&mut Decoder::new(packet)).map_err(|_| Ignored::Malformed)?;
-        if request.opcode() != Opcode::BootRequest {
-            return Err(Ignored::NotARequest);
-        }
-        // Check hlen before chaddr(): dhcproto slices chaddr by it.
-        if request.htype() != HType::Eth
-            || request.hlen() != 6
-            || request.chaddr() != self.lease.mac
-        {
-            return Err(Ignored::OtherClient);
-        }
-        if !request.giaddr().is_unspecified() {
-            return Err(Ignored::Relayed);
-        }
-        let kind = request.opts().msg_type().ok_or(Ignored::Malformed)?;
+        let request = self.parse(packet)?;
         let address = self.lease.address.addr();
         let mut handled = Handled::default();
-        match kind {
+        match request.kind {
             MessageType::Discover => {
                 handled.reply = Some(self.reply(&request, MessageType::Offer));
             }
             MessageType::Request => {
-                let chosen = match request.opts().get(OptionCode::ServerIdentifier) {
-                    Some(DhcpOption::ServerIdentifier(id)) => Some(*id),
-                    _ => None,
-                };
-                if chosen.is_some_and(|id| id != self.lease.server) {
+                if request.server.is_some_and(|id| id != self.lease.server) {
                     return Err(Ignored::OtherServer);
                 }
-                let asked = match request.opts().get(OptionCode::RequestedIpAddress) {
-                    Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
-                    _ => Some(request.ciaddr()).filter(|ip| !ip.is_unspecified()),
-                };
+                let asked = request
+                    .requested
+                    .or(Some(request.ciaddr).filter(|ip| !ip.is_unspecified()));
                 if asked.is_some_and(|ip| ip != address) {
                     handled.reply = Some(self.nak(&request));
                 } else {
@@ -178,7 +171,7 @@ impl Dhcpv4Handler {
                 handled.reply = Some(self.reply(&request, MessageType::Ack));
             }
             MessageType::Release | MessageType::Decline => {
-                if kind == MessageType::Decline {
+                if request.kind == MessageType::Decline {
                     log::warn!(
                         "DHCP: the guest declined {address}: another host on its link uses it"
                     );
@@ -192,16 +185,63 @@ impl Dhcpv4Handler {
         Ok(handled)
     }
 
+    /// The fields of a BOOTREQUEST from this client that the answer depends on. The header is
+    /// read in place and only options 53, 50 and 54 are looked at, each checked for its
+    /// length: nothing else the guest put in the packet is decoded.
+    fn parse(&self, packet: &[u8]) -> Result<Request, Ignored> {
+        if packet.len() < MIN_MESSAGE || packet[236..240] != MAGIC_COOKIE {
+            return Err(Ignored::Malformed);
+        }
+        let message = borrowed::Message::new(packet).map_err(|_| Ignored::Malformed)?;
+        if message.opcode() != Opcode::BootRequest {
+            return Err(Ignored::NotARequest);
+        }
+        // hlen first: chaddr() is sliced by it.
+        if message.htype() != HType::Eth
+            || message.hlen() != 6
+            || message.chaddr() != self.lease.mac
+        {
+            return Err(Ignored::OtherClient);
+        }
+        if !message.giaddr().is_unspecified() {
+            return Err(Ignored::Relayed);
+        }
+        let mut kind = None;
+        let mut requested = None;
+        let mut server = None;
+        let address = |data: &[u8]| <[u8; 4]>::try_from(data).ok().map(Ipv4Addr::from);
+        for option in message.opts() {
+            let data = option.data();
+            match u8::from(option.code()) {
+                53 if kind.is_none() => match data {
+                    [t] => kind = Some(MessageType::from(*t)),
+                    _ => return Err(Ignored::Malformed),
+                },
+                50 if requested.is_none() => requested = address(data),
+                54 if server.is_none() => server = address(data),
+                _ => {}
+            }
+        }
+        Ok(Request {
+            kind: kind.ok_or(Ignored::Malformed)?,
+            xid: message.xid(),
+            flags: message.flags(),
+            ciaddr: message.ciaddr(),
+            requested,
+            server,
+        })
+    }
+
     /// An OFFER or ACK; for an INFORM, an ACK without address or lease time.
-    fn reply(&self, request: &Message, kind: MessageType) -> Reply {
-        let inform = request.opts().msg_type() == Some(MessageType::Inform);
+    fn reply(&self, request: &Request, kind: MessageType) -> Reply {
+        let inform = request.kind == MessageType::Inform;
         let mut message = self.base(request);
         if inform {
-            message.set_ciaddr(request.ciaddr());
+            message.set_ciaddr(request.ciaddr);
         } else {
             message.set_yiaddr(self.lease.address.addr());
             if kind == MessageType::Ack {
-                message.set_ciaddr(request.ciaddr());
+                message.set_ciaddr(request.ciaddr);
             }
         }
         let opts = message.opts_mut();
@@ -220,7 +260,7 @@ impl Dhcpv4Handler {
         }
     }
 
-    fn nak(&self, request: &Message) -> Reply {
+    fn nak(&self, request: &Request) -> Reply {
         let mut message = self.base(request);
         let opts = message.opts_mut();
         opts.insert(DhcpOption::MessageType(MessageType::Nak));
@@ -237,9 +277,9 @@ impl Dhcpv4Handler {
     }
 
     /// A BOOTREPLY to `request`: its transaction, flags and client hardware address.
-    fn base(&self, request: &Message) -> Message {
+    fn base(&self, request: &Request) -> Message {
         let mut message = Message::new_with_id(
-            request.xid(),
+            request.xid,
             Ipv4Addr::UNSPECIFIED,
             Ipv4Addr::UNSPECIFIED,
             Ipv4Addr::UNSPECIFIED,
@@ -249,7 +289,7 @@ impl Dhcpv4Handler {
         message
             .set_opcode(Opcode::BootReply)
             .set_htype(HType::Eth)
-            .set_flags(request.flags())
+            .set_flags(request.flags)
             .set_opts(DhcpOptions::new());
         message
     }
@@ -257,8 +297,8 @@ impl Dhcpv4Handler {
     /// `ciaddr` when the client already has an address in the leased network, else the
     /// broadcast address: the server cannot reach an unconfigured client by unicast without
     /// writing the host's ARP table, which RFC 2131 4.1 lets it skip.
-    fn destination(&self, request: &Message) -> Destination {
-        let ciaddr = request.ciaddr();
+    fn destination(&self, request: &Request) -> Destination {
+        let ciaddr = request.ciaddr;
         if !ciaddr.is_unspecified()
             && self.lease.address.contains(&ciaddr)
             && ciaddr != self.lease.address.broadcast()
