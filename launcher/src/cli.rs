@@ -10,6 +10,7 @@ use vmm_core::{CpuProfile, VmConfig};
 
 use crate::config::{VmConfigFile, dhcp_mac};
 use crate::dhcp::DhcpConfig;
+use crate::dhcp::flags::DHCP_KEYS;
 use crate::keyvalue::KeyValues;
 use crate::kubevirt::launcher_flags::LauncherFlags;
 use crate::vmm::OnReboot;
@@ -280,20 +281,13 @@ fn parse_disks(entries: &[String]) -> Result<Vec<BlockConfig>, InvalidFlag> {
     Ok(disks)
 }
 
-/// The `--net` keys: the NIC's, then its DHCP server's ([`crate::dhcp::flags::DHCP_KEYS`]).
-const NET_KEYS: &[&str] = &[
-    "tap",
-    "mac",
-    "mtu",
-    "id",
-    "dhcp",
-    "gateway",
-    "dns",
-    "search",
-    "hostname",
-    "dhcp-interface",
-    "dhcp-server",
-];
+/// The NIC's `--net` keys; its DHCP server's are [`crate::dhcp::flags::DHCP_KEYS`].
+const NIC_KEYS: &[&str] = &["tap", "mac", "mtu", "id"];
+
+/// One `--net` entry's keys and values.
+fn net_keys(entry: &str) -> Result<KeyValues<'_>, crate::keyvalue::KeyValueError> {
+    KeyValues::parse(entry, &[NIC_KEYS, DHCP_KEYS].concat())
+}
 
 /// Parses a MAC address such as `52:54:00:12:34:56`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -312,7 +306,7 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// Parses one `--net` entry.
 pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
     let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
-    let kv = KeyValues::parse(entry, NET_KEYS).map_err(|e| bad(e.to_string()))?;
+    let kv = net_keys(entry).map_err(|e| bad(e.to_string()))?;
     let tap = kv
         .required("tap")
         .map_err(|e| bad(e.to_string()))?
@@ -357,7 +351,7 @@ pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
 /// The DHCP server of one `--net` entry, if it has one ([`crate::dhcp::flags`]).
 pub fn parse_net_dhcp(entry: &str) -> Result<Option<DhcpConfig>, InvalidFlag> {
     let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
-    let kv = KeyValues::parse(entry, NET_KEYS).map_err(|e| bad(e.to_string()))?;
+    let kv = net_keys(entry).map_err(|e| bad(e.to_string()))?;
     crate::dhcp::flags::dhcp_from_net_keys(&kv).map_err(bad)
 }
 

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bridged::{BridgedNetwork, bridged_network};
+use common::bridged::BridgedNetwork;
+use common::netns::network_or_skip;
 use common::{kvm_available, tiny_guest};
 
 const MAC: &str = "52:54:00:12:34:56";
@@ -76,6 +77,14 @@ fn wait_until(
     }
 }
 
+/// The first line of `text` that contains `needle`.
+fn first_line(text: &str, needle: &str) -> String {
+    text.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in:\n{text}"))
+        .to_string()
+}
+
 fn signal(child: &Child, signal: i32) {
     // SAFETY: kill(2) on our own child's pid, not yet reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
@@ -98,7 +107,7 @@ fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
     if !kvm_available(test) {
         return;
     }
-    let Some(net) = bridged_network(test, || BridgedNetwork::with_client("dhcp", MAC)) else {
+    let Some(net) = network_or_skip(test, BridgedNetwork::with_client("dhcp", MAC)) else {
         return;
     };
     let scratch = Scratch::new("dhcp");
@@ -160,12 +169,7 @@ fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
         || scratch.read("events.log").contains("bound "),
         log,
     );
-    let bound = scratch
-        .read("events.log")
-        .lines()
-        .find(|l| l.starts_with("bound "))
-        .unwrap()
-        .to_string();
+    let bound = first_line(&scratch.read("events.log"), "bound ");
     assert_eq!(
         bound,
         "bound ip=10.0.2.2 mask=24 router=10.0.2.1 dns=10.0.2.1 10.0.2.53 \
@@ -178,12 +182,11 @@ fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
         || scratch.read("vm-events.json").contains("net.dhcp-lease"),
         log,
     );
-    let lease_event = scratch
-        .read("vm-events.json")
-        .lines()
-        .find(|l| l.contains("net.dhcp-lease"))
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .unwrap();
+    let lease_event: serde_json::Value = serde_json::from_str(&first_line(
+        &scratch.read("vm-events.json"),
+        "net.dhcp-lease",
+    ))
+    .unwrap();
     assert_eq!(
         lease_event["properties"],
         serde_json::json!({"id": "tap0", "mac": MAC, "address": "10.0.2.2", "prefix_len": 24})

@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::bridged::{BridgedNetwork, bridged_network};
+use common::bridged::BridgedNetwork;
 use common::kubevirt::{Handler, Launcher, Pod, fake_virt_handler, next_event};
 use common::kvm_available;
 use common::linux::{image_dir, manifest};
+use common::netns::network_or_skip;
 use launcher::kubevirt::grpc::GrpcRuntime;
 use launcher::kubevirt::proto::cmd::v1 as cmd;
 use serde_json::{Value, json};
@@ -93,7 +94,7 @@ fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_d
     if !kvm_available(test) {
         return;
     }
-    let Some(net) = bridged_network(test, || BridgedNetwork::masquerade_pod("kvdhcp")) else {
+    let Some(net) = network_or_skip(test, BridgedNetwork::masquerade_pod("kvdhcp")) else {
         return;
     };
     let m = manifest(&image);

@@ -83,19 +83,8 @@ pub fn dhcp_from_net_keys(kv: &KeyValues<'_>) -> Result<Option<DhcpConfig>, Stri
 mod tests {
     use super::*;
 
-    const KEYS: &[&str] = &[
-        "tap",
-        "dhcp",
-        "gateway",
-        "dns",
-        "search",
-        "hostname",
-        "dhcp-interface",
-        "dhcp-server",
-    ];
-
     fn parse(entry: &str) -> Result<Option<DhcpConfig>, String> {
-        dhcp_from_net_keys(&KeyValues::parse(entry, KEYS).unwrap())
+        dhcp_from_net_keys(&KeyValues::parse(entry, &[&["tap"], DHCP_KEYS].concat()).unwrap())
     }
 
     #[test]

@@ -118,6 +118,20 @@ const SEARCH: [&str; 4] = [
     "cluster.local",
 ];
 
+/// What every served interface of [`vmi`] gets from the pod: DNS, search domains with the
+/// subdomain, host name, the bridge, the marker.
+fn pod_settings(pod: &PodDir) -> DhcpConfig {
+    DhcpConfig {
+        dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
+        search: SEARCH.map(String::from).to_vec(),
+        domain_name: Some("mysub.default.svc.cluster.local".into()),
+        hostname: Some("testvm".into()),
+        interface: Some("k6t-eth0".into()),
+        started_marker: Some(pod.dirs.private.join("dhcp_started-eth0")),
+        ..DhcpConfig::default()
+    }
+}
+
 #[test]
 fn masquerade_serves_the_second_address_of_the_vm_network_on_the_bridge() {
     let pod = PodDir::new("masq");
@@ -134,15 +148,9 @@ fn masquerade_serves_the_second_address_of_the_vm_network_on_the_bridge() {
         DhcpConfig {
             address: "10.0.2.2/24".into(),
             gateway: Some(Ipv4Addr::new(10, 0, 2, 1)),
-            dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
-            search: SEARCH.map(String::from).to_vec(),
-            domain_name: Some("mysub.default.svc.cluster.local".into()),
-            hostname: Some("testvm".into()),
             mtu: Some(1450),
-            interface: Some("k6t-eth0".into()),
             server: Some(Ipv4Addr::new(10, 0, 2, 1)),
-            started_marker: Some(pod.dirs.private.join("dhcp_started-eth0")),
-            ..DhcpConfig::default()
+            ..pod_settings(&pod)
         }
     );
     assert_eq!(net.mtu, Some(1450), "the NIC gets the pod's MTU too");
@@ -377,10 +385,6 @@ fn bridge_hands_over_the_cached_pod_address_mac_gateway_and_routes() {
         DhcpConfig {
             address: "10.244.1.5/24".into(),
             gateway: Some(Ipv4Addr::new(10, 244, 1, 1)),
-            dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
-            search: SEARCH.map(String::from).to_vec(),
-            domain_name: Some("mysub.default.svc.cluster.local".into()),
-            hostname: Some("testvm".into()),
             mtu: Some(1400),
             routes: vec![
                 RouteConfig {
@@ -392,10 +396,8 @@ fn bridge_hands_over_the_cached_pod_address_mac_gateway_and_routes() {
                     gateway: Ipv4Addr::new(10, 244, 1, 1)
                 },
             ],
-            interface: Some("k6t-eth0".into()),
             server: Some(Ipv4Addr::new(169, 254, 75, 10)),
-            started_marker: Some(pod.dirs.private.join("dhcp_started-eth0")),
-            ..DhcpConfig::default()
+            ..pod_settings(&pod)
         }
     );
     // The guest takes over the pod's MAC, in the VM and in the domain.

@@ -11,7 +11,7 @@
 
 use std::process::Command;
 
-use super::netns::ip;
+use super::netns::{ip, netns_command};
 
 /// The two namespaces.
 pub struct BridgedNetwork {
@@ -98,16 +98,12 @@ impl BridgedNetwork {
 
     /// `program` run in the pod namespace.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.pod, program]);
-        cmd
+        netns_command(&self.pod, program)
     }
 
     /// `program` run in the other namespace.
     pub fn peer_command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.peer, program]);
-        cmd
+        netns_command(&self.peer, program)
     }
 }
 
@@ -116,22 +112,5 @@ impl Drop for BridgedNetwork {
         // Deleting a namespace removes its devices; the veth pair goes with either end.
         let _ = ip(&["netns", "del", &self.pod]);
         let _ = ip(&["netns", "del", &self.peer]);
-    }
-}
-
-/// `make(tag)`, or None with a printed reason (a failure under CI=true).
-pub fn bridged_network(
-    test: &str,
-    make: impl FnOnce() -> Result<BridgedNetwork, String>,
-) -> Option<BridgedNetwork> {
-    match make() {
-        Ok(net) => Some(net),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: cannot create the test network: {e}; CI=true requires it")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: cannot create the test network: {e}");
-            None
-        }
     }
 }
