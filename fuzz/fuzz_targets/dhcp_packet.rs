@@ -1,6 +1,10 @@
 //! The DHCP server's packet handling: what a hostile guest may send the launcher's `dhcp`
 //! thread, through `launcher::dhcp::handler::Dhcpv4Handler::handle` for one of a few leases
-//! (KubeVirt's masquerade one with every option, a bare /30, a bridge /32 with routes).
+//! (KubeVirt's masquerade one with every option, a bare /30, a bridge /32 with routes), or
+//! through `launcher::dhcp::handler6::Dhcpv6Handler::handle` (KubeVirt's masquerade IPv6
+//! lease): client messages of every type with or without the client's and a server's DUID, an
+//! IA_NA (whole or short), Rapid Commit, extra option bytes and truncation, from a link-local
+//! or another source.
 //!
 //! Each input is a sequence of packets: mostly-valid BOOTREQUESTs (any message type, the
 //! client's MAC or another, `ciaddr`, requested address, server identifier, flags, extra
@@ -12,19 +16,25 @@
 //! OFFER, ACK or NAK to that MAC with the request's transaction id, offers or acknowledges
 //! only the leased address (or none), and goes to the broadcast address or to the request's
 //! `ciaddr` inside the leased network; the lease binds and releases only the leased address,
-//! and `bound()` follows the changes.
+//! and `bound()` follows the changes. DHCPv6: answers only to link-local senders, each an
+//! ADVERTISE or REPLY with the request's transaction id, this server's DUID and the client's,
+//! any address in it the leased one; binding and releasing as for DHCPv4.
 
 #![no_main]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use dhcproto::v4::{Message, MessageType, Opcode};
+use dhcproto::v6;
 use dhcproto::{Decodable, Decoder};
 use fuzz_common::rarely;
-use launcher::dhcp::config::{DhcpConfig, LeaseConfig, PrivateOption, RouteConfig};
+use launcher::dhcp::config::{
+    Dhcp6Config, DhcpConfig, Lease6Config, LeaseConfig, PrivateOption, RouteConfig,
+};
 use launcher::dhcp::handler::{Destination, Dhcpv4Handler, LeaseChange};
+use launcher::dhcp::handler6::Dhcpv6Handler;
 use libfuzzer_sys::fuzz_target;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -32,7 +42,7 @@ const COOKIE: [u8; 4] = [99, 130, 83, 99];
 
 static LEASES: LazyLock<Vec<LeaseConfig>> = LazyLock::new(|| {
     let kubevirt = DhcpConfig {
-        address: "10.0.2.2/24".into(),
+        address: Some("10.0.2.2/24".into()),
         gateway: Some(Ipv4Addr::new(10, 0, 2, 1)),
         dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
         search: vec![
@@ -54,11 +64,11 @@ static LEASES: LazyLock<Vec<LeaseConfig>> = LazyLock::new(|| {
         ..DhcpConfig::default()
     };
     let small = DhcpConfig {
-        address: "192.168.7.9/30".into(),
+        address: Some("192.168.7.9/30".into()),
         ..DhcpConfig::default()
     };
     let bridge = DhcpConfig {
-        address: "10.244.1.5/32".into(),
+        address: Some("10.244.1.5/32".into()),
         gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
         routes: vec![
             RouteConfig {
@@ -208,7 +218,7 @@ fn check(packet: &[u8], handler: &mut Dhcpv4Handler) {
     }
     match handled.change {
         Some(LeaseChange::Bound(ip)) => {
-            assert_eq!(ip, leased);
+            assert_eq!(ip, IpAddr::V4(leased));
             assert_eq!(before, None);
             assert_eq!(handler.bound(), Some(leased));
             assert!(
@@ -219,7 +229,7 @@ fn check(packet: &[u8], handler: &mut Dhcpv4Handler) {
             );
         }
         Some(LeaseChange::Released(ip)) => {
-            assert_eq!(Some(ip), before);
+            assert_eq!(Some(ip), before.map(IpAddr::V4));
             assert_eq!(handler.bound(), None);
             assert!(handled.reply.is_none());
         }
@@ -230,10 +240,143 @@ fn check(packet: &[u8], handler: &mut Dhcpv4Handler) {
     }
 }
 
+static LEASE6: LazyLock<Lease6Config> = LazyLock::new(|| {
+    DhcpConfig {
+        ipv6: Some(Dhcp6Config {
+            address: "fd10:0:2::2/120".into(),
+            dns: vec![Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10)],
+        }),
+        ..DhcpConfig::default()
+    }
+    .lease6([2, 0, 0, 0, 0, 1])
+    .expect("a valid lease")
+    .expect("an IPv6 lease")
+});
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x5054, 0xff, 0xfe12, 0x3456);
+
+/// One DHCPv6 option: code, data.
+fn option6(code: u16, data: &[u8]) -> Vec<u8> {
+    let mut o = code.to_be_bytes().to_vec();
+    o.extend((data.len() as u16).to_be_bytes());
+    o.extend(data);
+    o
+}
+
+/// A mostly-valid DHCPv6 client message.
+fn shaped6(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+    let kind = match byte(u)? % 16 {
+        k @ 1..=11 => k,
+        0 => 3,
+        _ => byte(u)?,
+    };
+    let mut p = vec![kind, byte(u)?, byte(u)?, byte(u)?];
+    if !rarely(u, 16)? {
+        p.extend(option6(1, &[0, 3, 0, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+    }
+    match byte(u)? % 4 {
+        1 => p.extend(option6(2, &LEASE6.server_duid)),
+        2 => p.extend(option6(2, &[0, 3, 0, 1, 9, 9, 9, 9, 9, byte(u)?])),
+        _ => {}
+    }
+    match byte(u)? % 4 {
+        0 | 1 => p.extend(option6(3, &[0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0])),
+        2 => p.extend(option6(3, &[0, 0, 0, 7])),
+        _ => {}
+    }
+    if byte(u)? % 2 == 1 {
+        p.extend(option6(14, &[]));
+    }
+    if rarely(u, 8)? {
+        let len = usize::from(byte(u)?) * 2;
+        p.extend(u.bytes(len.min(u.len()))?);
+    }
+    if rarely(u, 16)? {
+        let cut = usize::from(word(u)?) % p.len();
+        p.truncate(cut);
+    }
+    Ok(p)
+}
+
+fn check6(packet: &[u8], source: Ipv6Addr, handler: &mut Dhcpv6Handler) {
+    let lease = handler.lease().clone();
+    let leased = lease.address.addr();
+    let before = handler.bound();
+    let handled = handler.handle(packet, source);
+    if let Some(reply) = &handled.reply {
+        assert!(source.is_unicast_link_local(), "answered {source}");
+        let m = v6::Message::decode(&mut Decoder::new(reply)).expect("a reply decodes");
+        assert!(matches!(
+            m.msg_type(),
+            v6::MessageType::Advertise | v6::MessageType::Reply
+        ));
+        assert_eq!(m.xid(), packet[1..4]);
+        assert_eq!(
+            m.opts().get(v6::OptionCode::ServerId),
+            Some(&v6::DhcpOption::ServerId(lease.server_duid.clone()))
+        );
+        if let Some(v6::DhcpOption::IANA(ia)) = m.opts().get(v6::OptionCode::IANA) {
+            for o in ia.opts.iter() {
+                if let v6::DhcpOption::IAAddr(a) = o {
+                    assert_eq!(a.addr, leased);
+                }
+            }
+        }
+    }
+    match handled.change {
+        Some(LeaseChange::Bound(ip)) => {
+            assert_eq!((ip, before), (IpAddr::V6(leased), None));
+            assert_eq!(handler.bound(), Some(leased));
+            assert!(handled.reply.is_some());
+        }
+        Some(LeaseChange::Released(ip)) => {
+            assert_eq!(Some(ip), before.map(IpAddr::V6));
+            assert_eq!(handler.bound(), None);
+        }
+        None => assert!(
+            handler.bound() == before,
+            "the lease changed without saying so"
+        ),
+    }
+}
+
+/// DHCPv6 packets for the IPv6 lease.
+fn run6(u: &mut Unstructured<'_>) {
+    let mut handler = Dhcpv6Handler::new(LEASE6.clone());
+    for _ in 0..32 {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(mode) = byte(u) else { break };
+        let source = if mode & 0x80 != 0 {
+            Ipv6Addr::new(0xfd10, 0, 2, 0, 0, 0, 0, 2)
+        } else {
+            CLIENT6
+        };
+        let packet = if mode % 8 == 0 {
+            let Ok(len) = word(u) else { break };
+            let Ok(bytes) = u.bytes(usize::from(len).min(u.len())) else {
+                break;
+            };
+            bytes.to_vec()
+        } else {
+            match shaped6(u) {
+                Ok(p) => p,
+                Err(_) => break,
+            }
+        };
+        check6(&packet, source, &mut handler);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let Ok(choice) = byte(&mut u) else { return };
-    let lease = &LEASES[usize::from(choice) % LEASES.len()];
+    if usize::from(choice) % (LEASES.len() + 1) == LEASES.len() {
+        run6(&mut u);
+        return;
+    }
+    let lease = &LEASES[usize::from(choice) % (LEASES.len() + 1)];
     let mut handler = Dhcpv4Handler::new(lease.clone());
     for _ in 0..32 {
         if u.is_empty() {

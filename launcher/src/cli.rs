@@ -784,7 +784,10 @@ mod tests {
             .dhcp
             .as_ref()
             .expect("the file carries the server");
-        assert_eq!((dhcp.address.as_str(), dhcp.dns.len()), ("10.0.2.2/24", 1));
+        assert_eq!(
+            (dhcp.address.as_deref(), dhcp.dns.len()),
+            (Some("10.0.2.2/24"), 1)
+        );
         assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
         let err = parse_net_dhcp("tap=tap0,dhcp=10.0.2.2/24,gateway=x").unwrap_err();
         assert_eq!(

@@ -200,5 +200,12 @@ fn a_nics_dhcp_server_is_checked_and_fixes_its_mac() {
         "{err}"
     );
     let err = error(&with_dhcp(r#"{"gateway": "10.0.2.1"}"#, ""));
-    assert!(err.contains("missing field `address`"), "{err}");
+    assert_eq!(err, "net[0].dhcp.address: required (or ipv6)");
+    let v6_only = r#"{"ipv6": {"address": "fd10:0:2::2/120", "dns": ["fd00::10"]}}"#;
+    validate(&with_dhcp(v6_only, "")).unwrap();
+    let bad_v6 = r#"{"ipv6": {"address": "fe80::2/64"}}"#;
+    assert_eq!(
+        error(&with_dhcp(bad_v6, "")),
+        "net[0].dhcp.ipv6.address: fe80::2 is not a global or unique local address"
+    );
 }

@@ -96,8 +96,9 @@ pub fn grpc_filter() -> Result<BpfProgram, SeccompError> {
 }
 
 /// What the `dhcp` thread ([`crate::dhcp::server`]) needs beyond the rules every thread
-/// shares: waiting on its socket and stop event, one datagram in and out at a time. The
-/// socket, its options and the stop event are set up before the thread starts; the started
+/// shares: waiting on its sockets (DHCPv4, DHCPv6) and stop event, one datagram in and out at
+/// a time. The sockets, their options and group memberships and the stop event are set up
+/// before the thread starts; the started
 /// markers are written and removed by the thread that starts and stops the server. Lease
 /// events are handed on through the VMM's event listeners and event monitor (a channel and
 /// writes, shared rules); dhcproto draws a random transaction id for each reply it builds

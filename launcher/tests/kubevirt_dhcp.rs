@@ -108,7 +108,7 @@ fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_d
     std::fs::write(pod.path("resolv.conf"), POD_RESOLV_CONF).unwrap();
 
     let runtime = GrpcRuntime::start().unwrap();
-    let events = fake_virt_handler(&runtime, &pod);
+    let (events, _k8s_events) = fake_virt_handler(&runtime, &pod);
     let mut command = net.command("sh");
     command
         .args(["-c", MOUNT_POD_VOLUMES, "sh"])
@@ -216,9 +216,30 @@ fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_d
         "a domain event carried the lease"
     );
 
-    // The guest shuts down (Ctrl-Alt-Del): the VM, its DHCP server and the launcher end.
+    // The guest shuts down (Ctrl-Alt-Del): the VM and its DHCP server stop; the domain stays,
+    // Shutoff and without the lease, until virt-handler deletes it.
     assert!(handler.vmi_command("Shutdown", &json!(vmi)).0);
-    let exit = launcher.wait(Duration::from_secs(180));
-    assert_eq!(exit.code(), Some(0), "log:\n{}", launcher.log());
+    let start = Instant::now();
+    let shutoff = loop {
+        if let Ok(request) = events.recv_timeout(Duration::from_secs(1)) {
+            let domain: Value = serde_json::from_slice(&request.domain_json).unwrap();
+            if domain["Status"]["Status"] == "Shutoff" {
+                break domain;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no Shutoff; log:\n{}",
+            launcher.log()
+        );
+    };
+    assert_eq!(
+        shutoff["Status"]["Interfaces"],
+        Value::Null,
+        "no lease in a stopped VM"
+    );
     assert!(!marker.exists(), "the marker goes with the server");
+    assert_eq!(handler.vmi_command("Delete", &vmi), (true, String::new()));
+    let exit = launcher.wait(Duration::from_secs(60));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", launcher.log());
 }

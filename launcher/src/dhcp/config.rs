@@ -2,10 +2,10 @@
 //! file's `net[].dhcp`, `rvmm run --net ...,dhcp=...`, the KubeVirt mode's pod network), and
 //! [`LeaseConfig`], the same checked and resolved for one client.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 /// KubeVirt's lease: 999 days (`infiniteLease` in pkg/network/dhcp/server), in seconds.
@@ -14,12 +14,17 @@ pub const LEASE_SECONDS: u32 = 999 * 24 * 60 * 60;
 /// The longest value a DHCP option carries without being split.
 const OPTION_MAX: usize = 255;
 
-/// A NIC's DHCP server, as a VM configuration describes it (`net[].dhcp`).
+/// A NIC's DHCP server, as a VM configuration describes it (`net[].dhcp`): DHCPv4 with
+/// `address`, DHCPv6 with `ipv6`, or both.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DhcpConfig {
-    /// The guest's address and prefix length (`10.0.2.2/24`).
-    pub address: String,
+    /// The guest's IPv4 address and prefix length (`10.0.2.2/24`): DHCPv4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// DHCPv6 (stateful: one address), as KubeVirt's serverv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Dhcp6Config>,
     /// The default router (option 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Ipv4Addr>,
@@ -67,6 +72,17 @@ pub struct DhcpConfig {
     pub started_marker: Option<PathBuf>,
 }
 
+/// `net[].dhcp.ipv6`: what DHCPv6 hands out.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Dhcp6Config {
+    /// The guest's IPv6 address and prefix length (`fd10:0:2::2/120`).
+    pub address: String,
+    /// DNS servers (option 23).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<Ipv6Addr>,
+}
+
 /// `net[].dhcp.routes[]`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -111,6 +127,19 @@ pub struct Route {
     pub destination: Ipv4Net,
     /// The next hop.
     pub gateway: Ipv4Addr,
+}
+
+/// What a DHCPv6 server answers its client with, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease6Config {
+    /// The address (IA_NA) and its prefix.
+    pub address: Ipv6Net,
+    /// Option 23.
+    pub dns: Vec<Ipv6Addr>,
+    /// The server's DUID (DUID-LL of the serving interface's MAC, as KubeVirt's).
+    pub server_duid: Vec<u8>,
+    /// Preferred and valid lifetime of the address.
+    pub lifetime_seconds: u32,
 }
 
 /// Everything one server answers one client with, checked.
@@ -279,22 +308,85 @@ pub fn check_interface_name(field: &str, name: &str) -> Result<(), DhcpConfigErr
     }
 }
 
+/// The guest's IPv6 address: unicast, not link-local (the guest has its own).
+fn guest_address6(text: &str) -> Result<Ipv6Net, DhcpConfigError> {
+    const FIELD: &str = "ipv6.address";
+    if !text.contains('/') {
+        return Err(invalid(
+            FIELD,
+            format!("'{text}' has no prefix length (like fd10:0:2::2/120)"),
+        ));
+    }
+    let net: Ipv6Net = text
+        .parse()
+        .map_err(|_| invalid(FIELD, format!("'{text}' is not like fd10:0:2::2/120")))?;
+    let ip = net.addr();
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_unicast_link_local() {
+        return Err(invalid(
+            FIELD,
+            format!("{ip} is not a global or unique local address"),
+        ));
+    }
+    Ok(net)
+}
+
+/// DUID-LL (RFC 8415 11.4) of an Ethernet address.
+pub fn duid_ll(mac: [u8; 6]) -> Vec<u8> {
+    let mut duid = vec![0, 3, 0, 1];
+    duid.extend(mac);
+    duid
+}
+
 impl DhcpConfig {
     /// Checks every setting; errors name it relative to these settings (`search[1]`).
     pub fn validate(&self) -> Result<(), DhcpConfigError> {
-        self.lease([2, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 1), None)
-            .map(drop)
+        if self.address.is_none() && self.ipv6.is_none() {
+            return Err(invalid("address", "required (or ipv6)"));
+        }
+        if self.address.is_some() {
+            self.lease([2, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 0, 2, 1), None)?;
+        }
+        self.lease6([2, 0, 0, 0, 0, 2]).map(drop)
     }
 
-    /// The lease for the client `mac`, from the server `server`; `nic_mtu` is the NIC's MTU,
-    /// the default of `mtu`.
+    /// The DHCPv6 lease, if there is one, from a server on the interface with `server_mac`.
+    pub fn lease6(&self, server_mac: [u8; 6]) -> Result<Option<Lease6Config>, DhcpConfigError> {
+        let Some(v6) = &self.ipv6 else {
+            return Ok(None);
+        };
+        let address = guest_address6(&v6.address)?;
+        for (i, ip) in v6.dns.iter().enumerate() {
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(invalid(
+                    format!("ipv6.dns[{i}]"),
+                    format!("{ip} is not a unicast address"),
+                ));
+            }
+        }
+        if v6.dns.len() * 16 > usize::from(u16::MAX) {
+            return Err(invalid("ipv6.dns", "too many servers"));
+        }
+        Ok(Some(Lease6Config {
+            address,
+            dns: v6.dns.clone(),
+            server_duid: duid_ll(server_mac),
+            lifetime_seconds: LEASE_SECONDS,
+        }))
+    }
+
+    /// The DHCPv4 lease for the client `mac`, from the server `server`; `nic_mtu` is the
+    /// NIC's MTU, the default of `mtu`. Without `address` there is no DHCPv4: an error.
     pub fn lease(
         &self,
         mac: [u8; 6],
         server: Ipv4Addr,
         nic_mtu: Option<u16>,
     ) -> Result<LeaseConfig, DhcpConfigError> {
-        let address = guest_address(&self.address)?;
+        let text = self
+            .address
+            .as_deref()
+            .ok_or_else(|| invalid("address", "required for DHCPv4"))?;
+        let address = guest_address(text)?;
         let router = self.gateway.map(|g| unicast("gateway", g)).transpose()?;
         let server = unicast("server", self.server.unwrap_or(server))?;
         for (i, &ip) in self.dns.iter().enumerate() {

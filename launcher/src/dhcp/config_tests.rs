@@ -5,7 +5,7 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
 
 fn minimal() -> DhcpConfig {
     DhcpConfig {
-        address: "10.0.2.2/24".into(),
+        address: Some("10.0.2.2/24".into()),
         ..DhcpConfig::default()
     }
 }
@@ -96,7 +96,7 @@ fn bad_addresses_name_their_setting() {
     ];
     for (address, expected) in cases {
         let config = DhcpConfig {
-            address: (*address).into(),
+            address: Some((*address).into()),
             ..DhcpConfig::default()
         };
         let err = error(&config);
@@ -105,7 +105,7 @@ fn bad_addresses_name_their_setting() {
     // A /32 (Calico's pod addresses) and a /31 have no network or broadcast address to avoid.
     for address in ["10.1.2.3/32", "10.1.2.2/31"] {
         let config = DhcpConfig {
-            address: address.into(),
+            address: Some(address.into()),
             ..DhcpConfig::default()
         };
         config.validate().unwrap();
@@ -265,4 +265,62 @@ fn unknown_fields_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unknown field `lease`"), "{err}");
+}
+
+#[test]
+fn ipv6_settings_make_a_dhcpv6_lease_alone_or_with_ipv4() {
+    let v6 = |address: &str| DhcpConfig {
+        ipv6: Some(Dhcp6Config {
+            address: address.into(),
+            dns: vec!["fd00::10".parse().unwrap()],
+        }),
+        ..DhcpConfig::default()
+    };
+    let lease = v6("fd10:0:2::2/120")
+        .lease6([2, 0, 0, 0, 0, 9])
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.address, "fd10:0:2::2/120".parse::<Ipv6Net>().unwrap());
+    assert_eq!(lease.dns, ["fd00::10".parse::<Ipv6Addr>().unwrap()]);
+    assert_eq!(lease.server_duid, [0, 3, 0, 1, 2, 0, 0, 0, 0, 9]);
+    assert_eq!(lease.lifetime_seconds, LEASE_SECONDS);
+    v6("2001:db8::5/64").validate().unwrap();
+    assert!(minimal().lease6([2, 0, 0, 0, 0, 9]).unwrap().is_none());
+    let mut both = v6("fd10:0:2::2/120");
+    both.address = Some("10.0.2.2/24".into());
+    both.validate().unwrap();
+    for (address, reason) in [
+        ("fd10:0:2::2", "has no prefix length"),
+        ("fd10::2/129", "is not like fd10:0:2::2/120"),
+        ("10.0.2.2/24", "is not like fd10:0:2::2/120"),
+        (
+            "fe80::2/64",
+            "fe80::2 is not a global or unique local address",
+        ),
+        ("ff02::1/64", "is not a global or unique local address"),
+        ("::/0", "is not a global or unique local address"),
+    ] {
+        let err = error(&v6(address));
+        assert!(
+            err.starts_with("ipv6.address: ") && err.contains(reason),
+            "{address}: {err}"
+        );
+    }
+    let mut bad_dns = v6("fd10:0:2::2/120");
+    bad_dns
+        .ipv6
+        .as_mut()
+        .unwrap()
+        .dns
+        .push("ff02::1".parse().unwrap());
+    assert_eq!(
+        error(&bad_dns),
+        "ipv6.dns[1]: ff02::1 is not a unicast address"
+    );
+    let none = DhcpConfig::default();
+    assert_eq!(error(&none), "address: required (or ipv6)");
+    assert_eq!(
+        none.lease(MAC, SERVER, None).unwrap_err().to_string(),
+        "address: required for DHCPv4"
+    );
 }

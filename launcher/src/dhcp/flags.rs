@@ -58,7 +58,7 @@ pub fn dhcp_from_net_keys(kv: &KeyValues<'_>) -> Result<Option<DhcpConfig>, Stri
             .unwrap_or_default()
     };
     let config = DhcpConfig {
-        address: address.to_string(),
+        address: Some(address.to_string()),
         gateway: kv.get("gateway").map(|g| ip("gateway", g)).transpose()?,
         dns: list("dns")
             .into_iter()
@@ -99,7 +99,7 @@ mod tests {
         assert_eq!(
             config,
             DhcpConfig {
-                address: "10.0.2.2/24".into(),
+                address: Some("10.0.2.2/24".into()),
                 gateway: Some(Ipv4Addr::new(10, 0, 2, 1)),
                 dns: vec![Ipv4Addr::new(10, 0, 2, 1), Ipv4Addr::new(1, 1, 1, 1)],
                 search: vec!["example.com".into(), "corp.example.com".into()],
@@ -111,7 +111,7 @@ mod tests {
         );
         assert_eq!(parse("tap=tap0").unwrap(), None);
         let minimal = parse("tap=tap0,dhcp=192.168.5.7/16").unwrap().unwrap();
-        assert_eq!(minimal.address, "192.168.5.7/16");
+        assert_eq!(minimal.address.as_deref(), Some("192.168.5.7/16"));
         assert!(minimal.dns.is_empty() && minimal.gateway.is_none());
     }
 

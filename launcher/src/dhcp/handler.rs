@@ -17,7 +17,7 @@
 //! parameter request list) and its lease time. Replies go to `ciaddr` when the client has an
 //! address in the leased network, else to the broadcast address (NAKs always).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use dhcproto::v4::{
     DhcpOption, DhcpOptions, Flags, HType, Message, MessageType, Opcode, OptionCode, UnknownOption,
@@ -52,13 +52,13 @@ pub struct Reply {
     pub kind: MessageType,
 }
 
-/// How a packet changed the client's lease.
+/// How a packet changed the client's lease (DHCPv4 or DHCPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeaseChange {
     /// The client was acknowledged the address (first time, or again after a release).
-    Bound(Ipv4Addr),
+    Bound(IpAddr),
     /// The client released or declined the address.
-    Released(Ipv4Addr),
+    Released(IpAddr),
 }
 
 /// What [`Dhcpv4Handler::handle`] made of a packet.
@@ -163,7 +163,7 @@ impl Dhcpv4Handler {
                 } else {
                     handled.reply = Some(self.reply(&request, MessageType::Ack));
                     if self.bound.replace(address).is_none() {
-                        handled.change = Some(LeaseChange::Bound(address));
+                        handled.change = Some(LeaseChange::Bound(address.into()));
                     }
                 }
             }
@@ -177,7 +177,7 @@ impl Dhcpv4Handler {
                     );
                 }
                 if let Some(held) = self.bound.take() {
-                    handled.change = Some(LeaseChange::Released(held));
+                    handled.change = Some(LeaseChange::Released(held.into()));
                 }
             }
             _ => return Err(Ignored::Unanswered),

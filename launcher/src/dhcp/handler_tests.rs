@@ -14,7 +14,7 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
 /// KubeVirt's masquerade lease with every option set.
 fn config() -> DhcpConfig {
     DhcpConfig {
-        address: "10.0.2.2/24".into(),
+        address: Some("10.0.2.2/24".into()),
         gateway: Some(SERVER),
         dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
         search: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
@@ -174,7 +174,7 @@ fn request_after_offer_is_acked_and_binds_the_lease() {
     m.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
     m.opts_mut().insert(DhcpOption::RequestedIpAddress(GUEST));
     let handled = h.handle(&bytes(&m));
-    assert_eq!(handled.change, Some(LeaseChange::Bound(GUEST)));
+    assert_eq!(handled.change, Some(LeaseChange::Bound(GUEST.into())));
     let reply = handled.reply.unwrap();
     assert_eq!(
         (reply.kind, reply.to),
@@ -267,7 +267,7 @@ fn release_and_decline_end_the_lease_without_an_answer() {
             .insert(DhcpOption::RequestedIpAddress(GUEST));
         assert_eq!(
             h.handle(&bytes(&bind)).change,
-            Some(LeaseChange::Bound(GUEST))
+            Some(LeaseChange::Bound(GUEST.into()))
         );
         let mut m = request(kind, &MAC);
         m.set_ciaddr(GUEST);
@@ -275,7 +275,7 @@ fn release_and_decline_end_the_lease_without_an_answer() {
         assert_eq!(handled.reply, None, "{kind:?}");
         assert_eq!(
             handled.change,
-            Some(LeaseChange::Released(GUEST)),
+            Some(LeaseChange::Released(GUEST.into())),
             "{kind:?}"
         );
         assert_eq!(h.bound(), None);
@@ -284,7 +284,7 @@ fn release_and_decline_end_the_lease_without_an_answer() {
         // Bound again after the release.
         assert_eq!(
             h.handle(&bytes(&bind)).change,
-            Some(LeaseChange::Bound(GUEST))
+            Some(LeaseChange::Bound(GUEST.into()))
         );
     }
 }
@@ -380,7 +380,7 @@ fn broadcast_flag_is_echoed() {
 #[test]
 fn a_minimal_lease_sends_only_the_mask_besides_type_server_and_lease_time() {
     let lease = DhcpConfig {
-        address: "192.168.7.9/30".into(),
+        address: Some("192.168.7.9/30".into()),
         ..DhcpConfig::default()
     }
     .lease(MAC, Ipv4Addr::new(192, 168, 7, 10), None)

@@ -5,7 +5,8 @@
 //! - [`config`]: the settings ([`DhcpConfig`], a NIC's `dhcp` in the VM configuration) and the
 //!   lease they make for one client ([`LeaseConfig`]).
 //! - [`flags`]: the same settings on `rvmm run --net`.
-//! - [`handler`]: DHCPv4 packet handling, a pure function of the client's packets.
+//! - [`handler`], [`handler6`]: DHCPv4 and DHCPv6 packet handling, pure functions of the
+//!   client's packets.
 //! - [`server`]: the `dhcp` thread that serves one or more NICs on their host interfaces, and
 //!   its seccomp rules.
 //! - [`netif`]: what the server reads of a host interface (index, addresses, MTU, MAC).
@@ -15,8 +16,10 @@
 pub mod config;
 pub mod flags;
 pub mod handler;
+pub mod handler6;
 pub mod netif;
 pub mod server;
+pub mod socket;
 
 pub use config::{DhcpConfig, DhcpConfigError, LeaseConfig};
 

@@ -1,20 +1,21 @@
-//! The `dhcp` thread: one UDP socket on port 67 of every interface, answering each served NIC
-//! on its host interface only, until the server is dropped.
+//! The `dhcp` thread: one UDP socket on port 67 of every interface (and, for DHCPv6, one on
+//! port 547 in the servers' multicast group of each served interface), answering each served
+//! NIC on its host interface only, until the server is dropped.
 //!
-//! As KubeVirt's server (pkg/network/dhcp/server/socket_listener.go), the socket is bound to
-//! 0.0.0.0:67 with `SO_REUSEADDR` and learns each packet's interface from `IP_PKTINFO`:
-//! packets from other interfaces are dropped unread, and every reply leaves through the
-//! interface the request came in on, from the server address. This needs no privilege beyond
-//! binding port 67 (`CAP_NET_BIND_SERVICE`, which a launcher pod has), unlike a raw socket.
+//! As KubeVirt's servers (pkg/network/dhcp/server/socket_listener.go, serverv6/conn.go), the
+//! sockets are bound to the wildcard address with `SO_REUSEADDR` and learn each packet's
+//! interface from `IP_PKTINFO` / `IPV6_PKTINFO`: packets from other interfaces are dropped
+//! unread, and every reply leaves through the interface the request came in on. This needs no
+//! privilege beyond binding ports below 1024 (`CAP_NET_BIND_SERVICE`, which a launcher pod
+//! has), unlike a raw socket.
 //!
 //! Everything that opens or configures descriptors happens in [`DhcpServer::start`], on the
 //! calling thread; the thread itself, under its own seccomp filter
 //! ([`crate::seccomp::dhcp_rules`]), only waits, receives, answers and reports leases.
 
 use std::io;
-use std::mem::{size_of, zeroed};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
@@ -24,12 +25,14 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::{DhcpConfig, DhcpConfigError};
 use super::handler::{Destination, Dhcpv4Handler, LeaseChange};
+use super::handler6::{self, Dhcpv6Handler};
 use super::netif::{self, NetifError};
+use super::socket::{self, Received};
 use crate::seccomp::dhcp_filter;
 
-/// The server port.
+/// The DHCPv4 server port.
 pub const SERVER_PORT: u16 = 67;
-/// The client port.
+/// The DHCPv4 client port.
 pub const CLIENT_PORT: u16 = 68;
 /// Large enough for any UDP payload: nothing a guest sends is cut short and misread.
 const RECEIVE_BUFFER: usize = 65536;
@@ -49,7 +52,7 @@ pub struct ServedNic {
     pub config: DhcpConfig,
 }
 
-/// A lease changed.
+/// A lease changed (DHCPv4 or DHCPv6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseEvent {
     /// [`ServedNic::nic`].
@@ -101,6 +104,12 @@ pub enum DhcpError {
     /// The socket or the stop event cannot be set up.
     #[error("Cannot open the DHCP server's socket (UDP port {SERVER_PORT})")]
     Socket(#[source] io::Error),
+    /// The DHCPv6 socket cannot be set up.
+    #[error(
+        "Cannot open the DHCPv6 server's socket (UDP port {})",
+        handler6::SERVER_PORT
+    )]
+    Socket6(#[source] io::Error),
     /// The thread's seccomp filter cannot be built.
     #[error("Cannot build the DHCP thread's seccomp filter")]
     Seccomp(#[source] SeccompError),
@@ -131,9 +140,11 @@ impl DhcpError {
 /// A NIC being served.
 struct Served {
     nic: String,
+    mac: [u8; 6],
     interface: String,
     ifindex: u32,
-    handler: Dhcpv4Handler,
+    v4: Option<Dhcpv4Handler>,
+    v6: Option<Dhcpv6Handler>,
 }
 
 /// The running server; dropping it stops the thread and removes the started markers.
@@ -165,22 +176,47 @@ impl DhcpServer {
             .then(dhcp_filter)
             .transpose()
             .map_err(DhcpError::Seccomp)?;
-        let socket = open_socket().map_err(DhcpError::Socket)?;
+        let v4 = served
+            .iter()
+            .any(|s| s.v4.is_some())
+            .then(|| socket::open_v4(SERVER_PORT))
+            .transpose()
+            .map_err(DhcpError::Socket)?;
+        let mut v6_interfaces: Vec<u32> = served
+            .iter()
+            .filter(|s| s.v6.is_some())
+            .map(|s| s.ifindex)
+            .collect();
+        v6_interfaces.dedup();
+        let v6 = (!v6_interfaces.is_empty())
+            .then(|| socket::open_v6(handler6::SERVER_PORT, handler6::ALL_SERVERS, &v6_interfaces))
+            .transpose()
+            .map_err(DhcpError::Socket6)?;
+        let sockets = Sockets { v4, v6 };
         let stop = EventFd::new(EFD_NONBLOCK).map_err(DhcpError::Socket)?;
         let stop_clone = stop.try_clone().map_err(DhcpError::Socket)?;
         for s in &served {
-            let lease = s.handler.lease();
-            log::info!(
-                "DHCP for NIC {} ({}) on {}: {} from {}",
-                s.nic,
-                format_mac(&lease.mac),
-                s.interface,
-                lease.address,
-                lease.server
-            );
+            let mac = format_mac(&s.mac);
+            if let Some(lease) = s.v4.as_ref().map(Dhcpv4Handler::lease) {
+                log::info!(
+                    "DHCP for NIC {} ({mac}) on {}: {} from {}",
+                    s.nic,
+                    s.interface,
+                    lease.address,
+                    lease.server
+                );
+            }
+            if let Some(lease) = s.v6.as_ref().map(Dhcpv6Handler::lease) {
+                log::info!(
+                    "DHCPv6 for NIC {} ({mac}) on {}: {}",
+                    s.nic,
+                    s.interface,
+                    lease.address
+                );
+            }
         }
         let thread = spawn_filtered("dhcp", filter, move || {
-            serve(&socket, &stop_clone, served, &listener)
+            serve(&sockets, &stop_clone, served, &listener)
         })
         .map_err(DhcpError::Thread)?;
         let mut server = Self {
@@ -215,228 +251,87 @@ impl Drop for DhcpServer {
     }
 }
 
-/// Resolves a NIC's interface, server address and lease.
+/// Resolves a NIC's interface, server addresses and leases.
 fn served(nic: &ServedNic) -> Result<Served, DhcpError> {
     let interface_error = |source| DhcpError::Interface {
         nic: nic.nic.clone(),
         interface: nic.interface.clone(),
         source,
     };
-    let ifindex = netif::index(&nic.interface).map_err(interface_error)?;
-    let server = match nic.config.server {
-        Some(ip) => ip,
-        None => netif::addresses(&nic.interface)
-            .map_err(interface_error)?
-            .into_iter()
-            .find_map(|a| match a {
-                IpNet::V4(v4) => Some(v4.addr()),
-                IpNet::V6(_) => None,
-            })
-            .ok_or_else(|| DhcpError::NoServerAddress {
-                nic: nic.nic.clone(),
-                interface: nic.interface.clone(),
-            })?,
+    let config_error = |source| DhcpError::Config {
+        nic: nic.nic.clone(),
+        source,
     };
-    let lease = nic
-        .config
-        .lease(nic.mac, server, nic.nic_mtu)
-        .map_err(|source| DhcpError::Config {
-            nic: nic.nic.clone(),
-            source,
-        })?;
+    let ifindex = netif::index(&nic.interface).map_err(interface_error)?;
+    let v4 = match (&nic.config.address, nic.config.server) {
+        (None, _) => None,
+        (Some(_), server) => {
+            let server = match server {
+                Some(ip) => ip,
+                None => netif::addresses(&nic.interface)
+                    .map_err(interface_error)?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        IpNet::V4(v4) => Some(v4.addr()),
+                        IpNet::V6(_) => None,
+                    })
+                    .ok_or_else(|| DhcpError::NoServerAddress {
+                        nic: nic.nic.clone(),
+                        interface: nic.interface.clone(),
+                    })?,
+            };
+            let lease = nic
+                .config
+                .lease(nic.mac, server, nic.nic_mtu)
+                .map_err(config_error)?;
+            Some(Dhcpv4Handler::new(lease))
+        }
+    };
+    let v6 = match &nic.config.ipv6 {
+        None => None,
+        Some(_) => {
+            let server_mac = netif::mac(&nic.interface).map_err(interface_error)?;
+            let lease = nic.config.lease6(server_mac).map_err(config_error)?;
+            lease.map(Dhcpv6Handler::new)
+        }
+    };
     Ok(Served {
         nic: nic.nic.clone(),
+        mac: nic.mac,
         interface: nic.interface.clone(),
         ifindex,
-        handler: Dhcpv4Handler::new(lease),
+        v4,
+        v6,
     })
 }
 
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-fn set_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a valid c_int for the option's whole length.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// A non-blocking UDP socket on 0.0.0.0:67 that may broadcast and reports each packet's
-/// interface.
-fn open_socket() -> io::Result<OwnedFd> {
-    // SAFETY: creates a socket from constant arguments; no memory is passed.
-    let fd = check(unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Other servers in the pod (KubeVirt runs one per interface) may share the port.
-    set_option(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
-    set_option(fd, libc::SOL_SOCKET, libc::SO_BROADCAST)?;
-    set_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO)?;
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: SERVER_PORT.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `addr` is a valid sockaddr_in of the given length.
-    check(unsafe {
-        libc::bind(
-            fd,
-            (&addr as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
-    Ok(socket)
-}
-
-/// Room for one `in_pktinfo` control message.
-#[repr(C, align(8))]
-struct ControlBuffer([u8; 64]);
-
-/// Receives one datagram into `buffer`: its length and the index of the interface it came in
-/// on; `None` when nothing is waiting. A datagram cut short or without its interface is
-/// dropped (length 0).
-fn receive(socket: RawFd, buffer: &mut [u8]) -> io::Result<Option<(usize, u32)>> {
-    let mut iov = libc::iovec {
-        iov_base: buffer.as_mut_ptr().cast(),
-        iov_len: buffer.len(),
-    };
-    let mut control = ControlBuffer([0; 64]);
-    // SAFETY: msghdr is plain data; all zeroes is an empty header, filled in below.
-    let mut header: libc::msghdr = unsafe { zeroed() };
-    header.msg_iov = &mut iov;
-    header.msg_iovlen = 1;
-    header.msg_control = control.0.as_mut_ptr().cast();
-    header.msg_controllen = control.0.len();
-    // SAFETY: the header points to `buffer` and `control`, both valid for their lengths and
-    // alive for the call.
-    let n = unsafe { libc::recvmsg(socket, &mut header, 0) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(e),
-        };
-    }
-    if header.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
-        return Ok(Some((0, 0)));
-    }
-    let mut ifindex = None;
-    // SAFETY: the CMSG_* helpers walk the control messages the kernel wrote into `control`,
-    // within msg_controllen; an IP_PKTINFO message carries an in_pktinfo, read unaligned.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
-                let info = libc::CMSG_DATA(cmsg)
-                    .cast::<libc::in_pktinfo>()
-                    .read_unaligned();
-                ifindex = u32::try_from(info.ipi_ifindex).ok();
-            }
-            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
-        }
-    }
-    Ok(Some(match ifindex {
-        Some(index) => (n as usize, index),
-        None => (0, 0),
-    }))
-}
-
-/// Sends `bytes` to `to`:68 out of interface `ifindex`, from `source`.
-fn send(
-    socket: RawFd,
-    bytes: &[u8],
-    to: Ipv4Addr,
-    ifindex: u32,
-    source: Ipv4Addr,
-) -> io::Result<()> {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: CLIENT_PORT.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(to).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr().cast_mut().cast(),
-        iov_len: bytes.len(),
-    };
-    let mut control = ControlBuffer([0; 64]);
-    let info = libc::in_pktinfo {
-        ipi_ifindex: ifindex as libc::c_int,
-        ipi_spec_dst: libc::in_addr {
-            s_addr: u32::from(source).to_be(),
-        },
-        ipi_addr: libc::in_addr { s_addr: 0 },
-    };
-    // SAFETY: msghdr is plain data; all zeroes is an empty header, filled in below.
-    let mut header: libc::msghdr = unsafe { zeroed() };
-    header.msg_name = (&addr as *const libc::sockaddr_in).cast_mut().cast();
-    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    header.msg_iov = &mut iov;
-    header.msg_iovlen = 1;
-    header.msg_control = control.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    header.msg_controllen =
-        unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
-    // SAFETY: `control` (64 bytes, 8-aligned) holds one in_pktinfo message (CMSG_SPACE of
-    // 12 bytes is 32); the header points to `addr`, `iov` (read only by sendmsg) and
-    // `control`, all alive for the call.
-    let n = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&header);
-        (*cmsg).cmsg_level = libc::IPPROTO_IP;
-        (*cmsg).cmsg_type = libc::IP_PKTINFO;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
-        libc::CMSG_DATA(cmsg)
-            .cast::<libc::in_pktinfo>()
-            .write_unaligned(info);
-        libc::sendmsg(socket, &header, 0)
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// The thread's sockets.
+struct Sockets {
+    v4: Option<OwnedFd>,
+    v6: Option<OwnedFd>,
 }
 
 /// The thread's loop: waits for packets or the stop event.
-fn serve(socket: &OwnedFd, stop: &EventFd, mut served: Vec<Served>, listener: &LeaseListener) {
+fn serve(sockets: &Sockets, stop: &EventFd, mut served: Vec<Served>, listener: &LeaseListener) {
     let mut buffer = vec![0u8; RECEIVE_BUFFER];
+    let stop_fd = stop.as_raw_fd();
+    let fds: Vec<RawFd> = [sockets.v4.as_ref(), sockets.v6.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(AsRawFd::as_raw_fd)
+        .chain([stop_fd])
+        .collect();
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: socket.as_raw_fd(),
+        let mut polled: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            })
+            .collect();
+        // SAFETY: `polled` is a valid array of pollfd for the call.
+        let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -445,87 +340,148 @@ fn serve(socket: &OwnedFd, stop: &EventFd, mut served: Vec<Served>, listener: &L
             log::error!("DHCP server stopped: cannot wait for packets: {e}");
             return;
         }
-        if fds[1].revents != 0 {
-            return;
+        for p in &polled {
+            if p.revents == 0 {
+                continue;
+            }
+            if p.fd == stop_fd {
+                return;
+            }
+            let v6 = sockets.v6.as_ref().is_some_and(|s| s.as_raw_fd() == p.fd);
+            drain(p.fd, v6, &mut buffer, &mut served, listener);
         }
-        loop {
-            match receive(socket.as_raw_fd(), &mut buffer) {
-                Ok(None) => break,
-                Ok(Some((0, _))) => {}
-                Ok(Some((len, ifindex))) => {
-                    answer(
-                        socket.as_raw_fd(),
-                        &buffer[..len],
-                        ifindex,
-                        &mut served,
-                        listener,
-                    );
+    }
+}
+
+/// Answers every datagram waiting on `socket`.
+fn drain(
+    socket: RawFd,
+    v6: bool,
+    buffer: &mut [u8],
+    served: &mut [Served],
+    listener: &LeaseListener,
+) {
+    loop {
+        match socket::receive(socket, buffer) {
+            Ok(None) => return,
+            Ok(Some(Received { len: 0, .. })) => {}
+            Ok(Some(received)) => {
+                let packet = &buffer[..received.len];
+                let nics = served.iter_mut().filter(|s| s.ifindex == received.ifindex);
+                for s in nics {
+                    let answered = if v6 {
+                        s.answer_v6(socket, packet, received, listener)
+                    } else {
+                        s.answer_v4(socket, packet, received.ifindex, listener)
+                    };
+                    if answered {
+                        break;
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("DHCP server: receive failed: {e}");
-                    break;
-                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("DHCP server: receive failed: {e}");
+                return;
             }
         }
     }
 }
 
-/// Hands a packet from `ifindex` to the NICs served there.
-fn answer(
-    socket: RawFd,
-    packet: &[u8],
-    ifindex: u32,
-    served: &mut [Served],
-    listener: &LeaseListener,
-) {
-    for s in served.iter_mut().filter(|s| s.ifindex == ifindex) {
-        let handled = s.handler.handle(packet);
-        let lease = s.handler.lease();
+impl Served {
+    /// Hands a DHCPv4 packet to this NIC's handler; true when it was the NIC's.
+    fn answer_v4(
+        &mut self,
+        socket: RawFd,
+        packet: &[u8],
+        ifindex: u32,
+        listener: &LeaseListener,
+    ) -> bool {
+        let Some(handler) = &mut self.v4 else {
+            return false;
+        };
+        let handled = handler.handle(packet);
+        let lease = handler.lease();
         if let Some(reply) = &handled.reply {
             let to = match reply.to {
                 Destination::Broadcast => Ipv4Addr::BROADCAST,
                 Destination::Unicast(ip) => ip,
             };
             log::debug!(
-                "DHCP on {}: {:?} to {} ({})",
-                s.interface,
+                "DHCP on {}: {:?} to {} ({to})",
+                self.interface,
                 reply.kind,
-                format_mac(&lease.mac),
-                to
+                format_mac(&self.mac)
             );
-            if let Err(e) = send(socket, &reply.bytes, to, ifindex, lease.server) {
+            let sent = socket::send_v4(
+                socket,
+                &reply.bytes,
+                (to, CLIENT_PORT),
+                ifindex,
+                lease.server,
+            );
+            if let Err(e) = sent {
                 log::warn!(
                     "DHCP on {}: cannot send a {:?} to {to}: {e}",
-                    s.interface,
+                    self.interface,
                     reply.kind
                 );
             }
         }
-        if let Some(change) = handled.change {
-            match change {
-                LeaseChange::Bound(ip) => log::info!(
-                    "DHCP: NIC {} ({}) holds {ip}/{}",
-                    s.nic,
-                    format_mac(&lease.mac),
-                    lease.address.prefix_len()
-                ),
-                LeaseChange::Released(ip) => log::info!(
-                    "DHCP: NIC {} ({}) released {ip}",
-                    s.nic,
-                    format_mac(&lease.mac)
-                ),
+        let prefix_len = lease.address.prefix_len();
+        self.report(handled.change, prefix_len, listener);
+        handled.reply.is_some() || handled.change.is_some()
+    }
+
+    /// Hands a DHCPv6 packet to this NIC's handler; true when it answered.
+    fn answer_v6(
+        &mut self,
+        socket: RawFd,
+        packet: &[u8],
+        received: Received,
+        listener: &LeaseListener,
+    ) -> bool {
+        let (Some(handler), Some(source)) = (&mut self.v6, received.source) else {
+            return false;
+        };
+        let handled = handler.handle(packet, source);
+        if let Some(reply) = &handled.reply {
+            log::debug!("DHCPv6 on {}: a reply to {source}", self.interface);
+            let sent = socket::send_v6(
+                socket,
+                reply,
+                (source, handler6::CLIENT_PORT),
+                received.ifindex,
+            );
+            if let Err(e) = sent {
+                log::warn!(
+                    "DHCPv6 on {}: cannot reply to {source}: {e}",
+                    self.interface
+                );
             }
-            listener(&LeaseEvent {
-                nic: s.nic.clone(),
-                mac: lease.mac,
-                prefix_len: lease.address.prefix_len(),
-                change,
-            });
         }
-        if handled.reply.is_some() || handled.change.is_some() {
+        let prefix_len = handler.lease().address.prefix_len();
+        self.report(handled.change, prefix_len, listener);
+        handled.reply.is_some()
+    }
+
+    fn report(&self, change: Option<LeaseChange>, prefix_len: u8, listener: &LeaseListener) {
+        let Some(change) = change else {
             return;
+        };
+        let mac = format_mac(&self.mac);
+        match change {
+            LeaseChange::Bound(ip) => {
+                log::info!("DHCP: NIC {} ({mac}) holds {ip}/{prefix_len}", self.nic)
+            }
+            LeaseChange::Released(ip) => log::info!("DHCP: NIC {} ({mac}) released {ip}", self.nic),
         }
+        listener(&LeaseEvent {
+            nic: self.nic.clone(),
+            mac: self.mac,
+            prefix_len,
+            change,
+        });
     }
 }
 

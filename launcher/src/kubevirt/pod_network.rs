@@ -8,9 +8,11 @@
 //! runs for it). Its pod interface is the one virt-handler reported in `status.interfaces`,
 //! else `eth0`; the server listens on the bridge `k6t-<pod interface>`.
 //!
-//! - `masquerade`: only when the pod interface has a global IPv4 address; the guest gets the
-//!   second address of the network's `vmNetworkCIDR` (10.0.2.0/24: 10.0.2.2), the first as
-//!   router and server, and the pod interface's MTU.
+//! - `masquerade`: DHCPv4 when the pod interface has a global IPv4 address: the guest gets
+//!   the second address of the network's `vmNetworkCIDR` (10.0.2.0/24: 10.0.2.2), the first
+//!   as router and server, and the pod interface's MTU; DHCPv6 when it has a global IPv6
+//!   address: the second address of `vmIPv6NetworkCIDR` (fd10:0:2::/120: fd10:0:2::2) and the
+//!   pod's IPv6 DNS servers.
 //! - `bridge`: the pod's own address, MAC, gateway and routes, as virt-handler cached them in
 //!   `vif-cache-<pod interface>.json`; the server is `169.254.75.1<interface index>` (the
 //!   bridge's address) and the MTU that of `<pod interface>-nic`. Without the cache the sync
@@ -21,7 +23,7 @@
 //! domain does) and, for `bridge`, the cached MAC.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -31,7 +33,7 @@ use super::nocloud::decode_base64;
 use super::pod_dns::{self, PodDns};
 use super::vmi::{Binding, LaunchPlan, LauncherDirs, Vmi};
 use super::vmi_model::Interface;
-use crate::dhcp::config::{DhcpConfig, DhcpConfigError, PrivateOption, RouteConfig};
+use crate::dhcp::config::{Dhcp6Config, DhcpConfig, DhcpConfigError, PrivateOption, RouteConfig};
 use crate::dhcp::netif::{self, NetifError, is_global_unicast};
 use crate::dhcp::server::format_mac;
 
@@ -41,6 +43,8 @@ pub const TAP_ATTACHMENT: &str = "tap";
 pub const PRIMARY_POD_INTERFACE: &str = "eth0";
 /// KubeVirt's default masquerade network.
 pub const DEFAULT_VM_CIDR: &str = "10.0.2.0/24";
+/// KubeVirt's default masquerade IPv6 network.
+pub const DEFAULT_VM_IPV6_CIDR: &str = "fd10:0:2::/120";
 
 /// The guest network cannot be set up as KubeVirt would.
 #[derive(Debug, thiserror::Error)]
@@ -338,7 +342,8 @@ fn common_settings(
     Ok(dhcp)
 }
 
-/// Masquerade: `(settings, MTU, no MAC change)`, or nothing without a pod IPv4 address.
+/// Masquerade: `(settings, MTU, no MAC change)`: DHCPv4 when the pod interface has a global
+/// IPv4 address, DHCPv6 when it has a global IPv6 one; nothing without either.
 fn masquerade(
     vmi: &Vmi,
     spec: &Interface,
@@ -356,34 +361,41 @@ fn masquerade(
             .iter()
             .any(|a| matches!(a, IpNet::V6(_)) == v6 && is_global_unicast(a.addr()))
     };
-    if global(true) {
-        log::warn!(
-            "Interface {}: the pod has IPv6 on {pod_iface}; rvmm serves no DHCPv6: the guest \
-             gets IPv4 only",
-            spec.name
-        );
-    }
-    if !global(false) {
+    let (ipv4, ipv6) = (global(false), global(true));
+    if !ipv4 && !ipv6 {
         log::info!(
-            "Interface {}: {pod_iface} has no global IPv4 address: no DHCP server",
+            "Interface {}: {pod_iface} has no global address: no DHCP server",
             spec.name
         );
         return Ok(None);
     }
-    let (gateway, guest) = masquerade_addresses(vmi, spec)?;
     let mut dhcp = common_settings(vmi, spec, pod)?;
-    dhcp.address = guest.to_string();
-    dhcp.gateway = Some(gateway);
-    dhcp.server = Some(gateway);
-    dhcp.mtu = Some(mtu);
+    if ipv4 {
+        let (IpAddr::V4(gateway), guest) = masquerade_network(vmi, spec, false)? else {
+            unreachable!("an IPv4 network has IPv4 addresses");
+        };
+        dhcp.address = Some(guest.to_string());
+        dhcp.gateway = Some(gateway);
+        dhcp.server = Some(gateway);
+        dhcp.mtu = Some(mtu);
+    }
+    if ipv6 {
+        let (_, guest) = masquerade_network(vmi, spec, true)?;
+        dhcp.ipv6 = Some(Dhcp6Config {
+            address: guest.to_string(),
+            dns: pod.dns(vmi)?.ipv6.clone(),
+        });
+    }
     Ok(Some((dhcp, mtu, None)))
 }
 
-/// The masquerade network's first address (router and server) and second (the guest's).
-fn masquerade_addresses(
+/// The masquerade network's (`vmNetworkCIDR`, or `vmIPv6NetworkCIDR` for `v6`) first address
+/// (the router and server) and second (the guest's), as KubeVirt picks them.
+fn masquerade_network(
     vmi: &Vmi,
     spec: &Interface,
-) -> Result<(Ipv4Addr, Ipv4Net), PodNetworkError> {
+    v6: bool,
+) -> Result<(IpAddr, IpNet), PodNetworkError> {
     let (n, network) = vmi
         .spec
         .networks
@@ -391,25 +403,47 @@ fn masquerade_addresses(
         .enumerate()
         .find(|(_, n)| n.name == spec.name)
         .expect("planned interfaces have a network");
-    let cidr = network
-        .pod
-        .as_ref()
-        .and_then(|p| p.vm_network_cidr.clone())
+    let pod = network.pod.as_ref();
+    let (field, given, default, example) = if v6 {
+        let given = pod.and_then(|p| p.vm_ipv6_network_cidr.clone());
+        (
+            "vmIPv6NetworkCIDR",
+            given,
+            DEFAULT_VM_IPV6_CIDR,
+            "fd10:0:2::/120",
+        )
+    } else {
+        let given = pod.and_then(|p| p.vm_network_cidr.clone());
+        ("vmNetworkCIDR", given, DEFAULT_VM_CIDR, "10.0.2.0/24")
+    };
+    let cidr = given
         .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| DEFAULT_VM_CIDR.to_owned());
+        .unwrap_or_else(|| default.to_owned());
     let invalid = |reason: String| PodNetworkError::Vmi {
-        field: format!("spec.networks[{n}].pod.vmNetworkCIDR"),
+        field: format!("spec.networks[{n}].pod.{field}"),
         reason,
     };
-    let net: Ipv4Net = cidr
-        .parse()
-        .map_err(|_| invalid(format!("'{cidr}' is not an IPv4 network like 10.0.2.0/24")))?;
-    if net.prefix_len() > 30 {
+    let family = if v6 { "IPv6" } else { "IPv4" };
+    let net = cidr
+        .parse::<IpNet>()
+        .ok()
+        .filter(|net| matches!(net, IpNet::V6(_)) == v6)
+        .ok_or_else(|| {
+            invalid(format!(
+                "'{cidr}' is not an {family} network like {example}"
+            ))
+        })?;
+    if net.max_prefix_len() - net.prefix_len() < 2 {
         return Err(invalid(format!("{cidr} has less than 4 addresses")));
     }
-    let base = u32::from(net.network());
-    let guest = Ipv4Net::new(Ipv4Addr::from(base + 2), net.prefix_len()).expect("prefix checked");
-    Ok((Ipv4Addr::from(base + 1), guest))
+    let nth = |n: u8| -> IpAddr {
+        match net.network() {
+            IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + u32::from(n)).into(),
+            IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) + u128::from(n)).into(),
+        }
+    };
+    let guest = IpNet::new(nth(2), net.prefix_len()).expect("the network's prefix");
+    Ok((nth(1), guest))
 }
 
 /// Bridge: `(settings, MTU, the cached MAC)`, or nothing when virt-handler disabled IPAM.
@@ -473,7 +507,7 @@ fn bridge(
             })?,
     );
     let mut dhcp = common_settings(vmi, spec, pod)?;
-    dhcp.address = address.to_string();
+    dhcp.address = Some(address.to_string());
     dhcp.gateway = gateway;
     dhcp.routes = routes;
     // KubeVirt's fake bridge address, "169.254.75.1" and the interface's index.

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::net::Ipv6Addr;
 
 use serde_json::{Value, json};
 
@@ -146,7 +147,7 @@ fn masquerade_serves_the_second_address_of_the_vm_network_on_the_bridge() {
     assert_eq!(
         dhcp,
         DhcpConfig {
-            address: "10.0.2.2/24".into(),
+            address: Some("10.0.2.2/24".into()),
             gateway: Some(Ipv4Addr::new(10, 0, 2, 1)),
             mtu: Some(1450),
             server: Some(Ipv4Addr::new(10, 0, 2, 1)),
@@ -166,9 +167,9 @@ fn masquerade_uses_the_networks_vm_cidr() {
     let (_, net) = set_up_net(&v, &pod, &masquerade_links(), &tap_attachment()).unwrap();
     let dhcp = net.dhcp.unwrap();
     assert_eq!(
-        (dhcp.address.as_str(), dhcp.gateway, dhcp.server),
+        (dhcp.address.as_deref(), dhcp.gateway, dhcp.server),
         (
-            "10.11.12.18/28",
+            Some("10.11.12.18/28"),
             Some(Ipv4Addr::new(10, 11, 12, 17)),
             Some(Ipv4Addr::new(10, 11, 12, 17))
         )
@@ -194,15 +195,15 @@ fn masquerade_uses_the_networks_vm_cidr() {
 }
 
 #[test]
-fn no_server_without_a_global_pod_ipv4_a_tap_attachment_a_binding_or_with_a_marker() {
+fn no_server_without_a_global_pod_address_a_tap_attachment_a_binding_or_with_a_marker() {
     let pod = PodDir::new("none");
     let masq = vmi("masquerade", json!({}));
     let link_local = FakeLinks(HashMap::from([(
         "eth0",
-        (1450, vec!["169.254.1.5/16", "fd00::5/64"]),
+        (1450, vec!["169.254.1.5/16", "fe80::5/64"]),
     )]));
     let (_, net) = set_up_net(&masq, &pod, &link_local, &tap_attachment()).unwrap();
-    assert_eq!((net.dhcp, net.mtu), (None, None), "no global IPv4");
+    assert_eq!((net.dhcp, net.mtu), (None, None), "no global address");
     let (_, net) = set_up_net(&masq, &pod, &masquerade_links(), &HashMap::new()).unwrap();
     assert!(net.dhcp.is_none(), "no interfaceDomainAttachment");
     let other = HashMap::from([("default".to_string(), "managedTap".to_string())]);
@@ -383,7 +384,7 @@ fn bridge_hands_over_the_cached_pod_address_mac_gateway_and_routes() {
     assert_eq!(
         dhcp,
         DhcpConfig {
-            address: "10.244.1.5/24".into(),
+            address: Some("10.244.1.5/24".into()),
             gateway: Some(Ipv4Addr::new(10, 244, 1, 1)),
             mtu: Some(1400),
             routes: vec![
@@ -475,4 +476,51 @@ fn go_masks_of_sixteen_bytes_count_from_the_ipv4_part() {
         mask: Some("////////////////////AA==".into()),
     };
     assert_eq!(cached_net(&addr).unwrap(), "10.1.2.3/24".parse().unwrap());
+}
+
+#[test]
+fn masquerade_with_pod_ipv6_adds_dhcpv6_of_the_vm_ipv6_network() {
+    let pod = PodDir::new("ipv6");
+    std::fs::write(
+        pod.dir.0.join("etc/resolv.conf"),
+        format!("{RESOLV_CONF}nameserver fd00:10:96::a\n"),
+    )
+    .unwrap();
+    let dual = FakeLinks(HashMap::from([(
+        "eth0",
+        (1450, vec!["10.244.1.5/24", "fd00:10:244:1::5/64"]),
+    )]));
+    let v = vmi("masquerade", json!({}));
+    let (_, net) = set_up_net(&v, &pod, &dual, &tap_attachment()).unwrap();
+    let dhcp = net.dhcp.unwrap();
+    assert_eq!(dhcp.address.as_deref(), Some("10.0.2.2/24"));
+    let v6 = dhcp.ipv6.expect("DHCPv6");
+    assert_eq!(v6.address, "fd10:0:2::2/120");
+    assert_eq!(v6.dns, ["fd00:10:96::a".parse::<Ipv6Addr>().unwrap()]);
+    // An IPv6-only pod: DHCPv6 alone, as KubeVirt.
+    let v6_only = FakeLinks(HashMap::from([(
+        "eth0",
+        (1450, vec!["fd00:10:244:1::5/64"]),
+    )]));
+    let mut custom = v.clone();
+    custom.spec.networks[0]
+        .pod
+        .as_mut()
+        .unwrap()
+        .vm_ipv6_network_cidr = Some("fd20:1::/64".into());
+    let (_, net) = set_up_net(&custom, &pod, &v6_only, &tap_attachment()).unwrap();
+    let dhcp = net.dhcp.unwrap();
+    assert_eq!((dhcp.address, dhcp.gateway), (None, None));
+    assert_eq!(dhcp.ipv6.unwrap().address, "fd20:1::2/64");
+    custom.spec.networks[0]
+        .pod
+        .as_mut()
+        .unwrap()
+        .vm_ipv6_network_cidr = Some("10.0.0.0/8".into());
+    let err = set_up_net(&custom, &pod, &v6_only, &tap_attachment()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.networks[0].pod.vmIPv6NetworkCIDR: '10.0.0.0/8' is not an IPv6 network like \
+         fd10:0:2::/120"
+    );
 }

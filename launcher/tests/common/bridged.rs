@@ -39,6 +39,15 @@ impl BridgedNetwork {
         ip(&["netns", "add", &net.peer])?;
         for ns in [&net.pod, &net.peer] {
             ip_in(ns, &["link", "set", "lo", "up"])?;
+            // Link-local addresses usable at once (DHCPv6 is sent from them), without
+            // duplicate address detection's second of waiting.
+            let dad = netns_command(ns, "sh")
+                .args(["-c", "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad"])
+                .status()
+                .map_err(|e| format!("sh: {e}"))?;
+            if !dad.success() {
+                return Err(format!("{ns}: cannot turn off duplicate address detection"));
+            }
         }
         Ok(net)
     }
