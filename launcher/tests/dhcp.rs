@@ -6,25 +6,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bridged::BridgedNetwork;
+use common::bridged::{BridgedNetwork, UDHCPC_SCRIPT, udhcpc};
 use common::netns::network_or_skip;
 use common::{kvm_available, tiny_guest};
 
 const MAC: &str = "52:54:00:12:34:56";
-
-/// udhcpc's script: one line per event with the fields the server sent; on `bound` and
-/// `renew` it also configures the address, as a distribution's script would.
-const SCRIPT: &str = r#"#!/bin/sh
-echo "$1 ip=$ip mask=$mask router=$router dns=$dns search=$search domain=$domain hostname=$hostname mtu=$mtu lease=$lease serverid=$serverid" >> "$(dirname "$0")/events.log"
-case $1 in
-bound|renew) ip addr replace "$ip/$mask" dev "$interface" ;;
-deconfig) ip addr flush dev "$interface" ;;
-esac
-"#;
 
 struct Scratch(PathBuf);
 
@@ -91,17 +81,6 @@ fn signal(child: &Child, signal: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
 }
 
-fn udhcpc(net: &BridgedNetwork, script: &Path, extra: &[&str]) -> Command {
-    let mut cmd = net.peer_command("busybox");
-    cmd.args(["udhcpc", "-f", "-i", "eth0", "-s", script.to_str().unwrap()])
-        .args(["-O", "search", "-O", "mtu"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd
-}
-
 #[test]
 fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
     let test = "rvmm run DHCP";
@@ -113,7 +92,7 @@ fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
     };
     let scratch = Scratch::new("dhcp");
     let script = scratch.path("udhcpc.script");
-    std::fs::write(&script, SCRIPT).unwrap();
+    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let events = scratch.path("vm-events.json");
     let kernel = tiny_guest("ticker");

@@ -20,10 +20,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::bridged::BridgedNetwork;
+use common::bridged::{UDHCPC_SCRIPT, udhcpc};
 use common::kubevirt::{Handler, Launcher, Pod, fake_virt_handler, next_event};
-use common::kvm_available;
 use common::linux::{image_dir, manifest};
 use common::netns::network_or_skip;
+use common::{kvm_available, tiny_guest};
 use launcher::kubevirt::grpc::GrpcRuntime;
 use launcher::kubevirt::proto::cmd::v1 as cmd;
 use serde_json::{Value, json};
@@ -87,6 +88,59 @@ fn console_lines(socket: &Path, start: Instant) -> mpsc::Receiver<(f64, String)>
     rx
 }
 
+/// The pod's volumes: /run (with /var/run/kubevirt-private in it) and resolv.conf.
+struct PodVolumes {
+    run: PathBuf,
+    private: PathBuf,
+    resolv_conf: PathBuf,
+}
+
+impl PodVolumes {
+    fn new(pod: &Pod) -> Self {
+        let run = pod.path("run");
+        let private = run.join("kubevirt-private");
+        std::fs::create_dir_all(&private).unwrap();
+        let resolv_conf = pod.path("resolv.conf");
+        std::fs::write(&resolv_conf, POD_RESOLV_CONF).unwrap();
+        Self {
+            run,
+            private,
+            resolv_conf,
+        }
+    }
+}
+
+/// `rvmm virt-launcher` for VMI `testvm` (`uid-1`) in `net`'s pod namespace with `volumes`
+/// mounted, ready for commands.
+fn start_launcher(net: &BridgedNetwork, pod: &Pod, volumes: &PodVolumes) -> Launcher {
+    let mut command = net.command("sh");
+    command
+        .args(["-c", MOUNT_POD_VOLUMES, "sh"])
+        .arg(&volumes.run)
+        .arg(&volumes.resolv_conf)
+        .arg(env!("CARGO_BIN_EXE_rvmm"))
+        .args([
+            "virt-launcher",
+            "--name",
+            "testvm",
+            "--namespace",
+            "default",
+        ])
+        .args(["--uid", "uid-1"])
+        .args(pod.flags());
+    let launcher = Launcher::spawn(command, pod);
+    launcher.wait_for(&pod.ready_socket(), Duration::from_secs(20));
+    launcher
+}
+
+/// virt-handler's sync options: bridge and masquerade interfaces are attached as taps.
+fn tap_attached() -> Option<cmd::VirtualMachineOptions> {
+    Some(cmd::VirtualMachineOptions {
+        interface_domain_attachment: HashMap::from([("default".into(), "tap".into())]),
+        ..Default::default()
+    })
+}
+
 #[test]
 fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_dhcp() {
     let test = "KubeVirt masquerade DHCP";
@@ -102,42 +156,18 @@ fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_d
     for (from, to) in [("vmlinux", "vmlinux"), ("initramfs", "initramfs.cpio")] {
         std::fs::copy(&m[from], pod.path(&format!("cd/kernel-boot/{to}"))).unwrap();
     }
-    let run: PathBuf = pod.path("run");
-    let private = run.join("kubevirt-private");
-    std::fs::create_dir_all(&private).unwrap();
-    std::fs::write(pod.path("resolv.conf"), POD_RESOLV_CONF).unwrap();
-
+    let volumes = PodVolumes::new(&pod);
+    let private = volumes.private.clone();
     let runtime = GrpcRuntime::start().unwrap();
     let (events, _k8s_events) = fake_virt_handler(&runtime, &pod);
-    let mut command = net.command("sh");
-    command
-        .args(["-c", MOUNT_POD_VOLUMES, "sh"])
-        .arg(&run)
-        .arg(pod.path("resolv.conf"))
-        .arg(env!("CARGO_BIN_EXE_rvmm"))
-        .args([
-            "virt-launcher",
-            "--name",
-            "testvm",
-            "--namespace",
-            "default",
-        ])
-        .args(["--uid", "uid-1"])
-        .args(pod.flags());
-    let mut launcher = Launcher::spawn(command, &pod);
-    launcher.wait_for(&pod.ready_socket(), Duration::from_secs(20));
+    let mut launcher = start_launcher(&net, &pod, &volumes);
     let handler = Handler::connect(&runtime, &pod.ready_socket());
 
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     let cmdline = if pvm { &m["cmdline"] } else { &m["cmdline_hw"] };
     let vmi = vmi(&format!("{cmdline} rvmm.dhcp=1 rvmm.hold"));
-    // virt-handler attaches bridge and masquerade interfaces as taps.
-    let options = cmd::VirtualMachineOptions {
-        interface_domain_attachment: HashMap::from([("default".into(), "tap".into())]),
-        ..Default::default()
-    };
     let start = Instant::now();
-    let sync = handler.vmi_command_with("Sync", &vmi, Some(options));
+    let sync = handler.vmi_command_with("Sync", &vmi, tap_attached());
     assert_eq!(sync, (true, String::new()), "log:\n{}", launcher.log());
     let marker = private.join("dhcp_started-eth0");
     assert!(marker.exists(), "KubeVirt's marker: {}", marker.display());
@@ -242,4 +272,116 @@ fn kvm_masquerade_pod_guest_gets_address_router_dns_search_hostname_and_mtu_by_d
     assert_eq!(handler.vmi_command("Delete", &vmi), (true, String::new()));
     let exit = launcher.wait(Duration::from_secs(60));
     assert_eq!(exit.code(), Some(0), "log:\n{}", launcher.log());
+}
+
+/// The bridge binding's pod MAC, base64 in virt-handler's cache (Go's `net.HardwareAddr`).
+const POD_MAC: &str = "0a:58:0a:f4:01:05";
+const POD_MAC_BASE64: &str = "ClgK9AEF";
+
+#[test]
+fn kvm_bridge_pod_hands_the_cached_pod_address_and_routes_to_a_client_with_the_pod_mac() {
+    let test = "KubeVirt bridge DHCP";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(net) = network_or_skip(test, BridgedNetwork::bridge_pod("kvbr", POD_MAC)) else {
+        return;
+    };
+    let pod = Pod::new("bridge");
+    std::fs::copy(tiny_guest("ticker"), pod.path("cd/kernel-boot/ticker.elf")).unwrap();
+    let volumes = PodVolumes::new(&pod);
+    // What virt-handler caches for the launcher when it moves the pod's address to the VM.
+    let cache = json!({
+        "Name": "",
+        "IP": {"IP": "10.244.1.5", "Mask": "////AA==", "Label": "", "Flags": 0},
+        "MAC": POD_MAC_BASE64,
+        "AdvertisingIPAddr": "",
+        "Routes": [
+            {"Dst": null, "Gw": "10.244.1.1", "Src": ""},
+            {"Dst": {"IP": "10.96.0.0", "Mask": "//8AAA=="}, "Gw": "10.244.1.254", "Src": ""}
+        ],
+        "Mtu": 0,
+        "IPAMDisabled": false,
+        "Gateway": "10.244.1.1",
+        "Subdomain": ""
+    });
+    std::fs::write(
+        volumes.private.join("vif-cache-eth0.json"),
+        cache.to_string(),
+    )
+    .unwrap();
+    let script = pod.path("udhcpc.script");
+    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let runtime = GrpcRuntime::start().unwrap();
+    let (events, _k8s_events) = fake_virt_handler(&runtime, &pod);
+    let mut launcher = start_launcher(&net, &pod, &volumes);
+    let handler = Handler::connect(&runtime, &pod.ready_socket());
+    let vmi = json!({
+        "metadata": {"name": "testvm", "namespace": "default", "uid": "uid-1"},
+        "spec": {
+            "domain": {
+                "devices": {
+                    "autoattachSerialConsole": false,
+                    "interfaces": [{"name": "default", "bridge": {}}]
+                },
+                "firmware": {"kernelBoot": {"container": {
+                    "image": "example.com/ticker", "kernelPath": "/boot/ticker.elf"
+                }}},
+                "memory": {"guest": "64Mi"}
+            },
+            "networks": [{"name": "default", "pod": {}}]
+        }
+    });
+    let sync = handler.vmi_command_with("Sync", &vmi, tap_attached());
+    assert_eq!(sync, (true, String::new()), "log:\n{}", launcher.log());
+    let (_, _, _, domain) = next_event(&events);
+    let iface = &domain["Spec"]["Devices"]["Interfaces"][0];
+    assert_eq!(
+        iface["MAC"]["MAC"], POD_MAC,
+        "the guest takes over the pod's MAC"
+    );
+    assert_eq!(iface["MTU"], json!({"Size": "1400"}));
+
+    let lease_log = pod.path("events.log");
+    let mut client = udhcpc(
+        &net,
+        &script,
+        &["-n", "-q", "-t", "10", "-T", "1", "-O", "staticroutes"],
+    )
+    .spawn()
+    .expect("spawn busybox udhcpc");
+    let status = client.wait().unwrap();
+    let leased = std::fs::read_to_string(&lease_log).unwrap_or_default();
+    assert!(
+        status.success(),
+        "no lease:\n{leased}\nlauncher:\n{}",
+        launcher.log()
+    );
+    let bound = leased
+        .lines()
+        .find(|l| l.starts_with("bound "))
+        .unwrap_or_default();
+    assert_eq!(
+        bound,
+        "bound ip=10.244.1.5 mask=24 router=10.244.1.1 dns=10.96.0.10 \
+         search=default.svc.cluster.local svc.cluster.local cluster.local \
+         domain=default.svc.cluster.local hostname=testvm mtu=1400 lease=86313600 \
+         serverid=169.254.75.10 staticroutes=10.96.0.0/16 10.244.1.254 0.0.0.0/0 10.244.1.1"
+    );
+    let start = Instant::now();
+    let leased = json!([{"Mac": POD_MAC, "Ip": "10.244.1.5", "IPs": ["10.244.1.5"],
+                         "InterfaceName": ""}]);
+    while handler.domain().expect("a domain")["Status"]["Interfaces"] != leased {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no lease in GetDomain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(handler.vmi_command("Delete", &vmi), (true, String::new()));
+    let exit = launcher.wait(Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", launcher.log());
+    assert!(!volumes.private.join("dhcp_started-eth0").exists());
 }

@@ -5,11 +5,17 @@
 //! - [`BridgedNetwork::masquerade_pod`]: the masquerade layout. The pod NIC `eth0` (the veth,
 //!   10.244.1.5/24, MTU 1450, default route via the "node" end 10.244.1.1) and the bridge
 //!   `k6t-eth0` (10.0.2.1/24, MTU 1450) with `tap0`.
+//! - [`BridgedNetwork::bridge_pod`]: the bridge binding's layout. The pod's NIC, renamed
+//!   `eth0-nic` (MTU 1400), is a port of `k6t-eth0` (169.254.75.10/32) with `tap0` (the dummy
+//!   `eth0` virt-handler leaves with the pod's address is left out: nothing reads it). The
+//!   veth's other end (`eth0`, with the pod's MAC) stands in for the guest: a DHCP client runs
+//!   there.
 //! - [`BridgedNetwork::with_client`]: a bridge `br0` (10.0.2.1/24) with `tap0` and the veth, whose
 //!   other end `eth0` (with a MAC the test picks) stands in for the guest: a DHCP client runs
 //!   there.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use super::netns::{ip, netns_command};
 
@@ -89,6 +95,29 @@ impl BridgedNetwork {
         Ok(net)
     }
 
+    /// The bridge binding's layout (see the module): the client's `eth0` has `mac`.
+    pub fn bridge_pod(tag: &str, mac: &str) -> Result<Self, String> {
+        let net = Self::namespaces(tag)?;
+        net.bridge_with_tap("k6t-eth0", "169.254.75.10/32", "1400")?;
+        let (pod, client) = (net.pod.as_str(), net.peer.as_str());
+        ip_in(
+            pod,
+            &[
+                "link", "add", "eth0-nic", "mtu", "1400", "type", "veth", "peer", "name", "eth0",
+                "netns", client,
+            ],
+        )?;
+        ip_in(
+            pod,
+            &["link", "set", "eth0-nic", "master", "k6t-eth0", "up"],
+        )?;
+        ip_in(
+            client,
+            &["link", "set", "eth0", "address", mac, "mtu", "1400", "up"],
+        )?;
+        Ok(net)
+    }
+
     /// The client layout (see the module): the client's `eth0` has `mac`.
     pub fn with_client(tag: &str, mac: &str) -> Result<Self, String> {
         let net = Self::namespaces(tag)?;
@@ -122,4 +151,26 @@ impl Drop for BridgedNetwork {
         let _ = ip(&["netns", "del", &self.pod]);
         let _ = ip(&["netns", "del", &self.peer]);
     }
+}
+
+/// udhcpc's script: one line per event with the fields the server sent; on `bound` and
+/// `renew` it also configures the address, as a distribution's script would.
+pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+echo "$1 ip=$ip mask=$mask router=$router dns=$dns search=$search domain=$domain hostname=$hostname mtu=$mtu lease=$lease serverid=$serverid${staticroutes:+ staticroutes=$staticroutes}" >> "$(dirname "$0")/events.log"
+case $1 in
+bound|renew) ip addr replace "$ip/$mask" dev "$interface" ;;
+deconfig) ip addr flush dev "$interface" ;;
+esac
+"#;
+
+/// busybox udhcpc on the client's `eth0` with `script`, asking for the search domains and MTU.
+pub fn udhcpc(net: &BridgedNetwork, script: &Path, extra: &[&str]) -> Command {
+    let mut cmd = net.peer_command("busybox");
+    cmd.args(["udhcpc", "-f", "-i", "eth0", "-s", script.to_str().unwrap()])
+        .args(["-O", "search", "-O", "mtu"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
