@@ -101,9 +101,12 @@ pub enum DhcpError {
         #[source]
         source: DhcpConfigError,
     },
-    /// The socket or the stop event cannot be set up.
+    /// The DHCPv4 socket cannot be set up.
     #[error("Cannot open the DHCP server's socket (UDP port {SERVER_PORT})")]
     Socket(#[source] io::Error),
+    /// The thread's stop event cannot be created.
+    #[error("Cannot create the DHCP thread's stop event")]
+    StopEvent(#[source] io::Error),
     /// The DHCPv6 socket cannot be set up.
     #[error(
         "Cannot open the DHCPv6 server's socket (UDP port {})",
@@ -187,14 +190,15 @@ impl DhcpServer {
             .filter(|s| s.v6.is_some())
             .map(|s| s.ifindex)
             .collect();
+        v6_interfaces.sort_unstable();
         v6_interfaces.dedup();
         let v6 = (!v6_interfaces.is_empty())
             .then(|| socket::open_v6(handler6::SERVER_PORT, handler6::ALL_SERVERS, &v6_interfaces))
             .transpose()
             .map_err(DhcpError::Socket6)?;
         let sockets = Sockets { v4, v6 };
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(DhcpError::Socket)?;
-        let stop_clone = stop.try_clone().map_err(DhcpError::Socket)?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(DhcpError::StopEvent)?;
+        let stop_clone = stop.try_clone().map_err(DhcpError::StopEvent)?;
         for s in &served {
             let mac = format_mac(&s.mac);
             if let Some(lease) = s.v4.as_ref().map(Dhcpv4Handler::lease) {
