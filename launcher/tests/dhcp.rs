@@ -160,13 +160,19 @@ fn kvm_run_serves_udhcpc_its_lease_renewal_and_release_and_no_other_mac() {
     let s = Session::start(&net, "dhcp", UDHCPC_SCRIPT, &args);
     let script = s.path("client.script");
 
+    let asked = Instant::now();
     let client = Killed(
         udhcpc(&net, &script, &[])
             .spawn()
             .expect("spawn busybox udhcpc"),
     );
+    let bound = s.client_event("bound ");
+    eprintln!(
+        "udhcpc start to bound: {:.0} ms",
+        asked.elapsed().as_secs_f64() * 1000.0
+    );
     assert_eq!(
-        s.client_event("bound "),
+        bound,
         "bound ip=10.0.2.2 mask=24 router=10.0.2.1 dns=10.0.2.1 10.0.2.53 \
          search=example.com corp.example.com domain= hostname=vm1 mtu= lease=86313600 \
          serverid=10.0.2.1"
@@ -250,9 +256,15 @@ fn kvm_run_serves_dhclient_its_dhcpv6_lease_and_release() {
             .stderr(std::fs::File::create(s.path("client.log")).unwrap());
         cmd
     };
+    let asked = Instant::now();
     let client = Killed(dhclient(&["-d"]).spawn().expect("spawn dhclient"));
+    let bound = s.client_event("BOUND6 ");
+    eprintln!(
+        "dhclient -6 start to bound: {:.0} ms",
+        asked.elapsed().as_secs_f64() * 1000.0
+    );
     assert_eq!(
-        s.client_event("BOUND6 "),
+        bound,
         "BOUND6 ip6=fd10:0:2::2/128 dns=fd00::10 fd00::11 old="
     );
     assert_eq!(
