@@ -110,7 +110,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
     /// A virtio-net interface on an existing tap device (repeatable; eth0, eth1, ...):
-    /// tap=NAME[,mac=MAC][,mtu=N][,id=NAME].
+    /// tap=NAME[,mac=MAC][,mtu=N][,id=NAME][,dhcp=ADDR/PREFIX[,gateway=IP][,dns=IP:IP...]
+    /// [,search=DOMAIN:DOMAIN...][,hostname=NAME][,dhcp-interface=NAME][,dhcp-server=IP]]
+    /// (with dhcp, rvmm answers the guest's DHCP on the tap or dhcp-interface).
     #[arg(long, value_name = "OPTIONS")]
     pub net: Vec<String>,
     /// Serve the control API (Cloud Hypervisor's /api/v1/ paths) and /metrics on this unix

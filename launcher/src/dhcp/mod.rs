@@ -7,8 +7,8 @@
 //! - [`flags`]: the same settings on `rvmm run --net`.
 //! - [`handler`], [`handler6`]: DHCPv4 and DHCPv6 packet handling, pure functions of the
 //!   client's packets.
-//! - [`server`]: the `dhcp` thread that serves one or more NICs on their host interfaces, and
-//!   its seccomp rules.
+//! - [`server`]: the `dhcp` thread that serves one or more NICs on their host interfaces;
+//!   [`socket`]: its UDP sockets (interface-aware receive and send).
 //! - [`netif`]: what the server reads of a host interface (index, addresses, MTU, MAC).
 //!
 //! The wire format is dhcproto's; which packets get which answers is rvmm's.

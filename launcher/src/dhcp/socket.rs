@@ -90,7 +90,7 @@ pub fn open_v4(port: u16) -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
-/// A non-blocking UDP socket on [::]:`port`, IPv6 only, in multicast group `group` on each of
+/// A non-blocking UDP socket on `[::]:port`, IPv6 only, in multicast group `group` on each of
 /// `ifindexes`, reporting each packet's interface.
 pub fn open_v6(port: u16, group: Ipv6Addr, ifindexes: &[u32]) -> io::Result<OwnedFd> {
     let socket = udp_socket(libc::AF_INET6)?;
