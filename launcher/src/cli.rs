@@ -8,7 +8,9 @@ use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig;
 use vmm_core::{CpuProfile, VmConfig};
 
-use crate::config::VmConfigFile;
+use crate::config::{VmConfigFile, dhcp_mac};
+use crate::dhcp::DhcpConfig;
+use crate::dhcp::flags::DHCP_KEYS;
 use crate::keyvalue::KeyValues;
 use crate::kubevirt::launcher_flags::LauncherFlags;
 use crate::vmm::OnReboot;
@@ -108,7 +110,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
     /// A virtio-net interface on an existing tap device (repeatable; eth0, eth1, ...):
-    /// tap=NAME[,mac=MAC][,mtu=N][,id=NAME].
+    /// tap=NAME[,mac=MAC][,mtu=N][,id=NAME][,dhcp=ADDR/PREFIX[,gateway=IP][,dns=IP:IP...]
+    /// [,search=DOMAIN:DOMAIN...][,hostname=NAME][,dhcp-interface=NAME][,dhcp-server=IP]]
+    /// (with dhcp, rvmm answers the guest's DHCP on the tap or dhcp-interface).
     #[arg(long, value_name = "OPTIONS")]
     pub net: Vec<String>,
     /// Serve the control API (Cloud Hypervisor's /api/v1/ paths) and /metrics on this unix
@@ -279,7 +283,13 @@ fn parse_disks(entries: &[String]) -> Result<Vec<BlockConfig>, InvalidFlag> {
     Ok(disks)
 }
 
-const NET_KEYS: &[&str] = &["tap", "mac", "mtu", "id"];
+/// The NIC's `--net` keys; its DHCP server's are [`crate::dhcp::flags::DHCP_KEYS`].
+const NIC_KEYS: &[&str] = &["tap", "mac", "mtu", "id"];
+
+/// One `--net` entry's keys and values.
+fn net_keys(entry: &str) -> Result<KeyValues<'_>, crate::keyvalue::KeyValueError> {
+    KeyValues::parse(entry, &[NIC_KEYS, DHCP_KEYS].concat())
+}
 
 /// Parses a MAC address such as `52:54:00:12:34:56`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -298,7 +308,7 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// Parses one `--net` entry.
 pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
     let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
-    let kv = KeyValues::parse(entry, NET_KEYS).map_err(|e| bad(e.to_string()))?;
+    let kv = net_keys(entry).map_err(|e| bad(e.to_string()))?;
     let tap = kv
         .required("tap")
         .map_err(|e| bad(e.to_string()))?
@@ -328,12 +338,23 @@ pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
                 .ok_or_else(|| bad(format!("mtu={text}: expected 68 to 65535")))?,
         ),
     };
+    let mac = match kv.get("dhcp") {
+        Some(_) => Some(dhcp_mac(mac).map_err(|e| bad(format!("mac: {e}")))?),
+        None => mac,
+    };
     Ok(NetConfig {
         tap,
         mac,
         mtu,
         id: kv.get("id").map(str::to_string),
     })
+}
+
+/// The DHCP server of one `--net` entry, if it has one ([`crate::dhcp::flags`]).
+pub fn parse_net_dhcp(entry: &str) -> Result<Option<DhcpConfig>, InvalidFlag> {
+    let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
+    let kv = net_keys(entry).map_err(|e| bad(e.to_string()))?;
+    crate::dhcp::flags::dhcp_from_net_keys(&kv).map_err(bad)
 }
 
 fn parse_nets(entries: &[String]) -> Result<Vec<NetConfig>, InvalidFlag> {
@@ -427,7 +448,13 @@ impl RunArgs {
         let (config, serial) = self.to_config(kvm_pvm_loaded)?;
         let file = match &self.config {
             Some(path) => VmConfigFile::load(path)?,
-            None => VmConfigFile::from_validated(&config, &serial),
+            None => {
+                let mut file = VmConfigFile::from_validated(&config, &serial);
+                for (net, entry) in file.net.iter_mut().zip(&self.net) {
+                    net.dhcp = parse_net_dhcp(entry)?;
+                }
+                file
+            }
         };
         Ok(Some((file, config, serial)))
     }
@@ -746,6 +773,28 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("tap 'tap0' is used twice")
+        );
+    }
+
+    #[test]
+    fn net_dhcp_keys_give_the_nic_a_mac_and_the_file_its_server() {
+        let entry = "tap=tap0,dhcp=10.0.2.2/24,dns=10.0.2.1";
+        let a = args(&["--net", entry]);
+        let (file, config, _) = a.vm_spec(false).unwrap().unwrap();
+        assert!(config.nets[0].mac.is_some(), "a MAC for the DHCP client");
+        let dhcp = file.net[0]
+            .dhcp
+            .as_ref()
+            .expect("the file carries the server");
+        assert_eq!(
+            (dhcp.address.as_deref(), dhcp.dns.len()),
+            (Some("10.0.2.2/24"), 1)
+        );
+        assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
+        let err = parse_net_dhcp("tap=tap0,dhcp=10.0.2.2/24,gateway=x").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--net: tap=tap0,dhcp=10.0.2.2/24,gateway=x: gateway=x: not an IPv4 address"
         );
     }
 

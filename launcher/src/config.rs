@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmm_core::{CpuProfile, VmConfig};
 
 use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
+use crate::dhcp::DhcpConfig;
 
 const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -122,6 +123,9 @@ pub struct NetConfig {
     /// Name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// rvmm's DHCP server for the guest behind this NIC (not a Cloud Hypervisor field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpConfig>,
 }
 
 /// `rng`.
@@ -348,6 +352,7 @@ impl VmConfigFile {
                     mac: n.mac.as_ref().map(mac),
                     mtu: n.mtu,
                     id: n.id.clone(),
+                    dhcp: None,
                 })
                 .collect(),
             rng: config.rng.then(|| RngConfig {
@@ -430,12 +435,27 @@ fn nic(index: usize, n: &NetConfig, before: &[NetConfig]) -> Result<NicConfig, C
     {
         return Err(invalid(field("mtu"), format!("{mtu} is below 68")));
     }
+    let mut mac = mac;
+    if let Some(dhcp) = &n.dhcp {
+        dhcp.validate()
+            .map_err(|e| invalid(field(&format!("dhcp.{}", e.field)), e.reason))?;
+        mac = Some(dhcp_mac(mac).map_err(|e| invalid(field("mac"), e.to_string()))?);
+    }
     Ok(NicConfig {
         tap: n.tap.clone(),
         mac,
         mtu: n.mtu,
         id: n.id.clone(),
     })
+}
+
+/// The MAC of a NIC with a DHCP server, which answers only that MAC: the one given, else a
+/// random one fixed now.
+pub(crate) fn dhcp_mac(given: Option<[u8; 6]>) -> std::io::Result<[u8; 6]> {
+    match given {
+        Some(mac) => Ok(mac),
+        None => devices::virtio::net::random_mac(),
+    }
 }
 
 fn serial(s: &SerialConfig) -> Result<SerialMode, ConfigError> {

@@ -167,3 +167,45 @@ fn an_unreadable_file_names_its_path() {
     let err = VmConfigFile::load(Path::new("/nonexistent/vm.json")).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/vm.json"));
 }
+
+#[test]
+fn a_nics_dhcp_server_is_checked_and_fixes_its_mac() {
+    let with_dhcp = |dhcp: &str, mac: &str| {
+        format!(
+            r#"{{"payload": {{"kernel": "/proc/self/exe"}},
+                "net": [{{"tap": "tap0", {mac} "dhcp": {dhcp}}}]}}"#
+        )
+    };
+    let good = r#"{"address": "10.0.2.2/24", "gateway": "10.0.2.1", "dns": ["10.0.2.1"]}"#;
+    let (config, _) = validate(&with_dhcp(good, r#""mac": "02:00:00:00:00:07","#)).unwrap();
+    assert_eq!(config.nets[0].mac, Some([2, 0, 0, 0, 0, 7]));
+    // Without a MAC the NIC gets a random one now: the server must know whom to answer.
+    let (config, _) = validate(&with_dhcp(good, "")).unwrap();
+    let mac = config.nets[0].mac.expect("a MAC for the DHCP client");
+    assert_eq!(mac[0] & 0b11, 0b10, "locally administered unicast");
+    let file = VmConfigFile::from_json(&with_dhcp(good, "")).unwrap();
+    let dhcp = file.net[0].dhcp.as_ref().unwrap();
+    assert_eq!(dhcp.gateway, Some("10.0.2.1".parse().unwrap()));
+    let bad = r#"{"address": "10.0.2.2/24", "search": ["ok.example", "Not OK"]}"#;
+    assert_eq!(
+        error(&with_dhcp(bad, "")),
+        "net[0].dhcp.search[1]: 'Not OK' is not a valid search domain"
+    );
+    let err = error(&with_dhcp(
+        r#"{"address": "10.0.2.2/24", "gateway": "x"}"#,
+        "",
+    ));
+    assert!(
+        err.starts_with("net[0].dhcp.gateway: invalid IPv4 address"),
+        "{err}"
+    );
+    let err = error(&with_dhcp(r#"{"gateway": "10.0.2.1"}"#, ""));
+    assert_eq!(err, "net[0].dhcp.address: required (or ipv6)");
+    let v6_only = r#"{"ipv6": {"address": "fd10:0:2::2/120", "dns": ["fd00::10"]}}"#;
+    validate(&with_dhcp(v6_only, "")).unwrap();
+    let bad_v6 = r#"{"ipv6": {"address": "fe80::2/64"}}"#;
+    assert_eq!(
+        error(&with_dhcp(bad_v6, "")),
+        "net[0].dhcp.ipv6.address: fe80::2 is not a global or unique local address"
+    );
+}

@@ -1,6 +1,7 @@
 //! `--event-monitor path=FILE|fd=N`: one JSON object per line for every change in the VM's
 //! life (`vm.booted`, `vm.paused`, `vm.resumed`, `vm.shutdown`, `vm.rebooted`, `guest.crashed`,
-//! `vmm.shutdown`), each with a wall-clock timestamp and the VMM's uptime.
+//! `vmm.shutdown`) and in its NICs' DHCP leases (`net.dhcp-lease`, `net.dhcp-release`), each
+//! with a wall-clock timestamp and the VMM's uptime.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

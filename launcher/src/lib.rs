@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod console_socket;
 pub mod control_thread;
+pub mod dhcp;
 pub mod errors;
 pub mod events;
 pub mod keyvalue;

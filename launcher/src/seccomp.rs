@@ -1,6 +1,6 @@
 //! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
-//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and the main
-//! thread once the VM runs (both modes). The mechanism and the rules every filtered thread
+//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`), the DHCP
+//! server's thread (`dhcp`) and the main thread once the VM runs (both modes). The mechanism and the rules every filtered thread
 //! shares are in [`vmm_core::seccomp`].
 //!
 //! No kind starts a thread or a process: the API and gRPC threads only move bytes (VM
@@ -93,6 +93,32 @@ pub fn grpc_rules() -> Vec<Allow> {
 /// The gRPC runtime thread's filter.
 pub fn grpc_filter() -> Result<BpfProgram, SeccompError> {
     thread_filter(grpc_rules())
+}
+
+/// What the `dhcp` thread ([`crate::dhcp::server`]) needs beyond the rules every thread
+/// shares: waiting on its sockets (DHCPv4, DHCPv6) and stop event, one datagram in and out at
+/// a time. The sockets, their options and group memberships and the stop event are set up
+/// before the thread starts; the started
+/// markers are written and removed by the thread that starts and stops the server. Lease
+/// events are handed on through the VMM's event listeners and event monitor (a channel and
+/// writes, shared rules); dhcproto draws a random transaction id for each reply it builds
+/// (getrandom, shared).
+pub fn dhcp_rules() -> Vec<Allow> {
+    vec![
+        // The loop waits for a packet or the stop event: glibc's poll is a poll or a ppoll.
+        Allow::any(libc::SYS_poll),
+        Allow::any(libc::SYS_ppoll),
+        // Each request with its interface (IP_PKTINFO), without flags (the socket is
+        // non-blocking).
+        Allow::arg_in(libc::SYS_recvmsg, 2, &[0]),
+        // Each reply, out of the request's interface from the server address (IP_PKTINFO).
+        Allow::arg_in(libc::SYS_sendmsg, 2, &[0]),
+    ]
+}
+
+/// The `dhcp` thread's filter.
+pub fn dhcp_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(dhcp_rules())
 }
 
 /// What the main thread needs beyond the rules every thread shares, from the moment it waits

@@ -106,3 +106,49 @@ fn main_filter_kills_a_thread_that_starts_a_thread_or_opens_a_socket() {
     });
     assert_eq!(end, KILLED_BY_SIGSYS, "isatty(2)");
 }
+
+#[test]
+fn dhcp_filter_allows_its_loop_and_kills_a_thread_that_opens_a_socket_or_starts_a_thread() {
+    assert_allows_none(
+        "dhcp",
+        dhcp_rules(),
+        &[
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_execve,
+            libc::SYS_socket,
+            libc::SYS_bind,
+            libc::SYS_setsockopt,
+            libc::SYS_openat,
+            libc::SYS_unlink,
+        ],
+    );
+    let filter = dhcp_filter().unwrap();
+    assert_eq!(end_of_filtered_child(&filter, try_clone3), KILLED_BY_SIGSYS);
+    assert_eq!(end_of_filtered_child(&filter, try_socket), KILLED_BY_SIGSYS);
+    // The loop's calls, on a bad descriptor: answered EBADF, not SIGSYS.
+    let end = end_of_filtered_child(&filter, || {
+        let mut fd = libc::pollfd {
+            fd: -1,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: an empty header and a pollfd on no descriptor: the calls touch nothing.
+        unsafe {
+            libc::poll(&mut fd, 1, 0);
+            let mut header: libc::msghdr = std::mem::zeroed();
+            libc::recvmsg(-1, &mut header, 0);
+            libc::sendmsg(-1, &header, 0);
+        }
+    });
+    assert_eq!(end, EXITED_CLEANLY, "poll, recvmsg, sendmsg");
+    let end = end_of_filtered_child(&filter, || {
+        // SAFETY: an empty header on no descriptor: the call touches nothing.
+        unsafe {
+            let mut header: libc::msghdr = std::mem::zeroed();
+            libc::recvmsg(-1, &mut header, libc::MSG_PEEK);
+        }
+    });
+    assert_eq!(end, KILLED_BY_SIGSYS, "recvmsg with flags");
+}

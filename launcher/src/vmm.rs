@@ -27,6 +27,9 @@ use crate::cli::SerialMode;
 use crate::config::VmConfigFile;
 use crate::console::Console;
 use crate::control_thread::ControlThread;
+use crate::dhcp::handler::LeaseChange;
+use crate::dhcp::served_nics;
+use crate::dhcp::server::{DhcpServer, LeaseEvent, format_mac};
 use crate::errors::error_chain;
 use crate::events::EventMonitor;
 
@@ -72,6 +75,8 @@ struct VmSlot {
     console: Option<Console>,
     state: VmState,
     active: Option<ActiveVm>,
+    /// The NICs' DHCP server: runs while the VM does, across reboots.
+    dhcp: Option<DhcpServer>,
 }
 
 #[derive(Debug, Default)]
@@ -252,6 +257,7 @@ impl Vmm {
             console: None,
             state: VmState::Created,
             active: None,
+            dhcp: None,
         });
         Ok(())
     }
@@ -284,7 +290,60 @@ impl Vmm {
                 .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
-        let console = slot.console.as_mut().expect("opened above");
+        self.start_dhcp_in(inner)?;
+        let started = self.start_vm(inner);
+        if started.is_err()
+            && let Some(slot) = inner.vm.as_mut()
+        {
+            // No VM runs: nobody to serve.
+            slot.dhcp = None;
+        }
+        started
+    }
+
+    /// Starts the slot's DHCP server unless it runs (a reboot keeps it), before the guest can
+    /// ask: a VM booted, restored or received serves its NICs' DHCP.
+    fn start_dhcp_in(self: &Arc<Self>, inner: &mut Inner) -> Result<(), VmmError> {
+        let slot = inner.vm.as_mut().ok_or(VmmError::NotCreated)?;
+        if slot.dhcp.is_none() {
+            slot.dhcp = self.start_dhcp(slot)?;
+        }
+        Ok(())
+    }
+
+    /// The DHCP server of the NICs that have one.
+    fn start_dhcp(self: &Arc<Self>, slot: &VmSlot) -> Result<Option<DhcpServer>, VmmError> {
+        let nics = served_nics(&slot.file, &slot.config);
+        if nics.is_empty() {
+            return Ok(None);
+        }
+        let vmm = Arc::downgrade(self);
+        let listener = Box::new(move |event: &LeaseEvent| {
+            if let Some(vmm) = vmm.upgrade() {
+                let (name, address) = match event.change {
+                    LeaseChange::Bound(ip) => ("net.dhcp-lease", ip),
+                    LeaseChange::Released(ip) => ("net.dhcp-release", ip),
+                };
+                vmm.emit(
+                    name,
+                    json!({
+                        "id": event.nic,
+                        "mac": format_mac(&event.mac),
+                        "address": address.to_string(),
+                        "prefix_len": event.prefix_len,
+                    }),
+                );
+            }
+        });
+        DhcpServer::start(&nics, self.settings.seccomp, listener)
+            .map(Some)
+            .map_err(VmmError::Dhcp)
+    }
+
+    /// Builds the created VM and starts its vCPUs.
+    fn start_vm(self: &Arc<Self>, inner: &mut Inner) -> Result<(), VmmError> {
+        let slot = inner.vm.as_mut().expect("checked by boot_locked");
+        let console = slot.console.as_mut().expect("opened by boot_locked");
         log::info!(
             "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
             slot.config.kernel.display(),
@@ -392,6 +451,10 @@ impl Vmm {
             return;
         }
         slot.state = VmState::Shutdown;
+        if active.stop != Some(StopCause::Reboot) {
+            // The server stops with the VM (a reboot boots it again at once).
+            slot.dhcp = None;
+        }
         self.clear_live_metrics();
         // Stopped by rvmm while the guest rebooted: it is rvmm's stop.
         let reason = match active.stop {
@@ -481,6 +544,12 @@ impl Vmm {
         }
         if active.stop.is_some() || exiting {
             self.clear_live_metrics();
+        }
+        if active.stop != Some(StopCause::Reboot)
+            && let Some(slot) = inner.vm.as_mut().filter(|s| s.active.is_none())
+        {
+            // The VM did not come back: its DHCP server stops with it.
+            slot.dhcp = None;
         }
         self.changed.notify_all();
     }

@@ -146,8 +146,12 @@ impl Vmm {
             console: Some(console),
             state: VmState::Created,
             active: None,
+            dhcp: None,
         });
-        if let Err(e) = self.start_built(&mut inner, vm, VmState::Paused) {
+        let running = self
+            .start_dhcp_in(&mut inner)
+            .and_then(|()| self.start_built(&mut inner, vm, VmState::Paused));
+        if let Err(e) = running {
             forget_vm(&mut inner);
             return Err(e);
         }

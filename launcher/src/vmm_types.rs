@@ -95,6 +95,9 @@ pub enum VmmError {
     /// A migration is already under way.
     #[error("A migration is already in progress")]
     MigrationBusy,
+    /// A NIC's DHCP server cannot start.
+    #[error("Cannot start the DHCP server")]
+    Dhcp(#[source] crate::dhcp::server::DhcpError),
 }
 
 impl VmmError {
@@ -104,6 +107,7 @@ impl VmmError {
             Self::Config(_) | Self::Console(_) | Self::Url { .. } => true,
             Self::Boot(e) => is_config_build_error(e),
             Self::Restore(e) => e.is_bad_input(),
+            Self::Dhcp(e) => e.is_bad_config(),
             _ => false,
         }
     }

@@ -68,13 +68,14 @@ fn vmm_error(err: &VmmError) -> Reply {
         VmmError::NotCreated => 404,
         VmmError::WrongState { .. } | VmmError::AlreadyCreated(_) | VmmError::Exiting => 405,
         VmmError::Config(_) | VmmError::Console(_) | VmmError::Url { .. } => 400,
-        VmmError::Boot(_) | VmmError::Restore(_) if err.is_bad_config() => 400,
+        VmmError::Boot(_) | VmmError::Restore(_) | VmmError::Dhcp(_) if err.is_bad_config() => 400,
         VmmError::MigrationBusy => 409,
         VmmError::Boot(_)
         | VmmError::Waiter(_)
         | VmmError::Snapshot(_)
         | VmmError::Restore(_)
-        | VmmError::Migration(_) => 500,
+        | VmmError::Migration(_)
+        | VmmError::Dhcp(_) => 500,
     };
     Reply::error(status, error_chain(err))
 }

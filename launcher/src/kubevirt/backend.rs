@@ -2,7 +2,7 @@
 //!
 //! | command | rvmm |
 //! | --- | --- |
-//! | SyncVirtualMachine | plan the VMI ([`plan`]), prepare its files ([`prepare`]), create and boot the VM; once this VMI's VM exists (running, paused or stopped): apply a new grace period, refuse any other change naming the field ([`live_update`]) |
+//! | SyncVirtualMachine | plan the VMI ([`plan`]), its pod network's DHCP ([`pod_network::set_up`]), prepare its files ([`prepare`]), create and boot the VM (the DHCP server starts first); once this VMI's VM exists (running, paused or stopped): apply a new grace period, refuse any other change naming the field ([`live_update`]) |
 //! | Pause / Unpause | [`Vmm::pause`] / [`Vmm::resume`]; a no-op when already so |
 //! | ShutdownVirtualMachine | the power button ([`Vmm::request_guest_shutdown`]), on every call (virt-handler calls again every 5 s: a booting guest can miss it); the first starts the grace period (`DeletionTimestamp`), after which virt-handler calls Kill |
 //! | KillVirtualMachine | [`Vmm::shutdown`]: stopped at once (disks flushed), still defined |
@@ -20,6 +20,7 @@
 //! gRPC runtime's thread meanwhile. So the record's locks are only ever held for a moment,
 //! never across a call into the [`Vmm`] (which can take long: a boot, a stop flushing disks).
 
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,10 +30,11 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-use super::domain::{self, DomainState, LifeCycle, Reason};
+use super::domain::{self, DomainState, GuestAddresses, LifeCycle, Reason};
 use super::domain_events::Change;
 use super::grpc::{BackendError, LauncherBackend};
 use super::migration::MigrationMetadata;
+use super::pod_network::{self, HostLinks, PodNetworkError};
 use super::proto::cmd::v1 as cmd;
 use super::stats::domain_stats;
 use super::vmi::{LaunchPlan, LauncherDirs, PrepareError, Vmi, live_update, plan, prepare};
@@ -52,6 +54,9 @@ pub enum LaunchError {
     /// The domain was deleted; the launcher is ending.
     #[error("The domain was deleted")]
     Deleted,
+    /// The guest side of the pod network cannot be set up.
+    #[error("Cannot set up the pod network")]
+    Network(#[source] PodNetworkError),
     /// A file the VM needs cannot be created.
     #[error("Cannot prepare the VM's files")]
     Prepare(#[source] PrepareError),
@@ -81,6 +86,9 @@ pub struct DomainRecord {
     migration: Mutex<Option<MigrationMetadata>>,
     /// The VM migrated away: its stop is reported as Shutoff (Migrated).
     migrated: AtomicBool,
+    /// The addresses each guest NIC (by MAC) was leased by DHCP (written by the event
+    /// listener).
+    guest_addresses: Mutex<GuestAddresses>,
 }
 
 #[derive(Debug)]
@@ -159,6 +167,25 @@ impl DomainRecord {
         *lock(&self.state)
     }
 
+    /// Records that the NIC with `mac` holds `address` (`held`) or released it.
+    pub fn set_guest_address(&self, mac: &str, address: IpAddr, held: bool) {
+        let mut addresses = lock(&self.guest_addresses);
+        let nic = addresses.entry(mac.to_owned()).or_default();
+        if held {
+            nic.insert(address);
+        } else {
+            nic.remove(&address);
+        }
+        if nic.is_empty() {
+            addresses.remove(mac);
+        }
+    }
+
+    /// Forgets every leased address (the VM stopped).
+    pub fn clear_guest_addresses(&self) {
+        lock(&self.guest_addresses).clear();
+    }
+
     /// The domain in `state`, whether or not it was deleted since (events queued before the
     /// deletion still describe it); `None` before a sync.
     pub fn domain_in(&self, state: DomainState) -> Option<Value> {
@@ -169,6 +196,7 @@ impl DomainRecord {
         if let Some(migration) = lock(&self.migration).as_ref() {
             domain["Spec"]["Metadata"]["KubeVirt"]["Migration"] = migration.to_json();
         }
+        domain::set_guest_addresses(&mut domain, &lock(&self.guest_addresses));
         Some(domain)
     }
 
@@ -366,6 +394,14 @@ impl LauncherBackend for KubevirtBackend {
             return self.resync(d, vmi);
         }
         let mut plan = plan(vmi, &self.dirs).map_err(BackendError::Vmi)?;
+        pod_network::set_up(
+            vmi,
+            &mut plan,
+            &self.dirs,
+            &HostLinks,
+            &options.interface_domain_attachment,
+        )
+        .map_err(|e| failed(LaunchError::Network(e)))?;
         let cluster_disables_log = options
             .cluster_config
             .as_ref()

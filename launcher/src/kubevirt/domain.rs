@@ -8,6 +8,8 @@
 //! shutdown), the ACPI feature (so virt-handler shuts down before it kills), vCPUs, memory,
 //! kernel boot, disks, interfaces, serial console, and the lifecycle state.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -179,14 +181,18 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
         .interfaces
         .iter()
         .map(|i| {
-            json!({
+            let mut iface = json!({
                 "Type": "ethernet",
                 "Source": {},
                 "Target": {"Device": i.tap, "Managed": "no"},
                 "Model": {"Type": "virtio-non-transitional"},
                 "MAC": {"MAC": i.mac},
                 "Alias": user_alias(&i.name),
-            })
+            });
+            if let Some(mtu) = i.mtu {
+                iface["MTU"] = json!({"Size": mtu.to_string()});
+            }
+            iface
         })
         .collect();
     let (serials, consoles) = match &plan.serial_socket {
@@ -279,6 +285,32 @@ pub fn set_graceful_shutdown(domain: &mut Value, marked: bool, started: Option<S
     }
 }
 
+/// The addresses each guest NIC (by MAC) holds, IPv4 first.
+pub type GuestAddresses = BTreeMap<String, BTreeSet<IpAddr>>;
+
+/// Reports the addresses the guest's NICs were leased in `Status.Interfaces`, where KubeVirt's
+/// launcher puts what the guest agent reports and virt-handler reads the guest's IPs for the
+/// VMI's status (matched by MAC). The guest's own interface name is unknown without an agent:
+/// `InterfaceName` stays empty.
+pub fn set_guest_addresses(domain: &mut Value, addresses: &GuestAddresses) {
+    if addresses.is_empty() {
+        return;
+    }
+    let interfaces: Vec<Value> = addresses
+        .iter()
+        .map(|(mac, ips)| {
+            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            json!({
+                "Mac": mac,
+                "Ip": ips.first().cloned().unwrap_or_default(),
+                "IPs": ips,
+                "InterfaceName": "",
+            })
+        })
+        .collect();
+    domain["Status"]["Interfaces"] = Value::Array(interfaces);
+}
+
 /// The alias of a device the VMI names (libvirt's `ua-<name>`).
 fn user_alias(name: &str) -> Value {
     json!({"Name": name, "UserDefined": true})
@@ -369,6 +401,8 @@ pub(crate) mod tests {
                 name: "default".into(),
                 tap: "tap0".into(),
                 mac: "02:00:00:00:00:01".into(),
+                binding: Some(crate::kubevirt::vmi::Binding::Masquerade),
+                mtu: Some(1450),
             }],
             prepare: vec![],
             warnings: vec![],
@@ -431,6 +465,25 @@ pub(crate) mod tests {
         assert_eq!(
             serial["Log"],
             json!({"File": "/run/p/1b2c-uid/virt-serial0-log", "Append": "on"})
+        );
+    }
+
+    #[test]
+    fn interfaces_carry_the_pod_mtu_and_leased_addresses_go_to_status_interfaces() {
+        let mut d = build(&vmi(), &plan(), DomainState::RUNNING);
+        assert_eq!(
+            d["Spec"]["Devices"]["Interfaces"][0]["MTU"],
+            json!({"Size": "1450"})
+        );
+        set_guest_addresses(&mut d, &BTreeMap::new());
+        assert_eq!(d["Status"]["Interfaces"], Value::Null, "nothing leased");
+        let ips = ["fd10:0:2::2", "10.0.2.2"].map(|ip| ip.parse().unwrap());
+        let leased = BTreeMap::from([("02:00:00:00:00:01".to_string(), BTreeSet::from(ips))]);
+        set_guest_addresses(&mut d, &leased);
+        assert_eq!(
+            d["Status"]["Interfaces"],
+            json!([{"Mac": "02:00:00:00:00:01", "Ip": "10.0.2.2",
+                    "IPs": ["10.0.2.2", "fd10:0:2::2"], "InterfaceName": ""}])
         );
     }
 

@@ -13,6 +13,7 @@
 //! | `vm.shutdown` | Shutoff: Destroyed (stopped by rvmm: kill, delete, grace period over), Shutdown (the guest powered off, or reset after the power button), Failed (KVM could not run it, or it could not boot again), Migrated (after a live migration away) | `MODIFIED` |
 //! | `guest.crashed` | Shutoff (Crashed) | the Kubernetes event `GuestPanicked`, then `MODIFIED` |
 //! | `vmm.shutdown` | NoState (NonExistent), deletion timestamp | `MODIFIED`, the final event, unless sent already |
+//! | `net.dhcp-lease`, `net.dhcp-release` | unchanged; the guest's address in `Status.Interfaces` (cleared when the VM stops) | `MODIFIED` |
 //!
 //! The command backend adds its own: [`Change::Metadata`] (the grace-period metadata changed: a
 //! graceful shutdown was asked for or SIGTERM came), [`Change::Deleted`] and
@@ -63,6 +64,8 @@ pub enum Change {
     GuestPanicked(String),
     /// GuestPing found no guest agent: the Kubernetes event `GuestAgentPingFailed`.
     GuestAgentPingFailed,
+    /// The guest's addresses changed (a DHCP lease); the state did not.
+    Interfaces,
 }
 
 /// The changes a VMM event means for the domain, in order.
@@ -78,6 +81,7 @@ pub fn changes_for(event: &str, properties: &Value) -> Vec<Change> {
             Change::State(DomainState::shutoff(Reason::Crashed)),
         ],
         "vmm.shutdown" => vec![Change::Exit],
+        "net.dhcp-lease" | "net.dhcp-release" => vec![Change::Interfaces],
         _ => vec![],
     }
 }
@@ -169,7 +173,19 @@ impl DomainEvents {
                 };
                 match &change {
                     Change::Booted => record.set_state(DomainState::RUNNING),
-                    Change::State(state) => record.set_state(*state),
+                    Change::State(state) => {
+                        record.set_state(*state);
+                        if state.status == LifeCycle::Shutoff {
+                            // Nothing holds a lease in a stopped VM.
+                            record.clear_guest_addresses();
+                        }
+                    }
+                    Change::Interfaces => {
+                        let address = properties["address"].as_str().and_then(|a| a.parse().ok());
+                        if let (Some(mac), Some(address)) = (properties["mac"].as_str(), address) {
+                            record.set_guest_address(mac, address, event == "net.dhcp-lease");
+                        }
+                    }
                     _ => {}
                 }
                 let _ = changes.send(change);
@@ -266,7 +282,7 @@ impl EventSender {
                     self.send(&DomainEvent::modified(domain));
                 }
             }
-            Change::Metadata => {
+            Change::Metadata | Change::Interfaces => {
                 if let Some(state) = self.state
                     && let Some(domain) = self.record.domain_in(state)
                 {
@@ -625,6 +641,54 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn a_dhcp_lease_reaches_virt_handler_in_status_interfaces_until_released() {
+        let mut h = Harness::new("lease");
+        let lease = json!({"id": "default", "mac": "02:00:00:00:00:01",
+                           "address": "10.0.2.2", "prefix_len": 24});
+        let lease6 = json!({"id": "default", "mac": "02:00:00:00:00:01",
+                            "address": "fd10:0:2::2", "prefix_len": 120});
+        let stopped = json!({"reason": StopReason::Requested.to_string()});
+        let interfaces = |ips: &[&str]| json!([{"Mac": "02:00:00:00:00:01", "Ip": ips[0], "IPs": ips, "InterfaceName": ""}]);
+        // Each event is built when sent, from the record as it is then: one at a time.
+        for (event, properties, expected) in [
+            ("vm.booted", json!({}), Value::Null),
+            ("net.dhcp-lease", lease.clone(), interfaces(&["10.0.2.2"])),
+            (
+                "net.dhcp-lease",
+                lease6,
+                interfaces(&["10.0.2.2", "fd10:0:2::2"]),
+            ),
+            (
+                "net.dhcp-release",
+                lease.clone(),
+                interfaces(&["fd10:0:2::2"]),
+            ),
+            (
+                "net.dhcp-lease",
+                lease,
+                interfaces(&["10.0.2.2", "fd10:0:2::2"]),
+            ),
+            ("vm.shutdown", stopped, Value::Null),
+        ] {
+            (h.listener)(event, &properties);
+            let start = Instant::now();
+            let request = loop {
+                if let Ok(request) = h.received.try_recv() {
+                    break request;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "{event} not delivered"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            let domain: Value = serde_json::from_slice(&request.domain_json).unwrap();
+            assert_eq!(domain["Status"]["Interfaces"], expected, "after {event}");
+        }
+        h.exit();
     }
 
     #[test]

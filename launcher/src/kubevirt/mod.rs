@@ -11,6 +11,8 @@
 //! - [`domain_events`]: the VMM's events turned into domain events for virt-handler.
 //! - [`stats`]: GetDomainStats from the VM's metrics.
 //! - [`container_disks`]: the containerDisk sockets removed at exit.
+//! - [`pod_network`], [`pod_dns`]: the DHCP server KubeVirt's launcher runs for bridge and
+//!   masquerade interfaces, and what it hands out.
 //! - [`launcher_mode`]: `rvmm virt-launcher`, the mode that puts it all together.
 //!
 //! Only this mode runs a tokio runtime (one current-thread scheduler on its own thread);
@@ -27,6 +29,8 @@ pub mod launcher_mode;
 pub mod migration;
 pub mod nocloud;
 pub mod notify;
+pub mod pod_dns;
+pub mod pod_network;
 pub mod quantity;
 #[cfg(test)]
 mod seccomp_tests;

@@ -234,7 +234,7 @@ fn primary_volume_descriptor(total_sectors: u32, path_table_len: u32) -> Vec<u8>
 }
 
 /// Standard base64 with padding; whitespace is skipped.
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
     let value = |c: u8| match c {
         b'A'..=b'Z' => Some(c - b'A'),
         b'a'..=b'z' => Some(c - b'a' + 26),

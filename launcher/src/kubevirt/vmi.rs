@@ -214,8 +214,22 @@ pub struct PlannedInterface {
     pub name: String,
     /// The host tap device.
     pub tap: String,
-    /// The guest MAC (`52:54:00:..`): the VMI's, or derived from the VMI UID and name.
+    /// The guest MAC (`52:54:00:..`): the VMI's, or derived from the VMI UID and name
+    /// (bridge binding: the pod interface's, see [`super::pod_network`]).
     pub mac: String,
+    /// How the pod side connects it, if the VMI says.
+    pub binding: Option<Binding>,
+    /// The MTU the pod network gives it ([`super::pod_network`]).
+    pub mtu: Option<u16>,
+}
+
+/// An interface's binding to the pod network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// `bridge`: the guest takes over the pod's address.
+    Bridge,
+    /// `masquerade`: NAT from the pod address to the guest's private one.
+    Masquerade,
 }
 
 /// A file the launcher creates before the VM starts.
@@ -378,6 +392,7 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
                 mac: Some(i.mac.clone()),
                 mtu: None,
                 id: Some(i.name.clone()),
+                dhcp: None,
             })
             .collect(),
         rng: devices.rng.as_ref().map(|_| RngConfig {

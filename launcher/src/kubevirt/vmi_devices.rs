@@ -5,8 +5,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::{
-    LauncherDirs, POD_TAP, PlannedDisk, PlannedInterface, PrepareStep, Vmi, VmiError, Volume,
-    invalid, unsupported,
+    Binding, LauncherDirs, POD_TAP, PlannedDisk, PlannedInterface, PrepareStep, Vmi, VmiError,
+    Volume, invalid, unsupported,
 };
 use crate::kubevirt::nocloud::NoCloudData;
 use crate::kubevirt::quantity::Quantity;
@@ -389,10 +389,19 @@ pub(super) fn interfaces(vmi: &Vmi) -> Result<Vec<PlannedInterface>, VmiError> {
             }
             None => derived_mac(&vmi.metadata.uid, &iface.name),
         };
+        let binding = if iface.masquerade.is_some() {
+            Some(Binding::Masquerade)
+        } else if iface.bridge.is_some() {
+            Some(Binding::Bridge)
+        } else {
+            None
+        };
         planned.push(PlannedInterface {
             name: iface.name.clone(),
             tap: POD_TAP.into(),
             mac,
+            binding,
+            mtu: None,
         });
     }
     Ok(planned)

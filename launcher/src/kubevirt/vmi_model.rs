@@ -19,11 +19,12 @@ pub struct Vmi {
     pub metadata: ObjectMeta,
     /// The desired VM.
     pub spec: VmiSpec,
-    /// What virt-controller and virt-handler recorded (only the migration part is read).
+    /// What virt-controller and virt-handler recorded (the migration and the interfaces'
+    /// pod interface names are read).
     pub status: VmiStatus,
 }
 
-/// `status`, the part a migration needs.
+/// `status`: the parts a migration and the pod network's DHCP need.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct VmiStatus {
@@ -31,6 +32,18 @@ pub struct VmiStatus {
     pub migration_state: Option<MigrationState>,
     /// `migrationTransport`: "Unix" or (legacy) TCP.
     pub migration_transport: String,
+    /// One entry per interface.
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// `status.interfaces[]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct InterfaceStatus {
+    /// The VMI interface (and network) name.
+    pub name: String,
+    /// The pod interface backing it (`eth0` for the pod network unless virt-handler says).
+    pub pod_interface_name: Option<String>,
 }
 
 /// `status.migrationState`.
@@ -87,6 +100,8 @@ pub struct VmiSpec {
     pub architecture: Option<String>,
     /// Guest hostname (default: the VMI name).
     pub hostname: Option<String>,
+    /// The guest's DNS subdomain (`<hostname>.<subdomain>.<namespace>.svc...`).
+    pub subdomain: Option<String>,
     /// SSH keys or passwords to inject.
     pub access_credentials: Option<Vec<Value>>,
 }
@@ -421,6 +436,32 @@ pub struct Interface {
     pub macvtap: Option<Value>,
     /// A network binding plugin.
     pub binding: Option<Value>,
+    /// Extra DHCP options for the guest.
+    pub dhcp_options: Option<DhcpOptions>,
+}
+
+/// `spec.domain.devices.interfaces[].dhcpOptions`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct DhcpOptions {
+    /// Option 67.
+    pub boot_file_name: Option<String>,
+    /// Option 66.
+    pub tftp_server_name: Option<String>,
+    /// Option 42, as text.
+    pub ntp_servers: Vec<String>,
+    /// Options 224 to 254.
+    pub private_options: Vec<DhcpPrivateOption>,
+}
+
+/// `dhcpOptions.privateOptions[]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct DhcpPrivateOption {
+    /// The option code.
+    pub option: i64,
+    /// Its value.
+    pub value: String,
 }
 
 impl Interface {
@@ -438,6 +479,18 @@ impl Interface {
     }
 }
 
+/// `spec.networks[].pod`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PodNetwork {
+    /// The masquerade network (default 10.0.2.0/24).
+    #[serde(rename = "vmNetworkCIDR")]
+    pub vm_network_cidr: Option<String>,
+    /// The masquerade IPv6 network (default fd10:0:2::/120).
+    #[serde(rename = "vmIPv6NetworkCIDR")]
+    pub vm_ipv6_network_cidr: Option<String>,
+}
+
 /// `spec.networks[]`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
@@ -445,7 +498,7 @@ pub struct Network {
     /// Network name.
     pub name: String,
     /// The pod network.
-    pub pod: Option<Value>,
+    pub pod: Option<PodNetwork>,
     /// A Multus network.
     pub multus: Option<Value>,
 }

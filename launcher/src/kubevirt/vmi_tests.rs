@@ -132,6 +132,7 @@ fn fedora_container_disk_vmi_maps_to_config() {
             mac: Some("02:5a:3b:00:00:07".into()),
             mtu: None,
             id: Some("default".into()),
+            dhcp: None,
         }]
     );
     assert!(c.rng.is_some());

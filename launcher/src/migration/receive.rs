@@ -282,8 +282,10 @@ impl Vmm {
             console: Some(console),
             state: VmState::Created,
             active: None,
+            dhcp: None,
         });
-        self.start_built(&mut inner, vm, VmState::Paused)
+        self.start_dhcp_in(&mut inner)
+            .and_then(|()| self.start_built(&mut inner, vm, VmState::Paused))
             .map_err(|e| crate::errors::error_chain(&e))
     }
 

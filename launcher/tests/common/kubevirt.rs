@@ -82,9 +82,15 @@ pub struct Launcher {
 impl Launcher {
     /// Runs `program` (the rvmm binary, or a link to it) with `args`.
     pub fn start(program: &Path, args: &[String], pod: &Pod) -> Self {
+        let mut command = Command::new(program);
+        command.args(args);
+        Self::spawn(command, pod)
+    }
+
+    /// Runs `command` (rvmm, or something that executes it) with its log in the pod.
+    pub fn spawn(mut command: Command, pod: &Pod) -> Self {
         let stderr = pod.path("launcher.log");
-        let child = Command::new(program)
-            .args(args)
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).unwrap())
@@ -262,11 +268,21 @@ impl Handler {
 
     /// Runs a VMI command; returns `(success, message)`.
     pub fn vmi_command(&self, name: &str, vmi: &Value) -> (bool, String) {
+        self.vmi_command_with(name, vmi, None)
+    }
+
+    /// Runs a VMI command with `options`, as virt-handler sends them with a sync.
+    pub fn vmi_command_with(
+        &self,
+        name: &str,
+        vmi: &Value,
+        options: Option<cmd::VirtualMachineOptions>,
+    ) -> (bool, String) {
         let request = cmd::VmiRequest {
             vmi: Some(cmd::Vmi {
                 vmi_json: vmi.to_string().into_bytes(),
             }),
-            options: None,
+            options,
         };
         let mut c = self.cmd();
         let response = self.block_on(async {

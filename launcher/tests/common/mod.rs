@@ -1,6 +1,7 @@
 //! Shared by the KVM tests: KVM detection, the tiny test guests, running `rvmm`.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod bridged;
 pub mod fixtures;
 pub mod http;
 pub mod kubevirt;

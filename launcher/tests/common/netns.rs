@@ -13,7 +13,7 @@ pub struct TestNetwork {
     pub name: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -56,9 +56,7 @@ impl TestNetwork {
 
     /// `command` run inside the namespace (through `ip netns exec`).
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
+        netns_command(&self.name, program)
     }
 }
 
@@ -69,9 +67,22 @@ impl Drop for TestNetwork {
     }
 }
 
+/// `program` run in namespace `ns` (through `ip netns exec`).
+pub fn netns_command(ns: &str, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, program]);
+    cmd
+}
+
 /// The test network, or None with a printed reason (a failure under CI=true).
 pub fn test_network(test: &str) -> Option<TestNetwork> {
-    match TestNetwork::create(test) {
+    network_or_skip(test, TestNetwork::create(test))
+}
+
+/// A test network that was created, or None with a printed reason why not (a failure under
+/// CI=true).
+pub fn network_or_skip<T>(test: &str, created: Result<T, String>) -> Option<T> {
+    match created {
         Ok(net) => Some(net),
         Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!("{test}: cannot create the test network: {e}; CI=true requires it")

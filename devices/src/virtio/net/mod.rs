@@ -206,7 +206,7 @@ pub fn tap_offloads(acked: u64) -> u32 {
 }
 
 /// A random locally administered unicast address.
-fn random_mac() -> std::io::Result<[u8; 6]> {
+pub fn random_mac() -> std::io::Result<[u8; 6]> {
     let mut mac = [0u8; 6];
     // SAFETY: `mac` is valid writable memory of the given length.
     let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
