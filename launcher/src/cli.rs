@@ -258,6 +258,7 @@ pub fn parse_disk(entry: &str) -> Result<BlockConfig, InvalidFlag> {
         readonly,
         id,
         engine,
+        format: None,
     })
 }
 

@@ -396,6 +396,7 @@ fn disk(index: usize, d: &DiskConfig, before: &[DiskConfig]) -> Result<BlockConf
         readonly: d.readonly,
         id: d.id.clone(),
         engine,
+        format: None,
     })
 }
 

@@ -32,6 +32,7 @@ fn config(disk: &TempDisk, engine: Engine, cmdline: &str) -> VmConfig {
             readonly: false,
             id: Some("tiny".into()),
             engine,
+            format: None,
         }],
         nets: Vec::new(),
         seccomp: true,

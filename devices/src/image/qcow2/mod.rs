@@ -400,4 +400,4 @@ mod write;
 
 #[cfg(test)]
 #[path = "tests.rs"]
-mod tests;
+pub(crate) mod tests;
