@@ -6,6 +6,7 @@ pub mod builder;
 pub mod bus;
 pub mod control;
 pub mod cpuid;
+pub mod disk_boot;
 pub mod exit;
 pub mod layout;
 pub mod lifecycle;
