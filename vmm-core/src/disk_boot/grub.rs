@@ -176,7 +176,35 @@ fn tokenize(text: &str) -> Vec<Command> {
     if !command.is_empty() {
         commands.push(command);
     }
-    commands
+    split_braces(commands)
+}
+
+/// Puts `{` at the end and `}` at the start of commands of their own (`menuentry x { linux
+/// /k }` on one line is three commands).
+fn split_braces(commands: Vec<Command>) -> Vec<Command> {
+    let mut out = Vec::new();
+    for command in commands {
+        let mut current: Command = Vec::new();
+        for word in command {
+            match literal(&word) {
+                Some("{") => {
+                    current.push(word);
+                    out.push(std::mem::take(&mut current));
+                }
+                Some("}") => {
+                    if !current.is_empty() {
+                        out.push(std::mem::take(&mut current));
+                    }
+                    out.push(vec![word]);
+                }
+                _ => current.push(word),
+            }
+        }
+        if !current.is_empty() {
+            out.push(current);
+        }
+    }
+    out
 }
 
 fn literal(word: &Word) -> Option<&str> {
@@ -273,6 +301,10 @@ fn block(
                 _ => break,
             }
         }
+        if let Some((key, value)) = assignment(&command, &menu.vars) {
+            menu.vars.insert(key, value);
+            continue;
+        }
         let Some(name) = command.first().and_then(literal).map(str::to_string) else {
             continue;
         };
@@ -365,19 +397,25 @@ fn run_top(command: &Command, menu: &mut Menu, env: &mut EnvLoader<'_>) {
                 menu.root = Some(hint);
             }
         }
-        _ => {
-            // `name=value` without `set`.
-            if let Some((k, _)) = name.split_once('=')
-                && !k.is_empty()
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                let full = expand(&command[0], &menu.vars);
-                if let Some((k, v)) = full.split_once('=') {
-                    menu.vars.insert(k.to_string(), v.to_string());
-                }
-            }
-        }
+        _ => {}
     }
+}
+
+/// `name=value` without `set` (a one-word command whose literal start is `name=`).
+fn assignment(command: &Command, vars: &HashMap<String, String>) -> Option<(String, String)> {
+    let [word] = command.as_slice() else {
+        return None;
+    };
+    let Some(Part::Lit(first)) = word.first() else {
+        return None;
+    };
+    let (key, _) = first.split_once('=')?;
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    let full = expand(word, vars);
+    let (k, v) = full.split_once('=')?;
+    Some((k.to_string(), v.to_string()))
 }
 
 /// The root a `search` command sets (`search --fs-uuid --set=root X`, `search.fs_uuid X
