@@ -20,6 +20,15 @@ use std::collections::{BTreeSet, HashSet};
 use std::io;
 
 pub use create::create_overlay;
+
+/// An empty qcow2 image without a backing file, of `size` bytes (for tests elsewhere).
+#[doc(hidden)]
+pub fn overlay_test_bytes(size: u64) -> Vec<u8> {
+    let mut bytes = create::overlay_bytes(b"x", "raw", size).expect("valid size");
+    // No backing file: offset and length zero.
+    bytes[8..20].fill(0);
+    bytes
+}
 use header::{AUTOCLEAR_OFFSET, Header, HeaderError, incompatible};
 use refcount::Refcounts;
 use tables::{Cache, Cluster, decode_table, encode_table, l1_entry, l2_entry};
