@@ -137,7 +137,7 @@ fn check_contained(plan: &LaunchPlan) {
         plan.serial_socket.as_ref(),
         plan.serial_log.as_ref(),
     ];
-    for path in std::iter::once(&payload.kernel).chain(optional.into_iter().flatten()) {
+    for path in payload.kernel.iter().chain(optional.into_iter().flatten()) {
         inside(path);
     }
     for disk in &plan.disks {
@@ -148,9 +148,9 @@ fn check_contained(plan: &LaunchPlan) {
             PrepareStep::CreateSparse { path, .. }
             | PrepareStep::WriteNoCloud { path, .. }
             | PrepareStep::CreateDir { path } => inside(path),
-            PrepareStep::CopyImage { from, to } => {
-                inside(from);
-                inside(to);
+            PrepareStep::CreateOverlay { path, backing, .. } => {
+                inside(path);
+                inside(backing);
             }
         }
     }
