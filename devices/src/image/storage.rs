@@ -18,6 +18,10 @@ pub trait Storage: Send + std::fmt::Debug {
     fn sync(&self) -> io::Result<()>;
     /// The length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        self.len().map(|n| n == 0)
+    }
     /// The host file, when there is one (data I/O then bypasses this trait).
     fn file(&self) -> Option<&File> {
         None

@@ -124,31 +124,27 @@ impl Fat {
 
     /// The FAT entry of `cluster`: the next cluster, or `None` at the end of the chain.
     fn next(&self, disk: &mut dyn DiskReader, cluster: u32) -> io::Result<Option<u32>> {
-        let (at, value) = match self.fat_bits {
+        let value = match self.fat_bits {
             12 => {
                 let at = self.fat_start + u64::from(cluster) * 3 / 2;
                 let mut b = [0u8; 2];
                 disk.read(&mut b, at)?;
                 let v = u16::from_le_bytes(b);
-                (
-                    at,
-                    u32::from(if cluster & 1 == 1 { v >> 4 } else { v & 0xfff }),
-                )
+                u32::from(if cluster & 1 == 1 { v >> 4 } else { v & 0xfff })
             }
             16 => {
                 let at = self.fat_start + u64::from(cluster) * 2;
                 let mut b = [0u8; 2];
                 disk.read(&mut b, at)?;
-                (at, u32::from(u16::from_le_bytes(b)))
+                u32::from(u16::from_le_bytes(b))
             }
             _ => {
                 let at = self.fat_start + u64::from(cluster) * 4;
                 let mut b = [0u8; 4];
                 disk.read(&mut b, at)?;
-                (at, u32::from_le_bytes(b) & 0x0fff_ffff)
+                u32::from_le_bytes(b) & 0x0fff_ffff
             }
         };
-        let _ = at;
         let end = match self.fat_bits {
             12 => 0xff8,
             16 => 0xfff8,

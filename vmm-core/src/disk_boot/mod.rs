@@ -283,13 +283,13 @@ fn find_entry(volumes: &mut [Volume]) -> Result<Option<(BootEntry, String, usize
             return Ok(Some(found));
         }
     }
-    for at in 0..volumes.len() {
+    for (at, volume) in volumes.iter_mut().enumerate() {
         for path in EXTLINUX_PATHS {
-            if let Some(text) = volumes[at].read_text(path)? {
+            if let Some(text) = volume.read_text(path)? {
                 let mut entry = bls::extlinux(&text).ok_or_else(|| {
                     BootProblem::NotFound(format!(
                         "partition {}: {path} has no LABEL with a KERNEL",
-                        volumes[at].number
+                        volume.number
                     ))
                 })?;
                 // Relative paths are relative to the configuration's directory.
@@ -303,7 +303,7 @@ fn find_entry(volumes: &mut [Volume]) -> Result<Option<(BootEntry, String, usize
                 };
                 entry.kernel = absolute(&entry.kernel);
                 entry.initrds = entry.initrds.iter().map(|p| absolute(p)).collect();
-                return Ok(Some((entry, config_name(&volumes[at], path), at)));
+                return Ok(Some((entry, config_name(volume, path), at)));
             }
         }
     }

@@ -102,10 +102,6 @@ pub enum PartitionError {
     Read(#[source] std::io::Error),
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -182,7 +178,10 @@ fn read_gpt(
         let count = le32(&header, 80);
         let entry_size = le32(&header, 84);
         let entries_crc = le32(&header, 88);
-        if count > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) || entry_size % 8 != 0 {
+        if count > MAX_GPT_ENTRIES
+            || !(128..=4096).contains(&entry_size)
+            || !entry_size.is_multiple_of(8)
+        {
             return Err(PartitionError::Invalid(format!(
                 "GPT with {count} entries of {entry_size} bytes"
             )));
@@ -283,7 +282,6 @@ fn read_mbr(
             }
         }
     }
-    let _ = le16;
     Ok(parts)
 }
 

@@ -424,7 +424,7 @@ fn check_range(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<(), HeaderError> {
-    if offset == 0 || offset % cluster_size != 0 {
+    if offset == 0 || !offset.is_multiple_of(cluster_size) {
         return Err(field(
             name,
             format!("{offset:#x} is not a non-zero multiple of the cluster size {cluster_size}"),

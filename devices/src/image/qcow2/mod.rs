@@ -234,7 +234,7 @@ impl Qcow2 {
             return Ok(slot);
         }
         let cs = self.cluster_size();
-        if offset % cs != 0 || offset + cs > self.limit {
+        if !offset.is_multiple_of(cs) || offset + cs > self.limit {
             return Err(corrupt(format!(
                 "L2 table at {offset:#x} is not a cluster inside the image"
             )));

@@ -94,7 +94,7 @@ impl Refcounts {
 
     /// Refcounts per block.
     pub fn per_block(&self) -> u64 {
-        (1u64 << self.cluster_bits) * 8 >> self.order
+        ((1u64 << self.cluster_bits) * 8) >> self.order
     }
 
     fn cluster_size(&self) -> u64 {

@@ -451,13 +451,13 @@ fn mem_open(bytes: Vec<u8>) -> Result<DiskImage, ImageError> {
         None,
         Path::new("mem.qcow2"),
         |_, _, _| {
-            Ok(DiskImage::from_storage(
+            DiskImage::from_storage(
                 Box::new(MemStorage::new(vec![0; 512], 512)),
                 false,
                 Some(ImageFormat::Raw),
                 Path::new("b"),
                 |_, _, _| unreachable!(),
-            )?)
+            )
         },
     )
 }
@@ -466,7 +466,8 @@ fn mem_open(bytes: Vec<u8>) -> Result<DiskImage, ImageError> {
 fn lying_headers_are_refused_naming_the_field() {
     let good = header_bytes(1 << 30);
     assert!(mem_open(good.clone()).is_ok());
-    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(Corrupt, &str)> = vec![
         (Box::new(|b| b.truncate(50)), "truncated"),
         (
             Box::new(|b| b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())),
