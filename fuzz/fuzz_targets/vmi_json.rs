@@ -88,6 +88,13 @@ fn check_vmi_error(err: &VmiError) {
         }
         VmiError::Quantity { field, .. } => (field, "invalid quantity".to_string()),
         VmiError::Read { field, path, .. } => (field, format!("cannot read {}", path.display())),
+        VmiError::Image { field, source } => {
+            // The image error (its cause) names the image.
+            assert!(field.starts_with("spec.volumes["), "image error on no volume: {text}");
+            assert_eq!(text, *field);
+            assert!(source.to_string().contains('/'), "image error names no image: {source}");
+            return;
+        }
     };
     assert!(
         field.starts_with("spec.") || field.starts_with("metadata."),
