@@ -216,6 +216,24 @@ pub fn initrd_placement(layout: &MemoryLayout, kernel_end: u64, size: u64) -> Op
     (addr >= kernel_end).then_some(addr)
 }
 
+/// [`initrd_placement`], or the error naming the initrd and the room there is.
+fn place_initrd(
+    layout: &MemoryLayout,
+    kernel_end: u64,
+    size: u64,
+    path: &Path,
+) -> Result<u64, BootError> {
+    let room = layout
+        .low_ram_end()
+        .min(INITRD_MAX_END)
+        .saturating_sub(kernel_end);
+    initrd_placement(layout, kernel_end, size).ok_or(BootError::InitrdTooLarge {
+        path: path.to_owned(),
+        size,
+        room,
+    })
+}
+
 /// Copies the initrd into guest memory.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
@@ -229,15 +247,7 @@ pub fn load_initrd(
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let room = layout
-        .low_ram_end()
-        .min(INITRD_MAX_END)
-        .saturating_sub(kernel_end);
-    let addr = initrd_placement(layout, kernel_end, size).ok_or(BootError::InitrdTooLarge {
-        path: path.to_owned(),
-        size,
-        room,
-    })?;
+    let addr = place_initrd(layout, kernel_end, size, path)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|source| BootError::CopyInitrd {
             path: path.to_owned(),
@@ -255,15 +265,7 @@ pub fn load_initrd_bytes(
     path: &Path,
 ) -> Result<InitrdRegion, BootError> {
     let size = bytes.len() as u64;
-    let room = layout
-        .low_ram_end()
-        .min(INITRD_MAX_END)
-        .saturating_sub(kernel_end);
-    let addr = initrd_placement(layout, kernel_end, size).ok_or(BootError::InitrdTooLarge {
-        path: path.to_owned(),
-        size,
-        room,
-    })?;
+    let addr = place_initrd(layout, kernel_end, size, path)?;
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|source| BootError::CopyInitrd {
             path: path.to_owned(),

@@ -156,25 +156,7 @@ pub fn expand_vars(text: &str, vars: &HashMap<String, String>) -> String {
             out.push(c);
             continue;
         }
-        let mut name = String::new();
-        if chars.peek() == Some(&'{') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c == '}' {
-                    break;
-                }
-                name.push(c);
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    name.push(c);
-                    chars.next();
-                } else {
-                    break;
-                }
-            }
-        }
+        let name = super::grub::read_var(&mut chars);
         out.push_str(vars.get(&name).map_or("", String::as_str));
     }
     out.split_whitespace().collect::<Vec<_>>().join(" ")

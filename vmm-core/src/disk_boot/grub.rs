@@ -74,28 +74,6 @@ fn tokenize(text: &str) -> Vec<Command> {
             word.push(Part::Lit(std::mem::take(lit)));
         }
     }
-    let read_var = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| -> String {
-        let mut name = String::new();
-        if chars.peek() == Some(&'{') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c == '}' {
-                    break;
-                }
-                name.push(c);
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    name.push(c);
-                    chars.next();
-                } else {
-                    break;
-                }
-            }
-        }
-        name
-    };
     macro_rules! end_word {
         () => {
             if in_word {
@@ -205,6 +183,30 @@ fn split_braces(commands: Vec<Command>) -> Vec<Command> {
         }
     }
     out
+}
+
+/// The variable name after a `$`: `{name}` or a run of letters, digits and `_`.
+pub fn read_var(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> String {
+    let mut name = String::new();
+    if chars.peek() == Some(&'{') {
+        chars.next();
+        for c in chars.by_ref() {
+            if c == '}' {
+                break;
+            }
+            name.push(c);
+        }
+    } else {
+        while let Some(&c) = chars.peek() {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                name.push(c);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+    }
+    name
 }
 
 fn literal(word: &Word) -> Option<&str> {

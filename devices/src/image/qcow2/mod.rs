@@ -271,18 +271,25 @@ impl Qcow2 {
     /// The L2 entry of the guest cluster holding `offset`: (table slot, index), or `None`
     /// when no L2 table maps it.
     fn l2_position(&mut self, offset: u64) -> io::Result<Option<(usize, usize)>> {
+        let (_, table, index) = self.l1_lookup(offset)?;
+        if table == 0 {
+            return Ok(None);
+        }
+        let slot = self.l2_slot(table)?;
+        Ok(Some((slot, index)))
+    }
+
+    /// For the guest cluster holding `offset`: its L1 index, the L2 table's offset (0: none)
+    /// and its index in that table.
+    fn l1_lookup(&self, offset: u64) -> io::Result<(usize, u64, usize)> {
         let l1_index = (offset >> (self.cluster_bits + self.l2_bits)) as usize;
+        let index = ((offset >> self.cluster_bits) & ((1 << self.l2_bits) - 1)) as usize;
         let entry = *self
             .l1
             .get(l1_index)
             .ok_or_else(|| corrupt("offset beyond the L1 table"))?;
         let table = l1_entry(entry).map_err(|e| corrupt(format!("L1[{l1_index}]: {e}")))?;
-        if table == 0 {
-            return Ok(None);
-        }
-        let slot = self.l2_slot(table)?;
-        let index = ((offset >> self.cluster_bits) & ((1 << self.l2_bits) - 1)) as usize;
-        Ok(Some((slot, index)))
+        Ok((l1_index, table, index))
     }
 
     fn cluster_at(&mut self, offset: u64) -> io::Result<Cluster> {

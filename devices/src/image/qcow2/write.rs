@@ -3,7 +3,7 @@
 
 use std::io;
 
-use super::tables::{COPIED, Cluster, ZERO, encode_table, l1_entry, l2_entry};
+use super::tables::{COPIED, Cluster, ZERO, encode_table, l2_entry};
 use super::{L1_CHUNK, Qcow2, corrupt};
 
 impl Qcow2 {
@@ -39,13 +39,7 @@ impl Qcow2 {
     /// The L2 slot and index for the guest cluster at `offset`, creating its L2 table if
     /// there is none.
     fn l2_for_write(&mut self, offset: u64) -> io::Result<(usize, usize)> {
-        let l1_index = (offset >> (self.cluster_bits + self.l2_bits)) as usize;
-        let index = ((offset >> self.cluster_bits) & ((1 << self.l2_bits) - 1)) as usize;
-        let entry = *self
-            .l1
-            .get(l1_index)
-            .ok_or_else(|| corrupt("offset beyond the L1 table"))?;
-        let table = l1_entry(entry).map_err(|e| corrupt(format!("L1[{l1_index}]: {e}")))?;
+        let (l1_index, table, index) = self.l1_lookup(offset)?;
         if table == 0 {
             let new = self.alloc()?;
             self.metadata.insert(new);
@@ -59,7 +53,7 @@ impl Qcow2 {
             self.l1_dirty.insert(l1_index / L1_CHUNK);
             return Ok((slot, index));
         }
-        if entry & COPIED == 0 {
+        if self.l1[l1_index] & COPIED == 0 {
             return Err(corrupt(format!(
                 "L1[{l1_index}] points to a shared L2 table (qemu-img check -r all repairs it)"
             )));
