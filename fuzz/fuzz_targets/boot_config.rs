@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
             bls::sort(&mut entries);
             let twice: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
             assert_eq!(once, twice, "sorting BLS entries is not stable");
-            let default = entries.last().map(|e| format!("{}*", &e.id[..e.id.len() / 2]));
+            let default = entries.last().map(|e| {
+                let half: String = e.id.chars().take(e.id.chars().count() / 2).collect();
+                format!("{half}*")
+            });
             if let Some(chosen) = bls::choose(&entries, default.as_deref()) {
                 assert!(entries.iter().any(|e| e.id == chosen.id));
                 let _ = bls::to_boot(chosen, &HashMap::new());
