@@ -665,3 +665,52 @@ fn live_update_applies_the_grace_period_and_refuses_hotplug_naming_the_field() {
         .starts_with("spec.domain.devices: changed")
     );
 }
+
+#[test]
+fn ephemeral_pvc_volumes_get_a_qcow2_overlay_and_qcow2_pvcs_follow_disks_info() {
+    let pod = fedora_pod();
+    let base = pod.file(
+        "var/run/kubevirt-private/vmi-disks/containerdisk/disk.img",
+        &[0u8; 8192],
+    );
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["volumes"][0] = json!({"name": "containerdisk", "ephemeral": {"persistentVolumeClaim": {"claimName": "golden"}}});
+    });
+    let planned = plan(&vmi, &pod.dirs).unwrap();
+    let overlay = pod.path("var/run/kubevirt-ephemeral-disks/disk-data/containerdisk/disk.qcow2");
+    assert_eq!(
+        planned.prepare[0],
+        PrepareStep::CreateOverlay {
+            path: overlay.clone(),
+            backing: base.clone(),
+            backing_format: ::devices::image::ImageFormat::Raw,
+            size: 8192,
+        }
+    );
+    assert_eq!(
+        planned.disks[0].backing,
+        Some((base.clone(), ::devices::image::ImageFormat::Raw))
+    );
+    prepare(&planned).unwrap();
+    // Kept as it is when the launcher comes back to a pod that has it.
+    let first = std::fs::read(&overlay).unwrap();
+    prepare(&planned).unwrap();
+    assert_eq!(std::fs::read(&overlay).unwrap(), first);
+    // A PVC whose DisksInfo says qcow2 is opened as qcow2 (and checked at Sync).
+    let vmi = edited(PVC, |_| {});
+    let root = pod.path("var/run/kubevirt-private/vmi-disks/rootdisk/disk.img");
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    std::fs::write(&root, ::devices::image::qcow2::overlay_test_bytes(1 << 20)).unwrap();
+    pod.file("dev/datadisk", &[0; 512]);
+    let formats = BTreeMap::from([("rootdisk".to_string(), "qcow2".to_string())]);
+    let planned = plan_with_formats(&vmi, &pod.dirs, &formats).unwrap();
+    assert_eq!(planned.config.disks[0].format.as_deref(), Some("qcow2"));
+    std::fs::write(&root, b"QFI\xfb truncated").unwrap();
+    let text = crate::kubevirt::grpc::error_chain(
+        &plan_with_formats(&vmi, &pod.dirs, &formats).unwrap_err(),
+    );
+    assert!(
+        text.starts_with("spec.volumes[0].dataVolume: Disk image "),
+        "{text}"
+    );
+}
