@@ -11,25 +11,15 @@ use std::time::{Duration, Instant};
 
 use common::kubevirt::{Handler, Launcher, Pod, fake_virt_handler, next_event_within};
 use common::kvm_available;
+use common::linux::{image_dir, manifest};
 use launcher::kubevirt::grpc::GrpcRuntime;
 use serde_json::json;
 
-/// The Linux test guest's cloud-style disk (guest-images/build), or `None` (with the reason)
-/// when it is not built; CI=true requires it.
+/// The Linux test guest's cloud-style disk `key` of the manifest (guest-images/build), or
+/// `None` (with the reason) when it is not built; CI=true requires it.
 fn linux_disk(test: &str, key: &str) -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("RVMM_GUEST_IMAGE_DIR") else {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{test}: RVMM_GUEST_IMAGE_DIR is not set; CI=true requires the Linux guest"
-        );
-        eprintln!("SKIPPED {test}: RVMM_GUEST_IMAGE_DIR is not set (run guest-images/build)");
-        return None;
-    };
-    let manifest = std::fs::read_to_string(Path::new(&dir).join("manifest")).unwrap();
-    manifest
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(PathBuf::from)
+    let dir = image_dir(test)?;
+    manifest(&dir).get(key).map(PathBuf::from)
 }
 
 /// Reads the serial console socket until a line equals `until` (10 minutes at most: the

@@ -400,6 +400,11 @@ impl DiskBackend for Qcow2Backend {
         waited
     }
 
+    fn write_back(&mut self) -> io::Result<()> {
+        self.drain_engine()?;
+        self.image().flush()
+    }
+
     fn completion_fd(&self) -> Option<RawFd> {
         self.engine.completion_fd()
     }

@@ -186,3 +186,41 @@ fn writes_and_flush_leave_an_image_qemu_reads_back_and_checks_clean() {
         assert!(std::fs::read(dir.path("base.raw")).unwrap() == base_before);
     }
 }
+
+#[test]
+fn a_pause_writes_the_metadata_back_so_the_file_alone_holds_completed_writes() {
+    if !have_qemu_img("virtio-blk qcow2 pause") {
+        return;
+    }
+    for engine in engines() {
+        let dir = TempDir::new("blk-pause");
+        let top = image(&dir);
+        let mut model = qemu_contents(&top);
+        let dev = qcow2_device(&top, engine);
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        // A write into a new cluster, and no FLUSH: the mapping is only in memory.
+        mem.write_slice(&[0x7e; 4096], GuestAddress(DATA)).unwrap();
+        add_request(
+            &mem,
+            &vq,
+            0,
+            0,
+            VIRTIO_BLK_T_OUT,
+            (3 * MIB) / 512,
+            &[(DATA, 4096, R)],
+        );
+        let (mut h, _) = handler(&dev, &mem, &vq);
+        assert_eq!(run(&mut h), 1, "{engine:?}");
+        model[3 * MIB as usize..3 * MIB as usize + 4096].fill(0x7e);
+        crate::virtio::DeviceHandler::quiesce(&mut h);
+        // The worker is paused, not gone: the image on disk is complete already.
+        let (code, text) = check_status(&top);
+        assert_eq!(code, 0, "{engine:?}: {text}");
+        assert!(
+            qemu_contents(&top) == model,
+            "{engine:?}: the write is not in the file"
+        );
+        drop(h);
+    }
+}
