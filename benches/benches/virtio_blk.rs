@@ -2,6 +2,9 @@
 //! mock split queue go through `BlockHandler::process_queue` (parse, I/O straight into guest
 //! memory, status, used ring), against raw `pread` of the same sizes and offsets from the host.
 //!
+//! The same requests also run on a qcow2 image of the same content, every cluster allocated
+//! (written through rvmm's qcow2 writer), to compare the qcow2 path with the raw one.
+//!
 //! Run: `cargo bench -p rvmm-benches --bench virtio_blk`. Criterion reports each variant; the
 //! last lines print device/raw ratios from an interleaved timing loop.
 
@@ -13,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+use devices::image::DiskImage;
 use devices::virtio::block::{Block, BlockConfig, BlockHandler, Engine};
 use devices::virtio::{ActiveQueue, GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use virtio_queue::QueueT;
@@ -48,16 +52,33 @@ struct Disk {
 }
 
 impl Disk {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("rvmm-bench-blk-{}.img", std::process::id()));
+    fn content() -> Vec<u8> {
         let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
         let mut content = Vec::with_capacity(DISK_SIZE as usize);
         for _ in 0..DISK_SIZE >> 20 {
             content.extend_from_slice(&chunk);
         }
-        std::fs::write(&path, &content).unwrap();
+        content
+    }
+
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("rvmm-bench-blk-{}.img", std::process::id()));
+        std::fs::write(&path, Self::content()).unwrap();
         // Read it back so every run is served from the page cache.
         assert_eq!(std::fs::read(&path).unwrap().len() as u64, DISK_SIZE);
+        Self { path }
+    }
+
+    /// A qcow2 image (64 KiB clusters) holding the same bytes, every cluster allocated.
+    fn qcow2() -> Self {
+        let path =
+            std::env::temp_dir().join(format!("rvmm-bench-blk-{}.qcow2", std::process::id()));
+        std::fs::write(&path, devices::image::qcow2::overlay_test_bytes(DISK_SIZE)).unwrap();
+        let mut image = DiskImage::open(&path, true, None).unwrap();
+        image.write_at(&Self::content(), 0).unwrap();
+        image.flush().unwrap();
+        drop(image);
+        let _ = std::fs::read(&path).unwrap();
         Self { path }
     }
 }
@@ -252,7 +273,7 @@ fn name(pattern: Pattern) -> &'static str {
     }
 }
 
-fn criterion_groups(c: &mut Criterion, disk: &Disk) {
+fn criterion_groups(c: &mut Criterion, disk: &Disk, qcow2: &Disk) {
     for pattern in [Pattern::Random4k, Pattern::Seq1m] {
         let mut group = c.benchmark_group(format!("virtio_blk/{}-qd{DEPTH}", name(pattern)));
         group.throughput(Throughput::Bytes(DEPTH as u64 * u64::from(pattern.len())));
@@ -264,6 +285,8 @@ fn criterion_groups(c: &mut Criterion, disk: &Disk) {
         ] {
             let mut dev = DeviceBench::new(disk, engine, pattern, DEPTH);
             group.bench_function(label, |b| b.iter(|| dev.batch()));
+            let mut dev = DeviceBench::new(qcow2, engine, pattern, DEPTH);
+            group.bench_function(format!("{label}-qcow2"), |b| b.iter(|| dev.batch()));
         }
         group.finish();
     }
@@ -281,7 +304,7 @@ fn rate(mut batch: impl FnMut(), bytes_per_batch: u64, round: Duration) -> f64 {
 }
 
 /// Device/raw ratios from interleaved rounds (so host noise hits every variant alike).
-fn print_ratios(disk: &Disk) {
+fn print_ratios(disk: &Disk, qcow2: &Disk) {
     const ROUNDS: usize = 5;
     let round = Duration::from_millis(300);
     let mut lines = Vec::new();
@@ -291,22 +314,29 @@ fn print_ratios(disk: &Disk) {
             let mut raw = RawBench::new(disk, pattern, depth);
             let mut sync = DeviceBench::new(disk, Engine::Sync, pattern, depth);
             let mut uring = DeviceBench::new(disk, Engine::IoUring, pattern, depth);
+            let mut q_sync = DeviceBench::new(qcow2, Engine::Sync, pattern, depth);
+            let mut q_uring = DeviceBench::new(qcow2, Engine::IoUring, pattern, depth);
             let (mut best_raw, mut best_sync, mut best_uring) = (0f64, 0f64, 0f64);
+            let (mut best_q_sync, mut best_q_uring) = (0f64, 0f64);
             for _ in 0..ROUNDS {
                 best_raw = best_raw.max(rate(|| raw.batch(), bytes, round));
                 best_sync = best_sync.max(rate(|| sync.batch(), bytes, round));
                 best_uring = best_uring.max(rate(|| uring.batch(), bytes, round));
+                best_q_sync = best_q_sync.max(rate(|| q_sync.batch(), bytes, round));
+                best_q_uring = best_q_uring.max(rate(|| q_uring.batch(), bytes, round));
             }
             let unit = |r: f64| match pattern {
                 Pattern::Random4k => format!("{:.0} kIOPS", r / 4096.0 / 1000.0),
                 Pattern::Seq1m => format!("{:.2} GiB/s", r / f64::from(1u32 << 30)),
             };
             lines.push(format!(
-                "qd{depth} {}: raw {}, sync {}, io_uring {}",
+                "qd{depth} {}: raw {}, sync {}, io_uring {}, qcow2 sync {}, qcow2 io_uring {}",
                 name(pattern),
                 unit(best_raw),
                 unit(best_sync),
-                unit(best_uring)
+                unit(best_uring),
+                unit(best_q_sync),
+                unit(best_q_uring)
             ));
             for (engine, best) in [("sync", best_sync), ("io_uring", best_uring)] {
                 let label = if depth == DEPTH {
@@ -319,6 +349,17 @@ fn print_ratios(disk: &Disk) {
                     best / best_raw
                 ));
             }
+            for (engine, q, device) in [
+                ("sync", best_q_sync, best_sync),
+                ("io_uring", best_q_uring, best_uring),
+            ] {
+                lines.push(format!(
+                    "ratio {}-qd{depth} qcow2 {engine}: {:.2}x raw device, {:.2}x raw pread",
+                    name(pattern),
+                    q / device,
+                    q / best_raw
+                ));
+            }
         }
     }
     println!();
@@ -329,12 +370,13 @@ fn print_ratios(disk: &Disk) {
 
 fn main() {
     let disk = Disk::new();
+    let qcow2 = Disk::qcow2();
     let mut c = Criterion::default()
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1))
         .sample_size(30)
         .configure_from_args();
-    criterion_groups(&mut c, &disk);
+    criterion_groups(&mut c, &disk, &qcow2);
     c.final_summary();
-    print_ratios(&disk);
+    print_ratios(&disk, &qcow2);
 }

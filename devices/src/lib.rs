@@ -5,6 +5,7 @@
 //! production, a counter in tests).
 
 mod bus_device;
+pub mod image;
 pub mod legacy;
 mod pausable;
 pub mod seccomp;

@@ -160,7 +160,7 @@ impl Fixture {
 /// Whether booting `file` touches nothing on the host but fixtures.
 fn hermetic(file: &VmConfigFile) -> bool {
     let fixture = |p: &Path| p.starts_with(&*FIXTURES);
-    fixture(&file.payload.kernel)
+    file.payload.kernel.as_deref().is_none_or(fixture)
         && file.payload.initramfs.as_deref().is_none_or(fixture)
         && file.disks.iter().all(|d| fixture(&d.path))
         && file.net.is_empty()

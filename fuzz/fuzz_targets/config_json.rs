@@ -16,7 +16,7 @@ use std::path::Path;
 
 use launcher::config::{ConfigError, VmConfigFile};
 use libfuzzer_sys::fuzz_target;
-use vmm_core::CpuProfile;
+use vmm_core::{BootSource, CpuProfile};
 
 const KVM: &str = "/nonexistent/kvm";
 
@@ -85,8 +85,16 @@ fuzz_target!(|data: &[u8]| {
         Ok((config, _serial)) => {
             assert_eq!(config.vcpus, file.cpus.boot_vcpus);
             assert_eq!(config.memory_bytes, file.memory.size);
-            assert_eq!(config.kernel, file.payload.kernel);
-            assert_eq!(config.initrd, file.payload.initramfs);
+            match &config.boot {
+                BootSource::Kernel { kernel, initrd } => {
+                    assert_eq!(Some(kernel), file.payload.kernel.as_ref());
+                    assert_eq!(initrd, &file.payload.initramfs);
+                }
+                BootSource::Disk { index } => {
+                    assert!(file.payload.kernel.is_none());
+                    assert!(*index < file.disks.len(), "boot disk {index} is no disk");
+                }
+            }
             assert_eq!(config.disks.len(), file.disks.len());
             assert_eq!(config.nets.len(), file.net.len());
             assert_eq!(config.rng, file.rng.is_some());

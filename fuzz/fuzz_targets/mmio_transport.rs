@@ -228,6 +228,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             readonly: false,
             id: None,
             engine: Engine::Sync,
+            format: Some(devices::image::ImageFormat::Raw),
         }) {
             Ok(b) => Box::new(b),
             Err(_) => return Ok(()),

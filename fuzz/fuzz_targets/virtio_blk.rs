@@ -48,6 +48,7 @@ fn with_device<R>(size: usize, readonly: bool, f: impl FnOnce(&Block) -> R) -> R
                 readonly,
                 id: Some("fuzz-disk".into()),
                 engine: Engine::Sync,
+                format: Some(devices::image::ImageFormat::Raw),
             })
             .expect("block device");
             let _ = std::fs::remove_file(&path);

@@ -88,6 +88,13 @@ fn check_vmi_error(err: &VmiError) {
         }
         VmiError::Quantity { field, .. } => (field, "invalid quantity".to_string()),
         VmiError::Read { field, path, .. } => (field, format!("cannot read {}", path.display())),
+        VmiError::Image { field, source } => {
+            // The image error (its cause) names the image.
+            assert!(field.starts_with("spec.volumes["), "image error on no volume: {text}");
+            assert_eq!(text, *field);
+            assert!(source.to_string().contains('/'), "image error names no image: {source}");
+            return;
+        }
     };
     assert!(
         field.starts_with("spec.") || field.starts_with("metadata."),
@@ -137,7 +144,7 @@ fn check_contained(plan: &LaunchPlan) {
         plan.serial_socket.as_ref(),
         plan.serial_log.as_ref(),
     ];
-    for path in std::iter::once(&payload.kernel).chain(optional.into_iter().flatten()) {
+    for path in payload.kernel.iter().chain(optional.into_iter().flatten()) {
         inside(path);
     }
     for disk in &plan.disks {
@@ -148,9 +155,9 @@ fn check_contained(plan: &LaunchPlan) {
             PrepareStep::CreateSparse { path, .. }
             | PrepareStep::WriteNoCloud { path, .. }
             | PrepareStep::CreateDir { path } => inside(path),
-            PrepareStep::CopyImage { from, to } => {
-                inside(from);
-                inside(to);
+            PrepareStep::CreateOverlay { path, backing, .. } => {
+                inside(path);
+                inside(backing);
             }
         }
     }

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+use devices::image::ImageFormat;
 use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig;
-use vmm_core::{CpuProfile, VmConfig};
+use vmm_core::{BootSource, CpuProfile, VmConfig};
 
 use crate::config::{VmConfigFile, dhcp_mac};
 use crate::dhcp::DhcpConfig;
@@ -67,13 +68,16 @@ pub struct RunArgs {
     /// the VM flags below.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage. Without it, rvmm boots
+    /// the kernel, initrd and command line that the boot disk's configuration (GRUB, BLS,
+    /// extlinux) names: the disk with boot=on, else the first.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs / initrd image.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: console=ttyS0 reboot=k panic=-1].
+    /// Kernel command line [default: console=ttyS0 reboot=k panic=-1]; with a boot disk,
+    /// appended to the boot entry's.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest RAM, with a K, M, G or T suffix (bytes without one) [default: 512M].
@@ -106,7 +110,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "exit|restart", default_value = "exit")]
     pub on_reboot: OnReboot,
     /// A virtio-blk disk over a file or block device (repeatable; /dev/vda, /dev/vdb, ...):
-    /// path=PATH[,readonly=on][,id=NAME][,engine=sync|io_uring].
+    /// path=PATH[,readonly=on][,id=NAME][,engine=sync|io_uring][,format=raw|qcow2][,boot=on].
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
     /// A virtio-net interface on an existing tap device (repeatable; eth0, eth1, ...):
@@ -228,12 +232,21 @@ pub fn parse_cpu_profile(text: &str, kvm_pvm_loaded: bool) -> Result<CpuProfile,
     }
 }
 
-const DISK_KEYS: &[&str] = &["path", "readonly", "id", "engine"];
+const DISK_KEYS: &[&str] = &["path", "readonly", "id", "engine", "format", "boot"];
 /// GET_ID answers with at most 20 bytes.
 pub(crate) const DISK_ID_MAX: usize = 20;
 
+/// A `--disk` entry: the device, and whether it is the boot disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskFlag {
+    /// The virtio-blk device.
+    pub block: BlockConfig,
+    /// `boot=on`.
+    pub boot: bool,
+}
+
 /// Parses one `--disk` entry.
-pub fn parse_disk(entry: &str) -> Result<BlockConfig, InvalidFlag> {
+pub fn parse_disk(entry: &str) -> Result<DiskFlag, InvalidFlag> {
     let bad = |reason: String| invalid("disk", format!("{entry}: {reason}"));
     let kv = KeyValues::parse(entry, DISK_KEYS).map_err(|e| bad(e.to_string()))?;
     let path = PathBuf::from(kv.required("path").map_err(|e| bad(e.to_string()))?);
@@ -245,6 +258,14 @@ pub fn parse_disk(entry: &str) -> Result<BlockConfig, InvalidFlag> {
         Some("io_uring") => Engine::IoUring,
         Some(other) => return Err(bad(format!("engine={other}: expected sync or io_uring"))),
     };
+    let format = match kv.get("format") {
+        None => None,
+        Some(name) => Some(
+            ImageFormat::from_name(name)
+                .ok_or_else(|| bad(format!("format={name}: expected raw or qcow2")))?,
+        ),
+    };
+    let boot = kv.switch("boot", false).map_err(|e| bad(e.to_string()))?;
     let id = kv.get("id").map(str::to_string);
     if let Some(id) = &id
         && (id.is_empty() || id.len() > DISK_ID_MAX)
@@ -257,22 +278,26 @@ pub fn parse_disk(entry: &str) -> Result<BlockConfig, InvalidFlag> {
         Ok(_) => {}
         Err(e) => return Err(bad(format!("{}: {e}", path.display()))),
     }
-    Ok(BlockConfig {
-        path,
-        readonly,
-        id,
-        engine,
+    Ok(DiskFlag {
+        block: BlockConfig {
+            path,
+            readonly,
+            id,
+            engine,
+            format,
+        },
+        boot,
     })
 }
 
-fn parse_disks(entries: &[String]) -> Result<Vec<BlockConfig>, InvalidFlag> {
-    let disks: Vec<BlockConfig> = entries
+fn parse_disks(entries: &[String]) -> Result<Vec<DiskFlag>, InvalidFlag> {
+    let disks: Vec<DiskFlag> = entries
         .iter()
         .map(|e| parse_disk(e))
         .collect::<Result<_, _>>()?;
     for (i, disk) in disks.iter().enumerate() {
-        if let Some(id) = &disk.id
-            && disks[..i].iter().any(|d| d.id.as_ref() == Some(id))
+        if let Some(id) = &disk.block.id
+            && disks[..i].iter().any(|d| d.block.id.as_ref() == Some(id))
         {
             return Err(invalid(
                 "disk",
@@ -442,7 +467,11 @@ impl RunArgs {
         if self.restore.is_some() {
             return Ok(None);
         }
-        if self.api_socket.is_some() && self.config.is_none() && self.kernel.is_none() {
+        if self.api_socket.is_some()
+            && self.config.is_none()
+            && self.kernel.is_none()
+            && self.disk.is_empty()
+        {
             return Ok(None);
         }
         let (config, serial) = self.to_config(kvm_pvm_loaded)?;
@@ -500,29 +529,58 @@ impl RunArgs {
         }
         vmm_core::memory::MemoryLayout::new(memory_bytes)
             .map_err(|e| invalid("memory", e.to_string()))?;
-        let kernel = self.kernel.as_deref().ok_or_else(|| {
-            invalid(
-                "kernel",
-                "required (or --config FILE, or --api-socket PATH)",
-            )
-        })?;
+        let disks = parse_disks(&self.disk)?;
+        let boot_disks: Vec<usize> = (0..disks.len()).filter(|&i| disks[i].boot).collect();
+        let boot = match self.kernel.as_deref() {
+            Some(kernel) => {
+                if !boot_disks.is_empty() {
+                    return Err(invalid(
+                        "disk",
+                        "boot=on and --kernel: boot from one or the other",
+                    ));
+                }
+                BootSource::Kernel {
+                    kernel: existing_file(kernel).map_err(|r| invalid("kernel", r))?,
+                    initrd: self
+                        .initrd
+                        .as_deref()
+                        .map(|p| existing_file(p).map_err(|r| invalid("initrd", r)))
+                        .transpose()?,
+                }
+            }
+            None => {
+                if disks.is_empty() {
+                    return Err(invalid(
+                        "kernel",
+                        "required (or a --disk to boot from, --config FILE, or --api-socket PATH)",
+                    ));
+                }
+                if self.initrd.is_some() {
+                    return Err(invalid(
+                        "initrd",
+                        "needs --kernel (a disk boot takes its initrd from the disk)",
+                    ));
+                }
+                if boot_disks.len() > 1 {
+                    return Err(invalid("disk", "boot=on is given for more than one disk"));
+                }
+                BootSource::Disk {
+                    index: boot_disks.first().copied().unwrap_or(0),
+                }
+            }
+        };
         let config = VmConfig {
             vcpus,
             memory_bytes,
-            kernel: existing_file(kernel).map_err(|r| invalid("kernel", r))?,
-            initrd: self
-                .initrd
-                .as_deref()
-                .map(|p| existing_file(p).map_err(|r| invalid("initrd", r)))
-                .transpose()?,
-            cmdline: self
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cmdline: self.cmdline.clone().unwrap_or_else(|| match boot {
+                BootSource::Kernel { .. } => DEFAULT_CMDLINE.into(),
+                BootSource::Disk { .. } => String::new(),
+            }),
+            boot,
             cpu_profile,
             kvm_path: self.kvm_device.clone(),
             rng: self.rng,
-            disks: parse_disks(&self.disk)?,
+            disks: disks.into_iter().map(|d| d.block).collect(),
             nets: parse_nets(&self.net)?,
             seccomp: self.seccomp,
         };
@@ -692,14 +750,22 @@ mod tests {
 
     #[test]
     fn disk_entries_become_block_configs() {
-        let disk = parse_disk("path=/proc/self/exe,readonly=on,id=root,engine=io_uring").unwrap();
+        let flag = parse_disk(
+            "path=/proc/self/exe,readonly=on,id=root,engine=io_uring,format=qcow2,boot=on",
+        )
+        .unwrap();
+        let disk = &flag.block;
         assert_eq!(disk.path, PathBuf::from("/proc/self/exe"));
         assert!(disk.readonly);
         assert_eq!(disk.id.as_deref(), Some("root"));
         assert_eq!(disk.engine, Engine::IoUring);
-        let disk = parse_disk("path=/proc/self/exe").unwrap();
-        assert!(!disk.readonly);
-        assert_eq!(disk.engine, Engine::Sync);
+        assert_eq!(disk.format, Some(ImageFormat::Qcow2));
+        assert!(flag.boot);
+        let flag = parse_disk("path=/proc/self/exe").unwrap();
+        assert!(!flag.block.readonly);
+        assert_eq!(flag.block.engine, Engine::Sync);
+        assert_eq!(flag.block.format, None);
+        assert!(!flag.boot);
     }
 
     #[test]

@@ -4,10 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use devices::image::ImageFormat;
 use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig as NicConfig;
 use serde::{Deserialize, Serialize};
-use vmm_core::{CpuProfile, VmConfig};
+use vmm_core::{BootSource, CpuProfile, VmConfig};
 
 use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
 use crate::dhcp::DhcpConfig;
@@ -25,7 +26,8 @@ pub struct VmConfigFile {
     /// Guest RAM.
     #[serde(default)]
     pub memory: MemoryConfig,
-    /// What the guest boots.
+    /// What the guest boots; without `payload.kernel`, a disk's boot configuration.
+    #[serde(default)]
     pub payload: PayloadConfig,
     /// virtio-blk disks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -81,8 +83,9 @@ impl Default for MemoryConfig {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PayloadConfig {
-    /// ELF vmlinux or bzImage.
-    pub kernel: PathBuf,
+    /// ELF vmlinux or bzImage; absent: boot from the disk with `boot: true`, else the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
     /// Initramfs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<PathBuf>,
@@ -106,6 +109,13 @@ pub struct DiskConfig {
     /// rvmm's I/O engine: `sync` (default) or `io_uring`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// Image format, `raw` or `qcow2` (rvmm); default: by the image's magic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Boot from this disk (rvmm): the kernel, initrd and command line its boot
+    /// configuration names (`payload.cmdline` is appended).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot: bool,
 }
 
 /// `net[]`.
@@ -245,18 +255,54 @@ impl VmConfigFile {
         }
         vmm_core::memory::MemoryLayout::new(self.memory.size)
             .map_err(|e| invalid("memory.size", e.to_string()))?;
-        let kernel = existing_file(&self.payload.kernel)
-            .map_err(|reason| invalid("payload.kernel", reason))?;
-        let initrd = match &self.payload.initramfs {
-            Some(p) => Some(existing_file(p).map_err(|r| invalid("payload.initramfs", r))?),
-            None => None,
-        };
-        let disks = self
+        let disks: Vec<BlockConfig> = self
             .disks
             .iter()
             .enumerate()
             .map(|(i, d)| disk(i, d, &self.disks[..i]))
             .collect::<Result<_, _>>()?;
+        let boot_disks: Vec<usize> = (0..self.disks.len())
+            .filter(|&i| self.disks[i].boot)
+            .collect();
+        let boot = match &self.payload.kernel {
+            Some(kernel) => {
+                if let Some(&i) = boot_disks.first() {
+                    return Err(invalid(
+                        format!("disks[{i}].boot"),
+                        "cannot boot from a disk and payload.kernel at once",
+                    ));
+                }
+                let kernel =
+                    existing_file(kernel).map_err(|reason| invalid("payload.kernel", reason))?;
+                let initrd = match &self.payload.initramfs {
+                    Some(p) => Some(existing_file(p).map_err(|r| invalid("payload.initramfs", r))?),
+                    None => None,
+                };
+                BootSource::Kernel { kernel, initrd }
+            }
+            None => {
+                if self.payload.initramfs.is_some() {
+                    return Err(invalid(
+                        "payload.initramfs",
+                        "needs payload.kernel (a disk boot takes its initrd from the disk)",
+                    ));
+                }
+                if boot_disks.len() > 1 {
+                    return Err(invalid(
+                        format!("disks[{}].boot", boot_disks[1]),
+                        "only one disk can be the boot disk",
+                    ));
+                }
+                let index = boot_disks.first().copied().unwrap_or(0);
+                if disks.is_empty() {
+                    return Err(invalid(
+                        "payload.kernel",
+                        "required (or a disk to boot from)",
+                    ));
+                }
+                BootSource::Disk { index }
+            }
+        };
         let nets = self
             .net
             .iter()
@@ -281,13 +327,11 @@ impl VmConfigFile {
         let config = VmConfig {
             vcpus,
             memory_bytes: self.memory.size,
-            kernel,
-            initrd,
-            cmdline: self
-                .payload
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cmdline: self.payload.cmdline.clone().unwrap_or_else(|| match boot {
+                BootSource::Kernel { .. } => DEFAULT_CMDLINE.into(),
+                BootSource::Disk { .. } => String::new(),
+            }),
+            boot,
             cpu_profile,
             kvm_path: kvm_path.to_owned(),
             rng: self.rng.is_some(),
@@ -323,18 +367,28 @@ impl VmConfigFile {
             memory: MemoryConfig {
                 size: config.memory_bytes,
             },
-            payload: PayloadConfig {
-                kernel: config.kernel.clone(),
-                initramfs: config.initrd.clone(),
-                cmdline: Some(config.cmdline.clone()),
+            payload: match &config.boot {
+                BootSource::Kernel { kernel, initrd } => PayloadConfig {
+                    kernel: Some(kernel.clone()),
+                    initramfs: initrd.clone(),
+                    cmdline: Some(config.cmdline.clone()),
+                },
+                BootSource::Disk { .. } => PayloadConfig {
+                    kernel: None,
+                    initramfs: None,
+                    cmdline: Some(config.cmdline.clone()).filter(|c| !c.is_empty()),
+                },
             },
             disks: config
                 .disks
                 .iter()
-                .map(|d| DiskConfig {
+                .enumerate()
+                .map(|(i, d)| DiskConfig {
                     path: d.path.clone(),
                     readonly: d.readonly,
                     id: d.id.clone(),
+                    format: d.format.map(|f| f.name().to_string()),
+                    boot: config.boot == BootSource::Disk { index: i },
                     engine: Some(
                         match d.engine {
                             Engine::Sync => "sync",
@@ -396,11 +450,19 @@ fn disk(index: usize, d: &DiskConfig, before: &[DiskConfig]) -> Result<BlockConf
             ));
         }
     };
+    let format =
+        match d.format.as_deref() {
+            None => None,
+            Some(name) => Some(ImageFormat::from_name(name).ok_or_else(|| {
+                invalid(field("format"), format!("'{name}': expected raw or qcow2"))
+            })?),
+        };
     Ok(BlockConfig {
         path: d.path.clone(),
         readonly: d.readonly,
         id: d.id.clone(),
         engine,
+        format,
     })
 }
 

@@ -42,6 +42,17 @@ pub use snapshot::{SnapshotError, file_url_path};
 mod types;
 pub use types::*;
 
+/// The kernel file, or `disk N (PATH)` for a boot from a disk.
+fn boot_name(config: &VmConfig) -> String {
+    match &config.boot {
+        vmm_core::BootSource::Kernel { kernel, .. } => kernel.display().to_string(),
+        vmm_core::BootSource::Disk { index } => match config.disks.get(*index) {
+            Some(disk) => format!("disk {index} ({})", disk.path.display()),
+            None => format!("disk {index}"),
+        },
+    }
+}
+
 /// Why rvmm itself stopped a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopCause {
@@ -346,7 +357,7 @@ impl Vmm {
         let console = slot.console.as_mut().expect("opened by boot_locked");
         log::info!(
             "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
-            slot.config.kernel.display(),
+            boot_name(&slot.config),
             slot.config.vcpus,
             slot.config.memory_bytes >> 20,
             slot.config.cpu_profile.name()
@@ -416,7 +427,7 @@ impl Vmm {
             Some(slot) => json!({
                 "vcpus": slot.config.vcpus,
                 "memory_bytes": slot.config.memory_bytes,
-                "kernel": slot.config.kernel,
+                "kernel": boot_name(&slot.config),
             }),
             None => Value::Null,
         }

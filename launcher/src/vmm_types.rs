@@ -122,6 +122,8 @@ fn is_config_build_error(err: &BuildError) -> bool {
             | BuildError::Disk { .. }
             | BuildError::Net { .. }
             | BuildError::TooManyDevices(_)
+            | BuildError::DiskBoot(_)
+            | BuildError::NoBootDisk(_)
             | BuildError::Boot(
                 BootError::ReadKernel { .. }
                     | BootError::NotAKernel { .. }

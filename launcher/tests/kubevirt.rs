@@ -66,6 +66,34 @@ fn launcher_under_its_pod_name_answers_info_refuses_bad_vmis_and_exits_on_sigter
         message.contains("spec.domain.devices.disks[0].disk.bus: sata is not supported"),
         "{message}"
     );
+    // Disk boot from bad containerDisks: refused at Sync, naming the image, nothing started.
+    let disk_vmi = json!({
+        "metadata": {"name": "testvm", "namespace": "default", "uid": "uid-1"},
+        "spec": {
+            "domain": {
+                "devices": {"autoattachSerialConsole": false,
+                            "disks": [{"name": "root", "disk": {"bus": "virtio"}}]},
+                "memory": {"guest": "64Mi"}
+            },
+            "volumes": [{"name": "root", "containerDisk": {"image": "example.com/bad"}}]
+        }
+    });
+    let mut truncated = devices_overlay_bytes();
+    truncated.truncate(0x30000);
+    let bad_images: [(Vec<u8>, &str); 2] = [
+        (
+            truncated,
+            "disk_0.img is not a usable qcow2 image: l1_table_offset",
+        ),
+        (vec![0u8; 1 << 20], "no partition table (GPT or MBR)"),
+    ];
+    for (bytes, problem) in bad_images {
+        std::fs::write(pod.path("cd/disk_0.img"), bytes).unwrap();
+        let (success, message) = handler.vmi_command("Sync", &disk_vmi);
+        assert!(!success);
+        assert!(message.contains(problem), "{message}");
+        assert_eq!(handler.domain(), None);
+    }
     let (success, message) = handler.vmi_command("Sync", &kernel_boot_vmi("uid-2", "vmlinux"));
     assert!(!success);
     assert!(
@@ -320,4 +348,9 @@ fn kvm_sigterm_without_virt_handler_exits_within_the_grace_period_and_a_few_seco
         log.contains("events were not delivered to virt-handler"),
         "log:\n{log}"
     );
+}
+
+/// An empty qcow2 image of 1 GiB without a backing file (rvmm's own overlay layout).
+fn devices_overlay_bytes() -> Vec<u8> {
+    devices::image::qcow2::overlay_test_bytes(1 << 30)
 }

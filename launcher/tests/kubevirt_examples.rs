@@ -127,6 +127,7 @@ fn outcome(tag: &str, vmi_json: &Value) -> Result<(), (String, String)> {
         }
         Err(VmiError::Quantity { field, source }) => Err((field, source.to_string())),
         Err(VmiError::Read { field, source, .. }) => Err((field, source.to_string())),
+        Err(VmiError::Image { field, source }) => Err((field, source.to_string())),
         Err(e @ VmiError::Parse { .. }) => panic!("{tag}: {e}"),
     }
 }

@@ -25,8 +25,7 @@ fn ticker_config(vcpus: u8) -> VmConfig {
     VmConfig {
         vcpus,
         memory_bytes: 64 << 20,
-        kernel: tiny_guest("ticker"),
-        initrd: None,
+        boot: vmm_core::BootSource::kernel(tiny_guest("ticker")),
         cmdline: String::new(),
         cpu_profile: CpuProfile::detect(),
         kvm_path: "/dev/kvm".into(),

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -49,6 +49,12 @@ fn boot_linux(
         "256M",
     ];
     args.extend_from_slice(extra);
+    run_rvmm(&args, sigterm_at, net)
+}
+
+/// Runs `rvmm` with `args`, echoing the console and timing the init marker. When the console
+/// shows `sigterm_at`, rvmm gets SIGTERM.
+fn run_rvmm(args: &[&str], sigterm_at: Option<&str>, net: Option<&TestNetwork>) -> Boot {
     let start = Instant::now();
     let mut command = match net {
         Some(net) => {
@@ -59,7 +65,7 @@ fn boot_linux(
         None => rvmm(),
     };
     let mut child = command
-        .args(&args)
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn rvmm");
@@ -237,4 +243,118 @@ fn kvm_sigterm_shuts_the_linux_guest_down_through_ctrl_alt_del() {
         "the guest did not reboot on Ctrl-Alt-Del"
     );
     assert!(boot.stderr.contains("Ctrl-Alt-Del"), "{}", boot.stderr);
+}
+
+/// The checks every boot of the test guest must pass.
+fn assert_checks(boot: &Boot, required: &[&str]) {
+    assert_eq!(boot.code, Some(0), "rvmm failed: {}", boot.stderr);
+    let failed: Vec<&String> = boot
+        .console
+        .iter()
+        .filter(|l| l.starts_with("RVMM-CHECK ") && l.contains(" FAIL"))
+        .collect();
+    assert!(failed.is_empty(), "failed checks: {failed:?}");
+    for required in required {
+        let ok = format!("RVMM-CHECK {required} ok");
+        assert!(boot.console.contains(&ok), "missing '{ok}'");
+    }
+    assert!(boot.console.contains(&"RVMM-DONE".to_string()));
+}
+
+/// `qemu-img check`'s exit status and report.
+fn qemu_img_check(image: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", image.to_str().unwrap()])
+        .output()
+        .expect("run qemu-img (qemu-utils)");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The bytes of partition 2 (the ext4 root, from 2 MiB) of `image` as QEMU reads it.
+fn root_partition(image: &Path, offset_mib: u64) -> PathBuf {
+    let raw = image.with_extension("raw");
+    let status = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&raw).unwrap();
+    let part = image.with_extension("part");
+    std::fs::write(&part, &bytes[(offset_mib << 20) as usize..]).unwrap();
+    std::fs::remove_file(raw).unwrap();
+    part
+}
+
+#[test]
+fn kvm_linux_boots_from_a_qcow2_overlay_of_its_cloud_image_without_a_kernel() {
+    let test = "linux disk boot";
+    let Some(dir) = image_dir(test) else { return };
+    if !kvm_available(test) {
+        return;
+    }
+    let m = manifest(&dir);
+    let base = PathBuf::from(&m["disk_grub"]);
+    let before = std::fs::read(&base).unwrap();
+    let work = std::env::temp_dir().join(format!("rvmm-diskboot-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let overlay = work.join("overlay.qcow2");
+    // The overlay QEMU's own tool makes over the cloud image (as virt-launcher does).
+    let status = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+        ])
+        .arg(&overlay)
+        .status()
+        .expect("run qemu-img (qemu-utils)");
+    assert!(status.success());
+    let disk = format!("path={},id=root", overlay.display());
+    // No --kernel and no --cmdline: GRUB's default entry, as grub-mkconfig wrote it.
+    let boot = run_rvmm(
+        &["run", "--disk", &disk, "--rng", "--memory", "256M"],
+        None,
+        None,
+    );
+    eprintln!(
+        "rvmm start to init marker: {:.1} s",
+        boot.init_marker_secs.unwrap_or(f64::NAN)
+    );
+    // cmdline: console=ttyS0 was added by rvmm (the entry has none); blk: the root
+    // partition /dev/vda2 mounted, checked and written.
+    assert_checks(&boot, &["proc", "cmdline", "memory", "rng", "blk"]);
+    assert!(
+        !boot
+            .console
+            .iter()
+            .any(|l| l.contains("rvmm.entry=recovery")),
+        "booted the submenu's entry"
+    );
+    let (code, report) = qemu_img_check(&overlay);
+    assert_eq!(code, Some(0), "qemu-img check: {report}");
+    let part = root_partition(&overlay, 2);
+    let written = read_from_ext4(&part, "/guest-wrote.txt");
+    assert_eq!(
+        String::from_utf8_lossy(&written),
+        "written by the rvmm guest\n"
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == before,
+        "the backing image changed"
+    );
+    std::fs::remove_dir_all(&work).unwrap();
 }

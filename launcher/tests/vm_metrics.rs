@@ -21,8 +21,7 @@ fn config(disk: &TempDisk, engine: Engine, cmdline: &str) -> VmConfig {
     VmConfig {
         vcpus: 1,
         memory_bytes: 64 << 20,
-        kernel: tiny_guest("virtio-blk"),
-        initrd: None,
+        boot: vmm_core::BootSource::kernel(tiny_guest("virtio-blk")),
         cmdline: cmdline.into(),
         cpu_profile: CpuProfile::detect(),
         kvm_path: "/dev/kvm".into(),
@@ -32,6 +31,7 @@ fn config(disk: &TempDisk, engine: Engine, cmdline: &str) -> VmConfig {
             readonly: false,
             id: Some("tiny".into()),
             engine,
+            format: None,
         }],
         nets: Vec::new(),
         seccomp: true,

@@ -1,8 +1,10 @@
 //! Loading the kernel, initrd and command line, and writing the boot protocol's structures.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
+
+use vm_memory::ReadVolatile;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -129,7 +131,7 @@ enum KernelFormat {
     BzImage,
 }
 
-fn kernel_format(path: &Path, file: &mut File) -> Result<KernelFormat, BootError> {
+fn kernel_format(path: &Path, file: &mut impl Read) -> Result<KernelFormat, BootError> {
     let mut head = [0u8; BZIMAGE_MAGIC_OFFSET + 4];
     let mut filled = 0;
     while filled < head.len() {
@@ -157,19 +159,32 @@ fn kernel_format(path: &Path, file: &mut File) -> Result<KernelFormat, BootError
 
 /// Loads an ELF vmlinux (PVH entry when it has the PVH note) or a bzImage at 1 MiB.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let read_err = |source| BootError::ReadKernel {
+    let mut file = File::open(path).map_err(|source| BootError::ReadKernel {
         path: path.to_owned(),
         source,
-    };
+    })?;
+    load_kernel_from(mem, &mut file, path)
+}
+
+/// Loads a kernel from `image` (a file, or bytes read out of a disk), named `path` in
+/// errors.
+pub fn load_kernel_from<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    file: &mut F,
+    path: &Path,
+) -> Result<LoadedKernel, BootError> {
     let load_err = |cause| BootError::LoadKernel {
         path: path.to_owned(),
         cause,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    file.rewind().map_err(|source| BootError::ReadKernel {
+        path: path.to_owned(),
+        source,
+    })?;
     let himem = Some(GuestAddress(HIMEM_START));
-    match kernel_format(path, &mut file)? {
+    match kernel_format(path, file)? {
         KernelFormat::Elf => {
-            let loaded = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let loaded = Elf::load(mem, None, file, himem).map_err(load_err)?;
             let entry = match loaded.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => BootEntry::Pvh(addr),
                 _ => BootEntry::Linux64(loaded.kernel_load),
@@ -181,7 +196,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             })
         }
         KernelFormat::BzImage => {
-            let loaded = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let loaded = BzImage::load(mem, None, file, himem).map_err(load_err)?;
             Ok(LoadedKernel {
                 entry: BootEntry::Linux64(GuestAddress(
                     loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
@@ -201,6 +216,24 @@ pub fn initrd_placement(layout: &MemoryLayout, kernel_end: u64, size: u64) -> Op
     (addr >= kernel_end).then_some(addr)
 }
 
+/// [`initrd_placement`], or the error naming the initrd and the room there is.
+fn place_initrd(
+    layout: &MemoryLayout,
+    kernel_end: u64,
+    size: u64,
+    path: &Path,
+) -> Result<u64, BootError> {
+    let room = layout
+        .low_ram_end()
+        .min(INITRD_MAX_END)
+        .saturating_sub(kernel_end);
+    initrd_placement(layout, kernel_end, size).ok_or(BootError::InitrdTooLarge {
+        path: path.to_owned(),
+        size,
+        room,
+    })
+}
+
 /// Copies the initrd into guest memory.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
@@ -214,16 +247,26 @@ pub fn load_initrd(
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let room = layout
-        .low_ram_end()
-        .min(INITRD_MAX_END)
-        .saturating_sub(kernel_end);
-    let addr = initrd_placement(layout, kernel_end, size).ok_or(BootError::InitrdTooLarge {
-        path: path.to_owned(),
-        size,
-        room,
-    })?;
+    let addr = place_initrd(layout, kernel_end, size, path)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|source| BootError::CopyInitrd {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(InitrdRegion { addr, size })
+}
+
+/// Copies an initrd held in memory (read out of a disk) into guest memory.
+pub fn load_initrd_bytes(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    kernel_end: u64,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<InitrdRegion, BootError> {
+    let size = bytes.len() as u64;
+    let addr = place_initrd(layout, kernel_end, size, path)?;
+    mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|source| BootError::CopyInitrd {
             path: path.to_owned(),
             source,

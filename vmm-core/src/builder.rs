@@ -20,12 +20,13 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{
-    BootError, LoadedKernel, build_cmdline, load_initrd, load_kernel, write_boot_params,
-    write_cmdline,
+    BootError, LoadedKernel, build_cmdline, load_initrd, load_initrd_bytes, load_kernel,
+    load_kernel_from, write_boot_params, write_cmdline,
 };
 use crate::bus::{Bus, BusError};
 use crate::control::{ResetTrigger, StopReason, VmControl};
 use crate::cpuid::{CpuProfile, VcpuTopology, vcpu_cpuid};
+use crate::disk_boot::{DiskBootError, boot_from_disk};
 use crate::layout::{VIRTIO_MMIO_DEVICE_SIZE, virtio_slot};
 use crate::lifecycle::{RunningVm, VmHandle};
 use crate::machine::{Machine, VcpuSlot};
@@ -51,11 +52,10 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
-    /// Kernel image: ELF vmlinux or bzImage.
-    pub kernel: PathBuf,
-    /// Optional initrd/initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
+    /// What the guest boots.
+    pub boot: BootSource,
+    /// Kernel command line: the whole of it for [`BootSource::Kernel`], appended to the boot
+    /// entry's for [`BootSource::Disk`].
     pub cmdline: String,
     /// CPU features shown to the guest.
     pub cpu_profile: CpuProfile,
@@ -70,6 +70,34 @@ pub struct VmConfig {
     /// Filter the system calls of the vCPU and device worker threads ([`crate::seccomp`]);
     /// off only to debug (`--seccomp=false`).
     pub seccomp: bool,
+}
+
+/// What the guest boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootSource {
+    /// A kernel (ELF vmlinux or bzImage) and initrd from host files.
+    Kernel {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Initrd/initramfs.
+        initrd: Option<PathBuf>,
+    },
+    /// The kernel, initrd and command line that the boot configuration on disk `index` (of
+    /// [`VmConfig::disks`]) names ([`crate::disk_boot`]), read again at every boot.
+    Disk {
+        /// Position of the disk among the VM's disks.
+        index: usize,
+    },
+}
+
+impl BootSource {
+    /// A kernel without an initrd.
+    pub fn kernel(path: impl Into<PathBuf>) -> Self {
+        Self::Kernel {
+            kernel: path.into(),
+            initrd: None,
+        }
+    }
 }
 
 /// Errors building a VM. Each names the step that failed.
@@ -87,6 +115,12 @@ pub enum BuildError {
     /// Kernel, initrd or command line.
     #[error("Cannot load the guest")]
     Boot(#[from] BootError),
+    /// The boot disk holds nothing rvmm can boot (the error names the image).
+    #[error(transparent)]
+    DiskBoot(#[from] DiskBootError),
+    /// The boot disk index names no disk.
+    #[error("Boot disk {0} is not one of the VM's disks")]
+    NoBootDisk(usize),
     /// Boot tables.
     #[error("Cannot write the boot tables")]
     Regs(#[from] RegsError),
@@ -287,12 +321,43 @@ fn setup_boot(
     config: &VmConfig,
     device_cmdline: &[String],
 ) -> Result<LoadedKernel, BuildError> {
-    let kernel = load_kernel(mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(load_initrd(mem, layout, kernel.end, path)?),
-        None => None,
+    let (kernel, initrd, cmdline) = match &config.boot {
+        BootSource::Kernel { kernel, initrd } => {
+            let loaded = load_kernel(mem, kernel)?;
+            let initrd = match initrd {
+                Some(path) => Some(load_initrd(mem, layout, loaded.end, path)?),
+                None => None,
+            };
+            (loaded, initrd, config.cmdline.clone())
+        }
+        BootSource::Disk { index } => {
+            let disk = config
+                .disks
+                .get(*index)
+                .ok_or(BuildError::NoBootDisk(*index))?;
+            let boot = boot_from_disk(&disk.path, disk.format)?;
+            log::info!("Booting {} from {}", boot.source, disk.path.display());
+            let name = |what: &str| disk.path.join(what);
+            let loaded = load_kernel_from(
+                mem,
+                &mut std::io::Cursor::new(&boot.kernel),
+                &name("kernel"),
+            )?;
+            let initrd = match &boot.initrd {
+                Some(bytes) => Some(load_initrd_bytes(
+                    mem,
+                    layout,
+                    loaded.end,
+                    bytes,
+                    &name("initrd"),
+                )?),
+                None => None,
+            };
+            let cmdline = format!("{} {}", boot.cmdline, config.cmdline);
+            (loaded, initrd, cmdline)
+        }
     };
-    let cmdline = build_cmdline(&config.cmdline, device_cmdline)?;
+    let cmdline = build_cmdline(&cmdline, device_cmdline)?;
     let cmdline_size = write_cmdline(mem, &cmdline)?;
     write_boot_params(mem, layout, &kernel, cmdline_size, initrd)?;
     write_boot_tables(mem, kernel.entry)?;

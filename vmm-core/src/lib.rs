@@ -6,6 +6,7 @@ pub mod builder;
 pub mod bus;
 pub mod control;
 pub mod cpuid;
+pub mod disk_boot;
 pub mod exit;
 pub mod layout;
 pub mod lifecycle;
@@ -19,7 +20,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
+pub use builder::{BootSource, BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
 pub use exit::ExitReason;

@@ -2,7 +2,7 @@
 //!
 //! | command | rvmm |
 //! | --- | --- |
-//! | SyncVirtualMachine | plan the VMI ([`plan`]), its pod network's DHCP ([`pod_network::set_up`]), prepare its files ([`prepare`]), create and boot the VM (the DHCP server starts first); once this VMI's VM exists (running, paused or stopped): apply a new grace period, refuse any other change naming the field ([`live_update`]) |
+//! | SyncVirtualMachine | plan the VMI ([`plan_with_formats`], with DisksInfo's formats), its pod network's DHCP ([`pod_network::set_up`]), prepare its files ([`prepare`]: overlays, no image copies), create and boot the VM (the DHCP server starts first); once this VMI's VM exists (running, paused or stopped): apply a new grace period, refuse any other change naming the field ([`live_update`]) |
 //! | Pause / Unpause | [`Vmm::pause`] / [`Vmm::resume`]; a no-op when already so |
 //! | ShutdownVirtualMachine | the power button ([`Vmm::request_guest_shutdown`]), on every call (virt-handler calls again every 5 s: a booting guest can miss it); the first starts the grace period (`DeletionTimestamp`), after which virt-handler calls Kill |
 //! | KillVirtualMachine | [`Vmm::shutdown`]: stopped at once (disks flushed), still defined |
@@ -37,7 +37,9 @@ use super::migration::MigrationMetadata;
 use super::pod_network::{self, HostLinks, PodNetworkError};
 use super::proto::cmd::v1 as cmd;
 use super::stats::domain_stats;
-use super::vmi::{LaunchPlan, LauncherDirs, PrepareError, Vmi, live_update, plan, prepare};
+use super::vmi::{
+    LaunchPlan, LauncherDirs, PrepareError, Vmi, live_update, plan_with_formats, prepare,
+};
 use crate::vmm::{VmState, Vmm, VmmError};
 
 /// What the backend refuses or fails at beyond the VMI itself.
@@ -393,7 +395,14 @@ impl LauncherBackend for KubevirtBackend {
         if let Some(d) = lock(&self.record.defined).as_mut() {
             return self.resync(d, vmi);
         }
-        let mut plan = plan(vmi, &self.dirs).map_err(BackendError::Vmi)?;
+        // virt-handler's measured formats (qemu-img info) per volume, where it sent them.
+        let formats = options
+            .disks_info
+            .iter()
+            .filter(|(_, info)| !info.format.is_empty())
+            .map(|(name, info)| (name.clone(), info.format.clone()))
+            .collect();
+        let mut plan = plan_with_formats(vmi, &self.dirs, &formats).map_err(BackendError::Vmi)?;
         pod_network::set_up(
             vmi,
             &mut plan,

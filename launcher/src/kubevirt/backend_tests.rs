@@ -140,7 +140,7 @@ fn record_builds_the_domain_with_its_graceful_shutdown_metadata() {
     let dir = TempDir::new("backend-record");
     let (backend, _) = backend(&dir.0);
     let v = vmi("u-1", |_| {});
-    let plan = plan(&v, &backend.dirs).unwrap();
+    let plan = crate::kubevirt::vmi::plan(&v, &backend.dirs).unwrap();
     let record = DomainRecord::synced(v, plan);
     assert_eq!(record.state(), None);
     record.set_state(DomainState::RUNNING);

@@ -165,9 +165,21 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
                 "Type": if d.block_device { "block" } else { "file" },
                 "Source": if d.block_device { json!({"Dev": d.path}) } else { json!({"File": d.path}) },
                 "Target": {"Bus": "virtio", "Device": d.target},
-                "Driver": {"Name": "qemu", "Type": "raw"},
+                "Driver": {"Name": "qemu", "Type": d.format.name()},
                 "Alias": user_alias(&d.name),
             });
+            if let Some((backing, format)) = &d.backing {
+                disk["BackingStore"] = json!({
+                    "Type": "file",
+                    "Format": {"Type": format.name()},
+                    "Source": {"File": backing},
+                });
+            }
+            // The boot device, as libvirt's <boot order=N/>: the VMI's order, or 1 for the
+            // disk rvmm boots from when the VMI gives none.
+            if let Some(order) = d.boot_order.or(d.boot.then_some(1)) {
+                disk["BootOrder"] = json!({"Order": order});
+            }
             if d.readonly {
                 disk["ReadOnly"] = json!({});
             }
@@ -242,9 +254,10 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
             "Memory": {"Value": config.memory.size, "Unit": "b"},
             "OS": {
                 "Type": {"OS": "hvm", "Arch": "x86_64"},
-                "Kernel": config.payload.kernel,
+                "Kernel": config.payload.kernel.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 "Initrd": config.payload.initramfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 "KernelArgs": config.payload.cmdline.clone().unwrap_or_default(),
+                "BootOrder": if config.payload.kernel.is_none() { json!([{"Dev": "hd"}]) } else { json!(null) },
             },
             "Devices": {
                 "Disks": disks,
@@ -347,6 +360,8 @@ pub(crate) mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
+    use ::devices::image::ImageFormat;
+
     use super::*;
     use crate::kubevirt::vmi::{LaunchPlan, PlannedDisk, PlannedInterface};
 
@@ -373,7 +388,7 @@ pub(crate) mod tests {
         let mut config = crate::config::VmConfigFile::default();
         config.cpus.boot_vcpus = 2;
         config.memory.size = 1 << 30;
-        config.payload.kernel = PathBuf::from("/kb/vmlinuz");
+        config.payload.kernel = Some(PathBuf::from("/kb/vmlinuz"));
         LaunchPlan {
             domain_name: "default_testvm".into(),
             config,
@@ -387,6 +402,10 @@ pub(crate) mod tests {
                     block_device: false,
                     target: "vda".into(),
                     serial: None,
+                    format: ImageFormat::Qcow2,
+                    backing: Some((PathBuf::from("/cd/disk_0.img"), ImageFormat::Raw)),
+                    boot_order: Some(2),
+                    boot: false,
                 },
                 PlannedDisk {
                     name: "data".into(),
@@ -395,6 +414,10 @@ pub(crate) mod tests {
                     block_device: true,
                     target: "vdb".into(),
                     serial: Some("D1".into()),
+                    format: ImageFormat::Raw,
+                    backing: None,
+                    boot_order: None,
+                    boot: false,
                 },
             ],
             interfaces: vec![PlannedInterface {
@@ -449,6 +472,14 @@ pub(crate) mod tests {
             json!({"Bus": "virtio", "Device": "vda"})
         );
         assert!(disks[0].get("ReadOnly").is_none());
+        assert_eq!(disks[0]["Driver"], json!({"Name": "qemu", "Type": "qcow2"}));
+        assert_eq!(
+            disks[0]["BackingStore"],
+            json!({"Type": "file", "Format": {"Type": "raw"}, "Source": {"File": "/cd/disk_0.img"}})
+        );
+        assert_eq!(disks[0]["BootOrder"], json!({"Order": 2}));
+        assert_eq!(disks[1]["Driver"]["Type"], "raw");
+        assert!(disks[1].get("BootOrder").is_none());
         assert_eq!(disks[1]["Type"], "block");
         assert_eq!(disks[1]["Source"], json!({"Dev": "/dev/data"}));
         assert_eq!(disks[1]["ReadOnly"], json!({}));

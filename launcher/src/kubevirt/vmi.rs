@@ -8,7 +8,10 @@
 //! that change nothing the guest relies on are dropped with a warning in
 //! [`LaunchPlan::warnings`] (and the log).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use ::devices::image::{ImageError, ImageFormat};
 
 use crate::config::{
     CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, SerialConfig,
@@ -63,6 +66,15 @@ pub enum VmiError {
         /// Cause.
         #[source]
         source: QuantityError,
+    },
+    /// A disk image the VMI refers to cannot be used (the cause names the image).
+    #[error("{field}")]
+    Image {
+        /// The VMI field path.
+        field: String,
+        /// Cause.
+        #[source]
+        source: ImageError,
     },
     /// A file the VMI refers to cannot be read.
     #[error("{field}: cannot read {}", path.display())]
@@ -205,6 +217,14 @@ pub struct PlannedDisk {
     pub target: String,
     /// The serial the VMI asks for.
     pub serial: Option<String>,
+    /// The format rvmm opens `path` in.
+    pub format: ImageFormat,
+    /// The image below `path` when it is an overlay rvmm created (containerDisk, ephemeral).
+    pub backing: Option<(PathBuf, ImageFormat)>,
+    /// The VMI's `bootOrder`.
+    pub boot_order: Option<u32>,
+    /// The VM boots from this disk (no kernelBoot).
+    pub boot: bool,
 }
 
 /// One network interface of the plan.
@@ -242,12 +262,18 @@ pub enum PrepareStep {
         /// Bytes.
         size: u64,
     },
-    /// A private writable copy of a read-only image (containerDisk).
-    CopyImage {
-        /// The image in the container-disk directory.
-        from: PathBuf,
-        /// The copy rvmm opens.
-        to: PathBuf,
+    /// A qcow2 overlay over a read-only image (containerDisk, ephemeral PVC), as
+    /// virt-launcher makes with `qemu-img create -b`: guest writes go to the overlay only.
+    /// Kept if it exists.
+    CreateOverlay {
+        /// The overlay rvmm opens.
+        path: PathBuf,
+        /// The image below it.
+        backing: PathBuf,
+        /// Its format.
+        backing_format: ImageFormat,
+        /// Virtual size in bytes (the backing image's).
+        size: u64,
     },
     /// The cloud-init NoCloud disk (ISO 9660, label `cidata`).
     WriteNoCloud {
@@ -279,7 +305,25 @@ pub fn prepare(plan: &LaunchPlan) -> Result<(), PrepareError> {
     for step in &plan.prepare {
         let (path, result) = match step {
             PrepareStep::CreateSparse { path, size } => (path, create_sparse(path, *size)),
-            PrepareStep::CopyImage { from, to } => (to, with_parent(to, || copy_image(from, to))),
+            PrepareStep::CreateOverlay {
+                path,
+                backing,
+                backing_format,
+                size,
+            } => (
+                path,
+                with_parent(path, || {
+                    if path.exists() {
+                        return Ok(());
+                    }
+                    ::devices::image::qcow2::create_overlay(
+                        path,
+                        backing,
+                        backing_format.name(),
+                        *size,
+                    )
+                }),
+            ),
             PrepareStep::WriteNoCloud { path, data } => (
                 path,
                 with_parent(path, || std::fs::write(path, data.to_iso())),
@@ -315,13 +359,18 @@ fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
     })
 }
 
-fn copy_image(from: &Path, to: &Path) -> std::io::Result<()> {
-    // copy_file_range underneath: a reflink where the filesystem can, a kernel copy elsewhere.
-    std::fs::copy(from, to).map(drop)
-}
-
 /// Maps `vmi` onto an rvmm VM, or names the first field rvmm cannot honour.
 pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
+    plan_with_formats(vmi, dirs, &BTreeMap::new())
+}
+
+/// [`plan`], with the image format of volumes as virt-handler measured them (SyncVirtualMachine's
+/// `DisksInfo`: volume name to `raw`/`qcow2`).
+pub fn plan_with_formats(
+    vmi: &Vmi,
+    dirs: &LauncherDirs,
+    formats: &BTreeMap<String, String>,
+) -> Result<LaunchPlan, VmiError> {
     let mut warnings = Vec::new();
     let spec = &vmi.spec;
     if vmi.metadata.uid.is_empty() {
@@ -353,9 +402,33 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
     refuse_unsupported_domain_features(vmi, &mut warnings)?;
     let cpus = vcpus(vmi, &mut warnings)?;
     let memory = memory_bytes(vmi, &mut warnings)?;
-    let payload = payload(vmi, dirs, &mut warnings)?;
+    let mut payload = payload(vmi, dirs)?;
     let mut prepare = Vec::new();
-    let disks = disks(vmi, dirs, &mut prepare, &mut warnings)?;
+    let mut disks = disks(vmi, dirs, formats, &mut prepare, &mut warnings)?;
+    if payload.kernel.is_none() {
+        // No kernelBoot: the disk with the lowest bootOrder, else the first.
+        let boot = disks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.boot_order.map(|o| (o, i)))
+            .min()
+            .map_or(0, |(_, i)| i);
+        match disks.get_mut(boot) {
+            Some(disk) => disk.boot = true,
+            None => {
+                return Err(unsupported(
+                    "spec.domain.firmware.kernelBoot",
+                    "required without disks (rvmm boots a kernel directly or from a disk)",
+                ));
+            }
+        }
+        payload.cmdline = None;
+    } else if let Some(d) = disks.iter().find(|d| d.boot_order.is_some()) {
+        warnings.push(format!(
+            "spec.domain.devices.disks[{}].bootOrder: ignored (the VM boots kernelBoot)",
+            disks.iter().position(|x| x.name == d.name).unwrap_or(0)
+        ));
+    }
     let interfaces = interfaces(vmi)?;
     let devices = &spec.domain.devices;
     let serial_socket = (devices.autoattach_serial_console != Some(false))
@@ -383,6 +456,8 @@ pub fn plan(vmi: &Vmi, dirs: &LauncherDirs) -> Result<LaunchPlan, VmiError> {
                 readonly: d.readonly,
                 id: d.serial.clone(),
                 engine: None,
+                format: Some(d.format.name().to_string()),
+                boot: d.boot,
             })
             .collect(),
         net: interfaces
@@ -727,36 +802,24 @@ fn changed_list<T: PartialEq>(
     }
 }
 
-fn payload(
-    vmi: &Vmi,
-    dirs: &LauncherDirs,
-    warnings: &mut Vec<String>,
-) -> Result<PayloadConfig, VmiError> {
+fn payload(vmi: &Vmi, dirs: &LauncherDirs) -> Result<PayloadConfig, VmiError> {
     const FIELD: &str = "spec.domain.firmware.kernelBoot";
     let firmware = vmi.spec.domain.firmware.as_ref();
     if let Some(loader) = firmware.and_then(|f| f.bootloader.as_ref()) {
-        if loader.efi.is_some() {
+        // rvmm's direct boot serves both: the kernel runs as it would after either firmware.
+        if let Some(efi) = &loader.efi
+            && efi.secure_boot != Some(false)
+        {
             return Err(unsupported(
-                "spec.domain.firmware.bootloader.efi",
-                "UEFI is not supported (rvmm boots kernelBoot directly)",
+                "spec.domain.firmware.bootloader.efi.secureBoot",
+                "Secure Boot is not supported (KubeVirt's default is on: set secureBoot: false)",
             ));
         }
-        if loader.bios.is_some() {
-            warnings.push(
-                "spec.domain.firmware.bootloader.bios: ignored (rvmm boots kernelBoot directly)"
-                    .into(),
-            );
-        }
     }
-    let boot = firmware
-        .and_then(|f| f.kernel_boot.as_ref())
-        .ok_or_else(|| {
-            unsupported(
-                FIELD,
-                "required: rvmm boots a Linux kernel directly \
-             (BIOS or UEFI boot from a disk is not supported yet)",
-            )
-        })?;
+    let Some(boot) = firmware.and_then(|f| f.kernel_boot.as_ref()) else {
+        // Boot from a disk (the plan picks it).
+        return Ok(PayloadConfig::default());
+    };
     let container = boot
         .container
         .as_ref()
@@ -788,7 +851,7 @@ fn payload(
         _ => None,
     };
     Ok(PayloadConfig {
-        kernel,
+        kernel: Some(kernel),
         initramfs,
         cmdline: boot.kernel_args.clone().filter(|a| !a.is_empty()),
     })

@@ -1,8 +1,10 @@
 //! The disks and network interfaces of a VMI: each disk's volume resolved to the image or
 //! device the launcher pod holds, each interface checked against the pod network.
 
-use std::io::Read;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use devices::image::{DiskImage, ImageFormat};
 
 use super::{
     Binding, LauncherDirs, POD_TAP, PlannedDisk, PlannedInterface, PrepareStep, Vmi, VmiError,
@@ -32,12 +34,10 @@ pub(super) fn check_dns_label(field: &str, name: &str) -> Result<(), VmiError> {
     }
 }
 
-/// The qcow2 magic (`QFI\xfb`).
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
-
 pub(super) fn disks(
     vmi: &Vmi,
     dirs: &LauncherDirs,
+    formats: &BTreeMap<String, String>,
     prepare: &mut Vec<PrepareStep>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<PlannedDisk>, VmiError> {
@@ -89,7 +89,18 @@ pub(super) fn disks(
                     format!("no volume named '{}' in spec.volumes", disk.name),
                 )
             })?;
-        let source = volume_source(vmi, index, volume, target.readonly, dirs, prepare)?;
+        let format = match formats.get(&volume.name) {
+            None => None,
+            Some(name) => Some(ImageFormat::from_name(name).ok_or_else(|| {
+                unsupported(
+                    format!("spec.volumes[{index}]"),
+                    format!(
+                        "image format '{name}' (from DisksInfo) is not supported (raw or qcow2)"
+                    ),
+                )
+            })?),
+        };
+        let source = volume_source(vmi, index, volume, target.readonly, format, dirs, prepare)?;
         planned.push(PlannedDisk {
             name: disk.name.clone(),
             path: source.path,
@@ -97,6 +108,10 @@ pub(super) fn disks(
             block_device: source.block_device,
             target: guest_disk_name(planned.len()),
             serial: disk.serial.clone(),
+            format: source.format,
+            backing: source.backing,
+            boot_order: disk.boot_order,
+            boot: false,
         });
     }
     for (i, volume) in spec.volumes.iter().enumerate() {
@@ -133,21 +148,73 @@ struct Source {
     path: PathBuf,
     readonly: bool,
     block_device: bool,
+    format: ImageFormat,
+    backing: Option<(PathBuf, ImageFormat)>,
 }
 
+/// A raw image (what KubeVirt assumes of PVCs, host and empty disks: a guest-written disk is
+/// never probed, so a guest cannot turn its disk into a qcow2 pointing at host files).
 fn file(path: PathBuf) -> Source {
     Source {
         path,
         readonly: false,
         block_device: false,
+        format: ImageFormat::Raw,
+        backing: None,
     }
 }
 
+/// The format and virtual size of the image at `path`: `format` when given, else by magic.
+/// The image is opened (read-only) as rvmm will, so a truncated or lying qcow2, a backing
+/// loop or a missing backing file is refused here, naming the volume.
+fn inspect(
+    path: &Path,
+    format: Option<ImageFormat>,
+    field: &str,
+) -> Result<(ImageFormat, u64, bool), VmiError> {
+    let image = DiskImage::open(path, false, format).map_err(|source| VmiError::Image {
+        field: field.to_owned(),
+        source,
+    })?;
+    let has_backing = matches!(&image, DiskImage::Qcow2(q) if q.header().backing_file.is_some());
+    Ok((image.format(), image.virtual_size(), has_backing))
+}
+
+/// A qcow2 overlay in the ephemeral-disk directory over `backing`, as virt-launcher's
+/// `<ephemeral-disk-dir>/disk-data/<volume>/disk.qcow2`.
+fn overlay(
+    dirs: &LauncherDirs,
+    name: &str,
+    backing: PathBuf,
+    backing_format: ImageFormat,
+    size: u64,
+    prepare: &mut Vec<PrepareStep>,
+) -> Source {
+    let path = dirs
+        .ephemeral_disks
+        .join("disk-data")
+        .join(name)
+        .join("disk.qcow2");
+    prepare.push(PrepareStep::CreateOverlay {
+        path: path.clone(),
+        backing: backing.clone(),
+        backing_format,
+        size,
+    });
+    Source {
+        format: ImageFormat::Qcow2,
+        backing: Some((backing, backing_format)),
+        ..file(path)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn volume_source(
     vmi: &Vmi,
     index: usize,
     volume: &Volume,
     readonly: bool,
+    format: Option<ImageFormat>,
     dirs: &LauncherDirs,
     prepare: &mut Vec<PrepareStep>,
 ) -> Result<Source, VmiError> {
@@ -155,23 +222,33 @@ fn volume_source(
     let name = &volume.name;
     if let Some(cd) = &volume.container_disk {
         let image = dirs.container_disks.join(format!("disk_{index}.img"));
-        refuse_qcow2(&image, &format!("{field}.containerDisk"), &cd.image)?;
+        let cd_field = format!("{field}.containerDisk");
+        let (format, size, has_backing) = inspect(&image, format, &cd_field)?;
+        if has_backing {
+            // As KubeVirt's launcher: a containerDisk must stand on its own.
+            return Err(invalid(
+                format!("{cd_field}.image"),
+                format!("{} holds a qcow2 image with a backing file", cd.image),
+            ));
+        }
         if readonly {
             return Ok(Source {
                 readonly: true,
+                format,
                 ..file(image)
             });
         }
-        let copy = dirs
-            .ephemeral_disks
-            .join("disk-data")
-            .join(name)
-            .join("disk.img");
-        prepare.push(PrepareStep::CopyImage {
-            from: image,
-            to: copy.clone(),
-        });
-        return Ok(file(copy));
+        // The container image is never written: the guest's writes go to an overlay.
+        return Ok(overlay(dirs, name, image, format, size, prepare));
+    }
+    if let Some(eph) = &volume.ephemeral {
+        let eph_field = format!("{field}.ephemeral.persistentVolumeClaim");
+        if eph.persistent_volume_claim.is_none() {
+            return Err(invalid(eph_field, "required"));
+        }
+        let base = claim(dirs, name, &eph_field, format)?;
+        let (_, size, _) = inspect(&base.path, Some(base.format), &eph_field)?;
+        return Ok(overlay(dirs, name, base.path, base.format, size, prepare));
     }
     if let Some(pvc) = &volume.persistent_volume_claim {
         if pvc.hotpluggable {
@@ -180,7 +257,12 @@ fn volume_source(
                 "volume hotplug is not supported",
             ));
         }
-        let source = claim(dirs, name, &format!("{field}.persistentVolumeClaim"))?;
+        let source = claim(
+            dirs,
+            name,
+            &format!("{field}.persistentVolumeClaim"),
+            format,
+        )?;
         return Ok(Source {
             readonly: pvc.read_only,
             ..source
@@ -193,7 +275,7 @@ fn volume_source(
                 "volume hotplug is not supported",
             ));
         }
-        return claim(dirs, name, &format!("{field}.dataVolume"));
+        return claim(dirs, name, &format!("{field}.dataVolume"), format);
     }
     if let Some(host) = &volume.host_disk {
         let path = dirs.spec_path(&host.path);
@@ -265,16 +347,30 @@ fn volume_source(
     })
 }
 
-/// A PVC or DataVolume: the filesystem-mode image, else the block-mode device.
-fn claim(dirs: &LauncherDirs, volume: &str, field: &str) -> Result<Source, VmiError> {
+/// A PVC or DataVolume: the filesystem-mode image, else the block-mode device; raw unless
+/// DisksInfo says `format`.
+fn claim(
+    dirs: &LauncherDirs,
+    volume: &str,
+    field: &str,
+    format: Option<ImageFormat>,
+) -> Result<Source, VmiError> {
+    let format = format.unwrap_or(ImageFormat::Raw);
     let image = dirs.private.join("vmi-disks").join(volume).join("disk.img");
     if image.is_file() {
-        return Ok(file(image));
+        if format == ImageFormat::Qcow2 {
+            inspect(&image, Some(format), field)?;
+        }
+        return Ok(Source {
+            format,
+            ..file(image)
+        });
     }
     let device = dirs.dev.join(volume);
     if device.exists() {
         return Ok(Source {
             block_device: true,
+            format,
             ..file(device)
         });
     }
@@ -297,33 +393,6 @@ fn capacity_bytes(capacity: &Quantity, field: &str) -> Result<u64, VmiError> {
         return Err(invalid(field, format!("{capacity} is no space")));
     }
     Ok(bytes)
-}
-
-/// Fails for a qcow2 image or a missing one; rvmm reads raw images only.
-fn refuse_qcow2(image: &Path, field: &str, name: &str) -> Result<(), VmiError> {
-    let mut magic = [0u8; 4];
-    let read = std::fs::File::open(image).and_then(|mut f| {
-        let mut filled = 0;
-        while filled < magic.len() {
-            match f.read(&mut magic[filled..])? {
-                0 => break,
-                n => filled += n,
-            }
-        }
-        Ok(filled)
-    });
-    match read {
-        Ok(4) if magic == QCOW2_MAGIC => Err(unsupported(
-            format!("{field}.image"),
-            format!("{name} holds a qcow2 image; qcow2 is not supported yet (raw images only)"),
-        )),
-        Ok(_) => Ok(()),
-        Err(source) => Err(VmiError::Read {
-            field: field.to_owned(),
-            path: image.to_owned(),
-            source,
-        }),
-    }
 }
 
 pub(super) fn interfaces(vmi: &Vmi) -> Result<Vec<PlannedInterface>, VmiError> {

@@ -200,7 +200,17 @@ pub struct Bootloader {
     /// Legacy BIOS.
     pub bios: Option<Value>,
     /// UEFI.
-    pub efi: Option<Value>,
+    pub efi: Option<Efi>,
+}
+
+/// `spec.domain.firmware.bootloader.efi`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Efi {
+    /// Secure Boot; KubeVirt's default (absent) is on.
+    pub secure_boot: Option<bool>,
+    /// Keep the NVRAM.
+    pub persistent: Option<bool>,
 }
 
 /// `spec.domain.firmware.kernelBoot`.
@@ -279,7 +289,7 @@ pub struct Disk {
     pub lun: Option<Value>,
     /// Serial (virtio-blk GET_ID).
     pub serial: Option<String>,
-    /// Boot order (ignored: rvmm boots kernelBoot).
+    /// Boot order: without kernelBoot, rvmm boots from the disk with the lowest.
     pub boot_order: Option<u32>,
 }
 
@@ -311,6 +321,8 @@ pub struct Volume {
     pub empty_disk: Option<EmptyDisk>,
     /// cloud-init NoCloud data.
     pub cloud_init_no_cloud: Option<CloudInitNoCloud>,
+    /// A PVC used through a throw-away overlay.
+    pub ephemeral: Option<EphemeralSource>,
     /// Sources rvmm refuses, by their VMI field name.
     #[serde(flatten)]
     pub others: BTreeMap<String, Value>,
@@ -318,7 +330,6 @@ pub struct Volume {
 
 /// Volume sources rvmm has no support for (checked in this order).
 const UNSUPPORTED_VOLUME_SOURCES: &[&str] = &[
-    "ephemeral",
     "cloudInitConfigDrive",
     "configMap",
     "secret",
@@ -360,6 +371,14 @@ pub struct PvcSource {
     pub read_only: bool,
     /// Hotplugged after start.
     pub hotpluggable: bool,
+}
+
+/// `ephemeral`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EphemeralSource {
+    /// The PVC the overlay is based on.
+    pub persistent_volume_claim: Option<PvcSource>,
 }
 
 /// `dataVolume`.

@@ -99,13 +99,13 @@ fn fedora_container_disk_vmi_maps_to_config() {
     assert_eq!(
         c.payload,
         PayloadConfig {
-            kernel: pod.path("var/run/kubevirt/container-disks/kernel-boot/vmlinuz"),
+            kernel: Some(pod.path("var/run/kubevirt/container-disks/kernel-boot/vmlinuz")),
             initramfs: Some(pod.path("var/run/kubevirt/container-disks/kernel-boot/initramfs.img")),
             cmdline: Some("console=ttyS0 root=/dev/vda1 rw reboot=k panic=-1".into()),
         }
     );
-    // The container disk is copied so the guest can write; cloud-init is read-only.
-    let copy = pod.path("var/run/kubevirt-ephemeral-disks/disk-data/containerdisk/disk.img");
+    // The guest writes to a qcow2 overlay over the container disk; cloud-init is read-only.
+    let copy = pod.path("var/run/kubevirt-ephemeral-disks/disk-data/containerdisk/disk.qcow2");
     let iso =
         pod.path("var/run/kubevirt-ephemeral-disks/cloud-init-data/default/fedora/noCloud.iso");
     assert_eq!(
@@ -115,13 +115,17 @@ fn fedora_container_disk_vmi_maps_to_config() {
                 path: copy.clone(),
                 readonly: false,
                 id: None,
-                engine: None
+                engine: None,
+                format: Some("qcow2".into()),
+                boot: false,
             },
             DiskConfig {
                 path: iso.clone(),
                 readonly: true,
                 id: None,
-                engine: None
+                engine: None,
+                format: Some("raw".into()),
+                boot: false,
             },
         ]
     );
@@ -142,9 +146,11 @@ fn fedora_container_disk_vmi_maps_to_config() {
     assert_eq!(plan.serial_socket.as_ref(), Some(&socket));
     assert_eq!(
         plan.prepare[0],
-        PrepareStep::CopyImage {
-            from: pod.path("var/run/kubevirt/container-disks/disk_0.img"),
-            to: copy,
+        PrepareStep::CreateOverlay {
+            path: copy,
+            backing: pod.path("var/run/kubevirt/container-disks/disk_0.img"),
+            backing_format: ::devices::image::ImageFormat::Raw,
+            size: 4096,
         }
     );
     assert!(
@@ -166,8 +172,11 @@ fn prepared_fedora_plan_passes_config_validation() {
     let pod = fedora_pod();
     let plan = plan(&parse(FEDORA), &pod.dirs).unwrap();
     prepare(&plan).unwrap();
-    let copy = &plan.config.disks[0].path;
-    assert_eq!(std::fs::metadata(copy).unwrap().len(), 4096);
+    // An overlay, not a copy: qcow2 with the container disk as its backing file.
+    let overlay = &plan.config.disks[0].path;
+    let image = ::devices::image::DiskImage::open(overlay, false, None).unwrap();
+    assert_eq!(image.format(), ::devices::image::ImageFormat::Qcow2);
+    assert_eq!(image.virtual_size(), 4096);
     let iso = std::fs::read(&plan.config.disks[1].path).unwrap();
     assert_eq!(&iso[16 * 2048 + 1..16 * 2048 + 6], b"CD001");
     assert!(plan.serial_socket.unwrap().parent().unwrap().is_dir());
@@ -331,16 +340,60 @@ fn bad_memory_quantity_names_the_field() {
 }
 
 #[test]
-fn qcow2_container_disk_is_not_supported_yet() {
+fn a_truncated_qcow2_container_disk_is_refused_naming_volume_and_image() {
     let pod = PodRoot::new();
     pod.file(
         "var/run/kubevirt/container-disks/disk_0.img",
         b"QFI\xfb\0\0\0\x03rest",
     );
+    let text = error_text(&parse(FEDORA), &pod.dirs);
+    assert!(
+        text.starts_with("spec.volumes[0].containerDisk: Disk image ")
+            && text.contains("container-disks/disk_0.img is not a usable qcow2 image: truncated"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_qcow2_container_disk_gets_a_qcow2_overlay_and_one_with_a_backing_file_is_refused() {
+    let pod = PodRoot::new();
+    let image = pod.path("var/run/kubevirt/container-disks/disk_0.img");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    ::devices::image::qcow2::create_overlay(&image, Path::new("/nonexistent"), "raw", 1 << 20)
+        .unwrap();
+    // A qcow2 that is an overlay itself: refused as KubeVirt's launcher refuses it (and its
+    // missing backing file named before that).
+    assert!(error_text(&parse(FEDORA), &pod.dirs).contains("/nonexistent"));
+    let base = pod.file("base.raw", &[0u8; 1 << 20]);
+    ::devices::image::qcow2::create_overlay(&image, &base, "raw", 1 << 20).unwrap();
     assert_eq!(
         error_text(&parse(FEDORA), &pod.dirs),
-        "spec.volumes[0].containerDisk.image: quay.io/containerdisks/fedora:41 holds a qcow2 \
-         image; qcow2 is not supported yet (raw images only)"
+        "spec.volumes[0].containerDisk.image: quay.io/containerdisks/fedora:41 holds a qcow2 image with a backing file"
+    );
+    std::fs::write(&image, ::devices::image::qcow2::overlay_test_bytes(1 << 30)).unwrap();
+    let planned = plan(&parse(FEDORA), &pod.dirs).unwrap();
+    assert!(matches!(
+        &planned.prepare[0],
+        PrepareStep::CreateOverlay { backing_format: ::devices::image::ImageFormat::Qcow2, size, .. } if *size == 1 << 30
+    ));
+    // DisksInfo's format wins over the magic: raw, as virt-handler measured it.
+    let formats =
+        std::collections::BTreeMap::from([("containerdisk".to_string(), "raw".to_string())]);
+    let planned = plan_with_formats(&parse(FEDORA), &pod.dirs, &formats).unwrap();
+    assert!(matches!(
+        &planned.prepare[0],
+        PrepareStep::CreateOverlay {
+            backing_format: ::devices::image::ImageFormat::Raw,
+            ..
+        }
+    ));
+    let formats =
+        std::collections::BTreeMap::from([("containerdisk".to_string(), "vmdk".to_string())]);
+    assert!(
+        crate::kubevirt::grpc::error_chain(
+            &plan_with_formats(&parse(FEDORA), &pod.dirs, &formats).unwrap_err()
+        )
+        .contains("'vmdk'")
     );
 }
 
@@ -349,22 +402,40 @@ fn missing_container_disk_names_the_file() {
     let pod = PodRoot::new();
     let text = error_text(&parse(FEDORA), &pod.dirs);
     assert!(
-        text.starts_with("spec.volumes[0].containerDisk: cannot read "),
+        text.starts_with("spec.volumes[0].containerDisk: Cannot open disk image "),
         "{text}"
     );
     assert!(text.ends_with("container-disks/disk_0.img: No such file or directory (os error 2)"));
 }
 
 #[test]
-fn vmi_without_kernel_boot_is_unsupported() {
+fn vmi_without_kernel_boot_boots_the_disk_with_the_lowest_boot_order() {
     let pod = fedora_pod();
     let vmi = edited(FEDORA, |v| {
         v["spec"]["domain"]["firmware"] = json!({"uuid": "x", "bootloader": {"bios": {}}});
     });
-    assert_eq!(
-        error_text(&vmi, &pod.dirs),
-        "spec.domain.firmware.kernelBoot: required: rvmm boots a Linux kernel directly \
-         (BIOS or UEFI boot from a disk is not supported yet)"
+    let first = plan(&vmi, &pod.dirs).unwrap();
+    assert_eq!(first.config.payload, PayloadConfig::default());
+    assert!(first.config.disks[0].boot && !first.config.disks[1].boot);
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["firmware"] = json!({"bootloader": {"efi": {"secureBoot": false}}});
+        v["spec"]["domain"]["devices"]["disks"][0]["bootOrder"] = json!(3);
+        v["spec"]["domain"]["devices"]["disks"][1]["bootOrder"] = json!(2);
+    });
+    let ordered = plan(&vmi, &pod.dirs).unwrap();
+    assert!(!ordered.config.disks[0].boot && ordered.config.disks[1].boot);
+    assert_eq!(ordered.disks[1].boot_order, Some(2));
+    prepare(&ordered).unwrap();
+    ordered
+        .config
+        .validate(Path::new("/dev/kvm"), vmm_core::CpuProfile::Host)
+        .unwrap();
+    // Secure Boot is KubeVirt's default for EFI.
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["domain"]["firmware"] = json!({"bootloader": {"efi": {}}});
+    });
+    assert!(
+        error_text(&vmi, &pod.dirs).starts_with("spec.domain.firmware.bootloader.efi.secureBoot: ")
     );
 }
 
@@ -421,10 +492,9 @@ fn unsupported_devices_name_their_field() {
         ),
         (
             Box::new(|v| {
-                v["spec"]["domain"]["firmware"]["bootloader"] =
-                    json!({"efi": {"secureBoot": false}})
+                v["spec"]["domain"]["firmware"]["bootloader"] = json!({"efi": {"secureBoot": true}})
             }),
-            "spec.domain.firmware.bootloader.efi: UEFI is not supported (rvmm boots kernelBoot directly)",
+            "spec.domain.firmware.bootloader.efi.secureBoot: Secure Boot is not supported (KubeVirt's default is on: set secureBoot: false)",
         ),
         (
             Box::new(|v| v["spec"]["domain"]["cpu"]["sockets"] = json!(64)),
@@ -594,5 +664,54 @@ fn live_update_applies_the_grace_period_and_refuses_hotplug_naming_the_field() {
                 .remove("rng");
         })
         .starts_with("spec.domain.devices: changed")
+    );
+}
+
+#[test]
+fn ephemeral_pvc_volumes_get_a_qcow2_overlay_and_qcow2_pvcs_follow_disks_info() {
+    let pod = fedora_pod();
+    let base = pod.file(
+        "var/run/kubevirt-private/vmi-disks/containerdisk/disk.img",
+        &[0u8; 8192],
+    );
+    let vmi = edited(FEDORA, |v| {
+        v["spec"]["volumes"][0] = json!({"name": "containerdisk", "ephemeral": {"persistentVolumeClaim": {"claimName": "golden"}}});
+    });
+    let planned = plan(&vmi, &pod.dirs).unwrap();
+    let overlay = pod.path("var/run/kubevirt-ephemeral-disks/disk-data/containerdisk/disk.qcow2");
+    assert_eq!(
+        planned.prepare[0],
+        PrepareStep::CreateOverlay {
+            path: overlay.clone(),
+            backing: base.clone(),
+            backing_format: ::devices::image::ImageFormat::Raw,
+            size: 8192,
+        }
+    );
+    assert_eq!(
+        planned.disks[0].backing,
+        Some((base.clone(), ::devices::image::ImageFormat::Raw))
+    );
+    prepare(&planned).unwrap();
+    // Kept as it is when the launcher comes back to a pod that has it.
+    let first = std::fs::read(&overlay).unwrap();
+    prepare(&planned).unwrap();
+    assert_eq!(std::fs::read(&overlay).unwrap(), first);
+    // A PVC whose DisksInfo says qcow2 is opened as qcow2 (and checked at Sync).
+    let vmi = edited(PVC, |_| {});
+    let root = pod.path("var/run/kubevirt-private/vmi-disks/rootdisk/disk.img");
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    std::fs::write(&root, ::devices::image::qcow2::overlay_test_bytes(1 << 20)).unwrap();
+    pod.file("dev/datadisk", &[0; 512]);
+    let formats = BTreeMap::from([("rootdisk".to_string(), "qcow2".to_string())]);
+    let planned = plan_with_formats(&vmi, &pod.dirs, &formats).unwrap();
+    assert_eq!(planned.config.disks[0].format.as_deref(), Some("qcow2"));
+    std::fs::write(&root, b"QFI\xfb truncated").unwrap();
+    let text = crate::kubevirt::grpc::error_chain(
+        &plan_with_formats(&vmi, &pod.dirs, &formats).unwrap_err(),
+    );
+    assert!(
+        text.starts_with("spec.volumes[0].dataVolume: Disk image "),
+        "{text}"
     );
 }

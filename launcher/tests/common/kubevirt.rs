@@ -218,9 +218,17 @@ pub fn fake_virt_handler(
 pub fn next_event(
     events: &Receiver<notify::DomainEventRequest>,
 ) -> (String, String, String, Value) {
+    next_event_within(events, Duration::from_secs(20))
+}
+
+/// [`next_event`], waiting up to `timeout`.
+pub fn next_event_within(
+    events: &Receiver<notify::DomainEventRequest>,
+    timeout: Duration,
+) -> (String, String, String, Value) {
     let request = events
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a domain event within 20 s");
+        .recv_timeout(timeout)
+        .unwrap_or_else(|_| panic!("a domain event within {timeout:?}"));
     let domain: Value = serde_json::from_slice(&request.domain_json).unwrap();
     (
         request.event_type,

@@ -106,6 +106,13 @@ pub trait DiskBackend: Send {
         Ok(())
     }
 
+    /// Writes back what the backend caches about the disk (a qcow2 image's metadata) and
+    /// makes it durable, so that the file alone describes the disk: when the device pauses
+    /// for a snapshot or a migration. Called with nothing in flight.
+    fn write_back(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// An eventfd that becomes readable when [`DiskBackend::reap`] has something; `None` for
     /// backends that complete everything in [`DiskBackend::start`].
     fn completion_fd(&self) -> Option<RawFd> {

@@ -65,6 +65,39 @@ impl HostBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The `len` bytes at `offset` into the buffer (a part of it, so just as valid).
+    ///
+    /// # Panics
+    ///
+    /// When the part does not lie inside the buffer.
+    pub fn slice(&self, offset: u32, len: u32) -> HostBuf {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "{offset}+{len} is outside a {}-byte buffer",
+            self.len
+        );
+        HostBuf {
+            // Inside the buffer: checked above.
+            ptr: self.ptr.wrapping_add(offset as usize),
+            len,
+        }
+    }
+
+    /// Copies `src` into the buffer at `offset`. The guest memory the buffer came from must
+    /// still be mapped: the caller holds it (a backend is handed it with every operation).
+    ///
+    /// # Panics
+    ///
+    /// When `src` does not fit.
+    pub fn copy_from(&self, offset: u32, src: &[u8]) {
+        let part = self.slice(offset, u32::try_from(src.len()).expect("fits the buffer"));
+        // SAFETY: `part` lies inside this buffer, which `GuestView::host_buf` checked to be
+        // inside one mapping of guest memory that the caller keeps mapped; `src` is host
+        // memory, so the ranges do not overlap. Guest memory may change under us, which a
+        // plain byte copy tolerates.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), part.ptr, src.len()) };
+    }
 }
 
 /// Guest memory with its first regions resolved to host addresses. What the worker writes

@@ -657,6 +657,14 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             );
         }
         self.finish_done();
+        // A qcow2 image's cached metadata goes to the file: a snapshot or the migration's
+        // destination opens the image afresh and must see every completed write.
+        if let Err(e) = self.backend.write_back() {
+            log::error!(
+                "virtio-blk: cannot write back the metadata of {}: {e}",
+                self.disk.path.display()
+            );
+        }
         let completed = self.flush_answers()?;
         self.notify_guest()?;
         self.stats.publish(&self.disk.counters);

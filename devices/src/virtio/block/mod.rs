@@ -7,9 +7,10 @@ mod backend;
 mod guest;
 mod handler;
 mod persist;
+mod qcow2_backend;
 mod request;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub use backend::{
 pub use guest::HostBuf;
 pub use handler::{BlockHandler, DiskContext};
 pub use persist::BlockState;
+pub use qcow2_backend::{ImageSlot, Qcow2Backend};
 pub use request::{
     BlockRequest, ID_BYTES, ParseError, RejectedRequest, RequestLimits, RequestType, SECTOR_SIZE,
     SectorRange,
@@ -40,6 +42,7 @@ use super::{
     ActivateError, ActiveQueue, DeviceWorker, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VirtioDevice, VirtioInterrupt, WorkerError, read_config_bytes, take_queues,
 };
+use crate::image::{DiskImage, ImageError, ImageFormat};
 use crate::seccomp::WorkerKind;
 
 /// Size of the device's only queue.
@@ -68,6 +71,8 @@ pub struct BlockConfig {
     pub id: Option<String>,
     /// I/O engine.
     pub engine: Engine,
+    /// Image format; `None`: by the image's magic (a qcow2 header, else raw).
+    pub format: Option<ImageFormat>,
 }
 
 /// Errors creating a [`Block`] device.
@@ -82,6 +87,9 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The disk image is invalid or unsupported (the error names the image).
+    #[error(transparent)]
+    Image(#[from] ImageError),
     /// The disk size cannot be read.
     #[error("Cannot get the size of disk {path}")]
     Size {
@@ -173,6 +181,9 @@ pub struct Block {
     engine: Engine,
     id: [u8; ID_BYTES],
     capacity: u64,
+    format: ImageFormat,
+    /// The qcow2 image, between activations; `None` for a raw disk.
+    image: Option<ImageSlot>,
     config: [u8; CONFIG_LEN],
     acked: u64,
     counters: Arc<BlockCounters>,
@@ -187,23 +198,43 @@ impl Block {
             readonly,
             id,
             engine,
+            format,
         } = config;
         let id = device_id(&path, id.as_deref())?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        // lseek works for block devices too, whose metadata length is 0.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.clone(),
-                source,
-            })?;
+        let (mut file, image) = match DiskImage::open(&path, !readonly, format)? {
+            DiskImage::Qcow2(image) => {
+                let file = image
+                    .storage()
+                    .file()
+                    .ok_or_else(|| BlockError::Open {
+                        path: path.clone(),
+                        source: std::io::ErrorKind::Unsupported.into(),
+                    })?
+                    .try_clone()
+                    .map_err(|source| BlockError::Duplicate {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (file, Some(image))
+            }
+            raw => (
+                raw.into_raw_file().map_err(|_| BlockError::Open {
+                    path: path.clone(),
+                    source: std::io::ErrorKind::Unsupported.into(),
+                })?,
+                None,
+            ),
+        };
+        let size = match &image {
+            Some(image) => image.virtual_size(),
+            // lseek works for block devices too, whose metadata length is 0.
+            None => file
+                .seek(SeekFrom::End(0))
+                .map_err(|source| BlockError::Size {
+                    path: path.clone(),
+                    source,
+                })?,
+        };
         if !size.is_multiple_of(SECTOR_SIZE) {
             log::warn!(
                 "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible",
@@ -220,6 +251,12 @@ impl Block {
             engine,
             id,
             capacity,
+            format: if image.is_some() {
+                ImageFormat::Qcow2
+            } else {
+                ImageFormat::Raw
+            },
+            image: image.map(|image| Arc::new(std::sync::Mutex::new(Some(image)))),
             config: config_space(capacity),
             acked: 0,
             counters: Arc::new(BlockCounters::default()),
@@ -235,6 +272,11 @@ impl Block {
     /// The engine in use (io_uring may have fallen back to synchronous I/O).
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// The image format.
+    pub fn format(&self) -> ImageFormat {
+        self.format
     }
 
     /// The GET_ID answer.
@@ -299,7 +341,11 @@ impl Block {
         queue: ActiveQueue,
         interrupt: Arc<I>,
     ) -> std::io::Result<BlockHandler<I>> {
-        let backend = open_backend(self.engine, self.file.try_clone()?);
+        let engine = open_backend(self.engine, self.file.try_clone()?);
+        let backend: Box<dyn DiskBackend> = match &self.image {
+            Some(slot) => Box::new(Qcow2Backend::new(slot.clone(), engine)?),
+            None => engine,
+        };
         let disk = DiskContext {
             limits: self.limits(),
             read_only: self.readonly,
@@ -476,5 +522,7 @@ mod tests;
 mod tests_io;
 #[cfg(test)]
 mod tests_parse;
+#[cfg(test)]
+mod tests_qcow2;
 #[cfg(test)]
 mod tests_stop;

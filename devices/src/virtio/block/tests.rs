@@ -136,6 +136,7 @@ pub(super) fn block(disk: &TempDisk, readonly: bool, engine: Engine) -> Block {
         readonly,
         id: None,
         engine,
+        format: None,
     })
     .unwrap()
 }
