@@ -49,7 +49,7 @@ pub struct CountingInterrupt {
 impl VirtioInterrupt for CountingInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
         match kind {
-            InterruptKind::Queue => self.queue.fetch_add(1, Ordering::Relaxed),
+            InterruptKind::Queue(_) => self.queue.fetch_add(1, Ordering::Relaxed),
             InterruptKind::Config => self.config.fetch_add(1, Ordering::Relaxed),
         };
         Ok(())
