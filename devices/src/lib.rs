@@ -7,6 +7,7 @@
 mod bus_device;
 pub mod legacy;
 mod pausable;
+pub mod pci;
 pub mod seccomp;
 mod trigger;
 pub mod virtio;
