@@ -46,8 +46,12 @@ const CONTROL: u64 = 4;
 const RESET: u64 = 6;
 /// PM1 status/enable: the power button.
 const PWRBTN: u16 = 1 << 8;
+/// PM1 status/enable: the global lock's release by firmware. There is no firmware to hold the
+/// lock, so the event never fires, but ACPICA enables it (and reads it back) when the FACS has a
+/// global lock.
+const GBL: u16 = 1 << 5;
 /// The fixed events rvmm has (the others read as zero).
-const EVENTS: u16 = PWRBTN;
+const EVENTS: u16 = PWRBTN | GBL;
 /// PM1 status: wake (set by hardware when the system wakes; never here).
 const WAK_STS: u16 = 1 << 15;
 /// PM1 control: the SCI, not the SMI, reports events (always: there is no legacy mode).
@@ -272,9 +276,9 @@ mod tests {
         pm.write(ENABLE, &0u16.to_le_bytes());
         pm.write(ENABLE, &PWRBTN.to_le_bytes());
         assert_eq!(counts.sci.load(Ordering::SeqCst), 2);
-        // Events rvmm does not have cannot be enabled.
+        // Events rvmm does not have cannot be enabled; the global lock's can (ACPICA checks).
         pm.write(ENABLE, &0xffffu16.to_le_bytes());
-        assert_eq!(read16(&mut pm, ENABLE), PWRBTN);
+        assert_eq!(read16(&mut pm, ENABLE), PWRBTN | GBL);
     }
 
     #[test]
