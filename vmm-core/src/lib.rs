@@ -13,6 +13,7 @@ mod machine;
 pub mod memory;
 pub mod metrics;
 pub mod mptable;
+pub mod pci;
 pub mod regs;
 pub mod seccomp;
 pub mod snapshot;
