@@ -294,7 +294,7 @@ fn setup_boot(
     };
     let cmdline = build_cmdline(&config.cmdline, device_cmdline)?;
     let cmdline_size = write_cmdline(mem, &cmdline)?;
-    write_boot_params(mem, layout, &kernel, cmdline_size, initrd)?;
+    write_boot_params(mem, layout, &kernel, cmdline_size, initrd, &Default::default())?;
     write_boot_tables(mem, kernel.entry)?;
     Ok(kernel)
 }

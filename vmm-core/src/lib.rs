@@ -1,6 +1,7 @@
 //! rvmm's virtual machine: guest memory, the KVM VM and its vCPUs, boot loading, CPUID, the
 //! port I/O and MMIO buses, and the VM's lifecycle. Knows nothing of HTTP, gRPC or Kubernetes.
 
+pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod bus;
