@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig;
-use vmm_core::{CpuProfile, VmConfig};
+use vmm_core::{CpuProfile, Transport, VmConfig};
 
 use crate::config::VmConfigFile;
 use crate::keyvalue::KeyValues;
@@ -130,6 +130,15 @@ pub struct RunArgs {
     /// the other VM flags come from the snapshot.
     #[arg(long, value_name = "source_url=URL")]
     pub restore: Option<String>,
+    /// How the virtio devices reach the guest: mmio (a microVM's virtio-mmio) or pci
+    /// (virtio-pci with MSI-X, as distro kernels expect) [default: mmio].
+    #[arg(long, value_name = "mmio|pci")]
+    pub transport: Option<String>,
+    /// ACPI tables and power management: the power button then shuts the guest down through
+    /// ACPI. `--acpi=false` is a microVM without firmware tables, its virtio-mmio devices on the
+    /// kernel command line [default: true].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub acpi: Option<bool>,
 }
 
 /// `--restore`, parsed.
@@ -207,6 +216,18 @@ pub fn parse_serial(text: &str) -> Result<SerialMode, InvalidFlag> {
         _ => Err(invalid(
             "serial",
             format!("'{text}' is not stdio, file=PATH, socket=PATH or off"),
+        )),
+    }
+}
+
+/// Parses `--transport`.
+pub fn parse_transport(text: &str) -> Result<Transport, InvalidFlag> {
+    match text {
+        "mmio" => Ok(Transport::Mmio),
+        "pci" => Ok(Transport::Pci),
+        other => Err(invalid(
+            "transport",
+            format!("'{other}' is not mmio or pci"),
         )),
     }
 }
@@ -379,6 +400,8 @@ impl RunArgs {
             ("--rng", self.rng),
             ("--disk", !self.disk.is_empty()),
             ("--net", !self.net.is_empty()),
+            ("--transport", self.transport.is_some()),
+            ("--acpi", self.acpi.is_some()),
         ]
         .into_iter()
         .filter_map(|(flag, set)| set.then_some(flag))
@@ -479,6 +502,9 @@ impl RunArgs {
                 "required (or --config FILE, or --api-socket PATH)",
             )
         })?;
+        let transport = self.transport.as_deref().map(parse_transport).transpose()?;
+        let (transport, acpi) = crate::config::platform(transport, self.acpi)
+            .map_err(|reason| invalid("transport", reason))?;
         let config = VmConfig {
             vcpus,
             memory_bytes,
@@ -498,6 +524,8 @@ impl RunArgs {
             disks: parse_disks(&self.disk)?,
             nets: parse_nets(&self.net)?,
             seccomp: self.seccomp,
+            transport,
+            acpi,
         };
         Ok((
             config,

@@ -118,6 +118,7 @@ fn is_config_build_error(err: &BuildError) -> bool {
             | BuildError::Disk { .. }
             | BuildError::Net { .. }
             | BuildError::TooManyDevices(_)
+            | BuildError::PciWithoutAcpi
             | BuildError::Boot(
                 BootError::ReadKernel { .. }
                     | BootError::NotAKernel { .. }

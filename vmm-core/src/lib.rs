@@ -21,10 +21,10 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
+pub use builder::{BuildError, Serial, SerialOutput, Transport, Vm, VmConfig, build_vm};
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
 pub use exit::ExitReason;
-pub use lifecycle::{FlushError, RunningVm, VmHandle};
+pub use lifecycle::{FlushError, RunningVm, ShutdownRequest, VmHandle};
 pub use machine::{SaveError, SnapshotInfo};
 pub use metrics::{DiskMetrics, MetricsHandle, NicMetrics, VmMetrics};

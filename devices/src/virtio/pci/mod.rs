@@ -24,8 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::common_config::{COMMON_CONFIG_LEN, CommonConfig};
 pub use self::interrupt::{NO_VECTOR, PciInterrupt};
+use super::persist::{RestoreError, SaveError, VirtioDeviceSnapshot};
 use super::transport_core::{TransportCore, TransportError};
-use super::{GuestMemoryMmap, TYPE_BLOCK, TYPE_NET, VirtioDevice};
+use super::{GuestMemoryMmap, TYPE_BLOCK, TYPE_NET, VirtioDevice, WorkerError};
 use crate::pci::msix::{MSIX_CAPABILITY_ID, MSIX_CONTROL_OFFSET, MsiRouter, Msix};
 use crate::pci::{
     BarRegion, BarWriteEvent, COMMAND, ConfigSpace, MalformedPciAccesses, MemoryBar, PciAccessKind,
@@ -188,6 +189,36 @@ impl VirtioPciTransport {
     /// The device's virtio type.
     pub fn device_type(&self) -> u32 {
         self.core.device.device_type()
+    }
+
+    /// Pauses the device (see [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) -> Result<(), WorkerError> {
+        self.core.pause()
+    }
+
+    /// Resumes the device.
+    pub fn resume(&mut self) {
+        self.core.resume();
+    }
+
+    /// A snapshot's state of the device: not yet for virtio-pci (the configuration space, the
+    /// MSI-X table and the BAR placement have no place in the state format), so saving fails
+    /// with an error that names the transport rather than writing a VM that cannot resume.
+    pub fn save_state(&self) -> Result<VirtioDeviceSnapshot, SaveError> {
+        let (device, _) = self.core.save()?;
+        Err(SaveError::Transport {
+            device: device.kind(),
+            transport: "virtio-pci",
+        })
+    }
+
+    /// Restoring needs a virtio-pci state, which snapshots do not hold yet: a snapshot's
+    /// virtio-mmio device is refused by name.
+    pub fn restore_state(&mut self, saved: &VirtioDeviceSnapshot) -> Result<(), RestoreError> {
+        Err(RestoreError::Transport {
+            saved: saved.transport.name(),
+            configured: "virtio-pci",
+        })
     }
 
     fn malformed(&self, what: std::fmt::Arguments<'_>) {
