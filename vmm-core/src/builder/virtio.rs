@@ -29,7 +29,7 @@ use crate::pci::access::{
     CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, PciConfigPorts, PciEcam, PciWindow,
 };
 use crate::pci::msi::{GsiRoutes, KvmMsiVectors};
-use crate::pci::{KvmIoEvents, PciRoot, SLOTS};
+use crate::pci::{KvmIoEvents, PciRoot, device_slot};
 
 /// Where a device sits on the PCI bus: its slot, its BAR's address, its INTA# line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,10 +51,10 @@ pub(crate) enum Placement {
 
 /// The PCI slot of the `index`th device: 00:(index + 1).0, its BAR packed in the 32-bit window.
 pub(super) fn pci_slot(index: usize) -> Option<PciSlot> {
-    let slot = index.checked_add(1).filter(|&s| s < SLOTS)?;
+    let slot = device_slot(index)?;
     let bar = PCI_MMIO32_START + index as u64 * VIRTIO_BAR_SIZE;
     (bar + VIRTIO_BAR_SIZE <= PCI_MMIO32_START + PCI_MMIO32_SIZE).then_some(PciSlot {
-        slot: slot as u8,
+        slot,
         bar,
         intx_gsi: PCI_INTX_GSI_FIRST + (index as u32 % PCI_INTX_GSI_COUNT),
     })

@@ -26,6 +26,16 @@ use self::host_bridge::HostBridge;
 /// Devices (slots) on bus 0, the host bridge's included.
 pub const SLOTS: usize = 32;
 
+/// The slot of the `index`th virtio device of a VM on the PCI transport: devices follow the
+/// host bridge in configuration order (disks, network interfaces, the entropy device), so a
+/// guest's PCI addresses are stable and derivable (00:01.0 is the first disk).
+pub fn device_slot(index: usize) -> Option<u8> {
+    index
+        .checked_add(1)
+        .filter(|&slot| slot < SLOTS)
+        .map(|slot| slot as u8)
+}
+
 /// A function shared by the bus and the root complex.
 pub type SharedFunction = Arc<Mutex<dyn PciDevice>>;
 
