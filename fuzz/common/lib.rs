@@ -4,9 +4,14 @@
 //! Guest memory is two adjacent 1 MiB regions (so buffers can straddle a region boundary)
 //! ending at [`MEM_END`]; anything at or above it is outside guest memory.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arbitrary::{Arbitrary, Result, Unstructured};
+use devices::pci::msix::{MsiMessage, MsiRouter};
 use devices::virtio::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
@@ -57,6 +62,72 @@ impl VirtioInterrupt for CountingInterrupt {
 
     fn signal_needs_reset(&self) {
         self.needs_reset.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A 64 KiB disk, unlinked, reopened through /proc/self/fd for every block device.
+pub fn disk_path() -> &'static str {
+    static DISK: OnceLock<(File, String)> = OnceLock::new();
+    &DISK
+        .get_or_init(|| {
+            let path =
+                std::env::temp_dir().join(format!("rvmm-fuzz-disk-{}.img", std::process::id()));
+            std::fs::write(&path, vec![0x5au8; 64 * 1024]).expect("temp disk");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open temp disk");
+            let _ = std::fs::remove_file(&path);
+            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            (file, proc_path)
+        })
+        .1
+}
+
+/// MSI-X vectors of a fuzzed PCI function. Oracle: the transport only raises a vector that is in
+/// range and routed (it routes a vector before it can first deliver it).
+#[derive(Debug)]
+pub struct CheckingMsiRouter {
+    count: u16,
+    routes: Mutex<BTreeMap<u16, MsiMessage>>,
+    pub signals: AtomicUsize,
+}
+
+impl CheckingMsiRouter {
+    /// A router of `count` vectors.
+    pub fn new(count: u16) -> Self {
+        Self {
+            count,
+            routes: Mutex::new(BTreeMap::new()),
+            signals: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl MsiRouter for CheckingMsiRouter {
+    fn vector_count(&self) -> u16 {
+        self.count
+    }
+
+    fn route(&self, vector: u16, message: Option<MsiMessage>) -> std::io::Result<()> {
+        assert!(vector < self.count, "route of vector {vector} past the table");
+        let mut routes = self.routes.lock().unwrap();
+        match message {
+            Some(m) => routes.insert(vector, m),
+            None => routes.remove(&vector),
+        };
+        Ok(())
+    }
+
+    fn signal(&self, vector: u16) -> std::io::Result<()> {
+        assert!(vector < self.count, "signal of vector {vector} past the table");
+        assert!(
+            self.routes.lock().unwrap().contains_key(&vector),
+            "vector {vector} raised without a route"
+        );
+        self.signals.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 

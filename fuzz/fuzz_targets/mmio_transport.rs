@@ -9,10 +9,6 @@
 
 #![no_main]
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::sync::OnceLock;
-
 use arbitrary::{Arbitrary, Result, Unstructured};
 use devices::BusDevice;
 use devices::virtio::block::{Block, BlockConfig, Engine};
@@ -34,26 +30,6 @@ const ACKNOWLEDGE: u32 = 1;
 const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
-
-/// A 64 KiB disk, unlinked, reopened through /proc/self/fd for every block device.
-fn disk_path() -> &'static str {
-    static DISK: OnceLock<(File, String)> = OnceLock::new();
-    &DISK
-        .get_or_init(|| {
-            let path =
-                std::env::temp_dir().join(format!("rvmm-fuzz-mmio-{}.img", std::process::id()));
-            std::fs::write(&path, vec![0x5au8; 64 * 1024]).expect("temp disk");
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .expect("open temp disk");
-            let _ = std::fs::remove_file(&path);
-            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            (file, proc_path)
-        })
-        .1
-}
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Reg {
