@@ -34,7 +34,7 @@ pub struct PciInterrupt {
 impl PciInterrupt {
     /// Interrupts for `queues` queues: MSI-X through `msix` when the guest enables it, INTx by
     /// raising `intx` (an irqfd) otherwise.
-    pub(super) fn new(queues: usize, msix: Option<Arc<MsixVectors>>, intx: EventFd) -> Self {
+    pub fn new(queues: usize, msix: Option<Arc<MsixVectors>>, intx: EventFd) -> Self {
         Self {
             isr: AtomicU8::new(0),
             needs_reset: AtomicBool::new(false),
@@ -43,6 +43,18 @@ impl PciInterrupt {
             intx_enabled: AtomicBool::new(true),
             msix,
             intx,
+        }
+    }
+
+    /// The MSI-X vector interrupts of `kind` raise, as the driver sets it (restoring a saved
+    /// device, driving a device without its transport); a queue the device lacks is ignored.
+    pub fn set_vector(&self, kind: InterruptKind, vector: u16) {
+        let slot = match kind {
+            InterruptKind::Queue(index) => self.queue_vectors.get(usize::from(index)),
+            InterruptKind::Config => Some(&self.config_vector),
+        };
+        if let Some(slot) = slot {
+            slot.store(vector, Ordering::SeqCst);
         }
     }
 
