@@ -665,6 +665,26 @@ mod tests {
     }
 
     #[test]
+    fn transport_and_acpi_flags_choose_the_platform() {
+        let (config, _) = args(&[]).to_config(false).unwrap();
+        assert_eq!((config.transport, config.acpi), (Transport::Mmio, true));
+        let (config, _) = args(&["--transport", "pci"]).to_config(false).unwrap();
+        assert_eq!((config.transport, config.acpi), (Transport::Pci, true));
+        let (config, _) = args(&["--acpi=false"]).to_config(false).unwrap();
+        assert_eq!((config.transport, config.acpi), (Transport::Mmio, false));
+        let err = args(&["--transport", "pci", "--acpi=false"])
+            .to_config(false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--transport: the pci transport needs ACPI");
+        let err = args(&["--transport", "virtio"])
+            .to_config(false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--transport: 'virtio' is not mmio or pci");
+    }
+
+    #[test]
     fn seccomp_is_on_unless_the_flag_says_false() {
         assert!(args(&[]).to_config(false).unwrap().0.seccomp);
         for (flag, on) in [("--seccomp=false", false), ("--seccomp=true", true)] {
