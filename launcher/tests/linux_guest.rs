@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::http::call;
 use common::linux::{base_cmdline, image_dir, manifest};
 use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
-use common::{kvm_available, rvmm};
+use common::{image_dir, kvm_available, manifest, rvmm};
 
 /// Emulated guests are slow here: a minute or two to init on an idle machine, several times
 /// that when other work shares the cores.

@@ -9,6 +9,7 @@ pub mod memtest;
 pub mod netns;
 pub mod process;
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -55,6 +56,30 @@ pub fn tiny_guest(name: &str) -> PathBuf {
         out
     });
     dir.join(format!("{name}.elf"))
+}
+
+/// The Linux guest image directory (guest-images/build), or `None` (the test skips) without
+/// `RVMM_GUEST_IMAGE_DIR`, except under CI=true.
+pub fn image_dir(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("RVMM_GUEST_IMAGE_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: RVMM_GUEST_IMAGE_DIR is not set; CI=true requires the Linux guest")
+        }
+        None => {
+            eprintln!("SKIPPED {test}: RVMM_GUEST_IMAGE_DIR is not set (run guest-images/build)");
+            None
+        }
+    }
+}
+
+/// `key=value` lines of the image's manifest.
+pub fn manifest(dir: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(dir.join("manifest")).expect("read the image manifest");
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// The rvmm binary under test.
