@@ -85,6 +85,35 @@ pub fn disk_path() -> &'static str {
         .1
 }
 
+/// Makes one request available on `d`: a virtio-blk read of one sector when `block`, an
+/// entropy request of `len` bytes (modulo 8 KiB) otherwise; buffers from `alloc`. Restarts at
+/// descriptor 0 when the table is full.
+pub fn push_request(
+    d: &mut Driver<'_>,
+    alloc: &mut BufAlloc,
+    mem: &GuestMemoryMmap,
+    block: bool,
+    len: u16,
+) {
+    let parts: Vec<(u64, u32, u16)> = if block {
+        let hdr = alloc.place(AddrSel::Alloc, 16);
+        let _ = mem.write_obj(0u32, GuestAddress(hdr));
+        let _ = mem.write_obj(0u64, GuestAddress(hdr + 8));
+        let data = alloc.place(AddrSel::Alloc, 512);
+        let status = alloc.place(AddrSel::Alloc, 1);
+        vec![(hdr, 16, 0), (data, 512, F_WRITE), (status, 1, F_WRITE)]
+    } else {
+        let len = u32::from(len) % 8192;
+        vec![(alloc.place(AddrSel::Alloc, len), len, F_WRITE)]
+    };
+    if d.next_desc as usize + parts.len() > usize::from(d.size) {
+        d.next_desc = 0;
+    }
+    if let Some(head) = d.add_chain(&parts) {
+        d.push_avail(head);
+    }
+}
+
 /// MSI-X vectors of a fuzzed PCI function. Oracle: the transport only raises a vector that is in
 /// range and routed (it routes a vector before it can first deliver it).
 #[derive(Debug)]

@@ -161,23 +161,7 @@ impl Harness<'_> {
         let Some(Some(d)) = self.drivers.get_mut(0) else {
             return;
         };
-        let parts: Vec<(u64, u32, u16)> = if block {
-            let hdr = self.alloc.place(AddrSel::Alloc, 16);
-            let _ = self.mem.write_obj(0u32, GuestAddress(hdr));
-            let _ = self.mem.write_obj(0u64, GuestAddress(hdr + 8));
-            let data = self.alloc.place(AddrSel::Alloc, 512);
-            let status = self.alloc.place(AddrSel::Alloc, 1);
-            vec![(hdr, 16, 0), (data, 512, F_WRITE), (status, 1, F_WRITE)]
-        } else {
-            let len = u32::from(len) % 8192;
-            vec![(self.alloc.place(AddrSel::Alloc, len), len, F_WRITE)]
-        };
-        if d.next_desc as usize + parts.len() > usize::from(d.size) {
-            d.next_desc = 0;
-        }
-        if let Some(head) = d.add_chain(&parts) {
-            d.push_avail(head);
-        }
+        push_request(d, &mut self.alloc, self.mem, block, len);
         self.write32(0x50, 0);
     }
 

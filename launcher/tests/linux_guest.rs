@@ -240,9 +240,16 @@ impl TcpSink {
     fn finish(mut self) -> Vec<u8> {
         let _ = self.listener.kill();
         let _ = self.listener.wait();
-        let sent = std::fs::read(&self.received).unwrap_or_default();
+        std::fs::read(&self.received).unwrap_or_default()
+    }
+}
+
+impl Drop for TcpSink {
+    /// Also when a test fails half way: no listener or file is left behind.
+    fn drop(&mut self) {
+        let _ = self.listener.kill();
+        let _ = self.listener.wait();
         let _ = std::fs::remove_file(&self.received);
-        sent
     }
 }
 
@@ -269,23 +276,49 @@ fn network_cmdline() -> String {
     format!("rvmm.ip={GUEST_IP} rvmm.peer={HOST_IP} rvmm.nc_port={NC_PORT}")
 }
 
+/// What a boot with disk and network I/O needs: the image, a copy of its disk, a network
+/// namespace with a tap and a TCP sink on the host side.
+struct IoBoot {
+    dir: PathBuf,
+    disk: PathBuf,
+    net: TestNetwork,
+    sink: TcpSink,
+}
+
+impl IoBoot {
+    /// `None` (the test skips) without the image, KVM or a network namespace.
+    fn prepare(test: &str, tag: &str) -> Option<Self> {
+        let dir = image_dir(test)?;
+        if !kvm_available(test) {
+            return None;
+        }
+        let net = test_network(tag)?;
+        let sink = TcpSink::start(&net, tag);
+        let disk = disk_copy(&dir, tag);
+        Some(Self {
+            dir,
+            disk,
+            net,
+            sink,
+        })
+    }
+
+    /// Checks what the guest wrote to the disk and sent over TCP.
+    fn finish(self) {
+        let sent = self.sink.finish();
+        assert_disk_and_network_io(&self.disk, &sent);
+    }
+}
+
 #[test]
 fn kvm_linux_guest_finds_its_mmio_devices_in_the_dsdt_passes_its_checks_and_resets() {
-    let test = "linux guest, virtio-mmio with ACPI";
-    let Some(dir) = image_dir(test) else { return };
-    if !kvm_available(test) {
-        return;
-    }
-    let disk = disk_copy(&dir, "e2e");
-    let disk_option = format!("path={},id=rootfs,engine=io_uring", disk.display());
-    let Some(net) = test_network("e2e") else {
+    let Some(io) = IoBoot::prepare("linux guest, virtio-mmio with ACPI", "e2e") else {
         return;
     };
-    let sink = TcpSink::start(&net, "e2e");
+    let disk_option = format!("path={},id=rootfs,engine=io_uring", io.disk.display());
     let cmdline = format!("{} rvmm.virtio_bus=acpi", network_cmdline());
     let flags = ["--rng", "--disk", &disk_option, "--net", "tap=tap0,id=eth0"];
-    let boot = boot_linux(&dir, &flags, &cmdline, None, Some(&net));
-    let sent = sink.finish();
+    let boot = boot_linux(&io.dir, &flags, &cmdline, None, Some(&io.net));
     boot.assert_checks(
         &[
             "proc",
@@ -297,11 +330,11 @@ fn kvm_linux_guest_finds_its_mmio_devices_in_the_dsdt_passes_its_checks_and_rese
             "virtio_bus",
             "acpi",
         ],
-        &["msix"],
+        &["pci_irq"],
     );
     // The guest's `reboot -f` with reboot=k: an i8042 reset, the end of a microVM.
     assert!(boot.printed("reboot: Restarting system"));
-    assert_disk_and_network_io(&disk, &sent);
+    io.finish();
 }
 
 #[test]
@@ -333,7 +366,7 @@ fn kvm_linux_guest_without_acpi_finds_its_devices_on_the_command_line_and_sigter
         None,
     );
     std::fs::remove_file(&disk).unwrap();
-    boot.assert_checks(&["rng", "blk", "virtio_bus"], &["acpi", "msix"]);
+    boot.assert_checks(&["rng", "blk", "virtio_bus"], &["acpi", "pci_irq"]);
     let after = boot
         .action_to_exit_secs
         .expect("the guest never reached RVMM-HOLD");
@@ -351,17 +384,10 @@ fn kvm_linux_guest_without_acpi_finds_its_devices_on_the_command_line_and_sigter
 
 #[test]
 fn kvm_pci_linux_guest_uses_virtio_pci_with_msix_and_powers_off_on_the_power_button() {
-    let test = "linux guest on PCI";
-    let Some(dir) = image_dir(test) else { return };
-    if !kvm_available(test) {
-        return;
-    }
-    let disk = disk_copy(&dir, "pci");
-    let disk_option = format!("path={},id=rootfs", disk.display());
-    let Some(net) = test_network("pci") else {
+    let Some(io) = IoBoot::prepare("linux guest on PCI", "pci") else {
         return;
     };
-    let sink = TcpSink::start(&net, "pci");
+    let disk_option = format!("path={},id=rootfs", io.disk.display());
     let socket = std::env::temp_dir().join(format!("rvmm-pci-{}.sock", std::process::id()));
     let events_path = std::env::temp_dir().join(format!("rvmm-pci-{}.events", std::process::id()));
     let socket_flag = socket.to_str().unwrap();
@@ -382,13 +408,12 @@ fn kvm_pci_linux_guest_uses_virtio_pci_with_msix_and_powers_off_on_the_power_but
     let cmdline = format!("{} rvmm.virtio_bus=pci rvmm.hold", network_cmdline());
     let action = Action::PowerButton(&socket);
     let boot = boot_linux(
-        &dir,
+        &io.dir,
         &flags,
         &cmdline,
         Some(("RVMM-HOLD", action)),
-        Some(&net),
+        Some(&io.net),
     );
-    let sent = sink.finish();
     let events = std::fs::read_to_string(&events_path).unwrap_or_default();
     let _ = std::fs::remove_file(&events_path);
     boot.assert_checks(
@@ -400,7 +425,7 @@ fn kvm_pci_linux_guest_uses_virtio_pci_with_msix_and_powers_off_on_the_power_but
             "blk",
             "net",
             "virtio_bus",
-            "msix",
+            "pci_irq",
             "acpi",
         ],
         &[],
@@ -420,5 +445,5 @@ fn kvm_pci_linux_guest_uses_virtio_pci_with_msix_and_powers_off_on_the_power_but
         .find(|l| l.contains("\"vm.shutdown\""))
         .unwrap_or_else(|| panic!("no vm.shutdown event in {events}"));
     assert!(shutdown.contains("Guest powered off"), "{shutdown}");
-    assert_disk_and_network_io(&disk, &sent);
+    io.finish();
 }
