@@ -42,8 +42,9 @@ pub const KVM_IOEVENTFD: u64 = ioctl_expr(
 );
 
 /// What a vCPU thread needs beyond the rules every thread shares: running the guest, handling
-/// its port and MMIO exits (the serial console, the i8042, the virtio-mmio transports, which
-/// activate and reset devices on this thread) and being kicked out of the guest.
+/// its port and MMIO exits (the serial console, the i8042, the ACPI registers, the virtio-mmio and
+/// virtio-pci transports, which activate and reset devices on this thread, and the PCI root
+/// complex, which updates MSI routes and moves ioeventfds) and being kicked out of the guest.
 pub fn vcpu_rules() -> Vec<Allow> {
     let pid = u64::from(std::process::id());
     let mut rules = vec![
