@@ -79,8 +79,10 @@ fn boot_linux(
         }
         None => rvmm(),
     };
+    // Info messages too: what rvmm did to the guest, for the assertions.
     let mut child = command
         .args(&args)
+        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn rvmm");
@@ -311,12 +313,14 @@ impl IoBoot {
 }
 
 #[test]
-fn kvm_linux_guest_finds_its_mmio_devices_in_the_dsdt_passes_its_checks_and_resets() {
+fn kvm_linux_guest_finds_its_mmio_devices_in_the_dsdt_passes_its_checks_and_resets_through_acpi() {
     let Some(io) = IoBoot::prepare("linux guest, virtio-mmio with ACPI", "e2e") else {
         return;
     };
     let disk_option = format!("path={},id=rootfs,engine=io_uring", io.disk.display());
-    let cmdline = format!("{} rvmm.virtio_bus=acpi", network_cmdline());
+    // reboot=a after the image's reboot=k: the guest's `reboot -f` writes the ACPI reset
+    // register.
+    let cmdline = format!("{} rvmm.virtio_bus=acpi reboot=a", network_cmdline());
     let flags = ["--rng", "--disk", &disk_option, "--net", "tap=tap0,id=eth0"];
     let boot = boot_linux(&io.dir, &flags, &cmdline, None, Some(&io.net));
     boot.assert_checks(
@@ -332,8 +336,14 @@ fn kvm_linux_guest_finds_its_mmio_devices_in_the_dsdt_passes_its_checks_and_rese
         ],
         &["pci_irq"],
     );
-    // The guest's `reboot -f` with reboot=k: an i8042 reset, the end of a microVM.
+    // The guest's `reboot -f`: a reset through ACPI, the end of a microVM.
     assert!(boot.printed("reboot: Restarting system"));
+    assert!(
+        boot.stderr
+            .contains("The guest wrote the ACPI reset register"),
+        "{}",
+        boot.stderr
+    );
     io.finish();
 }
 

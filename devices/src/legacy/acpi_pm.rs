@@ -147,7 +147,10 @@ impl<S: Trigger, P: PowerControl> AcpiPm<S, P> {
                     self.sleep();
                 }
             }
-            RESET if value as u8 == RESET_VALUE => self.power.reset(),
+            RESET if value as u8 == RESET_VALUE => {
+                log::info!("The guest wrote the ACPI reset register");
+                self.power.reset();
+            }
             _ => log::debug!("ACPI PM: write {value:#x} at {offset:#x} ignored"),
         }
         self.raise_sci_if_new(status, enable);
