@@ -17,7 +17,6 @@ use devices::virtio::rng::Rng;
 use devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Registers a driver touches (offsets in the MMIO window).
