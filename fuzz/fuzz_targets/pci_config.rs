@@ -38,12 +38,18 @@ struct Registry(Mutex<BTreeSet<u64>>);
 
 impl IoEventRegistry for Registry {
     fn register(&self, _event: &EventFd, addr: u64) -> io::Result<()> {
-        assert!(self.0.lock().unwrap().insert(addr), "{addr:#x} registered twice");
+        assert!(
+            self.0.lock().unwrap().insert(addr),
+            "{addr:#x} registered twice"
+        );
         Ok(())
     }
 
     fn unregister(&self, _event: &EventFd, addr: u64) -> io::Result<()> {
-        assert!(self.0.lock().unwrap().remove(&addr), "{addr:#x} was not registered");
+        assert!(
+            self.0.lock().unwrap().remove(&addr),
+            "{addr:#x} was not registered"
+        );
         Ok(())
     }
 }
@@ -51,19 +57,50 @@ impl IoEventRegistry for Registry {
 #[derive(Arbitrary, Debug)]
 enum Op {
     /// Ports 0xCF8 + offset.
-    Port { offset: u8, width: u8, value: u32, write: bool },
+    Port {
+        offset: u8,
+        width: u8,
+        value: u32,
+        write: bool,
+    },
     /// A configuration dword of (device, register) through 0xCF8/0xCFC.
-    Cf8 { device: u8, register: u8, value: u32, write: bool, bus: bool },
-    Ecam { offset: u32, width: u8, value: u32, write: bool },
-    Window { offset: u32, width: u8, value: u64, write: bool },
+    Cf8 {
+        device: u8,
+        register: u8,
+        value: u32,
+        write: bool,
+        bus: bool,
+    },
+    Ecam {
+        offset: u32,
+        width: u8,
+        value: u32,
+        write: bool,
+    },
+    Window {
+        offset: u32,
+        width: u8,
+        value: u64,
+        write: bool,
+    },
     /// Linux's BAR sizing of function 1 or 2: decoding off, all ones, read, restore.
     SizeBar(bool),
     /// Function 1 or 2's BAR moved to `to` (rarely anywhere, mostly in the window).
-    MoveBar { second: bool, to: u32, anywhere: bool },
+    MoveBar {
+        second: bool,
+        to: u32,
+        anywhere: bool,
+    },
     /// Both BARs home.
     Home,
-    Memory { second: bool, on: bool },
-    Msix { second: bool, control: u16 },
+    Memory {
+        second: bool,
+        on: bool,
+    },
+    Msix {
+        second: bool,
+        control: u16,
+    },
 }
 
 struct Harness {
@@ -92,7 +129,8 @@ impl Harness {
 
     fn ecam_read(&mut self, device: u32, register: u32) -> u32 {
         let mut data = [0u8; 4];
-        self.ecam.read(u64::from(device << 15 | register), &mut data);
+        self.ecam
+            .read(u64::from(device << 15 | register), &mut data);
         u32::from_le_bytes(data)
     }
 
@@ -115,7 +153,11 @@ impl Harness {
         assert_eq!(self.ecam_read(0, 0), 0x0008_1b36, "host bridge via ECAM");
         for device in [1, 2] {
             assert_eq!(self.read(device, 0), 0x1044_1af4, "function {device}");
-            assert_eq!(self.ecam_read(device, 0), 0x1044_1af4, "function {device} ECAM");
+            assert_eq!(
+                self.ecam_read(device, 0),
+                0x1044_1af4,
+                "function {device} ECAM"
+            );
         }
         assert_eq!(self.read(9, 0), u32::MAX, "empty slot");
         self.ports.write(0, &0x8001_0000u32.to_le_bytes());
@@ -261,7 +303,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         assert_eq!(u16::from_le_bytes(num_queues), 1, "num_queues at {addr:#x}");
     }
     let registered: Vec<u64> = registry.0.lock().unwrap().iter().copied().collect();
-    assert_eq!(registered, HOME.map(|a| a + NOTIFY), "registered ioeventfds");
+    assert_eq!(
+        registered,
+        HOME.map(|a| a + NOTIFY),
+        "registered ioeventfds"
+    );
     Ok(())
 }
 

@@ -54,18 +54,51 @@ const PCI_CFG_CAP: [usize; 2] = [0x84, 0x90];
 #[derive(Arbitrary, Debug)]
 enum Op {
     /// A common configuration field at its width, or anything at all.
-    Common { field: u8, raw: bool, width: u8, value: u64, write: bool },
+    Common {
+        field: u8,
+        raw: bool,
+        width: u8,
+        value: u64,
+        write: bool,
+    },
     /// Any BAR offset and width.
-    Bar { offset: u16, width: u8, value: u64, write: bool },
+    Bar {
+        offset: u16,
+        width: u8,
+        value: u64,
+        write: bool,
+    },
     /// Any configuration offset and width (1, 2, 4).
-    Config { offset: u16, width: u8, value: u32, write: bool },
-    Handshake { garbage_queue: bool, vectors: bool, skip_driver_ok: bool },
-    Request { len: u16 },
+    Config {
+        offset: u16,
+        width: u8,
+        value: u32,
+        write: bool,
+    },
+    Handshake {
+        garbage_queue: bool,
+        vectors: bool,
+        skip_driver_ok: bool,
+    },
+    Request {
+        len: u16,
+    },
     Notify(u8),
     /// Programs MSI-X table entry `vector` and maybe enables MSI-X.
-    Msix { vector: u8, data: u8, masked: bool, enable: bool, function_mask: bool },
+    Msix {
+        vector: u8,
+        data: u8,
+        masked: bool,
+        enable: bool,
+        function_mask: bool,
+    },
     /// The configuration access window at `offset` of `len` bytes, then its data.
-    Window { offset: u16, len: u8, value: u32, write: bool },
+    Window {
+        offset: u16,
+        len: u8,
+        value: u32,
+        write: bool,
+    },
     Reset,
 }
 
@@ -91,7 +124,8 @@ impl Harness<'_> {
     }
 
     fn write(&mut self, offset: u64, len: usize, value: u64) {
-        self.t.write_bar(VIRTIO_BAR, offset, &value.to_le_bytes()[..len]);
+        self.t
+            .write_bar(VIRTIO_BAR, offset, &value.to_le_bytes()[..len]);
     }
 
     fn handshake(&mut self, garbage: bool, vectors: bool, skip_driver_ok: bool) {
@@ -138,7 +172,11 @@ impl Harness<'_> {
     fn reset_and_check(&mut self) {
         self.write(STATUS, 1, 0);
         assert_eq!(self.read(STATUS, 1), 0, "status after reset");
-        assert_eq!(self.read(0x10, 2), u64::from(NO_VECTOR), "config vector after reset");
+        assert_eq!(
+            self.read(0x10, 2),
+            u64::from(NO_VECTOR),
+            "config vector after reset"
+        );
         for q in 0..self.drivers.len() as u64 {
             self.write(0x16, 2, q);
             assert_eq!(self.read(0x1c, 2), 0, "queue {q} enabled after reset");
@@ -156,7 +194,10 @@ impl Harness<'_> {
         assert_eq!(u32::from_le_bytes(id), device << 16 | 0x1af4, "IDs");
         assert_eq!(self.read(0x12, 2), self.drivers.len() as u64, "num_queues");
         let vector = self.read(0x1a, 2) as u16;
-        assert!(vector == NO_VECTOR || vector < self.vectors, "vector {vector}");
+        assert!(
+            vector == NO_VECTOR || vector < self.vectors,
+            "vector {vector}"
+        );
     }
 }
 
@@ -288,7 +329,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 h.t.write_config(cap + 8, &u32::from(offset).to_le_bytes());
                 h.t.write_config(cap + 12, &u32::from(len % 5).to_le_bytes());
                 let bar_offset = u64::from(offset);
-                let touches_status = bar_offset <= STATUS && bar_offset + u64::from(len % 5) > STATUS;
+                let touches_status =
+                    bar_offset <= STATUS && bar_offset + u64::from(len % 5) > STATUS;
                 let mut data = value.to_le_bytes();
                 match write && !touches_status {
                     true => h.t.write_config(cap + 16, &data),
