@@ -1,6 +1,7 @@
 //! virtio-blk request path, in process: requests built in guest memory with virtio-queue's
 //! mock split queue go through `BlockHandler::process_queue` (parse, I/O straight into guest
-//! memory, status, used ring), against raw `pread` of the same sizes and offsets from the host.
+//! memory, status, used ring, the interrupt of the virtio-mmio or virtio-pci transport), against
+//! raw `pread` of the same sizes and offsets from the host.
 //!
 //! The same requests also run on a qcow2 image of the same content, every cluster allocated
 //! (written through rvmm's qcow2 writer), to compare the qcow2 path with the raw one.
@@ -12,13 +13,13 @@ use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use devices::image::DiskImage;
 use devices::virtio::block::{Block, BlockConfig, BlockHandler, Engine};
-use devices::virtio::{ActiveQueue, GuestMemoryMmap, InterruptKind, VirtioInterrupt};
+use devices::virtio::{ActiveQueue, GuestMemoryMmap, VirtioInterrupt};
+use rvmm_benches::{Transport, interrupt};
 use virtio_queue::QueueT;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -34,18 +35,6 @@ const DATA: u64 = 0x100_0000;
 const VIRTIO_BLK_T_IN: u32 = 0;
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
-
-/// Interrupts go nowhere: the guest is this process.
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_needs_reset(&self) {
-        panic!("queue error in the benchmark");
-    }
-}
 
 struct Disk {
     path: PathBuf,
@@ -145,14 +134,20 @@ struct DeviceBench {
     /// Host addresses of the headers' sector fields: the guest writes its own memory directly,
     /// like `RawBench` fills in its offsets, rather than through vm-memory's checked accessors.
     sectors: Vec<*mut u64>,
-    handler: BlockHandler<NoInterrupt>,
+    handler: BlockHandler<dyn VirtioInterrupt>,
     offsets: Offsets,
     depth: usize,
     _device: Block,
 }
 
 impl DeviceBench {
-    fn new(disk: &Disk, engine: Engine, pattern: Pattern, depth: usize) -> Self {
+    fn new(
+        disk: &Disk,
+        engine: Engine,
+        transport: Transport,
+        pattern: Pattern,
+        depth: usize,
+    ) -> Self {
         let len = pattern.len();
         let mem_size = DATA + depth as u64 * u64::from(len);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
@@ -183,7 +178,7 @@ impl DeviceBench {
             notify: EventFd::new(EFD_NONBLOCK).unwrap(),
         };
         let handler = device
-            .handler(mem.clone(), queue, Arc::new(NoInterrupt))
+            .handler(mem.clone(), queue, interrupt(transport, 1))
             .unwrap();
         let sectors = (0..depth as u64)
             .map(|i| {
@@ -279,14 +274,15 @@ fn criterion_groups(c: &mut Criterion, disk: &Disk, qcow2: &Disk) {
         group.throughput(Throughput::Bytes(DEPTH as u64 * u64::from(pattern.len())));
         let mut raw = RawBench::new(disk, pattern, DEPTH);
         group.bench_function("raw-pread", |b| b.iter(|| raw.batch()));
-        for (label, engine) in [
-            ("device-sync", Engine::Sync),
-            ("device-io_uring", Engine::IoUring),
-        ] {
-            let mut dev = DeviceBench::new(disk, engine, pattern, DEPTH);
+        for (label, engine) in [("sync", Engine::Sync), ("io_uring", Engine::IoUring)] {
+            for transport in Transport::ALL {
+                let mut dev = DeviceBench::new(disk, engine, transport, pattern, DEPTH);
+                let label = format!("device-{label}-{}", transport.name());
+                group.bench_function(label, |b| b.iter(|| dev.batch()));
+            }
+            let mut dev = DeviceBench::new(qcow2, engine, Transport::Mmio, pattern, DEPTH);
+            let label = format!("device-{label}-{}-qcow2", Transport::Mmio.name());
             group.bench_function(label, |b| b.iter(|| dev.batch()));
-            let mut dev = DeviceBench::new(qcow2, engine, pattern, DEPTH);
-            group.bench_function(format!("{label}-qcow2"), |b| b.iter(|| dev.batch()));
         }
         group.finish();
     }
@@ -312,52 +308,67 @@ fn print_ratios(disk: &Disk, qcow2: &Disk) {
         for pattern in [Pattern::Random4k, Pattern::Seq1m] {
             let bytes = depth as u64 * u64::from(pattern.len());
             let mut raw = RawBench::new(disk, pattern, depth);
-            let mut sync = DeviceBench::new(disk, Engine::Sync, pattern, depth);
-            let mut uring = DeviceBench::new(disk, Engine::IoUring, pattern, depth);
-            let mut q_sync = DeviceBench::new(qcow2, Engine::Sync, pattern, depth);
-            let mut q_uring = DeviceBench::new(qcow2, Engine::IoUring, pattern, depth);
-            let (mut best_raw, mut best_sync, mut best_uring) = (0f64, 0f64, 0f64);
-            let (mut best_q_sync, mut best_q_uring) = (0f64, 0f64);
+            // (label, bench, best rate, qcow2 image): every transport on the raw image, the
+            // qcow2 image on virtio-mmio (the transport does not touch the image format).
+            let mut devices: Vec<(String, DeviceBench, f64, bool)> = Vec::new();
+            for (label, engine) in [("sync", Engine::Sync), ("io_uring", Engine::IoUring)] {
+                for transport in Transport::ALL {
+                    let dev = DeviceBench::new(disk, engine, transport, pattern, depth);
+                    devices.push((format!("{label} {}", transport.name()), dev, 0.0, false));
+                }
+                let dev = DeviceBench::new(qcow2, engine, Transport::Mmio, pattern, depth);
+                let name = format!("{label} {} qcow2", Transport::Mmio.name());
+                devices.push((name, dev, 0.0, true));
+            }
+            let mut best_raw = 0f64;
             for _ in 0..ROUNDS {
                 best_raw = best_raw.max(rate(|| raw.batch(), bytes, round));
-                best_sync = best_sync.max(rate(|| sync.batch(), bytes, round));
-                best_uring = best_uring.max(rate(|| uring.batch(), bytes, round));
-                best_q_sync = best_q_sync.max(rate(|| q_sync.batch(), bytes, round));
-                best_q_uring = best_q_uring.max(rate(|| q_uring.batch(), bytes, round));
+                for (_, dev, best, _) in &mut devices {
+                    *best = best.max(rate(|| dev.batch(), bytes, round));
+                }
             }
             let unit = |r: f64| match pattern {
                 Pattern::Random4k => format!("{:.0} kIOPS", r / 4096.0 / 1000.0),
                 Pattern::Seq1m => format!("{:.2} GiB/s", r / f64::from(1u32 << 30)),
             };
+            let rates: Vec<String> = devices
+                .iter()
+                .map(|(label, _, best, _)| format!("{label} {}", unit(*best)))
+                .collect();
             lines.push(format!(
-                "qd{depth} {}: raw {}, sync {}, io_uring {}, qcow2 sync {}, qcow2 io_uring {}",
+                "qd{depth} {}: raw {}, {}",
                 name(pattern),
                 unit(best_raw),
-                unit(best_sync),
-                unit(best_uring),
-                unit(best_q_sync),
-                unit(best_q_uring)
+                rates.join(", ")
             ));
-            for (engine, best) in [("sync", best_sync), ("io_uring", best_uring)] {
-                let label = if depth == DEPTH {
-                    name(pattern).to_string()
-                } else {
-                    format!("{}-qd{depth}", name(pattern))
-                };
+            let label = if depth == DEPTH {
+                name(pattern).to_string()
+            } else {
+                format!("{}-qd{depth}", name(pattern))
+            };
+            for (device, _, best, _) in &devices {
                 lines.push(format!(
-                    "ratio {label} {engine}: {:.2}x raw",
+                    "ratio {label} {device}: {:.2}x raw",
                     best / best_raw
                 ));
             }
-            for (engine, q, device) in [
-                ("sync", best_q_sync, best_sync),
-                ("io_uring", best_q_uring, best_uring),
-            ] {
+            // qcow2 against the raw image on the same engine and transport.
+            let raw_device = |engine: &str| {
+                let label = format!("{engine} {}", Transport::Mmio.name());
+                devices
+                    .iter()
+                    .find(|d| d.0 == label)
+                    .map_or(f64::NAN, |d| d.2)
+            };
+            for (device, _, best, is_qcow2) in &devices {
+                if !is_qcow2 {
+                    continue;
+                }
+                let engine = device.split(' ').next().unwrap_or_default();
                 lines.push(format!(
-                    "ratio {}-qd{depth} qcow2 {engine}: {:.2}x raw device, {:.2}x raw pread",
-                    name(pattern),
-                    q / device,
-                    q / best_raw
+                    "ratio {label} {device}: {:.2}x raw device, {:.2}x raw pread",
+                    best / raw_device(engine),
+                    best / best_raw
                 ));
             }
         }

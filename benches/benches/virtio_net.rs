@@ -1,6 +1,7 @@
 //! virtio-net data path, in process: frames go through `NetHandler::process_tx` (guest chains
 //! → tap) and `NetHandler::process_rx` (tap → guest chains) with virtio-queue's mock split
-//! queues, next to a raw loop of `writev`/`readv` on the same tap (the limit).
+//! queues and the interrupt of the virtio-mmio or virtio-pci transport, next to a raw loop of
+//! `writev`/`readv` on the same tap (the limit).
 //!
 //! As root with `/dev/net/tun`, the benchmark moves itself into a private network namespace
 //! (`unshare(CLONE_NEWNET)`: freed by the kernel when it exits) and creates a tap there; rx
@@ -12,7 +13,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
@@ -20,8 +20,9 @@ use devices::virtio::net::{
     MAX_BUFFER_LEN, Net, NetBackend, NetConfig, NetHandler, SocketBackend, Tap, VNET_HDR_LEN,
 };
 use devices::virtio::{
-    ActiveQueue, GuestMemoryMmap, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
+    ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
 };
+use rvmm_benches::{Transport, interrupt};
 use virtio_queue::QueueT;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -51,18 +52,6 @@ const FEATURES: u64 = VIRTIO_F_VERSION_1
     | 1 << 15
     | 1 << 5
     | 1 << 16;
-
-/// Interrupts go nowhere: the guest is this process.
-struct NoInterrupt;
-
-impl VirtioInterrupt for NoInterrupt {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_needs_reset(&self) {
-        panic!("queue error in the benchmark");
-    }
-}
 
 /// Frame shape of a variant.
 #[derive(Clone, Copy, PartialEq)]
@@ -305,14 +294,14 @@ fn descriptor(addr: u64, len: u32, flags: u16) -> RawDescriptor {
 
 /// The device with both queues laid out once; each batch rewinds them.
 struct DeviceBench {
-    handler: NetHandler<NoInterrupt>,
+    handler: NetHandler<dyn VirtioInterrupt>,
     shape: Shape,
     _net: Net,
     _mem: GuestMemoryMmap,
 }
 
 impl DeviceBench {
-    fn new(link: &Link, shape: Shape) -> Self {
+    fn new(link: &Link, shape: Shape, transport: Transport) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), QUEUE);
         let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), QUEUE);
@@ -356,7 +345,7 @@ impl DeviceBench {
                 mem.clone(),
                 active(&rxq),
                 active(&txq),
-                Arc::new(NoInterrupt),
+                interrupt(transport, 2),
             )
             .unwrap();
         Self {
@@ -504,15 +493,17 @@ fn criterion_groups(c: &mut Criterion, link: &Link) {
                 })
             });
             drop(raw);
-            let mut dev = DeviceBench::new(link, shape);
-            group.bench_function("device", |b| {
-                b.iter_custom(|iters| {
-                    timed(link, shape, dir, iters, || match dir {
-                        Dir::Tx => dev.tx(),
-                        Dir::Rx => dev.rx(),
+            for transport in Transport::ALL {
+                let mut dev = DeviceBench::new(link, shape, transport);
+                group.bench_function(format!("device-{}", transport.name()), |b| {
+                    b.iter_custom(|iters| {
+                        timed(link, shape, dir, iters, || match dir {
+                            Dir::Tx => dev.tx(),
+                            Dir::Rx => dev.rx(),
+                        })
                     })
-                })
-            });
+                });
+            }
             group.finish();
         }
     }
@@ -538,34 +529,46 @@ fn print_ratios(link: &Link) {
     for shape in [Shape::Small, Shape::Tso] {
         for dir in [Dir::Tx, Dir::Rx] {
             let mut raw = RawBench::new(link, shape);
-            let mut dev = DeviceBench::new(link, shape);
-            let (mut best_raw, mut best_dev) = (0f64, 0f64);
+            let mut devices: Vec<(Transport, DeviceBench, f64)> = Transport::ALL
+                .iter()
+                .map(|&t| (t, DeviceBench::new(link, shape, t), 0.0))
+                .collect();
+            let mut best_raw = 0f64;
             for _ in 0..ROUNDS {
                 best_raw = best_raw.max(rate(link, shape, dir, round, || match dir {
                     Dir::Tx => raw.tx(),
                     Dir::Rx => raw.rx(),
                 }));
-                best_dev = best_dev.max(rate(link, shape, dir, round, || match dir {
-                    Dir::Tx => dev.tx(),
-                    Dir::Rx => dev.rx(),
-                }));
+                for (_, dev, best) in &mut devices {
+                    *best = best.max(rate(link, shape, dir, round, || match dir {
+                        Dir::Tx => dev.tx(),
+                        Dir::Rx => dev.rx(),
+                    }));
+                }
             }
             let d = if dir == Dir::Tx { "tx" } else { "rx" };
             let unit = |r: f64| match shape {
                 Shape::Small => format!("{:.2} Mpps", r / 1e6),
                 Shape::Tso => format!("{:.2} GB/s", r * shape.frame_len() as f64 / 1e9),
             };
+            let rates: Vec<String> = devices
+                .iter()
+                .map(|(t, _, best)| format!("device {} {}", t.name(), unit(*best)))
+                .collect();
             lines.push(format!(
-                "{d} {}: raw {}, device {}",
+                "{d} {}: raw {}, {}",
                 shape.name(),
                 unit(best_raw),
-                unit(best_dev)
+                rates.join(", ")
             ));
-            lines.push(format!(
-                "ratio {d} {}: {:.2}x raw",
-                shape.name(),
-                best_dev / best_raw
-            ));
+            for (transport, _, best) in &devices {
+                lines.push(format!(
+                    "ratio {d} {} {}: {:.2}x raw",
+                    shape.name(),
+                    transport.name(),
+                    best / best_raw
+                ));
+            }
         }
     }
     println!();

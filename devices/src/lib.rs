@@ -8,6 +8,7 @@ mod bus_device;
 pub mod image;
 pub mod legacy;
 mod pausable;
+pub mod pci;
 pub mod seccomp;
 mod trigger;
 pub mod virtio;

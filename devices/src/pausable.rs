@@ -34,6 +34,18 @@ impl Pausable for crate::virtio::mmio::MmioTransport {
     }
 }
 
+impl Pausable for crate::virtio::pci::VirtioPciTransport {
+    fn pause(&mut self) -> Result<(), PauseError> {
+        let device = device_name(self.device_type());
+        crate::virtio::pci::VirtioPciTransport::pause(self)
+            .map_err(|source| PauseError::Worker { device, source })
+    }
+
+    fn resume(&mut self) {
+        crate::virtio::pci::VirtioPciTransport::resume(self);
+    }
+}
+
 fn device_name(device_type: u32) -> &'static str {
     match device_type {
         crate::virtio::TYPE_BLOCK => "virtio-blk",

@@ -4,9 +4,14 @@
 //! Guest memory is two adjacent 1 MiB regions (so buffers can straddle a region boundary)
 //! ending at [`MEM_END`]; anything at or above it is outside guest memory.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arbitrary::{Arbitrary, Result, Unstructured};
+use devices::pci::msix::{MsiMessage, MsiRouter};
 use devices::virtio::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
@@ -49,7 +54,7 @@ pub struct CountingInterrupt {
 impl VirtioInterrupt for CountingInterrupt {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
         match kind {
-            InterruptKind::Queue => self.queue.fetch_add(1, Ordering::Relaxed),
+            InterruptKind::Queue(_) => self.queue.fetch_add(1, Ordering::Relaxed),
             InterruptKind::Config => self.config.fetch_add(1, Ordering::Relaxed),
         };
         Ok(())
@@ -57,6 +62,101 @@ impl VirtioInterrupt for CountingInterrupt {
 
     fn signal_needs_reset(&self) {
         self.needs_reset.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A 64 KiB disk, unlinked, reopened through /proc/self/fd for every block device.
+pub fn disk_path() -> &'static str {
+    static DISK: OnceLock<(File, String)> = OnceLock::new();
+    &DISK
+        .get_or_init(|| {
+            let path =
+                std::env::temp_dir().join(format!("rvmm-fuzz-disk-{}.img", std::process::id()));
+            std::fs::write(&path, vec![0x5au8; 64 * 1024]).expect("temp disk");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open temp disk");
+            let _ = std::fs::remove_file(&path);
+            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            (file, proc_path)
+        })
+        .1
+}
+
+/// Makes one request available on `d`: a virtio-blk read of one sector when `block`, an
+/// entropy request of `len` bytes (modulo 8 KiB) otherwise; buffers from `alloc`. Restarts at
+/// descriptor 0 when the table is full.
+pub fn push_request(
+    d: &mut Driver<'_>,
+    alloc: &mut BufAlloc,
+    mem: &GuestMemoryMmap,
+    block: bool,
+    len: u16,
+) {
+    let parts: Vec<(u64, u32, u16)> = if block {
+        let hdr = alloc.place(AddrSel::Alloc, 16);
+        let _ = mem.write_obj(0u32, GuestAddress(hdr));
+        let _ = mem.write_obj(0u64, GuestAddress(hdr + 8));
+        let data = alloc.place(AddrSel::Alloc, 512);
+        let status = alloc.place(AddrSel::Alloc, 1);
+        vec![(hdr, 16, 0), (data, 512, F_WRITE), (status, 1, F_WRITE)]
+    } else {
+        let len = u32::from(len) % 8192;
+        vec![(alloc.place(AddrSel::Alloc, len), len, F_WRITE)]
+    };
+    if d.next_desc as usize + parts.len() > usize::from(d.size) {
+        d.next_desc = 0;
+    }
+    if let Some(head) = d.add_chain(&parts) {
+        d.push_avail(head);
+    }
+}
+
+/// MSI-X vectors of a fuzzed PCI function. Oracle: the transport only raises a vector that is in
+/// range and routed (it routes a vector before it can first deliver it).
+#[derive(Debug)]
+pub struct CheckingMsiRouter {
+    count: u16,
+    routes: Mutex<BTreeMap<u16, MsiMessage>>,
+    pub signals: AtomicUsize,
+}
+
+impl CheckingMsiRouter {
+    /// A router of `count` vectors.
+    pub fn new(count: u16) -> Self {
+        Self {
+            count,
+            routes: Mutex::new(BTreeMap::new()),
+            signals: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl MsiRouter for CheckingMsiRouter {
+    fn vector_count(&self) -> u16 {
+        self.count
+    }
+
+    fn route(&self, vector: u16, message: Option<MsiMessage>) -> std::io::Result<()> {
+        assert!(vector < self.count, "route of vector {vector} past the table");
+        let mut routes = self.routes.lock().unwrap();
+        match message {
+            Some(m) => routes.insert(vector, m),
+            None => routes.remove(&vector),
+        };
+        Ok(())
+    }
+
+    fn signal(&self, vector: u16) -> std::io::Result<()> {
+        assert!(vector < self.count, "signal of vector {vector} past the table");
+        assert!(
+            self.routes.lock().unwrap().contains_key(&vector),
+            "vector {vector} raised without a route"
+        );
+        self.signals.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 

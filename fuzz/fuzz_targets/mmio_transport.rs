@@ -9,10 +9,6 @@
 
 #![no_main]
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::sync::OnceLock;
-
 use arbitrary::{Arbitrary, Result, Unstructured};
 use devices::BusDevice;
 use devices::virtio::block::{Block, BlockConfig, Engine};
@@ -21,7 +17,6 @@ use devices::virtio::rng::Rng;
 use devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Registers a driver touches (offsets in the MMIO window).
@@ -34,26 +29,6 @@ const ACKNOWLEDGE: u32 = 1;
 const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
-
-/// A 64 KiB disk, unlinked, reopened through /proc/self/fd for every block device.
-fn disk_path() -> &'static str {
-    static DISK: OnceLock<(File, String)> = OnceLock::new();
-    &DISK
-        .get_or_init(|| {
-            let path =
-                std::env::temp_dir().join(format!("rvmm-fuzz-mmio-{}.img", std::process::id()));
-            std::fs::write(&path, vec![0x5au8; 64 * 1024]).expect("temp disk");
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .expect("open temp disk");
-            let _ = std::fs::remove_file(&path);
-            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            (file, proc_path)
-        })
-        .1
-}
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Reg {
@@ -185,23 +160,7 @@ impl Harness<'_> {
         let Some(Some(d)) = self.drivers.get_mut(0) else {
             return;
         };
-        let parts: Vec<(u64, u32, u16)> = if block {
-            let hdr = self.alloc.place(AddrSel::Alloc, 16);
-            let _ = self.mem.write_obj(0u32, GuestAddress(hdr));
-            let _ = self.mem.write_obj(0u64, GuestAddress(hdr + 8));
-            let data = self.alloc.place(AddrSel::Alloc, 512);
-            let status = self.alloc.place(AddrSel::Alloc, 1);
-            vec![(hdr, 16, 0), (data, 512, F_WRITE), (status, 1, F_WRITE)]
-        } else {
-            let len = u32::from(len) % 8192;
-            vec![(self.alloc.place(AddrSel::Alloc, len), len, F_WRITE)]
-        };
-        if d.next_desc as usize + parts.len() > usize::from(d.size) {
-            d.next_desc = 0;
-        }
-        if let Some(head) = d.add_chain(&parts) {
-            d.push_avail(head);
-        }
+        push_request(d, &mut self.alloc, self.mem, block, len);
         self.write32(0x50, 0);
     }
 

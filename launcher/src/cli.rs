@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use devices::image::ImageFormat;
 use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig;
-use vmm_core::{BootSource, CpuProfile, VmConfig};
+use vmm_core::{BootSource, CpuProfile, Transport, VmConfig};
 
 use crate::config::{VmConfigFile, dhcp_mac};
 use crate::dhcp::DhcpConfig;
@@ -138,6 +138,15 @@ pub struct RunArgs {
     /// the other VM flags come from the snapshot.
     #[arg(long, value_name = "source_url=URL")]
     pub restore: Option<String>,
+    /// How the virtio devices reach the guest: mmio (a microVM's virtio-mmio) or pci
+    /// (virtio-pci with MSI-X, as distro kernels expect) [default: mmio].
+    #[arg(long, value_name = "mmio|pci")]
+    pub transport: Option<String>,
+    /// ACPI tables and power management: the power button then shuts the guest down through
+    /// ACPI. `--acpi=false` is a microVM without firmware tables, its virtio-mmio devices on the
+    /// kernel command line [default: true].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub acpi: Option<bool>,
 }
 
 /// `--restore`, parsed.
@@ -215,6 +224,18 @@ pub fn parse_serial(text: &str) -> Result<SerialMode, InvalidFlag> {
         _ => Err(invalid(
             "serial",
             format!("'{text}' is not stdio, file=PATH, socket=PATH or off"),
+        )),
+    }
+}
+
+/// Parses `--transport`.
+pub fn parse_transport(text: &str) -> Result<Transport, InvalidFlag> {
+    match text {
+        "mmio" => Ok(Transport::Mmio),
+        "pci" => Ok(Transport::Pci),
+        other => Err(invalid(
+            "transport",
+            format!("'{other}' is not mmio or pci"),
         )),
     }
 }
@@ -425,6 +446,8 @@ impl RunArgs {
             ("--rng", self.rng),
             ("--disk", !self.disk.is_empty()),
             ("--net", !self.net.is_empty()),
+            ("--transport", self.transport.is_some()),
+            ("--acpi", self.acpi.is_some()),
         ]
         .into_iter()
         .filter_map(|(flag, set)| set.then_some(flag))
@@ -569,6 +592,9 @@ impl RunArgs {
                 }
             }
         };
+        let transport = self.transport.as_deref().map(parse_transport).transpose()?;
+        let (transport, acpi) = crate::config::platform(transport, self.acpi)
+            .map_err(|reason| invalid("transport", reason))?;
         let config = VmConfig {
             vcpus,
             memory_bytes,
@@ -583,6 +609,8 @@ impl RunArgs {
             disks: disks.into_iter().map(|d| d.block).collect(),
             nets: parse_nets(&self.net)?,
             seccomp: self.seccomp,
+            transport,
+            acpi,
         };
         Ok((
             config,
@@ -719,6 +747,26 @@ mod tests {
             err.contains("--on-reboot") && err.contains("'reboot' is not restart or exit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn transport_and_acpi_flags_choose_the_platform() {
+        let (config, _) = args(&[]).to_config(false).unwrap();
+        assert_eq!((config.transport, config.acpi), (Transport::Mmio, true));
+        let (config, _) = args(&["--transport", "pci"]).to_config(false).unwrap();
+        assert_eq!((config.transport, config.acpi), (Transport::Pci, true));
+        let (config, _) = args(&["--acpi=false"]).to_config(false).unwrap();
+        assert_eq!((config.transport, config.acpi), (Transport::Mmio, false));
+        let err = args(&["--transport", "pci", "--acpi=false"])
+            .to_config(false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--transport: the pci transport needs ACPI");
+        let err = args(&["--transport", "virtio"])
+            .to_config(false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--transport: 'virtio' is not mmio or pci");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use devices::image::ImageFormat;
 use devices::virtio::block::{BlockConfig, Engine};
 use devices::virtio::net::NetConfig as NicConfig;
 use serde::{Deserialize, Serialize};
-use vmm_core::{BootSource, CpuProfile, VmConfig};
+use vmm_core::{BootSource, CpuProfile, Transport, VmConfig};
 
 use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
 use crate::dhcp::DhcpConfig;
@@ -41,6 +41,55 @@ pub struct VmConfigFile {
     /// The 16550 console.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    /// How the virtio devices reach the guest: `mmio` (the default) or `pci`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportName>,
+    /// ACPI tables and power management (default true); `false` is a microVM without firmware
+    /// tables, its virtio-mmio devices on the kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acpi: Option<bool>,
+}
+
+/// `transport`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportName {
+    /// virtio-mmio.
+    Mmio,
+    /// virtio-pci.
+    Pci,
+}
+
+impl From<TransportName> for Transport {
+    fn from(name: TransportName) -> Self {
+        match name {
+            TransportName::Mmio => Transport::Mmio,
+            TransportName::Pci => Transport::Pci,
+        }
+    }
+}
+
+impl From<Transport> for TransportName {
+    fn from(transport: Transport) -> Self {
+        match transport {
+            Transport::Mmio => TransportName::Mmio,
+            Transport::Pci => TransportName::Pci,
+        }
+    }
+}
+
+/// The transport and ACPI choice, checked together: PCI needs ACPI (its host bridge, windows
+/// and interrupt routing are in the DSDT).
+pub(crate) fn platform(
+    transport: Option<Transport>,
+    acpi: Option<bool>,
+) -> Result<(Transport, bool), &'static str> {
+    let transport = transport.unwrap_or_default();
+    let acpi = acpi.unwrap_or(true);
+    if transport == Transport::Pci && !acpi {
+        return Err("the pci transport needs ACPI");
+    }
+    Ok((transport, acpi))
 }
 
 /// `cpus`.
@@ -324,6 +373,8 @@ impl VmConfigFile {
             None => SerialMode::Stdio,
             Some(s) => serial(s)?,
         };
+        let (transport, acpi) = platform(self.transport.map(Into::into), self.acpi)
+            .map_err(|reason| invalid("acpi", reason))?;
         let config = VmConfig {
             vcpus,
             memory_bytes: self.memory.size,
@@ -339,6 +390,8 @@ impl VmConfigFile {
             nets,
             // Filtered unless `rvmm run --seccomp=false` (which sets this afterwards).
             seccomp: true,
+            transport,
+            acpi,
         };
         Ok((config, serial))
     }
@@ -413,6 +466,8 @@ impl VmConfigFile {
                 src: "/dev/urandom".into(),
             }),
             serial: Some(SerialConfig { mode, file, socket }),
+            transport: Some(config.transport.into()),
+            acpi: Some(config.acpi),
         }
     }
 }

@@ -51,6 +51,34 @@ fn defaults_fill_what_the_file_leaves_out() {
     assert_eq!(config.cmdline, DEFAULT_CMDLINE);
     assert!(!config.rng && config.disks.is_empty() && config.nets.is_empty());
     assert_eq!(serial, SerialMode::Stdio);
+    assert_eq!((config.transport, config.acpi), (Transport::Mmio, true));
+}
+
+#[test]
+fn transport_and_acpi_are_one_checked_platform_choice() {
+    let platform = |extra: &str| {
+        validate(&format!(
+            r#"{{"payload": {{"kernel": "/proc/self/exe"}}{extra}}}"#
+        ))
+        .map(|(c, _)| (c.transport, c.acpi))
+    };
+    assert_eq!(
+        platform(r#", "transport": "pci""#).unwrap(),
+        (Transport::Pci, true)
+    );
+    assert_eq!(
+        platform(r#", "transport": "mmio", "acpi": false"#).unwrap(),
+        (Transport::Mmio, false)
+    );
+    let err = platform(r#", "transport": "pci", "acpi": false"#)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "acpi: the pci transport needs ACPI");
+    let err = error(r#"{"payload": {"kernel": "/proc/self/exe"}, "transport": "isa"}"#);
+    assert!(
+        err.starts_with("transport: unknown variant `isa`, expected `mmio` or `pci`"),
+        "{err}"
+    );
 }
 
 #[test]

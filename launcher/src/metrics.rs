@@ -12,6 +12,7 @@
 //! | `rvmm_vcpu_exits_total` | counter, summed over vCPUs | `reason` |
 //! | `rvmm_disk_{reads,writes,read_bytes,write_bytes,flushes,errors}_total` | counter | `disk` |
 //! | `rvmm_net_{rx,tx}_{packets,bytes,dropped,errors}_total` | counter | `interface` |
+//! | `rvmm_pci_malformed_accesses_total` | counter, guest accesses the PCI emulation ignored | `kind` (`config`, `bar`, `msix`) |
 //!
 //! Without a VM only the state and uptime are reported. `rvmm_vm_state` has a series for each
 //! of [`VM_STATES`]; a state outside that list gets a series of its own, so the current state
@@ -149,6 +150,17 @@ pub fn render(state: &str, uptime: Duration, vm: Option<&VmMetrics>) -> String {
     );
     for (reason, n) in &vm.exits {
         sample(o, "rvmm_vcpu_exits_total", Some(("reason", reason)), n);
+    }
+    let pci = "rvmm_pci_malformed_accesses_total";
+    header(
+        o,
+        pci,
+        "counter",
+        "Malformed guest accesses to PCI configuration space, BARs and MSI-X, ignored.",
+    );
+    let m = &vm.malformed_pci;
+    for (kind, n) in [("config", m.config), ("bar", m.bar), ("msix", m.msix)] {
+        sample(o, pci, Some(("kind", kind)), n);
     }
     if !vm.disks.is_empty() {
         for (name, help, field) in DISK_COUNTERS {

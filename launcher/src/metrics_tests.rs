@@ -201,6 +201,11 @@ fn full_metrics() -> VmMetrics {
         }],
         memory_bytes: 256 << 20,
         vcpu_cpu_ns: vec![Some(1_500_000_000)],
+        malformed_pci: vmm_core::metrics::MalformedPciCounts {
+            config: 1,
+            bar: 2,
+            msix: 3,
+        },
     }
 }
 
@@ -235,6 +240,11 @@ fn every_line_of_a_full_exposition_is_well_formed() {
         exp.value("rvmm_vcpu_exits_total", &[("reason", "io_out")]),
         Some(1234.0)
     );
+    let pci = |kind: &str| exp.value("rvmm_pci_malformed_accesses_total", &[("kind", kind)]);
+    assert_eq!(
+        (pci("config"), pci("bar"), pci("msix")),
+        (Some(1.0), Some(2.0), Some(3.0))
+    );
     let disk = |name: &str, id: &str| exp.value(name, &[("disk", id)]);
     assert_eq!(disk("rvmm_disk_reads_total", "root"), Some(10.0));
     assert_eq!(disk("rvmm_disk_writes_total", "root"), Some(4.0));
@@ -252,8 +262,9 @@ fn every_line_of_a_full_exposition_is_well_formed() {
     assert_eq!(nic("rvmm_net_tx_bytes_total"), Some(1600.0));
     assert_eq!(nic("rvmm_net_tx_dropped_total"), Some(2.0));
     assert_eq!(nic("rvmm_net_tx_errors_total"), Some(3.0));
-    // 4 state series + uptime + memory + 3 exit reasons + 6 counters x 2 disks + 8 x 1 NIC.
-    assert_eq!(exp.samples.len(), 4 + 1 + 1 + 3 + 12 + 8);
+    // 4 state series + uptime + memory + 3 exit reasons + 3 malformed PCI kinds + 6 counters
+    // x 2 disks + 8 x 1 NIC.
+    assert_eq!(exp.samples.len(), 4 + 1 + 1 + 3 + 3 + 12 + 8);
 }
 
 #[test]

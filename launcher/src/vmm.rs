@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vmm_core::metrics::VmMetrics;
-use vmm_core::{MetricsHandle, Outcome, StopReason, VmConfig, VmHandle};
+use vmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
 
 use crate::cli::SerialMode;
 use crate::config::VmConfigFile;
@@ -634,14 +634,16 @@ impl Vmm {
         Ok(())
     }
 
-    /// `vm.power-button`: asks the guest to shut down (Ctrl-Alt-Del on the i8042).
-    pub fn power_button(&self) -> Result<(), VmmError> {
+    /// `vm.power-button`: asks the guest to shut down, through the ACPI power button when the
+    /// guest handles it, Ctrl-Alt-Del otherwise; says which.
+    pub fn power_button(&self) -> Result<ShutdownRequest, VmmError> {
         let mut inner = self.lock();
         let slot = Self::slot_in(&mut inner, "press the power button of", &[VmState::Running])?;
-        if let Some(active) = &mut slot.active {
-            press_power_button(active);
-        }
-        Ok(())
+        let request = match &mut slot.active {
+            Some(active) => press_power_button(active),
+            None => ShutdownRequest::CtrlAltDel,
+        };
+        Ok(request)
     }
 
     /// Asks the guest to shut down, as often as called (a booting guest can miss the press): the
@@ -764,6 +766,11 @@ impl Vmm {
             .map(|(reason, count)| ((*reason).to_string(), json!(count)))
             .collect();
         counters.insert("vcpu_exits".into(), Value::Object(exits));
+        let m = &metrics.malformed_pci;
+        counters.insert(
+            "pci_malformed_accesses".into(),
+            json!({"config": m.config, "bar": m.bar, "msix": m.msix}),
+        );
         Ok(Value::Object(counters))
     }
 
@@ -794,19 +801,20 @@ impl Vmm {
     pub fn shutdown_signal(self: &Arc<Self>, grace: Duration) {
         let mut inner = self.lock();
         let first = !std::mem::replace(&mut inner.shutdown_signalled, true);
+        let mut was_paused = false;
         let running = inner.vm.as_mut().and_then(|slot| {
-            let state = slot.state;
             let active = slot.active.as_mut()?;
-            if first {
-                if state == VmState::Paused {
-                    // A paused guest cannot see the press: let it run to shut down.
-                    active.handle.resume();
-                }
-                press_power_button(active);
+            if !first {
+                return Some(None);
             }
-            Some(state)
+            if slot.state == VmState::Paused {
+                // A paused guest cannot see the press: let it run to shut down.
+                active.handle.resume();
+                was_paused = true;
+            }
+            Some(Some(press_power_button(active)))
         });
-        if running == Some(VmState::Paused) && first {
+        if was_paused {
             if let Some(slot) = inner.vm.as_mut() {
                 slot.state = VmState::Running;
             }
@@ -814,10 +822,10 @@ impl Vmm {
         }
         drop(inner);
         match running {
-            Some(_) if first => {
+            Some(Some(request)) => {
                 log::warn!(
-                    "Shutdown signal: asked the guest to shut down (power button: {POWER_BUTTON}), \
-                     {} s grace",
+                    "Shutdown signal: asked the guest to shut down (power button: {}), {} s grace",
+                    request.name(),
                     grace.as_secs()
                 );
                 let vmm = self.clone();
@@ -833,7 +841,7 @@ impl Vmm {
                     self.request_exit(EXIT_OK);
                 }
             }
-            Some(_) => {
+            Some(None) => {
                 log::warn!("Second shutdown signal: stopping the VM now");
                 self.request_exit(EXIT_OK);
             }
@@ -854,12 +862,11 @@ impl Vmm {
     }
 }
 
-/// What the guest's power button is, for the log.
-const POWER_BUTTON: &str = "Ctrl-Alt-Del on the i8042";
-
-/// The guest's power button ([`POWER_BUTTON`]). Every way rvmm asks a guest to shut down comes
-/// here.
-fn press_power_button(active: &mut ActiveVm) {
+/// The guest's power button: the ACPI power button when the guest's OSPM handles it,
+/// Ctrl-Alt-Del on the i8042 otherwise. Every way rvmm asks a guest to shut down comes here.
+fn press_power_button(active: &mut ActiveVm) -> ShutdownRequest {
     active.power_button_pressed = true;
-    active.handle.send_ctrl_alt_del();
+    let request = active.handle.request_shutdown();
+    log::info!("Power button: the guest got the {}", request.name());
+    request
 }

@@ -124,6 +124,7 @@ fn is_config_build_error(err: &BuildError) -> bool {
             | BuildError::TooManyDevices(_)
             | BuildError::DiskBoot(_)
             | BuildError::NoBootDisk(_)
+            | BuildError::PciWithoutAcpi
             | BuildError::Boot(
                 BootError::ReadKernel { .. }
                     | BootError::NotAKernel { .. }

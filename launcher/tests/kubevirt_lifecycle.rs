@@ -2,15 +2,18 @@
 //! events KubeVirt's launcher sends: a guest power-off leaves the domain Shutoff (virt-handler
 //! records the VMI as Succeeded) until virt-handler deletes it, and only then comes the final
 //! event; a guest reboot keeps the VMI running; a crash is a Kubernetes event and a Crashed
-//! domain; a Sync of a changed VMI is refused naming the field. virt-handler's side is played
+//! domain; a Sync of a changed VMI is refused naming the field; a Linux guest powers off
+//! through ACPI on ShutdownVirtualMachine. virt-handler's side is played
 //! with tonic clients of KubeVirt's protocol and a fake notify server ([`common::kubevirt`]).
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::kubevirt::{Session, event, kernel_boot_vmi, next_event, status};
 use common::kvm_available;
+use common::linux::{image_dir, manifest};
 use serde_json::json;
 
 /// Waits until the launcher's log has `needle` `count` times.
@@ -217,4 +220,134 @@ fn kvm_sync_of_a_changed_vmi_refuses_hotplug_naming_the_field_and_applies_the_gr
     assert_eq!(handler.domain_status(), status("Running", "Unknown"));
     assert_eq!(handler.vmi_command("Delete", &vmi), (true, String::new()));
     session.launcher.wait(Duration::from_secs(10));
+}
+
+/// The Linux guest's console, read from the launcher's serial socket (as `virtctl console`
+/// reads it), until `line`; every line so far.
+fn console_until(socket: &Path, line: &str, timeout: Duration) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let start = Instant::now();
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(stream) => break stream,
+            Err(e) => {
+                assert!(start.elapsed() < timeout, "{}: {e}", socket.display());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut lines = Vec::new();
+    for text in BufReader::new(stream).lines() {
+        let text = text.expect("console within the timeout");
+        let text = text.trim_end_matches('\r').to_string();
+        eprintln!("[console] {text}");
+        let done = text == line;
+        lines.push(text);
+        if done {
+            return lines;
+        }
+    }
+    panic!("the console closed before '{line}'");
+}
+
+/// A directory outside the test's own, removed however the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The Linux guest (guest-images/build) on virtio-pci with INTx (`pci=nomsi`: the DSDT's
+/// `_PRT`, level-triggered lines through resampling irqfds), shut down as virt-handler does
+/// it: the ACPI power button, the guest's own power-off (ACPI S5), a Shutoff/Shutdown domain.
+#[test]
+fn kvm_shutdown_powers_a_linux_vmi_off_through_acpi_and_the_domain_is_shutoff_shutdown() {
+    let test = "virt-launcher Linux shutdown";
+    let Some(dir) = image_dir(test) else { return };
+    if !kvm_available(test) {
+        return;
+    }
+    let m = manifest(&dir);
+    // A UID of its own: the serial console lives under the real /var/run/kubevirt-private.
+    let uid = format!("uid-linux-{}", std::process::id());
+    let files = [
+        (PathBuf::from(&m["vmlinux"]), "vmlinux".to_string()),
+        (PathBuf::from(&m["initramfs"]), "initramfs.cpio".to_string()),
+    ];
+    let mut session = Session::with_files("linux", &files, 600, &uid, true);
+    let handler = session.handler();
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let cmdline = if pvm { &m["cmdline"] } else { &m["cmdline_hw"] };
+    let vmi = json!({
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": "testvm", "namespace": "default", "uid": uid},
+        "spec": {
+            "domain": {
+                "devices": {"rng": {}},
+                "firmware": {"kernelBoot": {
+                    // INTx here (the other PCI boot has MSI-X): pci=nomsi.
+                    "kernelArgs": format!("{cmdline} rvmm.hold rvmm.virtio_bus=pci pci=nomsi"),
+                    "container": {
+                        "image": "example.com/linux-kernel",
+                        "kernelPath": "/boot/vmlinux",
+                        "initrdPath": "/boot/initramfs.cpio"
+                    }
+                }},
+                "memory": {"guest": "256Mi"}
+            },
+            "terminationGracePeriodSeconds": 600
+        }
+    });
+    let sync = handler.vmi_command("Sync", &vmi);
+    assert_eq!(
+        sync,
+        (true, String::new()),
+        "log:\n{}",
+        session.launcher.log()
+    );
+    assert_eq!(session.next(), event("ADDED", "Running", "Unknown"));
+
+    // Shut down once the guest waits for it (its ACPI power button enabled by then).
+    let private = RemoveOnDrop(Path::new("/var/run/kubevirt-private").join(&uid));
+    let console = console_until(
+        &private.0.join("virt-serial0"),
+        "RVMM-HOLD",
+        Duration::from_secs(900),
+    );
+    for check in ["rng", "virtio_bus", "pci_irq", "acpi"] {
+        let ok = format!("RVMM-CHECK {check} ok");
+        assert!(console.contains(&ok), "missing '{ok}'");
+    }
+    assert!(handler.vmi_command("Shutdown", &vmi).0);
+    let (kind, state, _, domain) = next_event(&session.events);
+    assert_eq!((kind.as_str(), state.as_str()), ("MODIFIED", "Running"));
+    assert!(domain["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionTimestamp"].is_string());
+    // The guest powers off by itself (ACPI S5): Shutoff for the reason Shutdown, as libvirt
+    // reports a guest that shut down.
+    let request = session
+        .events
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the guest powers off");
+    let domain: serde_json::Value = serde_json::from_slice(&request.domain_json).unwrap();
+    assert_eq!(
+        (
+            domain["Status"]["Status"].as_str(),
+            domain["Status"]["Reason"].as_str()
+        ),
+        (Some("Shutoff"), Some("Shutdown")),
+        "log:\n{}",
+        session.launcher.log()
+    );
+    let log = session.launcher.log();
+    assert!(log.contains("the guest got the ACPI power button"), "{log}");
+    assert!(log.contains("Guest powered off"), "{log}");
+    // virt-handler deletes the finished VMI's domain: the final event, and the end.
+    assert_eq!(handler.vmi_command("Delete", &vmi), (true, String::new()));
+    assert_eq!(session.next(), event("MODIFIED", "NoState", "NonExistent"));
+    let exit = session.launcher.wait(Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", session.launcher.log());
 }

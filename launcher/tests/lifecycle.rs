@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::fixtures::SharedConsole;
 use common::{kvm_available, tiny_guest};
-use vmm_core::{CpuProfile, RunState, StopReason, VmConfig, build_vm};
+use vmm_core::{CpuProfile, RunState, StopReason, Transport, VmConfig, build_vm};
 
 fn ticks(console: &SharedConsole) -> usize {
     count_ticks(&console.text())
@@ -35,6 +35,8 @@ fn ticker_config(vcpus: u8) -> VmConfig {
         // The vCPUs run under their filter here too: pause, resume and stop must not need
         // anything outside it.
         seccomp: true,
+        transport: Transport::Mmio,
+        acpi: true,
     }
 }
 

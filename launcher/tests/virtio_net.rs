@@ -28,6 +28,8 @@ fn kvm_tiny_guest_arps_and_pings_the_host_through_the_tap() {
             kernel.to_str().unwrap(),
             "--memory",
             "64M",
+            // The tiny guest has no ACPI: it finds the device on the command line.
+            "--acpi=false",
         ])
         .args([
             "--cmdline",

@@ -8,7 +8,7 @@ mod common;
 use common::fixtures::{SharedConsole, TempDisk};
 use common::{kvm_available, tiny_guest};
 use devices::virtio::block::{BlockConfig, Engine};
-use vmm_core::{CpuProfile, Outcome, VmConfig, VmMetrics, build_vm};
+use vmm_core::{CpuProfile, Outcome, Transport, VmConfig, VmMetrics, build_vm};
 
 const PATTERN: &[u8; 16] = b"rvmm-tiny-write!";
 
@@ -35,6 +35,9 @@ fn config(disk: &TempDisk, engine: Engine, cmdline: &str) -> VmConfig {
         }],
         nets: Vec::new(),
         seccomp: true,
+        transport: Transport::Mmio,
+        // The tiny guest finds its device on the command line.
+        acpi: false,
     }
 }
 

@@ -299,12 +299,23 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<u32, Bo
     Ok(len as u32)
 }
 
+/// What the boot structures tell the kernel about the platform beyond RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlatformInfo {
+    /// The ACPI RSDP's address, when the VM has ACPI tables.
+    pub acpi_rsdp: Option<u64>,
+    /// Ranges (`(start, length)`) the memory map reserves besides the BIOS area: the PCIe ECAM
+    /// window, which Linux uses only when it is reserved.
+    pub reserved: Vec<(u64, u64)>,
+}
+
 /// Fills Linux's `boot_params` for the 64-bit entry.
 pub fn linux_boot_params(
     layout: &MemoryLayout,
     kernel: &LoadedKernel,
     cmdline_size: u32,
     initrd: Option<InitrdRegion>,
+    platform: &PlatformInfo,
 ) -> boot_params {
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
@@ -320,7 +331,8 @@ pub fn linux_boot_params(
         params.hdr.ramdisk_image = initrd.addr as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
     }
-    let map = layout.e820();
+    params.acpi_rsdp_addr = platform.acpi_rsdp.unwrap_or(0);
+    let map = layout.e820_with_reserved(&platform.reserved);
     for (slot, entry) in params
         .e820_table
         .iter_mut()
@@ -343,10 +355,11 @@ pub fn write_boot_params(
     kernel: &LoadedKernel,
     cmdline_size: u32,
     initrd: Option<InitrdRegion>,
+    platform: &PlatformInfo,
 ) -> Result<(), BootError> {
     match kernel.entry {
         BootEntry::Linux64(_) => {
-            let params = linux_boot_params(layout, kernel, cmdline_size, initrd);
+            let params = linux_boot_params(layout, kernel, cmdline_size, initrd, platform);
             LinuxBootConfigurator::write_bootparams(
                 &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
                 mem,
@@ -354,7 +367,7 @@ pub fn write_boot_params(
         }
         BootEntry::Pvh(_) => {
             let memmap: Vec<hvm_memmap_table_entry> = layout
-                .e820()
+                .e820_with_reserved(&platform.reserved)
                 .iter()
                 .map(|e| hvm_memmap_table_entry {
                     addr: e.addr,
@@ -379,6 +392,7 @@ pub fn write_boot_params(
                 cmdline_paddr: CMDLINE_START,
                 memmap_paddr: PVH_MEMMAP_START,
                 memmap_entries: memmap.len() as u32,
+                rsdp_paddr: platform.acpi_rsdp.unwrap_or(0),
                 ..Default::default()
             };
             let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
@@ -502,17 +516,27 @@ mod tests {
             addr: 32 * MIB,
             size: 1234,
         };
-        let params = linux_boot_params(&layout, &kernel, 42, Some(initrd));
+        let platform = PlatformInfo {
+            acpi_rsdp: Some(0xe_0000),
+            reserved: vec![(0xe000_0000, MIB)],
+        };
+        let params = linux_boot_params(&layout, &kernel, 42, Some(initrd), &platform);
         assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ params.hdr.cmdline_size }, 42);
         assert_eq!({ params.hdr.ramdisk_image }, 32 * MIB as u32);
         assert_eq!({ params.hdr.ramdisk_size }, 1234);
-        assert_eq!(params.e820_entries, 3);
-        let last = params.e820_table[2];
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!(params.e820_entries, 4);
+        let ram = params.e820_table[2];
         assert_eq!(
-            ({ last.addr }, { last.size }, { last.r#type }),
+            ({ ram.addr }, { ram.size }, { ram.r#type }),
             (MIB, 63 * MIB, 1)
+        );
+        let ecam = params.e820_table[3];
+        assert_eq!(
+            ({ ecam.addr }, { ecam.size }, { ecam.r#type }),
+            (0xe000_0000, MIB, 2)
         );
     }
 
@@ -529,9 +553,14 @@ mod tests {
             addr: 32 * MIB,
             size: 4096,
         };
-        write_boot_params(&mem, &layout, &kernel, 10, Some(initrd)).unwrap();
+        let platform = PlatformInfo {
+            acpi_rsdp: Some(0xe_0000),
+            reserved: vec![],
+        };
+        write_boot_params(&mem, &layout, &kernel, 10, Some(initrd), &platform).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         assert_eq!(info.memmap_entries, 3);
         assert_eq!(info.nr_modules, 1);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();

@@ -5,34 +5,40 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+mod virtio;
+
 use devices::EventFdTrigger;
 use devices::legacy::{
-    COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ, I8042_PORT_BASE, I8042_PORT_LEN, I8042Snapshot,
-    SERIAL_PORT_LEN, SerialConsole, SerialRestoreError, SerialSnapshot,
+    ACPI_PM_PORT_BASE, ACPI_PM_PORT_LEN, AcpiPm, COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ,
+    I8042_PORT_BASE, I8042_PORT_LEN, I8042Snapshot, SCI_IRQ, SERIAL_PORT_LEN, SerialConsole,
+    SerialRestoreError, SerialSnapshot,
 };
+use devices::pci::MalformedPciAccesses;
 use devices::seccomp::SeccompError;
 use devices::virtio::VirtioDevice;
-use devices::virtio::block::{Block, BlockConfig, DiskSync};
-use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::{Net, NetConfig};
-use devices::virtio::rng::Rng;
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use devices::virtio::block::{BlockConfig, DiskSync};
+use devices::virtio::net::NetConfig;
+use kvm_ioctls::{Cap, Kvm, VmFd};
 
+pub(crate) use self::virtio::{Placement, create_virtio_devices, place, start_worker_threads};
+use self::virtio::{attach_virtio_mmio, attach_virtio_pci};
+use crate::acpi::{AcpiError, AcpiPlatform, write_acpi_tables};
 use crate::boot::{
-    BootError, LoadedKernel, build_cmdline, load_initrd, load_initrd_bytes, load_kernel,
-    load_kernel_from, write_boot_params, write_cmdline,
+    BootError, LoadedKernel, PlatformInfo, build_cmdline, load_initrd, load_initrd_bytes,
+    load_kernel, load_kernel_from, write_boot_params, write_cmdline,
 };
 use crate::bus::{Bus, BusError};
-use crate::control::{ResetTrigger, StopReason, VmControl};
+use crate::control::{ResetTrigger, StopReason, VmControl, VmPower};
 use crate::cpuid::{CpuProfile, VcpuTopology, vcpu_cpuid};
 use crate::disk_boot::{DiskBootError, boot_from_disk};
-use crate::layout::{VIRTIO_MMIO_DEVICE_SIZE, virtio_slot};
+use crate::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::lifecycle::{RunningVm, VmHandle};
-use crate::machine::{Machine, VcpuSlot};
+use crate::machine::{Machine, VcpuSlot, VirtioTransport};
 use crate::memory::{GuestMemoryMmap, MemoryError, MemoryLayout, create_guest_memory};
-use crate::metrics::{DiskSource, ExitCounters, ExitRecorder, MetricsHandle, NicSource, device_id};
+use crate::metrics::{DiskSource, ExitCounters, ExitRecorder, MetricsHandle, NicSource};
 use crate::mptable::{MAX_VCPUS, MptableError, setup_mptable};
+use crate::pci::PciError;
+use crate::pci::msi::MsiError;
 use crate::regs::{RegsError, write_boot_tables};
 use crate::seccomp::vcpu_filter;
 use crate::vcpu::{Vcpu, VcpuError};
@@ -44,6 +50,30 @@ pub type SerialOutput = Box<dyn Write + Send>;
 pub type Serial = SerialConsole<EventFdTrigger, SerialOutput>;
 /// The i8042 controller: resets end the VM, keyboard input raises IRQ 1.
 pub type Keyboard = I8042<ResetTrigger, EventFdTrigger>;
+/// The ACPI power-management registers: S5 and the reset register end the VM, events raise
+/// the SCI.
+pub type Power = AcpiPm<EventFdTrigger, VmPower>;
+
+/// How virtio devices reach the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio: a microVM's devices, announced in the DSDT (or on the command line without
+    /// ACPI).
+    #[default]
+    Mmio,
+    /// virtio-pci behind a PCI root complex, as distro kernels expect; needs ACPI.
+    Pci,
+}
+
+impl Transport {
+    /// The transport's name in configurations.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mmio => "mmio",
+            Self::Pci => "pci",
+        }
+    }
+}
 
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
@@ -70,6 +100,12 @@ pub struct VmConfig {
     /// Filter the system calls of the vCPU and device worker threads ([`crate::seccomp`]);
     /// off only to debug (`--seccomp=false`).
     pub seccomp: bool,
+    /// How the virtio devices reach the guest.
+    pub transport: Transport,
+    /// Give the guest ACPI tables and power management (the power button, S5); without it the
+    /// guest finds its devices on the command line and the MP table, as a microVM without
+    /// firmware.
+    pub acpi: bool,
 }
 
 /// What the guest boots.
@@ -106,6 +142,24 @@ pub enum BuildError {
     /// vCPU count out of range.
     #[error("Invalid vCPU count {0}: must be 1 to {MAX_VCPUS}")]
     VcpuCount(u8),
+    /// The PCI transport without ACPI.
+    #[error("The pci transport needs ACPI: the guest finds the PCI host bridge in the DSDT")]
+    PciWithoutAcpi,
+    /// The ACPI tables.
+    #[error("Cannot write the ACPI tables")]
+    Acpi(#[from] AcpiError),
+    /// A PCI function cannot be put on the bus.
+    #[error("Cannot attach a PCI function")]
+    Pci(#[from] PciError),
+    /// A device's MSI-X vectors.
+    #[error("Cannot set up the MSI-X vectors of virtio device {index}")]
+    Msi {
+        /// The device's position.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: MsiError,
+    },
     /// Memory layout rejected.
     #[error("Cannot set up guest memory")]
     Memory(#[from] MemoryError),
@@ -154,17 +208,17 @@ pub enum BuildError {
         #[source]
         source: devices::virtio::net::NetError,
     },
-    /// More virtio devices than MMIO slots and interrupt lines.
+    /// More virtio devices than MMIO slots and interrupt lines, or PCI slots.
     #[error("Too many virtio devices: at most {0}")]
     TooManyDevices(usize),
     /// A virtio transport could not be created.
-    #[error("Cannot create the virtio-mmio transport of device {index}")]
+    #[error("Cannot create the virtio transport of device {index}")]
     Transport {
         /// The device's slot.
         index: usize,
         /// Cause.
         #[source]
-        source: devices::virtio::mmio::TransportError,
+        source: devices::virtio::transport_core::TransportError,
     },
     /// KVM_IOEVENTFD failed.
     #[error("Cannot register the queue notifier of virtio device {0}")]
@@ -198,12 +252,14 @@ pub struct Vm {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) keyboard: Arc<Mutex<Keyboard>>,
+    pub(crate) power: Option<Arc<Mutex<Power>>>,
     pub(crate) metrics: MetricsHandle,
     pub(crate) disk_syncs: Arc<[DiskSync]>,
-    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) transports: Vec<VirtioTransport>,
     pub(crate) kvm: Kvm,
-    // Dropped in this order: the VM fd before the memory it maps.
-    pub(crate) vm_fd: VmFd,
+    // Dropped in this order: the VM fd before the memory it maps. The devices that hold it
+    // (PCI functions, to move ioeventfds and MSI routes) are dropped with the buses first.
+    pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) layout: MemoryLayout,
     pub(crate) seccomp: bool,
@@ -221,25 +277,37 @@ pub(crate) struct VirtioDevices {
 
 /// Builds the VM described by `config`, its console writing to `serial_out`.
 pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, BuildError> {
-    check_vcpu_count(config.vcpus)?;
+    check_platform(config)?;
     let layout = MemoryLayout::new(config.memory_bytes)?;
     let mem = create_guest_memory(&layout)?;
     // The user's files are checked before KVM is touched.
     let mut virtio = create_virtio_devices(config)?;
     start_worker_threads(&mut virtio.devices, config.seccomp)?;
-    let slots = virtio_slots(virtio.devices.len())?;
-    let kernel = setup_boot(&mem, &layout, config, &virtio_cmdline(&slots))?;
+    let placement = place(config.transport, virtio.devices.len())?;
+    let platform = setup_acpi(&mem, &layout, config, &placement)?;
+    let kernel = setup_boot(&mem, &layout, config, &placement, &platform)?;
     setup_mptable(&mem, config.vcpus)?;
     let kvm = open_kvm(&config.kvm_path)?;
     check_capabilities(&kvm)?;
-    let vm_fd = create_vm(&kvm)?;
+    let vm_fd = Arc::new(create_vm(&kvm)?);
     register_memory(&vm_fd, &mem)?;
     let control = Arc::new(VmControl::new(usize::from(config.vcpus)));
     let mut pio = Bus::new("port I/O");
     let mut mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out, None)?;
     let keyboard = attach_i8042(&vm_fd, &mut pio, &control, None)?;
-    let transports = attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio.devices, &slots)?;
+    let power = match config.acpi {
+        true => Some(attach_acpi_pm(&vm_fd, &mut pio, &control)?),
+        false => None,
+    };
+    let attached = attach_virtio_devices(
+        &vm_fd,
+        (&mut pio, &mut mmio),
+        &mem,
+        &layout,
+        virtio.devices,
+        &placement,
+    )?;
     let (exits, recorders) = ExitCounters::new(usize::from(config.vcpus));
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel, recorders)?;
     let metrics = MetricsHandle::new(
@@ -248,6 +316,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         virtio.nets,
         layout.size(),
         control.clone(),
+        attached.malformed_pci,
     );
     Ok(Vm {
         vcpus,
@@ -256,9 +325,10 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         mmio: Arc::new(mmio),
         serial,
         keyboard,
+        power,
         metrics,
         disk_syncs: virtio.syncs.into(),
-        transports,
+        transports: attached.transports,
         kvm,
         vm_fd,
         mem,
@@ -267,7 +337,16 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
     })
 }
 
-pub(crate) fn check_vcpu_count(vcpus: u8) -> Result<(), BuildError> {
+/// The configuration's vCPU count and platform (transport and ACPI) are possible.
+pub(crate) fn check_platform(config: &VmConfig) -> Result<(), BuildError> {
+    check_vcpu_count(config.vcpus)?;
+    if config.transport == Transport::Pci && !config.acpi {
+        return Err(BuildError::PciWithoutAcpi);
+    }
+    Ok(())
+}
+
+fn check_vcpu_count(vcpus: u8) -> Result<(), BuildError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(BuildError::VcpuCount(vcpus));
     }
@@ -315,11 +394,40 @@ pub(crate) fn attach_i8042(
     Ok(i8042)
 }
 
+/// Writes the ACPI tables when the configuration has ACPI, and says what the boot structures
+/// must tell the kernel about them.
+fn setup_acpi(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    config: &VmConfig,
+    placement: &Placement,
+) -> Result<PlatformInfo, BuildError> {
+    if !config.acpi {
+        return Ok(PlatformInfo::default());
+    }
+    let pci = placement.host_bridge(layout);
+    // Linux uses the ECAM window only where the memory map reserves it.
+    let reserved = match pci {
+        Some(_) => vec![(PCI_ECAM_START, PCI_ECAM_SIZE)],
+        None => Vec::new(),
+    };
+    let platform = AcpiPlatform {
+        vcpus: config.vcpus,
+        pci,
+        virtio_mmio: placement.mmio_devices(),
+    };
+    Ok(PlatformInfo {
+        acpi_rsdp: Some(write_acpi_tables(mem, &platform)?),
+        reserved,
+    })
+}
+
 fn setup_boot(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     config: &VmConfig,
-    device_cmdline: &[String],
+    placement: &Placement,
+    platform: &PlatformInfo,
 ) -> Result<LoadedKernel, BuildError> {
     let (kernel, initrd, cmdline) = match &config.boot {
         BootSource::Kernel { kernel, initrd } => {
@@ -357,104 +465,62 @@ fn setup_boot(
             (loaded, initrd, cmdline)
         }
     };
-    let cmdline = build_cmdline(&cmdline, device_cmdline)?;
+    let cmdline = build_cmdline(&cmdline, &placement.cmdline(config.acpi))?;
     let cmdline_size = write_cmdline(mem, &cmdline)?;
-    write_boot_params(mem, layout, &kernel, cmdline_size, initrd)?;
+    write_boot_params(mem, layout, &kernel, cmdline_size, initrd, platform)?;
     write_boot_tables(mem, kernel.entry)?;
     Ok(kernel)
 }
 
-/// The virtio devices the configuration asks for, in slot order, with their counters and
-/// the writable disks' flush handles.
-pub(crate) fn create_virtio_devices(config: &VmConfig) -> Result<VirtioDevices, BuildError> {
-    let mut virtio = VirtioDevices {
-        devices: Vec::new(),
-        disks: Vec::new(),
-        nets: Vec::new(),
-        syncs: Vec::new(),
-    };
-    for (index, disk) in config.disks.iter().enumerate() {
-        let disk_err = |source| BuildError::Disk { index, source };
-        let block = Block::new(disk.clone()).map_err(disk_err)?;
-        virtio.syncs.extend(block.disk_sync().map_err(disk_err)?);
-        virtio.disks.push(DiskSource {
-            id: device_id(disk.id.as_deref(), "disk", index),
-            counters: block.counters(),
-        });
-        virtio.devices.push(Box::new(block));
-    }
-    for (index, net) in config.nets.iter().enumerate() {
-        let nic = Net::new(net.clone()).map_err(|source| BuildError::Net { index, source })?;
-        virtio.nets.push(NicSource {
-            id: device_id(net.id.as_deref(), "net", index),
-            counters: nic.counters(),
-        });
-        virtio.devices.push(Box::new(nic));
-    }
-    if config.rng {
-        virtio.devices.push(Box::new(Rng::new()));
-    }
-    Ok(virtio)
-}
-
-/// Starts the devices' worker threads from this (unfiltered) thread, each filtered with its
-/// own list when `seccomp` is set: started at activation by a vCPU, they would inherit its
-/// filter, which does not allow starting threads.
-pub(crate) fn start_worker_threads(
-    devices: &mut [Box<dyn VirtioDevice>],
-    seccomp: bool,
-) -> Result<(), BuildError> {
-    for (index, device) in devices.iter_mut().enumerate() {
-        device
-            .start_worker_thread(seccomp)
-            .map_err(|source| BuildError::Worker { index, source })?;
-    }
-    Ok(())
-}
-
-/// An MMIO window and interrupt line for each of `count` devices.
-pub(crate) fn virtio_slots(count: usize) -> Result<Vec<(u64, u32)>, BuildError> {
-    (0..count)
-        .map(|i| virtio_slot(i).ok_or(BuildError::TooManyDevices(i)))
-        .collect()
-}
-
-/// How the guest kernel learns of each device (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
-fn virtio_cmdline(slots: &[(u64, u32)]) -> Vec<String> {
-    slots
-        .iter()
-        .map(|(base, irq)| format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
-        .collect()
-}
-
-/// Puts each device behind a virtio-mmio transport: interrupts through an irqfd, queue
-/// notifications through ioeventfds so the vCPU thread never runs device code.
-pub(crate) fn attach_virtio_devices(
+/// The ACPI power-management registers, raising the SCI through an irqfd.
+pub(crate) fn attach_acpi_pm(
     vm_fd: &VmFd,
-    mmio: &mut Bus,
+    pio: &mut Bus,
+    control: &Arc<VmControl>,
+) -> Result<Arc<Mutex<Power>>, BuildError> {
+    let sci = EventFdTrigger::new().map_err(|e| BuildError::Irq("SCI", e))?;
+    vm_fd
+        .register_irqfd(&sci, SCI_IRQ)
+        .map_err(|e| BuildError::Irq("SCI", e.into()))?;
+    let power = Arc::new(Mutex::new(AcpiPm::new(sci, VmPower(control.clone()))));
+    pio.insert(ACPI_PM_PORT_BASE, ACPI_PM_PORT_LEN, power.clone())?;
+    Ok(power)
+}
+
+/// The virtio devices on their transport.
+pub(crate) struct AttachedVirtio {
+    /// Each device's transport, in device order.
+    pub(crate) transports: Vec<VirtioTransport>,
+    /// With PCI, the root complex's malformed-access counters.
+    pub(crate) malformed_pci: Option<Arc<MalformedPciAccesses>>,
+}
+
+/// Attaches the virtio devices on their transport.
+pub(crate) fn attach_virtio_devices(
+    vm_fd: &Arc<VmFd>,
+    (pio, mmio): (&mut Bus, &mut Bus),
     mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
     devices: Vec<Box<dyn VirtioDevice>>,
-    slots: &[(u64, u32)],
-) -> Result<Vec<Arc<Mutex<MmioTransport>>>, BuildError> {
-    let mut transports = Vec::with_capacity(devices.len());
-    for (index, (device, &(base, irq))) in devices.into_iter().zip(slots).enumerate() {
-        let line = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Irq("virtio", e))?;
-        vm_fd
-            .register_irqfd(&line, irq)
-            .map_err(|e| BuildError::Irq("virtio", e.into()))?;
-        let transport = MmioTransport::new(device, mem.clone(), line)
-            .map_err(|source| BuildError::Transport { index, source })?;
-        for (queue, event) in transport.queue_events().iter().enumerate() {
-            let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
-            vm_fd
-                .register_ioevent(event, &notify, queue as u32)
-                .map_err(|e| BuildError::IoEvent(index, e))?;
+    placement: &Placement,
+) -> Result<AttachedVirtio, BuildError> {
+    match placement {
+        Placement::Mmio(slots) => Ok(AttachedVirtio {
+            transports: attach_virtio_mmio(vm_fd, mmio, mem, devices, slots)?
+                .into_iter()
+                .map(VirtioTransport::Mmio)
+                .collect(),
+            malformed_pci: None,
+        }),
+        Placement::Pci(slots) => {
+            let (malformed, transports) =
+                attach_virtio_pci(vm_fd, pio, mmio, mem, layout, devices, slots)?;
+            Ok(AttachedVirtio {
+                transports: transports.into_iter().map(VirtioTransport::Pci).collect(),
+                malformed_pci: Some(malformed),
+            })
         }
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(base, VIRTIO_MMIO_DEVICE_SIZE, transport.clone())?;
-        transports.push(transport);
     }
-    Ok(transports)
 }
 
 fn setup_vcpus(
@@ -558,6 +624,7 @@ impl Vm {
             handle: VmHandle {
                 control: self.control,
                 keyboard: self.keyboard,
+                power: self.power,
                 metrics: self.metrics,
                 disk_syncs: self.disk_syncs,
                 machine: Arc::downgrade(&machine),

@@ -6,6 +6,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::Trigger;
+use devices::legacy::PowerControl;
 
 use crate::vcpu::kick_thread;
 
@@ -325,6 +326,21 @@ impl Trigger for ResetTrigger {
     }
 }
 
+/// What the guest's ACPI power management does to the VM: S5 is a power-off, the reset
+/// register a reset (which ends a microVM, as the i8042's does).
+#[derive(Debug, Clone)]
+pub struct VmPower(pub std::sync::Arc<VmControl>);
+
+impl PowerControl for VmPower {
+    fn power_off(&self) {
+        self.0.request_stop(StopReason::PowerOff);
+    }
+
+    fn reset(&self) {
+        self.0.request_stop(StopReason::Reset);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -427,6 +443,17 @@ mod tests {
     fn reset_trigger_requests_a_reset_stop() {
         let control = Arc::new(VmControl::new(0));
         ResetTrigger(control.clone()).trigger().unwrap();
+        assert_eq!(control.stop_reason(), Some(StopReason::Reset));
+    }
+
+    #[test]
+    fn acpi_power_off_and_reset_stop_the_vm_for_those_reasons() {
+        let control = Arc::new(VmControl::new(0));
+        VmPower(control.clone()).power_off();
+        VmPower(control.clone()).reset();
+        assert_eq!(control.stop_reason(), Some(StopReason::PowerOff));
+        let control = Arc::new(VmControl::new(0));
+        VmPower(control.clone()).reset();
         assert_eq!(control.stop_reason(), Some(StopReason::Reset));
     }
 

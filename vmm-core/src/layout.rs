@@ -1,7 +1,9 @@
 //! Where things live in the guest's physical address space (x86_64).
 //!
-//! Low memory follows the Linux boot protocol as other microVMs use it; the 32-bit hole under
-//! 4 GiB holds the virtio-mmio window, the IOAPIC, the local APIC and KVM's private pages.
+//! Low memory follows the Linux boot protocol as other microVMs use it, with the ACPI tables in
+//! the BIOS area; the 32-bit hole under 4 GiB holds the PCI BAR window, the virtio-mmio window,
+//! the PCIe ECAM window, the IOAPIC, the local APIC and KVM's private pages. A second PCI BAR
+//! window for 64-bit BARs lies above guest RAM ([`crate::memory::MemoryLayout::pci_mmio64`]).
 
 /// The GDT the vCPUs start with.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -31,6 +33,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Extended BIOS data area: the MP table lives at its start (Linux scans 639 KiB..640 KiB).
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI RSDP, where Linux also looks for it without a pointer (the BIOS read-only area);
+/// the other ACPI tables follow it, up to [`BIOS_END`].
+pub const ACPI_RSDP_START: u64 = 0xe_0000;
 /// End of the legacy BIOS area.
 pub const BIOS_END: u64 = 0x10_0000;
 /// Kernels are loaded at or above 1 MiB.
@@ -39,6 +44,16 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// The hole reaches up to 4 GiB.
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// The PCI window for BARs below 4 GiB (every BAR rvmm assigns goes here).
+pub const PCI_MMIO32_START: u64 = 0xc000_0000;
+/// Its size: up to the virtio-mmio window.
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
+/// Size of the 64-bit PCI window above RAM, for BARs a guest moves there.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// The PCIe enhanced configuration (ECAM) window of segment 0, bus 0.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// One bus: 32 devices of 8 functions of 4 KiB.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 /// Reserved window for virtio-mmio devices, one 4 KiB page each.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of the virtio-mmio window.
@@ -59,6 +74,11 @@ pub const HIGH_RAM_START: u64 = 1 << 32;
 pub const VIRTIO_IRQ_FIRST: u32 = 5;
 /// Last interrupt line: the IOAPIC has 24 pins.
 pub const VIRTIO_IRQ_LAST: u32 = 23;
+/// The GSIs of the PCI INTx lines: slot n's INTA# is `PCI_INTX_GSI_FIRST + (n - 1) % 8` (the
+/// IOAPIC pins above the ISA interrupts; the PCI transport has no virtio-mmio devices).
+pub const PCI_INTX_GSI_FIRST: u32 = 16;
+/// How many GSIs the INTx lines share.
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
 /// Size of one virtio-mmio device's register window.
 pub const VIRTIO_MMIO_DEVICE_SIZE: u64 = 0x1000;
 

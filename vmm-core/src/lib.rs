@@ -1,6 +1,7 @@
 //! rvmm's virtual machine: guest memory, the KVM VM and its vCPUs, boot loading, CPUID, the
 //! port I/O and MMIO buses, and the VM's lifecycle. Knows nothing of HTTP, gRPC or Kubernetes.
 
+pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod bus;
@@ -14,16 +15,19 @@ mod machine;
 pub mod memory;
 pub mod metrics;
 pub mod mptable;
+pub mod pci;
 pub mod regs;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{BootSource, BuildError, Serial, SerialOutput, Vm, VmConfig, build_vm};
+pub use builder::{
+    BootSource, BuildError, Serial, SerialOutput, Transport, Vm, VmConfig, build_vm,
+};
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
 pub use exit::ExitReason;
-pub use lifecycle::{FlushError, RunningVm, VmHandle};
+pub use lifecycle::{FlushError, RunningVm, ShutdownRequest, VmHandle};
 pub use machine::{SaveError, SnapshotInfo};
 pub use metrics::{DiskMetrics, MetricsHandle, NicMetrics, VmMetrics};

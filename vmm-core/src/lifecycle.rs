@@ -11,9 +11,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
+use devices::legacy::PowerButton;
 use devices::virtio::block::{BlockError, DiskSync};
 
-use crate::builder::{Keyboard, Serial};
+use crate::builder::{Keyboard, Power, Serial};
 use crate::bus::Bus;
 use crate::control::{RunState, StopReason, VmControl};
 use crate::machine::{Machine, SaveError, SnapshotInfo};
@@ -141,11 +142,32 @@ fn flush_all(disks: &[DiskSync]) -> Result<(), FlushError> {
     }
 }
 
+/// How a request for an orderly shutdown reached the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownRequest {
+    /// The ACPI power button: the guest's OSPM handles it (and powers off).
+    AcpiPowerButton,
+    /// Ctrl-Alt-Del on the i8042, for a guest without ACPI (Linux reboots, which ends the VM).
+    CtrlAltDel,
+}
+
+impl ShutdownRequest {
+    /// How the request is named in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AcpiPowerButton => "ACPI power button",
+            Self::CtrlAltDel => "Ctrl-Alt-Del",
+        }
+    }
+}
+
 /// Controls a running VM from any thread.
 #[derive(Clone, Debug)]
 pub struct VmHandle {
     pub(crate) control: Arc<VmControl>,
     pub(crate) keyboard: Arc<Mutex<Keyboard>>,
+    /// The ACPI power-management registers (none with `acpi` off).
+    pub(crate) power: Option<Arc<Mutex<Power>>>,
     pub(crate) metrics: MetricsHandle,
     pub(crate) disk_syncs: Arc<[DiskSync]>,
     pub(crate) machine: Weak<Machine>,
@@ -158,6 +180,22 @@ impl VmHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .trigger_ctrl_alt_del();
+    }
+
+    /// Asks the guest to shut down: the ACPI power button when the guest's OSPM has enabled it,
+    /// Ctrl-Alt-Del otherwise.
+    pub fn request_shutdown(&self) -> ShutdownRequest {
+        if let Some(power) = &self.power {
+            let pressed = power
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .press_power_button();
+            if pressed == PowerButton::Delivered {
+                return ShutdownRequest::AcpiPowerButton;
+            }
+        }
+        self.send_ctrl_alt_del();
+        ShutdownRequest::CtrlAltDel
     }
 
     /// Stops the VM now.

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::pci::VirtioPciTransport;
+use devices::virtio::persist::{self as device_persist, VirtioDeviceSnapshot};
 use devices::{Pausable, PauseError};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -89,17 +91,60 @@ pub struct SnapshotInfo {
     pub memory_size: u64,
 }
 
+/// A virtio device's transport, as pausing and snapshots reach it.
+#[derive(Clone, Debug)]
+pub(crate) enum VirtioTransport {
+    /// On virtio-mmio.
+    Mmio(Arc<Mutex<MmioTransport>>),
+    /// A virtio-pci function.
+    Pci(Arc<Mutex<VirtioPciTransport>>),
+}
+
+impl VirtioTransport {
+    fn pause(&self) -> Result<(), PauseError> {
+        match self {
+            Self::Mmio(t) => Pausable::pause(&mut *lock(t)),
+            Self::Pci(t) => Pausable::pause(&mut *lock(t)),
+        }
+    }
+
+    fn resume(&self) {
+        match self {
+            Self::Mmio(t) => lock(t).resume(),
+            Self::Pci(t) => lock(t).resume(),
+        }
+    }
+
+    fn save_state(&self) -> Result<VirtioDeviceSnapshot, device_persist::SaveError> {
+        match self {
+            Self::Mmio(t) => lock(t).save_state(),
+            Self::Pci(t) => lock(t).save_state(),
+        }
+    }
+
+    /// Puts the device and its transport into a snapshot's state.
+    pub(crate) fn restore_state(
+        &self,
+        saved: &VirtioDeviceSnapshot,
+    ) -> Result<(), device_persist::RestoreError> {
+        match self {
+            Self::Mmio(t) => lock(t).restore_state(saved),
+            Self::Pci(t) => lock(t).restore_state(saved),
+        }
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub(crate) struct Machine {
     // Dropped first: the devices stop (disks flushed) before the VM fd and the memory go.
-    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) transports: Vec<VirtioTransport>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) keyboard: Arc<Mutex<Keyboard>>,
     pub(crate) vcpus: Vec<VcpuSlot>,
     pub(crate) kvm: Kvm,
     // The VM fd before the memory it maps.
-    pub(crate) vm_fd: VmFd,
+    pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) layout: MemoryLayout,
 }
@@ -112,11 +157,11 @@ impl Machine {
     /// Pauses every device, after the vCPUs: the virtio devices complete their work in
     /// flight. On a failure the devices paused so far are resumed.
     pub(crate) fn pause_devices(&self) -> Result<(), PauseError> {
-        let mut paused: Vec<&Arc<Mutex<MmioTransport>>> = Vec::new();
+        let mut paused: Vec<&VirtioTransport> = Vec::new();
         for transport in &self.transports {
-            if let Err(e) = Pausable::pause(&mut *lock(transport)) {
+            if let Err(e) = transport.pause() {
                 for t in paused {
-                    lock(t).resume();
+                    t.resume();
                 }
                 return Err(e);
             }
@@ -133,7 +178,7 @@ impl Machine {
         lock(&self.keyboard).resume();
         lock(&self.serial).resume();
         for transport in &self.transports {
-            lock(transport).resume();
+            transport.resume();
         }
     }
 
@@ -175,7 +220,7 @@ impl Machine {
         }
         let mut virtio = Vec::with_capacity(self.transports.len());
         for (index, transport) in self.transports.iter().enumerate() {
-            let state = lock(transport)
+            let state = transport
                 .save_state()
                 .map_err(|source| SaveError::Device { index, source })?;
             virtio.push(state);

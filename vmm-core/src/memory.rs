@@ -3,7 +3,7 @@
 use vm_memory::GuestAddress;
 
 use crate::layout::{
-    BIOS_END, EBDA_START, HIGH_RAM_START, HIMEM_START, MMIO_HOLE_START, PDE_COUNT,
+    BIOS_END, EBDA_START, HIGH_RAM_START, HIMEM_START, MMIO_HOLE_START, PCI_MMIO64_SIZE, PDE_COUNT,
 };
 
 /// Guest memory: the one alias, shared with the devices.
@@ -136,6 +136,29 @@ impl MemoryLayout {
         map
     }
 
+    /// The E820 map with `reserved` ranges (`(start, length)`, in the MMIO hole: the PCIe
+    /// ECAM window) added as reserved entries, in address order.
+    pub fn e820_with_reserved(&self, reserved: &[(u64, u64)]) -> Vec<E820Entry> {
+        let mut map = self.e820();
+        map.extend(reserved.iter().map(|&(addr, size)| E820Entry {
+            addr,
+            size,
+            kind: E820_RESERVED,
+        }));
+        map.sort_by_key(|e| e.addr);
+        map
+    }
+
+    /// The 64-bit PCI window: from the first 1 GiB boundary above guest RAM (and 4 GiB),
+    /// [`PCI_MMIO64_SIZE`] bytes.
+    pub fn pci_mmio64(&self) -> (u64, u64) {
+        let ram_end = match self.ram_regions().get(1) {
+            Some(&(start, len)) => start.0 + len,
+            None => HIGH_RAM_START,
+        };
+        (ram_end.next_multiple_of(1 << 30), PCI_MMIO64_SIZE)
+    }
+
     /// Whether the boot identity map (first `PDE_COUNT` GiB) covers `addr`.
     pub fn identity_mapped(addr: u64) -> bool {
         addr < PDE_COUNT << 30
@@ -211,6 +234,34 @@ mod tests {
             map.iter()
                 .filter(|e| e.kind == E820_RAM)
                 .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= HIGH_RAM_START)
+        );
+    }
+
+    #[test]
+    fn reserved_ranges_join_the_e820_map_in_address_order() {
+        let layout = MemoryLayout::new(4 * GIB).unwrap();
+        let map = layout.e820_with_reserved(&[(0xe000_0000, MIB)]);
+        assert_eq!(map.len(), 5);
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 0xe000_0000,
+                size: MIB,
+                kind: E820_RESERVED
+            }
+        );
+        assert!(map.windows(2).all(|w| w[0].addr < w[1].addr));
+    }
+
+    #[test]
+    fn the_64bit_pci_window_starts_above_ram_on_a_gib_boundary() {
+        assert_eq!(
+            MemoryLayout::new(512 * MIB).unwrap().pci_mmio64(),
+            (4 * GIB, 64 * GIB)
+        );
+        assert_eq!(
+            MemoryLayout::new(4 * GIB + 4096).unwrap().pci_mmio64().0,
+            6 * GIB
         );
     }
 

@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use devices::pci::MalformedPciAccesses;
+pub use devices::pci::MalformedPciCounts;
 use devices::virtio::block::BlockCounters;
 use devices::virtio::net::NetCounters;
 
@@ -145,6 +147,8 @@ pub struct VmMetrics {
     pub memory_bytes: u64,
     /// The CPU time each vCPU's thread has used, in nanoseconds (`None` while not running).
     pub vcpu_cpu_ns: Vec<Option<u64>>,
+    /// Malformed guest accesses to the PCI emulation, ignored (zero without PCI).
+    pub malformed_pci: MalformedPciCounts,
 }
 
 /// A disk's counters, shared with its device.
@@ -169,6 +173,7 @@ struct Sources {
     memory_bytes: u64,
     /// The vCPU threads' CPU time.
     vcpus: Arc<VmControl>,
+    malformed_pci: Option<Arc<MalformedPciAccesses>>,
 }
 
 /// Reads a VM's statistics from any thread (an API server), while the VM runs or after it
@@ -185,6 +190,7 @@ impl MetricsHandle {
         nets: Vec<NicSource>,
         memory_bytes: u64,
         vcpus: Arc<VmControl>,
+        malformed_pci: Option<Arc<MalformedPciAccesses>>,
     ) -> Self {
         Self {
             sources: Arc::new(Sources {
@@ -193,6 +199,7 @@ impl MetricsHandle {
                 nets,
                 memory_bytes,
                 vcpus,
+                malformed_pci,
             }),
         }
     }
@@ -212,6 +219,11 @@ impl MetricsHandle {
                 .into_iter()
                 .map(|t| t.map(|t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)))
                 .collect(),
+            malformed_pci: s
+                .malformed_pci
+                .as_ref()
+                .map(|m| m.counts())
+                .unwrap_or_default(),
         }
     }
 
@@ -329,6 +341,8 @@ mod tests {
         net.tx_packets.store(6, Ordering::Relaxed);
         net.tx_bytes.store(600, Ordering::Relaxed);
         net.tx_dropped.store(2, Ordering::Relaxed);
+        let malformed = Arc::new(MalformedPciAccesses::default());
+        malformed.count(devices::pci::PciAccessKind::Msix, format_args!("test"));
         let handle = MetricsHandle::new(
             exits,
             vec![DiskSource {
@@ -341,6 +355,7 @@ mod tests {
             }],
             64 << 20,
             Arc::new(VmControl::new(1)),
+            Some(malformed.clone()),
         );
         let m = handle.clone().snapshot();
         assert_eq!(
@@ -370,6 +385,7 @@ mod tests {
             }]
         );
         assert_eq!(m.memory_bytes, 64 << 20);
+        assert_eq!(m.malformed_pci.msix, 1);
         assert_eq!(m.exits.len(), ExitReason::ALL.len());
     }
 
@@ -382,6 +398,7 @@ mod tests {
             Vec::new(),
             0,
             Arc::new(VmControl::new(0)),
+            None,
         );
         let recorder = recorders.pop().unwrap();
         std::thread::spawn(move || {

@@ -8,8 +8,8 @@
 use std::os::raw::c_uint;
 
 use devices::seccomp::activation_rules;
-use kvm_bindings::{KVMIO, kvm_regs, kvm_sregs};
-use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, ioctl_expr};
+use kvm_bindings::{KVMIO, kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs};
+use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
 pub use devices::seccomp::{
     Allow, BpfProgram, ON_DENIED, SeccompError, SpawnError, common_rules, install, spawn_filtered,
@@ -25,14 +25,42 @@ pub const KVM_GET_REGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x81, size_of::<kvm_r
 /// `KVM_GET_SREGS`: the special registers shown when the guest dies.
 pub const KVM_GET_SREGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x83, size_of::<kvm_sregs>() as c_uint);
 
+/// `KVM_SET_GSI_ROUTING`: the guest programmed or unmasked an MSI-X vector.
+pub const KVM_SET_GSI_ROUTING: u64 = ioctl_expr(
+    _IOC_WRITE,
+    KVMIO,
+    0x6a,
+    size_of::<kvm_irq_routing>() as c_uint,
+);
+/// `KVM_IOEVENTFD`: the guest moved a BAR holding queue notifications, or turned its decoding
+/// on or off.
+pub const KVM_IOEVENTFD: u64 = ioctl_expr(
+    _IOC_WRITE,
+    KVMIO,
+    0x79,
+    size_of::<kvm_ioeventfd>() as c_uint,
+);
+
 /// What a vCPU thread needs beyond the rules every thread shares: running the guest, handling
-/// its port and MMIO exits (the serial console, the i8042, the virtio-mmio transports, which
-/// activate and reset devices on this thread) and being kicked out of the guest.
+/// its port and MMIO exits (the serial console, the i8042, the ACPI registers, the virtio-mmio and
+/// virtio-pci transports, which activate and reset devices on this thread, and the PCI root
+/// complex, which updates MSI routes and moves ioeventfds) and being kicked out of the guest.
 pub fn vcpu_rules() -> Vec<Allow> {
     let pid = u64::from(std::process::id());
     let mut rules = vec![
-        // The run loop; the registers for a triple fault or a KVM failure.
-        Allow::arg_in(libc::SYS_ioctl, 1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS]),
+        // The run loop; the registers for a triple fault or a KVM failure; the PCI root
+        // complex's MSI routes and ioeventfds, which follow the guest's configuration writes.
+        Allow::arg_in(
+            libc::SYS_ioctl,
+            1,
+            &[
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                KVM_SET_GSI_ROUTING,
+                KVM_IOEVENTFD,
+            ],
+        ),
         // Stopping the VM (guest reset or power off, a KVM failure) kicks every vCPU, this one
         // included: pthread_kill is tgkill(getpid(), tid, SIGRTMIN); its own tid comes from
         // gettid. The kick's handler returns through rt_sigreturn (shared rules).
@@ -68,6 +96,8 @@ mod tests {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
     }
 
     #[test]

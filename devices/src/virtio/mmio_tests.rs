@@ -3,99 +3,17 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 
 use super::*;
-use crate::virtio::{ActivateError, persist};
+use crate::virtio::test_utils::{FakeDevice, Record};
+use crate::virtio::transport_core::{STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
+use crate::virtio::{VIRTIO_F_VERSION_1, persist};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const STATUS_ACKNOWLEDGE: u32 = 1;
 
-#[derive(Default)]
-struct Record {
-    acked: u64,
-    activations: Vec<Vec<(u16, u64, u64, u64)>>,
-    resets: usize,
-    config_writes: Vec<(u64, Vec<u8>)>,
-}
-
-struct FakeDevice {
-    record: Arc<Mutex<Record>>,
-    fail_activation: bool,
-}
-
-impl VirtioDevice for FakeDevice {
-    fn device_type(&self) -> u32 {
-        crate::virtio::TYPE_RNG
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 8]
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | 1 << 3
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.record.lock().unwrap().acked = features;
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (offset as u8).wrapping_add(i as u8);
-        }
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.record
-            .lock()
-            .unwrap()
-            .config_writes
-            .push((offset, data.to_vec()));
-    }
-    fn activate(
-        &mut self,
-        _mem: GuestMemoryMmap,
-        _interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        if self.fail_activation {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let qs = queues
-            .iter()
-            .map(|q| {
-                (
-                    q.queue.size(),
-                    q.queue.desc_table(),
-                    q.queue.avail_ring(),
-                    q.queue.used_ring(),
-                )
-            })
-            .collect();
-        self.record.lock().unwrap().activations.push(qs);
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.record.lock().unwrap().resets += 1;
-    }
-    fn save_state(&self) -> persist::VirtioDeviceState {
-        persist::VirtioDeviceState::Rng
-    }
-    fn restore_state(
-        &mut self,
-        state: &persist::VirtioDeviceState,
-    ) -> Result<(), persist::RestoreError> {
-        match state {
-            persist::VirtioDeviceState::Rng => Ok(()),
-            other => Err(persist::RestoreError::DeviceKind {
-                saved: other.kind(),
-                configured: "fake",
-            }),
-        }
-    }
-}
-
 fn transport(fail_activation: bool) -> (MmioTransport, Arc<Mutex<Record>>, EventFd) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-    let record = Arc::new(Mutex::new(Record::default()));
+    let (device, record) = FakeDevice::new(fail_activation);
     let line = EventFd::new(EFD_NONBLOCK).unwrap();
-    let device = FakeDevice {
-        record: record.clone(),
-        fail_activation,
-    };
     let t = MmioTransport::new(Box::new(device), mem, line.try_clone().unwrap()).unwrap();
     (t, record, line)
 }
@@ -241,7 +159,7 @@ fn a_queue_left_unready_or_activation_failure_sets_needs_reset() {
 #[test]
 fn interrupts_set_status_bits_that_the_driver_acknowledges() {
     let (mut t, _, line) = transport(false);
-    t.interrupt.trigger(InterruptKind::Queue).unwrap();
+    t.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
     t.interrupt.trigger(InterruptKind::Config).unwrap();
     assert_eq!(read(&mut t, 0x60), INT_VRING | INT_CONFIG);
     assert_eq!(line.read().unwrap(), 2);
@@ -265,7 +183,7 @@ fn writing_status_zero_resets_device_and_transport() {
     setup_queue(&mut t, 0, 16, 0x10000);
     setup_queue(&mut t, 1, 8, 0x20000);
     write(&mut t, 0x70, ALL_OK);
-    t.interrupt.trigger(InterruptKind::Queue).unwrap();
+    t.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
     write(&mut t, 0x70, 0);
     assert_eq!(record.lock().unwrap().resets, 1);
     assert_eq!(read(&mut t, 0x70), 0);
@@ -358,7 +276,7 @@ fn restored_transport_has_the_saved_registers_and_reactivates_the_device_on_its_
     setup_queue(&mut t, 0, 16, 0x10000);
     setup_queue(&mut t, 1, 8, 0x20000);
     write(&mut t, 0x70, ALL_OK);
-    t.interrupt.trigger(InterruptKind::Queue).unwrap();
+    t.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
     write(&mut t, 0x30, 1);
     let saved = t.save_state().unwrap();
     let persist::TransportState::Mmio(state) = &saved.transport;

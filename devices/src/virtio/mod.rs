@@ -1,4 +1,5 @@
-//! Virtio devices and the virtio-mmio transport (virtio 1.x, MMIO version 2).
+//! Virtio devices and their transports (virtio 1.x): virtio-mmio (MMIO version 2) and
+//! virtio-pci (modern only), both over the driver-facing state in [`transport_core`].
 //!
 //! A device implements [`VirtioDevice`]: what it offers (type, queues, features, config
 //! space) and [`VirtioDevice::activate`], which hands it the queues once the driver is ready.
@@ -8,10 +9,12 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod persist;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod transport_core;
 mod worker;
 
 use std::sync::Arc;
@@ -49,8 +52,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 /// Why the device interrupts the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InterruptKind {
-    /// Used buffers were added to a queue.
-    Queue,
+    /// Used buffers were added to the queue of this index.
+    Queue(u16),
     /// The configuration space changed (or the device needs a reset).
     Config,
 }

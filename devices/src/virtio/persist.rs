@@ -96,6 +96,15 @@ pub enum TransportState {
     Mmio(MmioTransportState),
 }
 
+impl TransportState {
+    /// The transport's name in messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Mmio(_) => "virtio-mmio",
+        }
+    }
+}
+
 /// A virtio device as a snapshot keeps it: the transport (with the queues) and the device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioDeviceSnapshot {
@@ -111,6 +120,14 @@ pub enum SaveError {
     /// The device runs: its queues move under the snapshot.
     #[error("The {0} device is not paused")]
     NotPaused(&'static str),
+    /// The device's transport has no state in the snapshot format yet.
+    #[error("The {device} device is on {transport}, whose state snapshots cannot hold yet")]
+    Transport {
+        /// The device type's name.
+        device: &'static str,
+        /// The transport's name.
+        transport: &'static str,
+    },
 }
 
 /// Errors restoring a device from a snapshot.
@@ -119,6 +136,14 @@ pub enum RestoreError {
     /// The snapshot's device is another kind than the configured one.
     #[error("The snapshot has a {saved} device where the configuration has a {configured} device")]
     DeviceKind {
+        /// In the snapshot.
+        saved: &'static str,
+        /// In the configuration.
+        configured: &'static str,
+    },
+    /// The snapshot's device sits on another transport than the configured one.
+    #[error("The snapshot's device is on {saved}, the configuration puts it on {configured}")]
+    Transport {
         /// In the snapshot.
         saved: &'static str,
         /// In the configuration.

@@ -175,7 +175,7 @@ fn endpoint(vmm: &Arc<Vmm>, name: &str, path: &str, body: Option<&[u8]>) -> Repl
         "vm.resume" => done(vmm.resume()),
         "vm.shutdown" => done(vmm.shutdown()),
         "vm.reboot" => done(vmm.reboot()),
-        "vm.power-button" => done(vmm.power_button()),
+        "vm.power-button" => done(vmm.power_button().map(drop)),
         "vm.delete" => done(vmm.delete()),
         "vm.snapshot" => match json_body::<SnapshotRequest>(name, body) {
             Ok(req) => done(vmm.snapshot(&req.destination_url)),

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | SyncVirtualMachine | plan the VMI ([`plan_with_formats`], with DisksInfo's formats), its pod network's DHCP ([`pod_network::set_up`]), prepare its files ([`prepare`]: overlays, no image copies), create and boot the VM (the DHCP server starts first); once this VMI's VM exists (running, paused or stopped): apply a new grace period, refuse any other change naming the field ([`live_update`]) |
 //! | Pause / Unpause | [`Vmm::pause`] / [`Vmm::resume`]; a no-op when already so |
-//! | ShutdownVirtualMachine | the power button ([`Vmm::request_guest_shutdown`]), on every call (virt-handler calls again every 5 s: a booting guest can miss it); the first starts the grace period (`DeletionTimestamp`), after which virt-handler calls Kill |
+//! | ShutdownVirtualMachine | the power button (the ACPI power button, Ctrl-Alt-Del for a guest without ACPI: [`Vmm::request_guest_shutdown`]), on every call (virt-handler calls again every 5 s: a booting guest can miss it); the first starts the grace period (`DeletionTimestamp`), after which virt-handler calls Kill |
 //! | KillVirtualMachine | [`Vmm::shutdown`]: stopped at once (disks flushed), still defined |
 //! | DeleteVirtualMachine | [`Vmm::delete`], the final domain event, then the launcher exits |
 //! | ResetVirtualMachine | [`Vmm::reboot`] |

@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use super::vmi::{LaunchPlan, Vmi};
+use crate::config::TransportName;
 
 /// KubeVirt's grace period when the VMI gives none (`v1.DefaultGracePeriodSeconds`).
 pub const DEFAULT_GRACE_PERIOD_SECONDS: i64 = 30;
@@ -156,7 +157,7 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
         Some(c) => [c.sockets, c.cores, c.threads].map(|n| n.max(1)),
         None => [u32::from(config.cpus.boot_vcpus), 1, 1],
     };
-    let disks: Vec<Value> = plan
+    let mut disks: Vec<Value> = plan
         .disks
         .iter()
         .map(|d| {
@@ -189,7 +190,7 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
             disk
         })
         .collect();
-    let interfaces: Vec<Value> = plan
+    let mut interfaces: Vec<Value> = plan
         .interfaces
         .iter()
         .map(|i| {
@@ -207,6 +208,14 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
             iface
         })
         .collect();
+    if config.transport == Some(TransportName::Pci) {
+        // Disks, then interfaces, take the slots after the host bridge in order.
+        for (index, device) in disks.iter_mut().chain(&mut interfaces).enumerate() {
+            if let Some(slot) = vmm_core::pci::device_slot(index) {
+                device["Address"] = pci_address(slot);
+            }
+        }
+    }
     let (serials, consoles) = match &plan.serial_socket {
         Some(socket) => {
             let mut serial = json!({
@@ -267,7 +276,8 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
             },
             "Metadata": {"KubeVirt": kubevirt},
             // virt-handler asks for a graceful shutdown (ShutdownVirtualMachine) only of a
-            // domain with ACPI; rvmm's equivalent is Ctrl-Alt-Del on the i8042.
+            // domain with ACPI: rvmm presses the ACPI power button (Ctrl-Alt-Del for a guest
+            // without ACPI).
             "Features": {"ACPI": {}},
             "CPU": {
                 "Topology": {"Sockets": topology[0], "Cores": topology[1], "Threads": topology[2]},
@@ -322,6 +332,17 @@ pub fn set_guest_addresses(domain: &mut Value, addresses: &GuestAddresses) {
         })
         .collect();
     domain["Status"]["Interfaces"] = Value::Array(interfaces);
+}
+
+/// A device's PCI address as libvirt writes it (segment 0, bus 0, function 0).
+fn pci_address(slot: u8) -> Value {
+    json!({
+        "Type": "pci",
+        "Domain": "0x0000",
+        "Bus": "0x00",
+        "Slot": format!("{slot:#04x}"),
+        "Function": "0x0",
+    })
 }
 
 /// The alias of a device the VMI names (libvirt's `ua-<name>`).
@@ -516,6 +537,21 @@ pub(crate) mod tests {
             json!([{"Mac": "02:00:00:00:00:01", "Ip": "10.0.2.2",
                     "IPs": ["10.0.2.2", "fd10:0:2::2"], "InterfaceName": ""}])
         );
+    }
+
+    #[test]
+    fn on_pci_disks_then_interfaces_have_the_slots_after_the_host_bridge() {
+        let mut plan = plan();
+        plan.config.transport = Some(TransportName::Pci);
+        let d = build(&vmi(), &plan, DomainState::RUNNING);
+        let devices = &d["Spec"]["Devices"];
+        let address = |slot: &str| json!({"Type": "pci", "Domain": "0x0000", "Bus": "0x00", "Slot": slot, "Function": "0x0"});
+        assert_eq!(devices["Disks"][0]["Address"], address("0x01"));
+        assert_eq!(devices["Disks"][1]["Address"], address("0x02"));
+        assert_eq!(devices["Interfaces"][0]["Address"], address("0x03"));
+        // virtio-mmio devices have no PCI address.
+        let d = build(&vmi(), &super::tests::plan(), DomainState::RUNNING);
+        assert!(d["Spec"]["Devices"]["Disks"][0].get("Address").is_none());
     }
 
     #[test]

@@ -170,6 +170,7 @@ mod tests {
             }],
             memory_bytes: 64 << 20,
             vcpu_cpu_ns: vec![Some(2_000_000), None],
+            ..Default::default()
         };
         let s = domain_stats(&vmi, &plan, &metrics);
         assert_eq!(

@@ -15,7 +15,7 @@ use ::devices::image::{ImageError, ImageFormat};
 
 use crate::config::{
     CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, SerialConfig,
-    SerialModeName, VmConfigFile,
+    SerialModeName, TransportName, VmConfigFile,
 };
 
 use super::nocloud::NoCloudData;
@@ -485,6 +485,10 @@ pub fn plan_with_formats(
                 socket: None,
             },
         }),
+        // As KubeVirt's launcher gives QEMU: virtio-pci devices and ACPI (the guests are
+        // distro kernels, whose virtio_pci is built in and which shut down on the power button).
+        transport: Some(TransportName::Pci),
+        acpi: Some(true),
     };
     for w in &warnings {
         log::warn!("VMI {}: {w}", vmi.domain_name());

@@ -381,9 +381,22 @@ impl Session {
     /// A session for VMI `uid`; without a fake virt-handler when `virt_handler` is false (its
     /// notify socket is missing).
     pub fn with(tag: &str, guest: &str, grace: u32, uid: &str, virt_handler: bool) -> Self {
+        let kernel = (tiny_guest(guest), format!("{guest}.elf"));
+        Self::with_files(tag, &[kernel], grace, uid, virt_handler)
+    }
+
+    /// A session whose pod's kernel-boot directory holds `files` (source, name there).
+    pub fn with_files(
+        tag: &str,
+        files: &[(PathBuf, String)],
+        grace: u32,
+        uid: &str,
+        virt_handler: bool,
+    ) -> Self {
         let pod = Pod::new(tag);
-        let kernel = format!("cd/kernel-boot/{guest}.elf");
-        std::fs::copy(tiny_guest(guest), pod.path(&kernel)).unwrap();
+        for (from, name) in files {
+            std::fs::copy(from, pod.path(&format!("cd/kernel-boot/{name}"))).unwrap();
+        }
         let runtime = GrpcRuntime::start().unwrap();
         let (events, k8s_events) = if virt_handler {
             fake_virt_handler(&runtime, &pod)

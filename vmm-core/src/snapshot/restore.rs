@@ -11,8 +11,8 @@ use super::{
     VmStateError, map_memory_file, memory_regions, read_state, restore_vm_kvm_state,
 };
 use crate::builder::{
-    BuildError, SerialOutput, Vm, VmConfig, attach_i8042, attach_serial, attach_virtio_devices,
-    check_vcpu_count, create_virtio_devices, start_worker_threads, virtio_slots,
+    BuildError, SerialOutput, Vm, VmConfig, attach_acpi_pm, attach_i8042, attach_serial,
+    attach_virtio_devices, check_platform, create_virtio_devices, place, start_worker_threads,
 };
 use crate::bus::Bus;
 use crate::control::VmControl;
@@ -102,7 +102,7 @@ pub fn build_restored(
     mem: GuestMemoryMmap,
     serial_out: SerialOutput,
 ) -> Result<Vm, RestoreError> {
-    check_vcpu_count(config.vcpus)?;
+    check_platform(config)?;
     check_layout(config, state, &mem)?;
     if state.vcpus.len() != usize::from(config.vcpus) {
         return Err(RestoreError::VcpuCount {
@@ -119,10 +119,10 @@ pub fn build_restored(
         });
     }
     start_worker_threads(&mut virtio.devices, config.seccomp)?;
-    let slots = virtio_slots(virtio.devices.len())?;
+    let placement = place(config.transport, virtio.devices.len())?;
     let kvm = open_kvm(&config.kvm_path).map_err(BuildError::Vm)?;
     check_capabilities(&kvm).map_err(BuildError::Vm)?;
-    let vm_fd = create_vm(&kvm).map_err(BuildError::Vm)?;
+    let vm_fd = Arc::new(create_vm(&kvm).map_err(BuildError::Vm)?);
     register_memory(&vm_fd, &mem).map_err(BuildError::Vm)?;
     restore_vm_kvm_state(&vm_fd, &state.kvm)?;
     let control = Arc::new(VmControl::new_paused(usize::from(config.vcpus)));
@@ -130,11 +130,21 @@ pub fn build_restored(
     let mut mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out, Some(&state.serial))?;
     let keyboard = attach_i8042(&vm_fd, &mut pio, &control, Some(&state.i8042))?;
-    let transports = attach_virtio_devices(&vm_fd, &mut mmio, &mem, virtio.devices, &slots)?;
-    for (index, (transport, saved)) in transports.iter().zip(&state.virtio).enumerate() {
+    // The ACPI registers start as at boot: the guest's enable bits are not in the state.
+    let power = match config.acpi {
+        true => Some(attach_acpi_pm(&vm_fd, &mut pio, &control)?),
+        false => None,
+    };
+    let attached = attach_virtio_devices(
+        &vm_fd,
+        (&mut pio, &mut mmio),
+        &mem,
+        &layout,
+        virtio.devices,
+        &placement,
+    )?;
+    for (index, (transport, saved)) in attached.transports.iter().zip(&state.virtio).enumerate() {
         transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .restore_state(saved)
             .map_err(|source| RestoreError::Device {
                 index,
@@ -155,6 +165,7 @@ pub fn build_restored(
         virtio.nets,
         layout.size(),
         control.clone(),
+        attached.malformed_pci,
     );
     Ok(Vm {
         vcpus,
@@ -163,9 +174,10 @@ pub fn build_restored(
         mmio: Arc::new(mmio),
         serial,
         keyboard,
+        power,
         metrics,
         disk_syncs: virtio.syncs.into(),
-        transports,
+        transports: attached.transports,
         kvm,
         vm_fd,
         mem,

@@ -521,7 +521,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         // against everything added since the last check; without it one interrupt covers the
         // batch.
         if self.queue.needs_notification(&self.mem)?
-            && let Err(e) = self.interrupt.trigger(InterruptKind::Queue)
+            && let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0))
         {
             log::warn!("virtio-blk: cannot interrupt the guest: {e}");
         }

@@ -43,6 +43,10 @@ pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// Frames handled per backend wake-up at most, so tx gets its turn under an rx flood (the
 /// backend descriptor is level-triggered: the rest are picked up on the next round).
 const RX_BUDGET: usize = 256;
+/// The receive queue's index (virtio 1.x §5.1.2).
+const RX_QUEUE: u16 = 0;
+/// The transmit queue's index.
+const TX_QUEUE: u16 = 1;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// Largest rx chain a frame is read into through the bounce buffer (then copied): up to a page,
@@ -235,6 +239,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         let sent = result?;
         signal(
             &mut self.tx,
+            TX_QUEUE,
             &self.mem,
             &mut self.tx_added,
             &*self.interrupt,
@@ -305,7 +310,13 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         let result = self.rx_drain(&mem);
         self.tally.flush(&self.counters);
         let delivered = result?;
-        signal(&mut self.rx, &mem, &mut self.rx_added, &*self.interrupt)?;
+        signal(
+            &mut self.rx,
+            RX_QUEUE,
+            &mem,
+            &mut self.rx_added,
+            &*self.interrupt,
+        )?;
         Ok(delivered)
     }
 
@@ -614,9 +625,11 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
     }
 }
 
-/// Interrupts the driver for the chains added to `queue` since the last call, if it wants.
+/// Interrupts the driver for the chains added to `queue` (number `index`) since the last call,
+/// if it wants.
 fn signal<I: ?Sized + VirtioInterrupt>(
     queue: &mut Queue,
+    index: u16,
     mem: &GuestMemoryMmap,
     added: &mut usize,
     interrupt: &I,
@@ -626,7 +639,7 @@ fn signal<I: ?Sized + VirtioInterrupt>(
     }
     *added = 0;
     if queue.needs_notification(mem)?
-        && let Err(e) = interrupt.trigger(InterruptKind::Queue)
+        && let Err(e) = interrupt.trigger(InterruptKind::Queue(index))
     {
         log::warn!("virtio-net: cannot interrupt the guest: {e}");
     }

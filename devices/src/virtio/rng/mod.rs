@@ -179,7 +179,7 @@ impl<I: ?Sized + VirtioInterrupt> RngHandler<I> {
                 self.queue.add_used(&self.mem, head, written)?;
                 served += 1;
                 if self.queue.needs_notification(&self.mem)?
-                    && let Err(e) = self.interrupt.trigger(InterruptKind::Queue)
+                    && let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0))
                 {
                     log::warn!("virtio-rng: cannot interrupt the guest: {e}");
                 }
