@@ -28,7 +28,9 @@
 //! with no tap and no file or socket console (calls creating anything else are skipped;
 //! `config_json` covers their validation). Raw inputs naming both `vm.create` and `vm.boot`
 //! are rejected: a fresh VMM cannot boot without a create, and both must appear verbatim in a
-//! request target.
+//! request target. Snapshot and migration endpoints read, write, listen on or connect to
+//! what their body names: raw inputs naming them are rejected, structured calls to them with
+//! a JSON body are skipped (the rest must answer 400).
 
 #![no_main]
 
@@ -409,6 +411,11 @@ fn run_direct(calls: &[Call]) -> Vec<u16> {
                 assert_eq!(reply.status, vm_or_404(204), "{what}");
                 created = None;
             }
+            // Their bodies never parse here (calls whose body is JSON are skipped, see
+            // `touches_host`): the body is checked before the VM's state.
+            "vm.snapshot" | "vm.restore" | "vm.send-migration" | "vm.receive-migration" => {
+                assert_eq!(reply.status, 400, "{what}");
+            }
             // boot without a VM; the rest needs a running VM, which never exists here.
             _ => assert_eq!(reply.status, vm_or_404(405), "{what}"),
         }
@@ -533,8 +540,34 @@ fn serve(request: &[u8]) -> Vec<u8> {
     })
 }
 
+/// Endpoints whose valid requests reach outside the process: `vm.restore` reads the
+/// snapshot directory it names, `vm.receive-migration` listens on the socket it names,
+/// `vm.snapshot` and `vm.send-migration` write or connect (after a state check, but a model
+/// does not bet the host on that).
+const HOST_ENDPOINTS: &[&str] = &[
+    "vm.snapshot",
+    "vm.restore",
+    "vm.send-migration",
+    "vm.receive-migration",
+];
+
+/// Whether `call` goes to one of [`HOST_ENDPOINTS`] with a body that could be a request.
+fn touches_host(call: &Call) -> bool {
+    HOST_ENDPOINTS.iter().any(|name| call.target.contains(name))
+        && call
+            .body
+            .as_deref()
+            .is_some_and(|b| serde_json::from_slice::<Value>(b).is_ok())
+}
+
 fn raw(data: &[u8]) -> Corpus {
     if find(data, b"vm.create").is_some() && find(data, b"vm.boot").is_some() {
+        return Corpus::Reject;
+    }
+    if HOST_ENDPOINTS
+        .iter()
+        .any(|name| find(data, name.as_bytes()).is_some())
+    {
         return Corpus::Reject;
     }
     for response in parse_answer(&serve(data)) {
@@ -558,7 +591,7 @@ fn structured(data: &[u8]) -> Result<()> {
             Ok(file) => hermetic(&file),
             Err(_) => true,
         };
-        if !safe {
+        if !safe || touches_host(&call) {
             continue;
         }
         let shutdown = call.method == "PUT" && call.target.starts_with("/api/v1/vmm.shutdown");
