@@ -154,7 +154,7 @@ fn kvm_linux_vmi_boots_its_qcow2_container_disk_sees_nocloud_and_shuts_down_grac
         "booted the older BLS entry"
     );
 
-    // Graceful shutdown: Ctrl-Alt-Del, the guest reboots, the VM ends.
+    // Graceful shutdown: the ACPI power button, the guest powers off, the VM ends.
     assert!(handler.vmi_command("Shutdown", &vmi).0);
     let start = Instant::now();
     loop {
