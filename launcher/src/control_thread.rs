@@ -3,15 +3,16 @@
 //! must not start threads itself (`vm-restart`, which boots a VM again after its guest reset,
 //! for the VM's waiter).
 //!
-//! It is not seccomp-filtered: its list would be the whole VMM's (opening KVM, disks, taps
-//! and sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
-//! device workers, the VM's waiter) would inherit the filter, stacked under its own. Start it
-//! before the server's thread, which may not create threads.
+//! Its filter ([`crate::seccomp::control_rules`]) is the widest: building a VM opens KVM,
+//! disks, taps and sockets, maps guest memory and starts threads (vCPUs, device workers, the
+//! VM's waiter), which inherit it under their own. Start it before the server's thread, which
+//! may not create threads.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
+use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
 
 /// An operation handed to the thread.
 type Job = Box<dyn FnOnce() + Send>;
@@ -34,18 +35,16 @@ pub struct ControlThread {
 }
 
 impl ControlThread {
-    /// Starts the thread, named `name`.
-    pub fn start(name: &str) -> std::io::Result<Self> {
+    /// Starts the thread, named `name`, filtered with `filter` (none: `--seccomp=false`).
+    pub fn start(name: &str, filter: Option<BpfProgram>) -> Result<Self, SpawnError> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                for job in queue {
-                    // A panicking operation fails its own request (its answer is dropped),
-                    // not the ones after it.
-                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
-                }
-            })?;
+        spawn_filtered(name, filter, move || {
+            for job in queue {
+                // A panicking operation fails its own request (its answer is dropped),
+                // not the ones after it.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+            }
+        })?;
         Ok(Self { jobs })
     }
 
@@ -81,7 +80,7 @@ mod tests {
 
     #[test]
     fn operations_run_on_the_named_thread_in_order() {
-        let control = ControlThread::start("control-test").unwrap();
+        let control = ControlThread::start("control-test", None).unwrap();
         let names: Vec<_> = (0..3)
             .map(|i| {
                 block_on(control.run(move || (i, std::thread::current().name().map(str::to_owned))))
@@ -95,7 +94,7 @@ mod tests {
 
     #[test]
     fn submitted_operations_run_in_order_without_a_caller_waiting() {
-        let control = ControlThread::start("control-submit").unwrap();
+        let control = ControlThread::start("control-submit", None).unwrap();
         let (done, finished) = mpsc::channel();
         for i in 0..3 {
             let done = done.clone();
@@ -107,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_panicking_operation_fails_alone() {
-        let control = ControlThread::start("control-panic").unwrap();
+        let control = ControlThread::start("control-panic", None).unwrap();
         let failed = block_on(control.run(|| -> u8 { panic!("boom") }));
         assert_eq!(failed, Err(ControlError::Dropped));
         assert_eq!(block_on(control.run(|| 7)), Ok(7));

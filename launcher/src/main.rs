@@ -11,15 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use launcher::api::{ApiServer, ApiServerError, start_metrics_server};
-use launcher::cli::{Command, RunArgs, parse_command_line, parse_cpu_profile};
+use launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line, parse_cpu_profile};
 use launcher::events::EventMonitor;
 use launcher::kubevirt::launcher_mode;
-use launcher::seccomp::filter_main_thread;
+use launcher::seccomp::{filter_main_thread, signal_rules, thread_filter_for};
 use launcher::shutdown::ShutdownSignals;
 use launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
 use vmm_core::cpuid::KVM_PVM_MODULE;
+use vmm_core::seccomp::{DeniedAction, set_denied_action, single_malloc_arena};
 
 fn main() -> ExitCode {
+    // Before any thread starts: every thread is seccomp-filtered (see single_malloc_arena).
+    single_malloc_arena();
     // `rvmm run`, `rvmm virt-launcher`, or virt-launcher's flags when invoked under its name.
     let cli = parse_command_line(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let default_level = match &cli.command {
@@ -45,15 +48,8 @@ fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
-    let signals = match ShutdownSignals::block() {
-        Ok(signals) => signals,
-        Err(e) => {
-            return fail(
-                EXIT_VMM_ERROR,
-                &anyhow::Error::new(e).context("Cannot block signals"),
-            );
-        }
-    };
+    // The user's input first, with the default signal actions: a configuration that cannot be
+    // read leaves rvmm killable by SIGTERM/SIGINT (it starts no thread before this).
     let kvm_pvm_loaded = Path::new(KVM_PVM_MODULE).exists();
     let vmm = match setup(args, kvm_pvm_loaded) {
         Ok(vmm) => vmm,
@@ -67,6 +63,24 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(restore) => restore,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
     };
+    if args.seccomp == SeccompMode::Log
+        && let Err(e) = set_denied_action(DeniedAction::Log)
+    {
+        return fail(
+            EXIT_VMM_ERROR,
+            &anyhow::Error::new(e).context("--seccomp=log: cannot handle SIGSYS"),
+        );
+    }
+    // Before any thread starts, so that every thread inherits the blocked signals.
+    let signals = match ShutdownSignals::block() {
+        Ok(signals) => signals,
+        Err(e) => {
+            return fail(
+                EXIT_VMM_ERROR,
+                &anyhow::Error::new(e).context("Cannot block signals"),
+            );
+        }
+    };
     // Servers first, so a client can watch the boot.
     let server_failed = |e: ApiServerError| {
         let code = if e.is_bad_config() {
@@ -77,21 +91,28 @@ fn run(args: &RunArgs) -> ExitCode {
         fail(code, &e.into())
     };
     let _api = match &args.api_socket {
-        Some(path) => match ApiServer::start(path, vmm.clone(), args.seccomp) {
+        Some(path) => match ApiServer::start(path, vmm.clone(), args.seccomp.filters()) {
             Ok(server) => Some(server),
             Err(e) => return server_failed(e),
         },
         None => None,
     };
     if let Some(addr) = args.metrics_addr {
-        match start_metrics_server(addr, vmm.clone(), args.seccomp) {
+        match start_metrics_server(addr, vmm.clone(), args.seccomp.filters()) {
             Ok(bound) => log::info!("Metrics on http://{bound}/metrics"),
             Err(e) => return server_failed(e),
         }
     }
     let grace = Duration::from_secs(args.grace_period_seconds);
-    if let Err(e) = signals.handle(vmm.clone(), grace) {
-        log::error!("Shutdown signals will not be handled: {e}");
+    let signal_filter = match thread_filter_for(args.seccomp.filters(), signal_rules()) {
+        Ok(filter) => filter,
+        Err(e) => return fail(EXIT_VMM_ERROR, &e.into()),
+    };
+    if let Err(e) = signals.handle(vmm.clone(), grace, signal_filter) {
+        return fail(
+            EXIT_VMM_ERROR,
+            &anyhow::Error::new(e).context("Cannot handle the shutdown signals"),
+        );
     }
     if vm.is_none()
         && let Some(text) = &args.serial
@@ -124,7 +145,7 @@ fn run(args: &RunArgs) -> ExitCode {
     // filters itself. Every thread it starts already runs (signals, API and vmm-control, the
     // booted VM's waiter and vCPUs; a VM booted later is vmm-control's) and it starts no
     // more, so none inherits its filter.
-    if args.seccomp
+    if args.seccomp.filters()
         && let Err(e) = filter_main_thread()
     {
         vmm.request_exit(EXIT_VMM_ERROR);
@@ -150,7 +171,7 @@ fn setup(args: &RunArgs, kvm_pvm_loaded: bool) -> anyhow::Result<Arc<Vmm>> {
         kvm_path: args.kvm_device.clone(),
         cpu_profile,
         serial_log: args.serial_log.clone(),
-        seccomp: args.seccomp,
+        seccomp: args.seccomp.filters(),
         on_reboot: args.on_reboot,
         exit_when_guest_ends: true,
     };

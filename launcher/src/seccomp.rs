@@ -9,8 +9,86 @@
 //! thread. A thread inherits the filter of the thread that starts it, so these filters must be
 //! installed after that.
 
-use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter};
+use devices::seccomp::{WorkerKind, activation_rules, worker_rules};
+use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter, vcpu_rules};
 use vmm_sys_util::signal::SIGRTMIN;
+
+/// `kind_rules`' filter when `seccomp` is on (`--seccomp` not false), else none.
+pub fn thread_filter_for(
+    seccomp: bool,
+    kind_rules: Vec<Allow>,
+) -> Result<Option<BpfProgram>, SeccompError> {
+    seccomp.then(|| thread_filter(kind_rules)).transpose()
+}
+
+/// The `signals` thread ([`crate::shutdown`]): it waits for signals and for the end of the
+/// grace period, and hands them to the VMM (locks, a condition variable, the i8042's
+/// eventfd: shared rules) or to virt-launcher mode's handler (channels).
+pub fn signal_rules() -> Vec<Allow> {
+    vec![
+        // sigwaitinfo and sigtimedwait (the grace period's timeout).
+        Allow::any(libc::SYS_rt_sigtimedwait),
+    ]
+}
+
+/// The `vm-waiter` thread: it waits for the VM's end, joins the vCPU threads and drops the
+/// VM (stopping the device workers, closing descriptors, unmapping guest memory: shared
+/// rules), then records the end and reports it (events to a file or a channel: writes and
+/// futexes).
+pub fn waiter_rules() -> Vec<Allow> {
+    Vec::new()
+}
+
+/// virt-launcher mode's `qemu-timeout` watch: it sleeps, then may ask the VMM to exit.
+pub fn timer_rules() -> Vec<Allow> {
+    vec![
+        // thread::sleep: glibc's nanosleep is clock_nanosleep.
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+    ]
+}
+
+/// The console's input threads ([`crate::console`]): `serial-stdin` reads the terminal,
+/// `serial-socket` accepts console clients and reads their keys. Guest output to a client is
+/// written by whoever prints (a vCPU); attaching a client sends it the backlog from here.
+pub fn serial_rules() -> Vec<Allow> {
+    vec![
+        // stdin (read) and a client's keys (std's socket read is recv, a recvfrom).
+        Allow::any(libc::SYS_read),
+        Allow::any(libc::SYS_recvfrom),
+        // serial-socket waits for a client, a key, or the guest's FIFO to drain.
+        Allow::any(libc::SYS_poll),
+        // Accepting a client (close-on-exec) and keeping a second handle to read from.
+        Allow::any(libc::SYS_accept4),
+        Allow::arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
+        // The client's writes never block the guest: set_nonblocking is ioctl(FIONBIO).
+        Allow::arg_in(libc::SYS_ioctl, 1, &[libc::FIONBIO]),
+        // The backlog to a new client: a send with MSG_NOSIGNAL.
+        Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
+        // serial-stdin waits for the guest to drain its FIFO (thread::sleep).
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+    ]
+}
+
+/// The console input threads' filter.
+pub fn serial_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(serial_rules())
+}
+
+/// virt-launcher mode's `kubevirt-notify` thread: it builds domains and sends them through
+/// the notify client on the gRPC runtime (`Handle::block_on`): connecting to virt-handler's
+/// socket happens here (the same calls as the gRPC thread's reconnects), after checking
+/// which socket exists.
+pub fn notify_rules() -> Vec<Allow> {
+    let mut rules = grpc_rules();
+    rules.extend([
+        // Notifier::socket_path: Path::exists is a statx (newfstatat where statx is missing).
+        Allow::any(libc::SYS_statx),
+        Allow::any(libc::SYS_newfstatat),
+    ]);
+    rules
+}
 
 /// What an API thread needs beyond the rules every thread shares: a single-threaded tokio
 /// runtime serving hyper HTTP/1.1 connections, on a unix socket (the API) or TCP (metrics).
@@ -87,6 +165,114 @@ pub fn grpc_rules() -> Vec<Allow> {
         Allow::any(libc::SYS_connect),
         Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
     ]);
+    rules
+}
+
+/// An ioctl request's type byte (`_IOC_TYPE`), for [`Allow::masked_in`].
+const IOCTL_TYPE_MASK: u32 = 0xff00;
+/// KVM's ioctls (`KVMIO`, 0xAE): the system, VM and vCPU requests of building a VM.
+const KVM_IOCTLS: u64 = 0xae00;
+/// Type 'T' (0x54): the tap's TUNSET* requests, the terminal's TCGETS/TCSETS, FIONBIO.
+const TTY_AND_TUN_IOCTLS: u64 = 0x5400;
+
+/// The control threads (`vmm-control` for the API, `launcher-control` in virt-launcher
+/// mode, [`crate::control_thread`]): every VM operation, building a VM included. It is the
+/// widest list, and a superset of what the threads it starts do (vCPUs, device workers, the
+/// VM's waiter, the console's input threads: they inherit it under their own). What it keeps
+/// out: running programs (execve), new processes (fork, clone without CLONE_THREAD is not
+/// reachable through clone3's allowance: glibc only forks with clone, which is refused),
+/// tracing, mounting, module and BPF loading, namespaces, credentials, network sockets.
+pub fn control_rules() -> Vec<Allow> {
+    let mut rules = vec![
+        // Opening what a VM uses: kernel, initrd, disks, /dev/kvm, /dev/net/tun, the serial
+        // file and log; in virt-launcher mode the VMI's files and the cloud-init disk.
+        Allow::any(libc::SYS_openat),
+        // Their kind and size (fs::metadata, File::metadata, Path::exists, the disk's end).
+        Allow::any(libc::SYS_statx),
+        Allow::any(libc::SYS_newfstatat),
+        Allow::any(libc::SYS_fstat),
+        Allow::any(libc::SYS_lseek),
+        // Loading the kernel and initrd, reading files; writing the cloud-init disk.
+        Allow::any(libc::SYS_read),
+        Allow::any(libc::SYS_pread64),
+        Allow::any(libc::SYS_pwrite64),
+        Allow::any(libc::SYS_ftruncate),
+        Allow::any(libc::SYS_fsync),
+        Allow::any(libc::SYS_fdatasync),
+        // Directories and names: virt-launcher mode's ephemeral disk directory, replacing a
+        // stale serial socket, listing a directory.
+        Allow::any(libc::SYS_mkdir),
+        Allow::any(libc::SYS_mkdirat),
+        Allow::any(libc::SYS_rename),
+        Allow::any(libc::SYS_renameat),
+        Allow::any(libc::SYS_renameat2),
+        Allow::any(libc::SYS_unlink),
+        Allow::any(libc::SYS_unlinkat),
+        Allow::any(libc::SYS_getdents64),
+        Allow::any(libc::SYS_readlink),
+        // Socket and file modes (the serial socket's 0600).
+        Allow::any(libc::SYS_chmod),
+        Allow::any(libc::SYS_fchmod),
+        Allow::any(libc::SYS_fchmodat),
+        // KVM (system, VM and vCPU set-up), the tap and the terminal (raw mode on stdin).
+        Allow::masked_in(
+            libc::SYS_ioctl,
+            1,
+            IOCTL_TYPE_MASK,
+            &[KVM_IOCTLS, TTY_AND_TUN_IOCTLS],
+        ),
+        // Descriptor flags and duplicates; disk image locks (open file description locks).
+        Allow::arg_in(
+            libc::SYS_fcntl,
+            1,
+            &[
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+                libc::F_OFD_GETLK as u64,
+                libc::F_OFD_SETLK as u64,
+            ],
+        ),
+        // The serial console's unix socket.
+        Allow::args_match(libc::SYS_socket, vec![vec![(0, libc::AF_UNIX as u64)]]),
+        Allow::any(libc::SYS_bind),
+        Allow::any(libc::SYS_listen),
+        // Threads: vCPUs, device workers, the VM's waiter, console input. pthread_create is
+        // clone3 (set_robust_list and rseq in the new thread, mprotect for its guard page);
+        // each new thread names itself (prctl) and filters itself (prctl, seccomp) after
+        // dropping its capabilities (capget, capset, prctl).
+        Allow::any(libc::SYS_clone3),
+        Allow::any(libc::SYS_set_robust_list),
+        Allow::any(libc::SYS_rseq),
+        // A new thread's start-up in std (before its own filter): pthread_getattr_np, for
+        // the stack guard, reads the thread's CPU affinity.
+        Allow::any(libc::SYS_sched_getaffinity),
+        Allow::any(libc::SYS_prctl),
+        Allow::any(libc::SYS_seccomp),
+        Allow::any(libc::SYS_capget),
+        Allow::any(libc::SYS_capset),
+        // The vCPU kick signal's handler, installed with the first vCPU.
+        Allow::any(libc::SYS_rt_sigaction),
+        // Guest memory and its KVM slots: anonymous mappings (shared rules), madvise.
+        // Waiting a moment (thread::sleep), yielding.
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+        Allow::any(libc::SYS_sched_yield),
+        // Eventfds, epoll and io_uring for the devices (also the activation rules below).
+        Allow::any(libc::SYS_eventfd2),
+        Allow::any(libc::SYS_epoll_create1),
+        Allow::any(libc::SYS_io_uring_enter),
+    ];
+    // What the threads it starts do (they inherit this filter under their own).
+    rules.extend(vcpu_rules());
+    rules.extend(activation_rules());
+    for kind in WorkerKind::ALL {
+        rules.extend(worker_rules(kind));
+    }
+    rules.extend(waiter_rules());
+    rules.extend(serial_rules());
     rules
 }
 

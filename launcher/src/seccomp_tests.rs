@@ -106,3 +106,94 @@ fn main_filter_kills_a_thread_that_starts_a_thread_or_opens_a_socket() {
     });
     assert_eq!(end, KILLED_BY_SIGSYS, "isatty(2)");
 }
+
+/// Every kind of filtered thread, with its rules.
+fn every_thread_kind() -> Vec<(&'static str, Vec<Allow>)> {
+    use devices::seccomp::{WorkerKind, worker_rules};
+    let mut kinds = vec![
+        ("api", api_rules()),
+        ("grpc", grpc_rules()),
+        ("notify", notify_rules()),
+        ("signals", signal_rules()),
+        ("waiter", waiter_rules()),
+        ("timer", timer_rules()),
+        ("serial", serial_rules()),
+        ("control", control_rules()),
+        ("main", main_rules()),
+        ("vcpu", vmm_core::seccomp::vcpu_rules()),
+    ];
+    for kind in WorkerKind::ALL {
+        kinds.push(("worker", worker_rules(kind)));
+    }
+    kinds
+}
+
+/// What a thread serving a large request does to the allocator: many small buffers, many
+/// medium ones (from the arena's heap), a few large ones grown by reallocation, all freed.
+fn churn_the_heap() {
+    for _ in 0..3 {
+        let small: Vec<Vec<u8>> = (0..10_000).map(|i| vec![i as u8; 100]).collect();
+        let medium: Vec<Vec<u8>> = (0..200).map(|i| vec![i as u8; 64 << 10]).collect();
+        let mut large = Vec::new();
+        for chunk in 0..10 {
+            large.extend_from_slice(&vec![chunk as u8; 1 << 20]);
+        }
+        let text = "x".repeat(3 << 20);
+        assert_eq!(large.len() + text.len(), 13 << 20);
+        drop((small, medium, large, text));
+    }
+}
+
+/// Set in the child process of [`filtered_threads_survive_large_and_many_allocations`].
+const ALLOC_CHILD_ENV: &str = "RVMM_TEST_FILTERED_ALLOCATIONS";
+
+/// Runs [`filtered_threads_survive_large_and_many_allocations`] in a child test process,
+/// with glibc's arena limit `arena_max` (`None`: glibc's default, one arena per thread).
+fn allocation_child(arena_max: Option<u32>) -> std::process::Output {
+    let name = concat!(
+        module_path!(),
+        "::filtered_threads_survive_large_and_many_allocations"
+    );
+    let name = name.split_once("::").map_or(name, |(_, path)| path);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(ALLOC_CHILD_ENV, "1");
+    match arena_max {
+        // The tunable is mallopt(M_ARENA_MAX)'s, applied before the harness's threads start
+        // (rvmm's main calls single_malloc_arena first thing; a test binary cannot).
+        Some(max) => child.env("GLIBC_TUNABLES", format!("glibc.malloc.arena_max={max}")),
+        None => child.env_remove("GLIBC_TUNABLES"),
+    };
+    child.output().unwrap()
+}
+
+#[test]
+fn filtered_threads_survive_large_and_many_allocations() {
+    if std::env::var_os(ALLOC_CHILD_ENV).is_some() {
+        for (kind, rules) in every_thread_kind() {
+            let filter = vmm_core::seccomp::thread_filter(rules).unwrap();
+            let thread = vmm_core::seccomp::spawn_filtered(kind, Some(filter), churn_the_heap);
+            thread.unwrap().join().unwrap();
+        }
+        return;
+    }
+    // rvmm's allocator set-up (one arena): every kind of thread lives.
+    let output = allocation_child(Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "child test: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The reproducer: with glibc's default, a thread arena's first trim opens
+    // /proc/sys/vm/overcommit_memory, and the filter kills the process.
+    let output = allocation_child(None);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&output.status),
+        Some(libc::SIGSYS),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

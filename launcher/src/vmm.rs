@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vmm_core::metrics::VmMetrics;
+use vmm_core::seccomp::{SpawnError, spawn_filtered};
 use vmm_core::{MetricsHandle, Outcome, StopReason, VmConfig, VmHandle};
 
 use crate::cli::SerialMode;
@@ -29,6 +30,7 @@ use crate::console::Console;
 use crate::control_thread::ControlThread;
 use crate::errors::error_chain;
 use crate::events::EventMonitor;
+use crate::seccomp::{control_rules, thread_filter_for, waiter_rules};
 
 #[path = "migration/mod.rs"]
 pub mod migration;
@@ -280,8 +282,12 @@ impl Vmm {
                 .serial_log
                 .as_ref()
                 .or(self.settings.serial_log.as_ref());
-            let console = Console::open(&slot.serial, log.map(PathBuf::as_path))
-                .map_err(|e| VmmError::Console(e.into()))?;
+            let console = Console::open(
+                &slot.serial,
+                log.map(PathBuf::as_path),
+                self.settings.seccomp,
+            )
+            .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
         let console = slot.console.as_mut().expect("opened above");
@@ -309,7 +315,10 @@ impl Vmm {
         console.attach(vm.serial());
         if self.settings.on_reboot == OnReboot::Restart && inner.restarter.is_none() {
             // Started here, on a thread that may start threads, not by the waiter that needs it.
-            let restarter = ControlThread::start("vm-restart").map_err(VmmError::Waiter)?;
+            let filter = thread_filter_for(self.settings.seccomp, control_rules())
+                .map_err(|e| VmmError::Waiter(SpawnError::Filter(e)))?;
+            let restarter =
+                ControlThread::start("vm-restart", filter).map_err(VmmError::Waiter)?;
             inner.restarter = Some(restarter);
         }
         inner.generation += 1;
@@ -318,15 +327,15 @@ impl Vmm {
         // notice its end.
         let (send_vm, receive_vm) = std::sync::mpsc::channel::<vmm_core::RunningVm>();
         let vmm = self.clone();
-        std::thread::Builder::new()
-            .name("vm-waiter".into())
-            .spawn(move || {
-                if let Ok(running) = receive_vm.recv() {
-                    let reason = running.wait();
-                    vmm.vm_stopped(generation, reason);
-                }
-            })
-            .map_err(VmmError::Waiter)?;
+        let filter = thread_filter_for(self.settings.seccomp, waiter_rules())
+            .map_err(|e| VmmError::Waiter(SpawnError::Filter(e)))?;
+        spawn_filtered("vm-waiter", filter, move || {
+            if let Ok(running) = receive_vm.recv() {
+                let reason = running.wait();
+                vmm.vm_stopped(generation, reason);
+            }
+        })
+        .map_err(VmmError::Waiter)?;
         let running = vm.start().map_err(VmmError::Boot)?;
         let handle = running.handle();
         if let Err(unsent) = send_vm.send(running) {
@@ -334,9 +343,7 @@ impl Vmm {
             let running = unsent.0;
             running.stop();
             running.wait();
-            return Err(VmmError::Waiter(std::io::Error::other(
-                "the waiter thread ended early",
-            )));
+            return Err(VmmError::Waiter(SpawnError::Died));
         }
         *self.live_metrics.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(handle.metrics_handle());
@@ -709,9 +716,11 @@ impl Vmm {
         }
     }
 
-    /// SIGTERM/SIGINT: the first asks the guest to shut down and stops it after `grace`; a
-    /// second stops it now. Without a running VM the VMM exits at once.
-    pub fn shutdown_signal(self: &Arc<Self>, grace: Duration) {
+    /// A shutdown signal (SIGTERM, SIGINT, ...): the first asks the guest to shut down and
+    /// returns the grace period, after which the signal thread calls
+    /// [`Vmm::grace_period_over`]; a second stops the VM now. Without a running VM the VMM
+    /// exits at once.
+    pub fn shutdown_signal(&self, grace: Duration) -> Option<Duration> {
         let mut inner = self.lock();
         let first = !std::mem::replace(&mut inner.shutdown_signalled, true);
         let running = inner.vm.as_mut().and_then(|slot| {
@@ -740,18 +749,7 @@ impl Vmm {
                      {} s grace",
                     grace.as_secs()
                 );
-                let vmm = self.clone();
-                let timer = std::thread::Builder::new()
-                    .name("grace".into())
-                    .spawn(move || {
-                        std::thread::sleep(grace);
-                        log::warn!("Grace period over: stopping the VM");
-                        vmm.request_exit(EXIT_OK);
-                    });
-                if let Err(e) = timer {
-                    log::error!("Cannot start the grace timer, stopping now: {e}");
-                    self.request_exit(EXIT_OK);
-                }
+                return Some(grace);
             }
             Some(_) => {
                 log::warn!("Second shutdown signal: stopping the VM now");
@@ -759,6 +757,13 @@ impl Vmm {
             }
             None => self.request_exit(EXIT_OK),
         }
+        None
+    }
+
+    /// The grace period after a shutdown signal ran out: the VM is stopped.
+    pub fn grace_period_over(&self) {
+        log::warn!("Grace period over: stopping the VM");
+        self.request_exit(EXIT_OK);
     }
 
     /// Stops the VM if it still runs (disks flushed), closes the console and reports

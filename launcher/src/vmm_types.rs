@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use serde_json::Value;
+use vmm_core::seccomp::SpawnError;
 use vmm_core::boot::BootError;
 use vmm_core::{BuildError, CpuProfile};
 
@@ -74,7 +75,7 @@ pub enum VmmError {
     Boot(#[source] BuildError),
     /// The thread that waits for the VM's end cannot start.
     #[error("Cannot start the VM's waiter thread")]
-    Waiter(#[source] std::io::Error),
+    Waiter(#[source] SpawnError),
     /// A snapshot or migration URL rvmm cannot use.
     #[error("{field}: {reason}")]
     Url {

@@ -25,6 +25,7 @@
 
 use std::error::Error;
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,7 +184,8 @@ pub fn ready_socket_path(sockets_dir: &Path) -> PathBuf {
     sockets_dir.join(READY_SOCKET)
 }
 
-/// Binds `launcher-init-sock` in `sockets_dir`, replacing stale sockets from an earlier run.
+/// Binds `launcher-init-sock` in `sockets_dir` (mode 0600), replacing stale sockets from an
+/// earlier run.
 /// Must run inside the tokio runtime.
 pub fn bind(sockets_dir: &Path) -> Result<UnixListener, GrpcError> {
     std::fs::create_dir_all(sockets_dir).map_err(|source| GrpcError::SocketDir {
@@ -194,7 +196,14 @@ pub fn bind(sockets_dir: &Path) -> Result<UnixListener, GrpcError> {
     for stale in [&path, &ready_socket_path(sockets_dir)] {
         let _ = std::fs::remove_file(stale);
     }
-    UnixListener::bind(&path).map_err(|source| GrpcError::Bind { path, source })
+    let listener = UnixListener::bind(&path).map_err(|source| GrpcError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    // virt-handler connects as root: nobody else has business on the socket.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| GrpcError::Bind { path, source })?;
+    Ok(listener)
 }
 
 /// Renames `launcher-init-sock` to `launcher-sock`: virt-handler starts talking to the
@@ -213,7 +222,7 @@ pub async fn serve(
     backend: Arc<dyn LauncherBackend>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let control = ControlThread::start("launcher-control").map_err(GrpcError::Runtime)?;
+    let control = ControlThread::start("launcher-control", None).map_err(GrpcError::Thread)?;
     serve_with(listener, backend, control, shutdown).await
 }
 
@@ -604,18 +613,20 @@ pub struct LauncherServer {
 
 impl LauncherServer {
     /// Binds `launcher-init-sock` in `sockets_dir` and starts serving `backend`, with backend
-    /// calls on a [`ControlThread`] started here.
+    /// calls on a [`ControlThread`] started here, filtered with `control_filter`.
     pub fn start(
         runtime: &GrpcRuntime,
         sockets_dir: &Path,
         backend: Arc<dyn LauncherBackend>,
+        control_filter: Option<BpfProgram>,
     ) -> Result<Self, GrpcError> {
         let handle = runtime.handle().clone();
         let listener = {
             let _entered = handle.enter();
             bind(sockets_dir)?
         };
-        let control = ControlThread::start("launcher-control").map_err(GrpcError::Runtime)?;
+        let control =
+            ControlThread::start("launcher-control", control_filter).map_err(GrpcError::Thread)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = handle.spawn(serve_with(listener, backend, control, async {
             let _ = stopped.await;

@@ -206,7 +206,7 @@ fn serve_and_notify_on_a_filtered_runtime() {
     let dir = TempDir::new("seccomp");
     let runtime = GrpcRuntime::start_filtered(Some(grpc_filter().unwrap())).unwrap();
     let sockets = dir.0.join("sockets");
-    let server = LauncherServer::start(&runtime, &sockets, Arc::new(QuietBackend)).unwrap();
+    let server = LauncherServer::start(&runtime, &sockets, Arc::new(QuietBackend), None).unwrap();
 
     // Commands: Info on the runtime, GetDomain through the control thread.
     let (client_runtime, mut received) = start_virt_handler(&dir.0);

@@ -110,3 +110,32 @@ pub fn lines(output: &Output) -> Vec<String> {
         .map(|l| l.trim_end_matches('\r').to_string())
         .collect()
 }
+
+/// The threads of process `pid` that are not confined: each `(name, what is missing)` where a
+/// thread lacks a seccomp filter (`Seccomp: 2`) or `NoNewPrivs: 1`.
+pub fn unconfined_threads(pid: u32) -> Vec<(String, String)> {
+    let mut loose = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return loose;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that just ended
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let (seccomp, nnp) = (field("Seccomp:"), field("NoNewPrivs:"));
+        if seccomp != "2" || nnp != "1" {
+            loose.push((
+                field("Name:"),
+                format!("Seccomp: {seccomp}, NoNewPrivs: {nnp}"),
+            ));
+        }
+    }
+    loose
+}
