@@ -6,6 +6,7 @@
 
 mod bus_device;
 pub mod legacy;
+pub mod log_limit;
 mod pausable;
 pub mod seccomp;
 mod trigger;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use devices::limited_log;
 use vmm_core::seccomp::spawn_filtered;
 use vmm_core::{Serial, SerialOutput};
 use vmm_sys_util::terminal::Terminal;
@@ -288,7 +289,7 @@ fn serve_socket_clients(listener: &UnixListener, console: &SocketConsole, serial
                     client = Some(reader);
                     pending.clear();
                 }
-                Err(e) => log::warn!("Serial socket client rejected: {e}"),
+                Err(e) => limited_log!(log::Level::Warn, "Serial socket client rejected: {e}"),
             }
         }
         if fds[1].revents != 0

@@ -667,6 +667,7 @@ impl Vmm {
                     "write_bytes": d.write_bytes,
                     "flushes": d.flushes,
                     "errors": d.errors,
+                    "host_errors": d.host_errors,
                 }),
             );
         }

@@ -331,7 +331,8 @@ impl MmioTransport {
 
     /// The device cannot run with what the driver set up: NEEDS_RESET, and tell the driver.
     fn fail(&mut self, why: &str) {
-        log::warn!(
+        crate::limited_log!(
+            log::Level::Warn,
             "virtio-mmio device type {}: {why}",
             self.device.device_type()
         );

@@ -199,7 +199,7 @@ where
 /// accept() failures (out of descriptors, say) are logged and retried after a pause rather
 /// than spinning.
 async fn accept_failed(e: &std::io::Error) {
-    log::warn!("Cannot accept a client: {e}");
+    devices::limited_log!(log::Level::Warn, "Cannot accept a client: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 

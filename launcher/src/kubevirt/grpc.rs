@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use devices::limited_log;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
@@ -329,13 +330,15 @@ impl CmdHandler {
         let name = vmi.domain_name();
         let result = self.blocking(move |b| call(b, &vmi, &options)).await?;
         Ok(Response::new(match result {
+            // virt-handler repeats its commands (Sync on every change of the VMI): both lines
+            // are rate limited.
             Ok(()) => {
-                log::info!("{what} {name}: done");
+                limited_log!(log::Level::Info, "{what} {name}: done");
                 ok()
             }
             Err(e) => {
                 let message = error_chain(&e);
-                log::error!("{what} {name}: {message}");
+                limited_log!(log::Level::Error, "{what} {name}: {message}");
                 failed(message)
             }
         }))

@@ -155,6 +155,9 @@ pub struct BlockCounters {
     pub flushes: AtomicU64,
     /// Requests answered IOERR or UNSUPP.
     pub errors: AtomicU64,
+    /// Of those, the ones the host failed (ENOSPC, EIO, a file shorter than the disk): the
+    /// guest's request was valid.
+    pub host_errors: AtomicU64,
 }
 
 impl BlockCounters {
