@@ -200,6 +200,7 @@ fn private_append(path: &Path) -> io::Result<std::fs::File> {
 
 fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
     if path.exists() {
+        log::warn!("--serial: replacing {}", path.display());
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;

@@ -522,3 +522,26 @@ fn api_answers_a_megabyte_header_with_431_and_an_oversized_length_with_413_at_on
         vmm.stderr()
     );
 }
+
+#[test]
+fn sighup_ends_rvmm_like_sigterm_and_sigusr1_is_ignored_and_a_stale_socket_is_replaced() {
+    let dir = TestDir::new("signals");
+    let socket = dir.path("api.sock");
+    // A socket left by a killed run: replaced, and said so.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut vmm = Rvmm::start(&["run", "--api-socket", socket.to_str().unwrap()]);
+    wait_for_socket(&socket, Duration::from_secs(10));
+    for ignored in [libc::SIGUSR1, libc::SIGUSR2] {
+        vmm.signal(ignored);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(call(&socket, "GET", "/api/v1/vmm.ping", None).status, 200);
+    vmm.signal(libc::SIGHUP);
+    assert_eq!(vmm.wait(Duration::from_secs(10)), Some(0));
+    assert!(!socket.exists(), "the socket is removed on SIGHUP");
+    let stderr = vmm.stderr();
+    assert!(
+        stderr.contains(&format!("replacing the stale socket {}", socket.display())),
+        "{stderr}"
+    );
+}

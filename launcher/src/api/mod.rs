@@ -209,7 +209,14 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiServ
         source,
     };
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path).map_err(bind_error)?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            // Left by a run that could not clean up (SIGKILL): nobody listens there.
+            log::warn!(
+                "--api-socket: replacing the stale socket {}",
+                path.display()
+            );
+            fs::remove_file(path).map_err(bind_error)?;
+        }
         Ok(_) => return Err(ApiServerError::PathInUse(path.to_owned())),
         Err(_) => {}
     }

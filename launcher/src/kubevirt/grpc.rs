@@ -195,7 +195,9 @@ pub fn bind(sockets_dir: &Path) -> Result<UnixListener, GrpcError> {
     })?;
     let path = init_socket_path(sockets_dir);
     for stale in [&path, &ready_socket_path(sockets_dir)] {
-        let _ = std::fs::remove_file(stale);
+        if std::fs::remove_file(stale).is_ok() {
+            log::warn!("Replaced the stale socket {}", stale.display());
+        }
     }
     let listener = UnixListener::bind(&path).map_err(|source| GrpcError::Bind {
         path: path.clone(),
