@@ -41,6 +41,28 @@ pub use snapshot::{SnapshotError, file_url_path};
 mod types;
 pub use types::*;
 
+/// Opens (and closes) every file a boot of `config` reads, as the boot would: the kernel, the
+/// initrd and the disks (read-write unless read-only). Image locks are not taken: the VM
+/// being rebooted holds them.
+fn check_boot_files(config: &VmConfig) -> Result<(), BootFileError> {
+    let fail = |what: String, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| BootFileError { what, path, source }
+    };
+    std::fs::File::open(&config.kernel).map_err(fail("kernel".into(), &config.kernel))?;
+    if let Some(initrd) = &config.initrd {
+        std::fs::File::open(initrd).map_err(fail("initrd".into(), initrd))?;
+    }
+    for (index, disk) in config.disks.iter().enumerate() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.path)
+            .map_err(fail(format!("disk {index}"), &disk.path))?;
+    }
+    Ok(())
+}
+
 /// Why rvmm itself stopped a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopCause {
@@ -596,11 +618,25 @@ impl Vmm {
     }
 
     /// `vm.reboot`: stops the VM and boots it again from its configuration.
+    ///
+    /// A reboot never loses a VM silently: when a file the new boot reads (kernel, initrd,
+    /// disks) can no longer be opened, the VM keeps running and the reboot fails
+    /// ([`VmmError::RebootRefused`]); when the new boot fails after the old VM stopped (KVM,
+    /// memory, a tap, a lock), the VM is left in Shutdown (it can boot again), `vm.shutdown`
+    /// is reported with the reason, and the reboot fails ([`VmmError::RebootFailed`]). Both
+    /// are the host's trouble, not the client's: 500.
     pub fn reboot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
-        Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
+        let slot = Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
+        check_boot_files(&slot.config).map_err(VmmError::RebootRefused)?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
-        self.boot_locked(&mut inner)?;
+        if let Err(e) = self.boot_locked(&mut inner) {
+            let e = VmmError::RebootFailed(Box::new(e));
+            let reason = error_chain(&e);
+            log::error!("{reason}");
+            self.emit("vm.shutdown", json!({ "reason": reason }));
+            return Err(e);
+        }
         self.emit("vm.rebooted", self.boot_properties(&inner));
         Ok(())
     }

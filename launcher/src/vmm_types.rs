@@ -96,6 +96,25 @@ pub enum VmmError {
     /// A migration is already under way.
     #[error("A migration is already in progress")]
     MigrationBusy,
+    /// A file the reboot needs is gone or unreadable: the VM was left running.
+    #[error("Cannot reboot: the VM keeps running")]
+    RebootRefused(#[source] BootFileError),
+    /// The VM stopped for a reboot and could not boot again: it is in state Shutdown.
+    #[error("The VM stopped for a reboot and cannot boot again (state Shutdown)")]
+    RebootFailed(#[source] Box<VmmError>),
+}
+
+/// A file a boot reads cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot open the {what} {}", path.display())]
+pub struct BootFileError {
+    /// `kernel`, `initrd` or `disk N`.
+    pub(crate) what: String,
+    /// The file.
+    pub(crate) path: PathBuf,
+    /// Cause.
+    #[source]
+    pub(crate) source: std::io::Error,
 }
 
 impl VmmError {

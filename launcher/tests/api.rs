@@ -545,3 +545,71 @@ fn sighup_ends_rvmm_like_sigterm_and_sigusr1_is_ignored_and_a_stale_socket_is_re
         "{stderr}"
     );
 }
+
+#[test]
+fn kvm_a_reboot_that_cannot_open_its_disk_keeps_the_vm_or_ends_it_with_a_reason() {
+    if !kvm_available("failed reboot") {
+        return;
+    }
+    let dir = TestDir::new("reboot-fail");
+    let (mut vmm, socket, event_file) = start_api_only(&dir);
+    let disk = dir.path("disk.img");
+    zero_disk(&disk);
+    let config = json!({
+        "payload": {"kernel": tiny_guest("ticker")},
+        "memory": {"size": 64 << 20},
+        "disks": [{"path": disk}],
+        "serial": {"mode": "Off"},
+    });
+    let created = call(
+        &socket,
+        "PUT",
+        "/api/v1/vm.create",
+        Some(&config.to_string()),
+    );
+    assert_eq!(created.status, 204, "{}", created.body);
+    assert_eq!(put(&socket, "vm.boot"), 204);
+
+    // The disk is gone: the reboot is refused and the VM keeps running.
+    std::fs::rename(&disk, dir.path("moved.img")).unwrap();
+    let refused = call(&socket, "PUT", "/api/v1/vm.reboot", None);
+    assert_eq!(refused.status, 500, "{}", refused.body);
+    assert_eq!(
+        refused.json()["error"],
+        format!(
+            "Cannot reboot: the VM keeps running: Cannot open the disk 0 {}: No such file or \
+             directory (os error 2)",
+            disk.display()
+        )
+    );
+    assert_eq!(state(&socket), "Running");
+
+    // It opens, but is no disk (a FIFO has no size): the old VM is stopped by then, so it
+    // ends in Shutdown, with the reason in the event, and can boot again.
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    let failed = call(&socket, "PUT", "/api/v1/vm.reboot", None);
+    assert_eq!(failed.status, 500, "{}", failed.body);
+    let error = failed.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.starts_with("The VM stopped for a reboot and cannot boot again (state Shutdown)"),
+        "{error}"
+    );
+    assert_eq!(state(&socket), "Shutdown");
+    let text = wait_for_text(&event_file, "cannot boot again", 1);
+    assert!(text.contains("\"event\":\"vm.shutdown\""), "{text}");
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::rename(dir.path("moved.img"), &disk).unwrap();
+    assert_eq!(put(&socket, "vm.boot"), 204);
+    assert_eq!(state(&socket), "Running");
+    assert_eq!(put(&socket, "vmm.shutdown"), 204);
+    assert_eq!(
+        vmm.wait(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        vmm.stderr()
+    );
+}

@@ -74,7 +74,9 @@ fn vmm_error(err: &VmmError) -> Reply {
         | VmmError::Waiter(_)
         | VmmError::Snapshot(_)
         | VmmError::Restore(_)
-        | VmmError::Migration(_) => 500,
+        | VmmError::Migration(_)
+        | VmmError::RebootRefused(_)
+        | VmmError::RebootFailed(_) => 500,
     };
     Reply::error(status, error_chain(err))
 }
