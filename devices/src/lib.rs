@@ -5,6 +5,7 @@
 //! production, a counter in tests).
 
 mod bus_device;
+pub mod image_lock;
 pub mod legacy;
 pub mod log_limit;
 mod pausable;

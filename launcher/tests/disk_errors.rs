@@ -127,3 +127,170 @@ fn kvm_a_full_file_system_is_a_warning_and_a_host_error_count_not_a_silent_ioerr
     assert!(stderr.contains(&warning), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn rvmm_run(args: &[&str]) -> (Option<i32>, String) {
+    let out = common::run_rvmm(args, Duration::from_secs(60));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_disk_that_cannot_be_opened_for_writing_hints_at_readonly() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED read-only file system: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("rvmm-rofs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A read-only file system (EROFS even for root), in a private mount namespace.
+    let script = r#"set -e
+mount -t tmpfs rvmm-rofs "$0"
+truncate -s 1M "$0/disk.img"
+mount -o remount,ro "$0"
+exec "$@""#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(&dir)
+        .arg(env!("CARGO_BIN_EXE_rvmm"))
+        .args(["run", "--kernel", "/proc/self/exe", "--disk"])
+        .arg(format!("path={}/disk.img", dir.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "Cannot open disk {}/disk.img for writing (readonly=on gives the guest a \
+             read-only disk): Read-only file system",
+            dir.display()
+        )),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_same_disk_twice_is_refused_as_qemu_would() {
+    let disk = common::fixtures::TempDisk::new("twice", &[0u8; 1 << 20]);
+    let path = format!("path={}", disk.path().display());
+    let (code, stderr) = rvmm_run(&[
+        "run",
+        "--kernel",
+        "/proc/self/exe",
+        "--disk",
+        &path,
+        "--disk",
+        &path,
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "Cannot attach disk 1: Cannot lock the disk image: {} is in use by another VM or \
+             another disk of this VM",
+            disk.path().display()
+        )),
+        "{stderr}"
+    );
+}
+
+/// QEMU with `drive` (`-drive` options), stopped before it runs anything (`-S`): a VM that
+/// holds its image as QEMU does.
+fn qemu_with_drive(drive: &str) -> std::process::Child {
+    Command::new("qemu-system-x86_64")
+        .args(["-S", "-nodefaults", "-display", "none", "-drive", drive])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 (Debian's qemu-system-x86)")
+}
+
+/// Runs rvmm with `disk` (`--disk` options) and a kernel that is not one, until it stops
+/// failing with "in use" (QEMU took its locks) or `timeout`; returns the last stderr.
+fn rvmm_until(disk: &str, in_use: bool, timeout: Duration) -> String {
+    let junk = common::fixtures::TempDisk::new("junk-kernel", &[0x42; 8192]);
+    let start = Instant::now();
+    loop {
+        let (code, stderr) = rvmm_run(&[
+            "run",
+            "--kernel",
+            junk.path().to_str().unwrap(),
+            "--disk",
+            disk,
+        ]);
+        assert_eq!(code, Some(2), "{stderr}");
+        if stderr.contains("is in use by another VM") == in_use {
+            return stderr;
+        }
+        assert!(start.elapsed() < timeout, "{stderr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_disk_a_qemu_vm_writes_is_refused_and_read_only_users_share() {
+    let disk = common::fixtures::TempDisk::new("qemu-lock", &[0u8; 1 << 20]);
+    let image = disk.path().to_str().unwrap();
+    let writer = format!("path={image}");
+    let reader = format!("path={image},readonly=on");
+    let mut qemu = qemu_with_drive(&format!("file={image},format=raw,if=virtio"));
+    // Refused as a writer and as a reader while QEMU writes it.
+    rvmm_until(&writer, true, Duration::from_secs(60));
+    rvmm_until(&reader, true, Duration::from_secs(5));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    // Read-only QEMU and read-only rvmm share it (rvmm gets as far as the kernel).
+    let mut qemu = qemu_with_drive(&format!("file={image},format=raw,if=virtio,readonly=on"));
+    rvmm_until(&writer, true, Duration::from_secs(60));
+    let stderr = rvmm_until(&reader, false, Duration::from_secs(5));
+    assert!(stderr.contains("neither an x86_64 ELF vmlinux"), "{stderr}");
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+}
+
+#[test]
+fn kvm_qemu_refuses_a_disk_rvmm_writes() {
+    if !kvm_available("disk lock seen by QEMU") {
+        return;
+    }
+    let disk = common::fixtures::TempDisk::new("locked-by-rvmm", &[0u8; 1 << 20]);
+    let mut child = common::rvmm()
+        .args(["run", "--kernel"])
+        .arg(tiny_guest("ticker"))
+        .args(["--memory", "64M", "--serial", "off", "--disk"])
+        .arg(format!("path={}", disk.path().display()))
+        .spawn()
+        .unwrap();
+    let drive = format!("file={},format=raw,if=virtio", disk.path().display());
+    let start = Instant::now();
+    let refused = loop {
+        let mut qemu = qemu_with_drive(&drive);
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(status) = qemu.try_wait().unwrap() {
+            let mut stderr = String::new();
+            qemu.stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(!status.success());
+            break stderr;
+        }
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "QEMU never refused it"
+        );
+    };
+    assert!(
+        refused.contains("Failed to get \"write\" lock"),
+        "{refused}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -40,6 +40,7 @@ use super::{
     ActivateError, ActiveQueue, DeviceWorker, GuestMemoryMmap, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VirtioDevice, VirtioInterrupt, WorkerError, read_config_bytes, take_queues,
 };
+use crate::image_lock::{ImageAccess, ImageLockError, lock_image};
 use crate::seccomp::WorkerKind;
 
 /// Size of the device's only queue.
@@ -73,6 +74,18 @@ pub struct BlockConfig {
 /// Errors creating a [`Block`] device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The disk cannot be opened for writing (its file or file system is read-only to us).
+    #[error("Cannot open disk {path} for writing (readonly=on gives the guest a read-only disk)")]
+    OpenForWriting {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another VM (or another disk of this one) uses the image in a way that excludes this.
+    #[error("Cannot lock the disk image")]
+    Locked(#[source] ImageLockError),
     /// The disk cannot be opened.
     #[error("Cannot open disk {path}")]
     Open {
@@ -196,10 +209,21 @@ impl Block {
             .read(true)
             .write(!readonly)
             .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
+            .map_err(|source| {
+                let path = path.clone();
+                match source.raw_os_error() {
+                    Some(libc::EACCES | libc::EPERM | libc::EROFS) if !readonly => {
+                        BlockError::OpenForWriting { path, source }
+                    }
+                    _ => BlockError::Open { path, source },
+                }
             })?;
+        let access = if readonly {
+            ImageAccess::Read
+        } else {
+            ImageAccess::Write
+        };
+        lock_image(&file, &path, access).map_err(BlockError::Locked)?;
         // lseek works for block devices too, whose metadata length is 0.
         let size = file
             .seek(SeekFrom::End(0))
