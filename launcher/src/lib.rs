@@ -14,6 +14,7 @@ pub mod events;
 pub mod keyvalue;
 pub mod kubevirt;
 pub mod metrics;
+pub mod panic;
 pub mod seccomp;
 pub mod shutdown;
 pub mod vmm;

@@ -14,6 +14,7 @@ use launcher::api::{ApiServer, ApiServerError, start_metrics_server};
 use launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line, parse_cpu_profile};
 use launcher::events::EventMonitor;
 use launcher::kubevirt::launcher_mode;
+use launcher::panic::abort_on_panic;
 use launcher::seccomp::{filter_main_thread, signal_rules, thread_filter_for};
 use launcher::shutdown::ShutdownSignals;
 use launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
@@ -21,8 +22,10 @@ use vmm_core::cpuid::KVM_PVM_MODULE;
 use vmm_core::seccomp::{DeniedAction, set_denied_action, single_malloc_arena};
 
 fn main() -> ExitCode {
-    // Before any thread starts: every thread is seccomp-filtered (see single_malloc_arena).
+    // Before any thread starts: every thread is seccomp-filtered (see single_malloc_arena);
+    // a panic aborts, in debug builds as in release ones.
     single_malloc_arena();
+    abort_on_panic();
     // `rvmm run`, `rvmm virt-launcher`, or virt-launcher's flags when invoked under its name.
     let cli = parse_command_line(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let default_level = match &cli.command {

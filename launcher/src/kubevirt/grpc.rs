@@ -298,7 +298,7 @@ impl CmdHandler {
         self.control
             .run(move || call(&*backend))
             .await
-            .map_err(|_| Status::internal("launcher backend call failed: it panicked"))
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Parses the VMI of `request`, runs `call`, and answers KubeVirt-style.
