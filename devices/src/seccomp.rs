@@ -20,9 +20,13 @@ use seccompiler::{
 };
 pub use seccompiler::{BpfProgram, SeccompAction};
 
+mod capabilities;
 mod denied;
 mod names;
 
+pub use capabilities::{
+    CapSet, Capability, CapsError, effective_capabilities, restrict_capabilities,
+};
 pub use denied::{DeniedAction, denied_action, set_denied_action};
 
 /// What a product filter does with a system call outside its list by default: the process
@@ -123,6 +127,9 @@ pub enum SpawnError {
     /// The thread cannot filter its system calls; it ended without running anything.
     #[error("The thread cannot filter its system calls")]
     Filter(#[source] SeccompError),
+    /// The thread cannot drop its capabilities; it ended without running anything.
+    #[error("The thread cannot drop its capabilities")]
+    Capabilities(#[source] CapsError),
     /// The thread ended before saying whether its filter is in place.
     #[error("The thread ended while installing its seccomp filter")]
     Died,
@@ -198,9 +205,9 @@ pub fn install(filter: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(filter).map_err(SeccompError::Install)
 }
 
-/// Starts `body` on a thread called `name` that first installs `filter` (none: no filter,
-/// `--seccomp=false`). Returns once the filter is in place; a thread that cannot install it
-/// ends without running `body`.
+/// Starts `body` on a thread called `name` that first drops every capability and installs
+/// `filter` (none: no filter and no capability change, `--seccomp=false`). Returns once the
+/// thread is confined; a thread that cannot confine itself ends without running `body`.
 ///
 /// The new thread also inherits the calling thread's filter, if any: start threads from a
 /// thread whose filter allows what they do (the VMM's main thread, before it filters itself).
@@ -212,23 +219,43 @@ pub fn spawn_filtered<F>(
 where
     F: FnOnce() + Send + 'static,
 {
+    spawn_confined(name, filter, Some(&[]), body)
+}
+
+/// [`spawn_filtered`] for a thread that keeps capabilities: `keep` (`None`: all it has) when
+/// it has a filter.
+pub fn spawn_confined<F>(
+    name: &str,
+    filter: Option<BpfProgram>,
+    keep: Option<&'static [Capability]>,
+    body: F,
+) -> Result<JoinHandle<()>, SpawnError>
+where
+    F: FnOnce() + Send + 'static,
+{
     let (report, installed) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
-            let result = filter.as_ref().map_or(Ok(()), install);
-            let filtered = result.is_ok();
+            let result = match (&filter, keep) {
+                (None, _) => Ok(()),
+                (Some(filter), keep) => keep
+                    .map_or(Ok(()), restrict_capabilities)
+                    .map_err(SpawnError::Capabilities)
+                    .and_then(|()| install(filter).map_err(SpawnError::Filter)),
+            };
+            let confined = result.is_ok();
             drop(filter);
             // The spawner waits for this before returning.
             let _ = report.send(result);
-            if filtered {
+            if confined {
                 body();
             }
         })
         .map_err(SpawnError::Thread)?;
     let outcome = match installed.recv() {
         Ok(Ok(())) => return Ok(thread),
-        Ok(Err(e)) => SpawnError::Filter(e),
+        Ok(Err(e)) => e,
         Err(_) => SpawnError::Died,
     };
     let _ = thread.join();

@@ -11,7 +11,7 @@
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
-use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
+use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_confined};
 
 /// An operation handed to the thread.
 type Job = Box<dyn FnOnce() + Send>;
@@ -36,8 +36,12 @@ impl ControlThread {
         let (jobs, queue) = mpsc::channel::<Job>();
         // A panic aborts the process (crate::panic::abort_on_panic), as in release builds:
         // nothing is caught here.
-        spawn_filtered(name, filter, move || {
-            queue.into_iter().for_each(|job| job())
+        // It keeps its capabilities to open devices, until the first boot lowers them.
+        spawn_confined(name, filter, None, move || {
+            for job in queue {
+                crate::privileges::apply_ceiling();
+                job();
+            }
         })?;
         Ok(Self { jobs })
     }

@@ -331,10 +331,15 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
     thread_filter(main_rules())
 }
 
-/// Filters the calling thread with [`main_filter`]. Call it on the main thread once every
-/// other thread has started: a thread started afterwards would inherit the filter.
+/// Drops the calling thread's capabilities (all of them: tearing down needs none) and filters
+/// it with [`main_filter`]. Call it on the main thread once every other thread has started: a
+/// thread started afterwards would inherit the filter.
 pub fn filter_main_thread() -> Result<(), SeccompError> {
-    install(&main_filter()?)
+    let filter = main_filter()?;
+    if let Err(e) = vmm_core::seccomp::restrict_capabilities(&[]) {
+        log::warn!("Cannot drop the main thread's capabilities: {e}");
+    }
+    install(&filter)
 }
 
 #[cfg(test)]

@@ -370,6 +370,10 @@ impl Vmm {
         *self.live_metrics.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(handle.metrics_handle());
         let slot = inner.vm.as_mut().expect("checked above");
+        if self.settings.seccomp {
+            // Its devices are open: what the VMM does not need again goes (crate::privileges).
+            crate::privileges::lower_after_boot(!slot.config.nets.is_empty());
+        }
         slot.state = state;
         slot.active = Some(ActiveVm {
             generation,

@@ -89,6 +89,10 @@ fn kvm_socket_console_survives_detach_and_reattach_and_keeps_a_log() {
     // Every thread, the console's included, is filtered once the guest runs.
     let loose = common::unconfined_threads(child.id());
     assert!(loose.is_empty(), "unconfined threads: {loose:?}");
+    // No control thread here: no thread keeps a capability.
+    for (name, caps) in common::thread_capabilities(child.id()) {
+        assert_eq!(caps, 0, "{name} has capabilities {caps:#x}");
+    }
     let numbers = tick_numbers(&resumed);
     assert!(
         numbers.contains(&(last_seen + 1)),

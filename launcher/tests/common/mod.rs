@@ -139,3 +139,31 @@ pub fn unconfined_threads(pid: u32) -> Vec<(String, String)> {
     }
     loose
 }
+
+/// Each thread of process `pid` and its effective capabilities (`CapEff`, a bit mask).
+pub fn thread_capabilities(pid: u32) -> Vec<(String, u64)> {
+    let mut threads = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        // Kernel threads attached to the VM (kvm-nx-lpage-recovery) are not rvmm's.
+        let name = field("Name:");
+        if name.starts_with("kvm-") {
+            continue;
+        }
+        let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap_or(u64::MAX);
+        threads.push((name, caps));
+    }
+    threads
+}
