@@ -1,13 +1,14 @@
 //! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
-//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and the main
-//! thread once the VM runs (both modes). The mechanism and the rules every filtered thread
-//! shares are in [`vmm_core::seccomp`].
+//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and
+//! `kubevirt-notify`, the signal thread, the VM's waiter, the console's input threads, the
+//! control threads (`vmm-control`, `launcher-control`), timers, and the main thread once the
+//! VM runs (both modes). The mechanism and the rules every filtered thread shares are in
+//! [`vmm_core::seccomp`].
 //!
-//! No kind starts a thread or a process: the API and gRPC threads only move bytes (VM
-//! operations run on the unfiltered `vmm-control` or `launcher-control` thread), and the main
-//! thread only waits for the end and tears the VM down, after it has started every other
-//! thread. A thread inherits the filter of the thread that starts it, so these filters must be
-//! installed after that.
+//! Only the control threads start threads (a VM's vCPUs, device workers, waiter and console
+//! threads, which inherit the control filter under their own); the others only move bytes,
+//! wait or tear down. A thread inherits the filter of the thread that starts it, so these
+//! filters are installed after the threads they start, or cover what those do.
 
 use devices::seccomp::{WorkerKind, activation_rules, worker_rules};
 use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter, vcpu_rules};

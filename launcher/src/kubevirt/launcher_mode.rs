@@ -31,13 +31,13 @@
 //! for debugging; `--simulate-crash` fails at once. The other flags are accepted and logged
 //! ([`super::launcher_flags::FLAG_USES`]).
 //!
-//! Seccomp: as `rvmm run`, one filter per thread kind ([`crate::seccomp`]); the mode has no
-//! `--seccomp` flag, filters are always on. The vCPU and device threads have theirs; the gRPC
-//! runtime thread has [`crate::seccomp::grpc_filter`] (backend calls run on the unfiltered
-//! `launcher-control` thread, which builds the VM); the main thread filters itself with
+//! Seccomp: as `rvmm run`, one filter per thread kind ([`crate::seccomp`]) on every thread;
+//! the mode has no `--seccomp` flag, filters are always on. The gRPC runtime thread has
+//! [`crate::seccomp::grpc_filter`] (backend calls run on the `launcher-control` thread, which
+//! builds the VM under [`crate::seccomp::control_rules`]); `kubevirt-notify`, the signal
+//! thread and the `--qemu-timeout` watch have their own; the main thread filters itself with
 //! [`crate::seccomp::main_filter`] once every other thread of its own has started, and then
-//! only waits for the end and tears down. The `kubevirt-notify` thread (it connects to
-//! virt-handler and builds domains) and the signal and timer threads are not filtered.
+//! only waits for the end and tears down.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, channel};
