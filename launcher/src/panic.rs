@@ -35,12 +35,11 @@ pub fn abort_on_panic() {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::process::ExitStatusExt;
-    use std::process::Command;
-
     use super::*;
     use crate::control_thread::ControlThread;
+    use crate::seccomp::tests::run_test_in_child;
     use crate::seccomp::{control_rules, thread_filter_for};
+    use std::os::unix::process::ExitStatusExt;
 
     const CHILD_ENV: &str = "RVMM_TEST_PANIC_CHILD";
 
@@ -58,16 +57,13 @@ mod tests {
             let _ = runtime.block_on(control.run(|| -> u8 { panic!("a bug in an operation") }));
             unreachable!("the process survived a panic");
         }
-        let name = concat!(
-            module_path!(),
-            "::a_panicking_vm_operation_aborts_the_process_with_its_message"
+        let output = run_test_in_child(
+            concat!(
+                module_path!(),
+                "::a_panicking_vm_operation_aborts_the_process_with_its_message"
+            ),
+            &[(CHILD_ENV, "1")],
         );
-        let name = name.split_once("::").map_or(name, |(_, path)| path);
-        let output = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--test-threads=1", "--nocapture"])
-            .env(CHILD_ENV, "1")
-            .output()
-            .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.signal(), Some(libc::SIGABRT), "{stderr}");
         assert!(

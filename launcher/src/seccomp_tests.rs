@@ -10,6 +10,31 @@ pub(crate) fn end_of_filtered_child(filter: &BpfProgram, action: fn()) -> ChildE
 }
 
 pub(crate) const KILLED_BY_SIGSYS: ChildEnd = ChildEnd::Killed(libc::SIGSYS);
+
+/// Runs the test `path` (`module_path!()` and the test's name) in a child process of this
+/// test binary, with `env` set (the child tells it is the child by one of them): for tests
+/// whose filters or aborts must not touch the harness's process.
+pub(crate) fn run_test_in_child(path: &str, env: &[(&str, &str)]) -> std::process::Output {
+    // The binary's test names leave out the crate's name.
+    let name = path.split_once("::").map_or(path, |(_, name)| name);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child.args(["--exact", name, "--test-threads=1", "--nocapture"]);
+    for (key, value) in env {
+        child.env(key, value);
+    }
+    child.output().unwrap()
+}
+
+/// Asserts that a child run by [`run_test_in_child`] passed its test.
+pub(crate) fn assert_child_passed(output: &std::process::Output) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "child test: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
 pub(crate) const EXITED_CLEANLY: ChildEnd = ChildEnd::Exited(0);
 
 /// Asserts that the `kind` thread's list (with the shared rules) has none of `denied`.
@@ -150,22 +175,17 @@ const ALLOC_CHILD_ENV: &str = "RVMM_TEST_FILTERED_ALLOCATIONS";
 /// Runs [`filtered_threads_survive_large_and_many_allocations`] in a child test process,
 /// with glibc's arena limit `arena_max` (`None`: glibc's default, one arena per thread).
 fn allocation_child(arena_max: Option<u32>) -> std::process::Output {
-    let name = concat!(
-        module_path!(),
-        "::filtered_threads_survive_large_and_many_allocations"
-    );
-    let name = name.split_once("::").map_or(name, |(_, path)| path);
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-    child
-        .args(["--exact", name, "--test-threads=1", "--nocapture"])
-        .env(ALLOC_CHILD_ENV, "1");
-    match arena_max {
-        // The tunable is mallopt(M_ARENA_MAX)'s, applied before the harness's threads start
-        // (rvmm's main calls single_malloc_arena first thing; a test binary cannot).
-        Some(max) => child.env("GLIBC_TUNABLES", format!("glibc.malloc.arena_max={max}")),
-        None => child.env_remove("GLIBC_TUNABLES"),
-    };
-    child.output().unwrap()
+    // The tunable is mallopt(M_ARENA_MAX)'s, applied before the harness's threads start
+    // (rvmm's main calls single_malloc_arena first thing; a test binary cannot). Without it,
+    // glibc's default: an arena per thread.
+    let tunable = arena_max.map_or(String::new(), |max| format!("glibc.malloc.arena_max={max}"));
+    run_test_in_child(
+        concat!(
+            module_path!(),
+            "::filtered_threads_survive_large_and_many_allocations"
+        ),
+        &[(ALLOC_CHILD_ENV, "1"), ("GLIBC_TUNABLES", &tunable)],
+    )
 }
 
 #[test]
@@ -179,14 +199,7 @@ fn filtered_threads_survive_large_and_many_allocations() {
         return;
     }
     // rvmm's allocator set-up (one arena): every kind of thread lives.
-    let output = allocation_child(Some(1));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "child test: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_child_passed(&allocation_child(Some(1)));
     // The reproducer: with glibc's default, a thread arena's first trim opens
     // /proc/sys/vm/overcommit_memory, and the filter kills the process.
     let output = allocation_child(None);

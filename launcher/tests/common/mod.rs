@@ -111,59 +111,47 @@ pub fn lines(output: &Output) -> Vec<String> {
         .collect()
 }
 
+/// The `/proc/<pid>/task/*/status` fields of each live thread of process `pid`.
+pub fn thread_statuses(pid: u32) -> Vec<std::collections::HashMap<String, String>> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        // A thread that just ended has no status any more.
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+                .collect()
+        })
+        .collect()
+}
+
 /// The threads of process `pid` that are not confined: each `(name, what is missing)` where a
 /// thread lacks a seccomp filter (`Seccomp: 2`) or `NoNewPrivs: 1`.
 pub fn unconfined_threads(pid: u32) -> Vec<(String, String)> {
-    let mut loose = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return loose;
-    };
-    for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue; // a thread that just ended
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        let (seccomp, nnp) = (field("Seccomp:"), field("NoNewPrivs:"));
-        if seccomp != "2" || nnp != "1" {
-            loose.push((
-                field("Name:"),
-                format!("Seccomp: {seccomp}, NoNewPrivs: {nnp}"),
-            ));
-        }
-    }
-    loose
+    thread_statuses(pid)
+        .into_iter()
+        .filter(|s| s["Seccomp"] != "2" || s["NoNewPrivs"] != "1")
+        .map(|s| {
+            let what = format!("Seccomp: {}, NoNewPrivs: {}", s["Seccomp"], s["NoNewPrivs"]);
+            (s["Name"].clone(), what)
+        })
+        .collect()
 }
 
 /// Each thread of process `pid` and its effective capabilities (`CapEff`, a bit mask).
 pub fn thread_capabilities(pid: u32) -> Vec<(String, u64)> {
-    let mut threads = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return threads;
-    };
-    for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
+    thread_statuses(pid)
+        .into_iter()
         // Kernel threads attached to the VM (kvm-nx-lpage-recovery) are not rvmm's.
-        let name = field("Name:");
-        if name.starts_with("kvm-") {
-            continue;
-        }
-        let caps = u64::from_str_radix(&field("CapEff:"), 16).unwrap_or(u64::MAX);
-        threads.push((name, caps));
-    }
-    threads
+        .filter(|s| !s["Name"].starts_with("kvm-"))
+        .map(|s| {
+            let caps = u64::from_str_radix(&s["CapEff"], 16).unwrap_or(u64::MAX);
+            (s["Name"].clone(), caps)
+        })
+        .collect()
 }
