@@ -107,16 +107,6 @@ fn run(args: &RunArgs) -> ExitCode {
         }
     }
     let grace = Duration::from_secs(args.grace_period_seconds);
-    let signal_filter = match thread_filter_for(args.seccomp.filters(), signal_rules()) {
-        Ok(filter) => filter,
-        Err(e) => return fail(EXIT_VMM_ERROR, &e.into()),
-    };
-    if let Err(e) = signals.handle(vmm.clone(), grace, signal_filter) {
-        return fail(
-            EXIT_VMM_ERROR,
-            &anyhow::Error::new(e).context("Cannot handle the shutdown signals"),
-        );
-    }
     if vm.is_none()
         && let Some(text) = &args.serial
     {
@@ -143,6 +133,24 @@ fn run(args: &RunArgs) -> ExitCode {
         vmm.request_exit(code);
         vmm.teardown();
         return fail(code, &e.into());
+    }
+    // The signal thread after the boot (it is not on the way to the guest's first
+    // instruction): a signal that came meanwhile waits, blocked, and is taken now.
+    let signal_filter = match thread_filter_for(args.seccomp.filters(), signal_rules()) {
+        Ok(filter) => filter,
+        Err(e) => {
+            vmm.request_exit(EXIT_VMM_ERROR);
+            vmm.teardown();
+            return fail(EXIT_VMM_ERROR, &e.into());
+        }
+    };
+    if let Err(e) = signals.handle(vmm.clone(), grace, signal_filter) {
+        vmm.request_exit(EXIT_VMM_ERROR);
+        vmm.teardown();
+        return fail(
+            EXIT_VMM_ERROR,
+            &anyhow::Error::new(e).context("Cannot handle the shutdown signals"),
+        );
     }
     // From here on this thread only waits for the end, tears the VM down and returns: it
     // filters itself. Every thread it starts already runs (signals, API and vmm-control, the

@@ -332,9 +332,9 @@ impl Vmm {
         vm: vmm_core::Vm,
         state: VmState,
     ) -> Result<(), VmmError> {
-        let slot = inner.vm.as_mut().ok_or(VmmError::NotCreated)?;
-        let console = slot.console.as_mut().ok_or(VmmError::NotCreated)?;
-        console.attach(vm.serial());
+        if inner.vm.as_ref().is_none_or(|slot| slot.console.is_none()) {
+            return Err(VmmError::NotCreated);
+        }
         if self.settings.on_reboot == OnReboot::Restart && inner.restarter.is_none() {
             // Started here, on a thread that may start threads, not by the waiter that needs it.
             let filter = thread_filter_for(self.settings.seccomp, control_rules())
@@ -345,27 +345,23 @@ impl Vmm {
         }
         inner.generation += 1;
         let generation = inner.generation;
-        // The waiter exists before the vCPUs start, so a running VM always has someone to
-        // notice its end.
-        let (send_vm, receive_vm) = std::sync::mpsc::channel::<vmm_core::RunningVm>();
-        let vmm = self.clone();
-        let filter = thread_filter_for(self.settings.seccomp, waiter_rules())
+        let waiter_filter = thread_filter_for(self.settings.seccomp, waiter_rules())
             .map_err(|e| VmmError::Waiter(SpawnError::Filter(e)))?;
-        spawn_filtered("vm-waiter", filter, move || {
-            if let Ok(running) = receive_vm.recv() {
-                let reason = running.wait();
-                vmm.vm_stopped(generation, reason);
-            }
-        })
-        .map_err(VmmError::Waiter)?;
         let running = vm.start().map_err(VmmError::Boot)?;
         let handle = running.handle();
-        if let Err(unsent) = send_vm.send(running) {
-            // The waiter died before taking the VM: end the VM here rather than leak it.
-            let running = unsent.0;
-            running.stop();
-            running.wait();
-            return Err(VmmError::Waiter(SpawnError::Died));
+        // Console input and the waiter start once the vCPUs run: neither is on the way to the
+        // guest's first instruction. Input before then is dropped, and the waiter notices an
+        // end that came first. A waiter that cannot start drops the VM it was given, which
+        // stops it.
+        let serial = running.serial();
+        let vmm = self.clone();
+        spawn_filtered("vm-waiter", waiter_filter, move || {
+            let reason = running.wait();
+            vmm.vm_stopped(generation, reason);
+        })
+        .map_err(VmmError::Waiter)?;
+        if let Some(console) = inner.vm.as_mut().and_then(|s| s.console.as_mut()) {
+            console.attach(serial);
         }
         *self.live_metrics.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(handle.metrics_handle());
