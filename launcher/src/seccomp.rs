@@ -198,6 +198,10 @@ pub fn control_rules() -> Vec<Allow> {
         Allow::any(libc::SYS_pread64),
         Allow::any(libc::SYS_pwrite64),
         Allow::any(libc::SYS_ftruncate),
+        // virt-launcher mode copies a disk into the pod's ephemeral directory (fs::copy:
+        // copy_file_range, sendfile where the file system has no copy_file_range).
+        Allow::any(libc::SYS_copy_file_range),
+        Allow::any(libc::SYS_sendfile),
         Allow::any(libc::SYS_fsync),
         Allow::any(libc::SYS_fdatasync),
         // Directories and names: virt-launcher mode's ephemeral disk directory, replacing a
