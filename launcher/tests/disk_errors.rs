@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{call, parse_exposition, sample, wait_for_socket};
 use common::{kvm_available, tiny_guest};
+use devices::image_lock::{ImageAccess, lock_image};
 
 /// A private mount namespace (`unshare`) with a 1 MiB tmpfs holding a sparse 1 MiB disk and a
 /// file that uses up the rest of the space, and rvmm started in it: nothing stays mounted on
@@ -209,26 +210,34 @@ fn qemu_with_drive(drive: &str) -> std::process::Child {
         .expect("qemu-system-x86_64 (Debian's qemu-system-x86)")
 }
 
-/// Runs rvmm with `disk` (`--disk` options) and a kernel that is not one, until it stops
-/// failing with "in use" (QEMU took its locks) or `timeout`; returns the last stderr.
-fn rvmm_until(disk: &str, in_use: bool, timeout: Duration) -> String {
-    let junk = common::fixtures::TempDisk::new("junk-kernel", &[0x42; 8192]);
+/// Waits until someone else holds `path` so that taking it for `access` fails (QEMU took its
+/// locks), probing with rvmm's own lock (released at once).
+fn wait_until_held(path: &std::path::Path, access: ImageAccess) {
     let start = Instant::now();
     loop {
-        let (code, stderr) = rvmm_run(&[
-            "run",
-            "--kernel",
-            junk.path().to_str().unwrap(),
-            "--disk",
-            disk,
-        ]);
-        assert_eq!(code, Some(2), "{stderr}");
-        if stderr.contains("is in use by another VM") == in_use {
-            return stderr;
+        let file = std::fs::File::open(path).unwrap();
+        if lock_image(&file, path, access).is_err() {
+            return;
         }
-        assert!(start.elapsed() < timeout, "{stderr}");
-        std::thread::sleep(Duration::from_millis(100));
+        drop(file);
+        // QEMU starts slowly on a loaded machine (it emulates; no KVM here).
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{} never locked",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// rvmm with `disk` (`--disk` options) and a kernel that is not one: its stderr (the disk's
+/// lock is taken before the kernel is read).
+fn rvmm_with_disk(disk: &str) -> String {
+    let junk = common::fixtures::TempDisk::new("junk-kernel", &[0x42; 8192]);
+    let kernel = junk.path().to_str().unwrap();
+    let (code, stderr) = rvmm_run(&["run", "--kernel", kernel, "--disk", disk]);
+    assert_eq!(code, Some(2), "{stderr}");
+    stderr
 }
 
 #[test]
@@ -238,16 +247,22 @@ fn a_disk_a_qemu_vm_writes_is_refused_and_read_only_users_share() {
     let writer = format!("path={image}");
     let reader = format!("path={image},readonly=on");
     let mut qemu = qemu_with_drive(&format!("file={image},format=raw,if=virtio"));
+    wait_until_held(disk.path(), ImageAccess::Read);
     // Refused as a writer and as a reader while QEMU writes it.
-    rvmm_until(&writer, true, Duration::from_secs(60));
-    rvmm_until(&reader, true, Duration::from_secs(5));
+    for disk in [&writer, &reader] {
+        let stderr = rvmm_with_disk(disk);
+        assert!(stderr.contains("is in use by another VM"), "{stderr}");
+    }
     let _ = qemu.kill();
     let _ = qemu.wait();
-    // Read-only QEMU and read-only rvmm share it (rvmm gets as far as the kernel).
+    // Read-only QEMU and read-only rvmm share it (rvmm gets as far as the kernel); a writer
+    // is still refused.
     let mut qemu = qemu_with_drive(&format!("file={image},format=raw,if=virtio,readonly=on"));
-    rvmm_until(&writer, true, Duration::from_secs(60));
-    let stderr = rvmm_until(&reader, false, Duration::from_secs(5));
+    wait_until_held(disk.path(), ImageAccess::Write);
+    let stderr = rvmm_with_disk(&reader);
     assert!(stderr.contains("neither an x86_64 ELF vmlinux"), "{stderr}");
+    let stderr = rvmm_with_disk(&writer);
+    assert!(stderr.contains("is in use by another VM"), "{stderr}");
     let _ = qemu.kill();
     let _ = qemu.wait();
 }
@@ -265,28 +280,30 @@ fn kvm_qemu_refuses_a_disk_rvmm_writes() {
         .arg(format!("path={}", disk.path().display()))
         .spawn()
         .unwrap();
-    let drive = format!("file={},format=raw,if=virtio", disk.path().display());
+    // Once rvmm holds the image, QEMU is started and must refuse it.
+    wait_until_held(disk.path(), ImageAccess::Read);
+    let mut qemu = qemu_with_drive(&format!(
+        "file={},format=raw,if=virtio",
+        disk.path().display()
+    ));
     let start = Instant::now();
-    let refused = loop {
-        let mut qemu = qemu_with_drive(&drive);
-        std::thread::sleep(Duration::from_millis(500));
+    let status = loop {
         if let Some(status) = qemu.try_wait().unwrap() {
-            let mut stderr = String::new();
-            qemu.stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            assert!(!status.success());
-            break stderr;
+            break status;
         }
-        let _ = qemu.kill();
-        let _ = qemu.wait();
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "QEMU never refused it"
-        );
+        if start.elapsed() > Duration::from_secs(300) {
+            let _ = qemu.kill();
+            panic!("QEMU runs with an image rvmm writes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
+    let mut refused = String::new();
+    qemu.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut refused)
+        .unwrap();
+    assert!(!status.success(), "{refused}");
     assert!(
         refused.contains("Failed to get \"write\" lock"),
         "{refused}"
