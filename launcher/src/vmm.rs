@@ -339,8 +339,7 @@ impl Vmm {
             // Started here, on a thread that may start threads, not by the waiter that needs it.
             let filter = thread_filter_for(self.settings.seccomp, control_rules())
                 .map_err(|e| VmmError::Waiter(SpawnError::Filter(e)))?;
-            let restarter =
-                ControlThread::start("vm-restart", filter).map_err(VmmError::Waiter)?;
+            let restarter = ControlThread::start("vm-restart", filter).map_err(VmmError::Waiter)?;
             inner.restarter = Some(restarter);
         }
         inner.generation += 1;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use serde_json::Value;
-use vmm_core::seccomp::SpawnError;
 use vmm_core::boot::BootError;
+use vmm_core::seccomp::SpawnError;
 use vmm_core::{BuildError, CpuProfile};
 
 use crate::config::{ConfigError, VmConfigFile};
