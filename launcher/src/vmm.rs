@@ -479,7 +479,11 @@ impl Vmm {
             return;
         };
         slot.state = VmState::Shutdown;
-        match active.stop {
+        // The old VM's handle holds its disks' descriptors, and so their image locks: it goes
+        // before the new VM opens them.
+        let stop = active.stop;
+        drop(active);
+        match stop {
             Some(StopCause::Reboot) => {}
             Some(StopCause::Shutdown | StopCause::Exit) => self.emit(
                 "vm.shutdown",
@@ -507,7 +511,7 @@ impl Vmm {
                 }
             },
         }
-        if active.stop.is_some() || exiting {
+        if stop.is_some() || exiting {
             self.clear_live_metrics();
         }
         self.changed.notify_all();
