@@ -169,6 +169,77 @@ pub fn grpc_rules() -> Vec<Allow> {
     rules
 }
 
+/// A live migration's connection, at either end ([`crate::vmm::migration`]): a unix or TCP
+/// stream socket that the sender connects (retrying for a moment while the receiver does not
+/// listen yet: thread::sleep) and the receiver binds (replacing a stale unix socket), listens
+/// on and accepts once (removing the unix socket then). Requests, answers and pages are
+/// std's socket reads (recv, a recvfrom) and writes (send with MSG_NOSIGNAL). A cancel keeps a
+/// second handle (F_DUPFD_CLOEXEC) and shuts the connection down both ways from another
+/// thread.
+pub fn migration_stream_rules() -> Vec<Allow> {
+    // std's sockets: stream, close-on-exec; unix, IPv4 or IPv6 (`tcp:HOST:PORT`).
+    let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+    vec![
+        Allow::args_match(
+            libc::SYS_socket,
+            vec![
+                vec![(0, libc::AF_UNIX as u64), (1, stream)],
+                vec![(0, libc::AF_INET as u64), (1, stream)],
+                vec![(0, libc::AF_INET6 as u64), (1, stream)],
+            ],
+        ),
+        Allow::any(libc::SYS_connect),
+        Allow::any(libc::SYS_bind),
+        Allow::any(libc::SYS_listen),
+        Allow::any(libc::SYS_accept4),
+        // Both ends turn Nagle off (requests are written whole, then answered); a TCP
+        // listener reuses its address (std sets SO_REUSEADDR before bind).
+        Allow::args_match(
+            libc::SYS_setsockopt,
+            vec![
+                vec![(1, libc::IPPROTO_TCP as u64), (2, libc::TCP_NODELAY as u64)],
+                vec![(1, libc::SOL_SOCKET as u64), (2, libc::SO_REUSEADDR as u64)],
+            ],
+        ),
+        Allow::arg_in(libc::SYS_shutdown, 1, &[libc::SHUT_RDWR as u64]),
+        Allow::any(libc::SYS_recvfrom),
+        Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
+        Allow::arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
+        Allow::any(libc::SYS_unlink),
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+    ]
+}
+
+/// virt-launcher mode's `kubevirt-migrate` thread (MigrateVirtualMachine, see
+/// [`crate::kubevirt`]): it sends the running VM through virt-handler's migration proxy
+/// ([`migration_stream_rules`]) and, once the target runs it, stops it here. Sending is
+/// dirty-page logging (KVM_SET_USER_MEMORY_REGION with the log flag, KVM_GET_DIRTY_LOG),
+/// pausing the vCPUs (they are kicked: tgkill) and the devices (futexes, eventfds: shared
+/// rules), flushing the disks and reading the paused VM's state (KVM's VM and vCPU
+/// requests). On a failure or a cancel it resumes the VM. It builds nothing: no files are
+/// opened, no threads started.
+pub fn migration_send_rules() -> Vec<Allow> {
+    let pid = u64::from(std::process::id());
+    let mut rules = migration_stream_rules();
+    rules.extend([
+        Allow::masked_in(libc::SYS_ioctl, 1, IOCTL_TYPE_MASK, &[KVM_IOCTLS]),
+        Allow::args_match(
+            libc::SYS_tgkill,
+            vec![vec![(0, pid), (2, SIGRTMIN() as u64)]],
+        ),
+        Allow::any(libc::SYS_fsync),
+        Allow::any(libc::SYS_fdatasync),
+        Allow::any(libc::SYS_sched_yield),
+    ]);
+    rules
+}
+
+/// The `kubevirt-migrate` thread's filter.
+pub fn migration_send_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(migration_send_rules())
+}
+
 /// An ioctl request's type byte (`_IOC_TYPE`), for [`Allow::masked_in`].
 const IOCTL_TYPE_MASK: u32 = 0xff00;
 /// KVM's ioctls (`KVMIO`, 0xAE): the system, VM and vCPU requests of building a VM.
@@ -182,7 +253,8 @@ const TTY_AND_TUN_IOCTLS: u64 = 0x5400;
 /// VM's waiter, the console's input threads: they inherit it under their own). What it keeps
 /// out: running programs (execve), new processes (fork, clone without CLONE_THREAD is not
 /// reachable through clone3's allowance: glibc only forks with clone, which is refused),
-/// tracing, mounting, module and BPF loading, namespaces, credentials, network sockets.
+/// tracing, mounting, module and BPF loading, namespaces, credentials, network sockets other
+/// than a live migration's stream sockets.
 pub fn control_rules() -> Vec<Allow> {
     let mut rules = vec![
         // Opening what a VM uses: kernel, initrd, disks, /dev/kvm, /dev/net/tun, the serial
@@ -278,7 +350,34 @@ pub fn control_rules() -> Vec<Allow> {
     }
     rules.extend(waiter_rules());
     rules.extend(serial_rules());
+    // vm.send-migration and vm.receive-migration run here; so does virt-launcher mode's
+    // receiving thread (`kubevirt-receive`), which builds the VM it receives.
+    rules.extend(migration_send_rules());
+    rules.extend(name_lookup_rules());
     rules
+}
+
+/// `vm.send-migration` to `tcp:NAME:PORT` looks the name up (getaddrinfo) on the control
+/// thread: glibc reads /etc/resolv.conf, nsswitch.conf and /etc/hosts (shared and control
+/// rules), asks for the host's name (uname, for the search domain), may try nscd's socket (a
+/// non-blocking unix socket: control rules), and asks the name servers over UDP: a
+/// non-blocking datagram socket, connected, the queries sent (sendmmsg, or send with
+/// MSG_NOSIGNAL), the answers awaited (poll) and read (recvfrom; FIONREAD's ioctl is in the
+/// control rules' terminal range).
+fn name_lookup_rules() -> Vec<Allow> {
+    let datagram = (libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    vec![
+        Allow::any(libc::SYS_uname),
+        Allow::args_match(
+            libc::SYS_socket,
+            vec![
+                vec![(0, libc::AF_INET as u64), (1, datagram)],
+                vec![(0, libc::AF_INET6 as u64), (1, datagram)],
+            ],
+        ),
+        Allow::arg_in(libc::SYS_sendmmsg, 3, &[libc::MSG_NOSIGNAL as u64]),
+        Allow::any(libc::SYS_poll),
+    ]
 }
 
 /// The gRPC runtime thread's filter.

@@ -144,6 +144,7 @@ fn every_thread_kind() -> Vec<(&'static str, Vec<Allow>)> {
         ("timer", timer_rules()),
         ("serial", serial_rules()),
         ("control", control_rules()),
+        ("migrate", migration_send_rules()),
         ("main", main_rules()),
         ("vcpu", vmm_core::seccomp::vcpu_rules()),
     ];
@@ -209,4 +210,87 @@ fn filtered_threads_survive_large_and_many_allocations() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Set in the child process of [`migration_streams_work_on_the_threads_that_migrate`].
+const STREAM_CHILD_ENV: &str = "RVMM_TEST_FILTERED_MIGRATION_STREAM";
+
+/// What a migration does with its connection at both ends, over a unix socket and over TCP
+/// (by address and by name), in one thread: bind and listen (unix), connect, accept, Nagle
+/// off, bytes both ways, a second handle that shuts the connection down, the socket removed.
+fn migration_stream_round_trip(tcp: &std::net::TcpListener, port: u16, hosts: &[&str]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    fn exchange(a: &mut impl Write, b: &mut impl Read) {
+        a.write_all(b"state").unwrap();
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"state");
+    }
+    let path = std::env::temp_dir().join(format!("rvmm-migration-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut sender = UnixStream::connect(&path).unwrap();
+    let (mut receiver, _) = listener.accept().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    exchange(&mut sender, &mut receiver);
+    exchange(&mut receiver, &mut sender);
+    sender
+        .try_clone()
+        .unwrap()
+        .shutdown(std::net::Shutdown::Both)
+        .unwrap();
+    assert_eq!(receiver.read(&mut [0u8; 1]).unwrap(), 0);
+
+    for host in hosts {
+        let mut sender = std::net::TcpStream::connect(format!("{host}:{port}")).unwrap();
+        sender.set_nodelay(true).unwrap();
+        let (mut receiver, _) = tcp.accept().unwrap();
+        receiver.set_nodelay(true).unwrap();
+        exchange(&mut sender, &mut receiver);
+        exchange(&mut receiver, &mut sender);
+        sender
+            .try_clone()
+            .unwrap()
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+    }
+}
+
+#[test]
+fn migration_streams_work_on_the_threads_that_migrate() {
+    if std::env::var_os(STREAM_CHILD_ENV).is_some() {
+        for (kind, rules, hosts) in [
+            // virt-launcher mode's sender: its URL is virt-handler's proxy socket.
+            (
+                "kubevirt-migrate",
+                migration_send_rules(),
+                &["127.0.0.1"][..],
+            ),
+            // vm.send-migration (`tcp:HOST:PORT`, a name too), vm.receive-migration,
+            // virt-launcher mode's receiver.
+            ("control", control_rules(), &["127.0.0.1", "localhost"][..]),
+        ] {
+            // Bound here, unfiltered: its address is read (getsockname) for the test only.
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = tcp.local_addr().unwrap().port();
+            let filter = vmm_core::seccomp::thread_filter(rules).unwrap();
+            let thread = vmm_core::seccomp::spawn_filtered(kind, Some(filter), move || {
+                migration_stream_round_trip(&tcp, port, hosts);
+            });
+            thread.unwrap().join().unwrap();
+        }
+        return;
+    }
+    let output = run_test_in_child(
+        concat!(
+            module_path!(),
+            "::migration_streams_work_on_the_threads_that_migrate"
+        ),
+        &[
+            (STREAM_CHILD_ENV, "1"),
+            ("GLIBC_TUNABLES", "glibc.malloc.arena_max=1"),
+        ],
+    );
+    assert_child_passed(&output);
 }
