@@ -370,11 +370,12 @@ fn kvm_a_burst_of_large_grpc_messages_leaves_the_vm_running_and_every_thread_con
     let loose = common::unconfined_threads(session.launcher.child.id());
     assert!(loose.is_empty(), "unconfined threads: {loose:?}");
     // Capabilities: none, but for the control thread's KubeVirt set (NET_BIND_SERVICE,
-    // SYS_NICE) and what booting again needs (DAC_OVERRIDE, DAC_READ_SEARCH).
+    // SYS_NICE) and what booting again needs (DAC_OVERRIDE, DAC_READ_SEARCH), which the
+    // control thread that boots the VM again after a guest reset (vm-restart) has too.
     let after_boot: u64 = 1 << 10 | 1 << 23 | 1 << 1 | 1 << 2;
     for (name, caps) in common::thread_capabilities(session.launcher.child.id()) {
         // Thread names are cut to 15 bytes.
-        let allowed = if name == "launcher-contro" {
+        let allowed = if name == "launcher-contro" || name == "vm-restart" {
             after_boot
         } else {
             0
