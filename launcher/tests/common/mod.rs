@@ -155,3 +155,34 @@ pub fn thread_capabilities(pid: u32) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// Asserts that every thread of process `pid` is confined (a seccomp filter and NoNewPrivs),
+/// that the `present` threads are among them (names cut to 15 bytes), and that only the
+/// control thread (`control`) and the threads doing its work (`like_control`, with none the
+/// control thread lacks) hold capabilities.
+pub fn assert_threads_confined(pid: u32, present: &[&str], control: &str, like_control: &[&str]) {
+    let loose = unconfined_threads(pid);
+    assert!(loose.is_empty(), "unconfined threads: {loose:?}");
+    let threads = thread_capabilities(pid);
+    for name in present {
+        assert!(
+            threads.iter().any(|(n, _)| n == name),
+            "no {name} thread: {threads:?}"
+        );
+    }
+    let control_caps = threads
+        .iter()
+        .find(|(n, _)| n == control)
+        .map_or(0, |(_, caps)| *caps);
+    for (name, caps) in &threads {
+        if name == control {
+            continue;
+        }
+        let allowed = if like_control.contains(&name.as_str()) {
+            control_caps
+        } else {
+            0
+        };
+        assert_eq!(caps & !allowed, 0, "{name} has capabilities {caps:#x}");
+    }
+}
