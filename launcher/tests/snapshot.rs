@@ -8,10 +8,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::http::wait_for_socket;
-use common::kvm_available;
+use common::http::{call, wait_for_socket};
 use common::memtest::{API_TIMEOUT, passes, put, start_memtest, state};
 use common::process::{Rvmm, TestDir, wait_for_text};
+use common::{assert_threads_confined, kvm_available};
 
 fn snapshot(socket: &Path, dir: &Path) {
     let body = format!(r#"{{"destination_url": "file://{}"}}"#, dir.display());
@@ -66,6 +66,15 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
         restored_socket.to_str().unwrap(),
     ]);
     wait_for_socket(&restored_socket, API_TIMEOUT);
+    // The API answers while the restore is still under way (vm.info: 404 until the VM exists).
+    let restoring = std::time::Instant::now();
+    while call(&restored_socket, "GET", "/api/v1/vm.info", None).status == 404 {
+        assert!(
+            restoring.elapsed() < API_TIMEOUT,
+            "the restore never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(state(&restored_socket), "Paused");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -77,6 +86,8 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
     let after = passes(&text);
     assert_eq!(after[0], last + 1, "did not go on where it was: {text}");
     assert!(!text.contains("start"), "{text}");
+    // The restored VM's threads (started before the main thread filters itself) are filtered.
+    assert_threads_confined(restored.0.id(), &["vcpu0"], "vmm-control", &["vm-restart"]);
     put(&restored_socket, "vmm.shutdown", None);
     assert_eq!(restored.wait(API_TIMEOUT), Some(0));
 }
