@@ -1,12 +1,15 @@
 //! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
 //! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and
 //! `kubevirt-notify`, the signal thread, the VM's waiter, the console's input threads, the
-//! control threads (`vmm-control`, `launcher-control`), timers, and the main thread once the
-//! VM runs (both modes). The mechanism and the rules every filtered thread shares are in
+//! control threads (`vmm-control`, `vm-restart`, `launcher-control`; snapshots, restores and
+//! the API's live migrations run there), virt-launcher mode's migration threads
+//! (`kubevirt-migrate`, `kubevirt-receive`), timers, and the main thread once the VM runs
+//! (both modes). The mechanism and the rules every filtered thread shares are in
 //! [`vmm_core::seccomp`].
 //!
-//! Only the control threads start threads (a VM's vCPUs, device workers, waiter and console
-//! threads, which inherit the control filter under their own); the others only move bytes,
+//! Only the control threads and `kubevirt-receive` (under the control filter) start threads
+//! (a VM's vCPUs, device workers, waiter and console threads, which inherit the control filter
+//! under their own); the others only move bytes,
 //! wait or tear down. A thread inherits the filter of the thread that starts it, so these
 //! filters are installed after the threads they start, or cover what those do.
 

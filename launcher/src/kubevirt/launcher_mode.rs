@@ -35,9 +35,11 @@
 //! the mode has no `--seccomp` flag, filters are always on. The gRPC runtime thread has
 //! [`crate::seccomp::grpc_filter`] (backend calls run on the `launcher-control` thread, which
 //! builds the VM under [`crate::seccomp::control_rules`]); `kubevirt-notify`, the signal
-//! thread and the `--qemu-timeout` watch have their own; the main thread filters itself with
-//! [`crate::seccomp::main_filter`] once every other thread of its own has started, and then
-//! only waits for the end and tears down.
+//! thread and the `--qemu-timeout` watch have their own; so has a live migration's sending
+//! thread (`kubevirt-migrate`, [`crate::seccomp::migration_send_rules`]), while the
+//! receiving one (`kubevirt-receive`) builds the VM under the control rules; the main thread
+//! filters itself with [`crate::seccomp::main_filter`] once every other thread of its own
+//! has started, and then only waits for the end and tears down.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, channel};
