@@ -196,3 +196,52 @@ fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() 
         &["state.bin"],
     );
 }
+
+#[test]
+fn kvm_vm_restore_through_the_api_runs_the_snapshot_under_the_control_threads_filter() {
+    if !kvm_available("vm.restore") {
+        return;
+    }
+    let dir = TestDir::new("snapshot-api-restore");
+    let socket = dir.path("api.sock");
+    let mut source = start_memtest(&dir, "1", 4);
+    wait_for_text(&dir.path("serial.log"), " ok\n", 2);
+    put(&socket, "vm.pause", None);
+    let last = *passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap())
+        .last()
+        .unwrap();
+    let snap = dir.path("snap");
+    snapshot(&socket, &snap);
+    source.signal(libc::SIGKILL);
+    source.wait(API_TIMEOUT);
+
+    // A VMM without a VM restores it on vmm-control: the memory file mapped copy-on-write
+    // (read in at once: prefault), the state read, KVM and the devices set up, all under the
+    // control thread's filter.
+    let restored_socket = dir.path("restored.sock");
+    let restored_log = dir.path("restored.log");
+    let mut restored = Rvmm::start(&[
+        "run",
+        "--serial",
+        &format!("file={}", restored_log.display()),
+        "--api-socket",
+        restored_socket.to_str().unwrap(),
+    ]);
+    wait_for_socket(&restored_socket, API_TIMEOUT);
+    let body = format!(
+        r#"{{"source_url": "file://{}", "prefault": true}}"#,
+        snap.display()
+    );
+    put(&restored_socket, "vm.restore", Some(&body));
+    assert_eq!(state(&restored_socket), "Paused");
+    put(&restored_socket, "vm.resume", None);
+    let text = wait_for_text(&restored_log, " ok\n", 2);
+    assert_eq!(
+        passes(&text)[0],
+        last + 1,
+        "did not go on where it was: {text}"
+    );
+    assert_threads_confined(restored.0.id(), &["vcpu0"], "vmm-control", &["vm-restart"]);
+    put(&restored_socket, "vmm.shutdown", None);
+    assert_eq!(restored.wait(API_TIMEOUT), Some(0));
+}
