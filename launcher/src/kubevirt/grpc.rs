@@ -23,14 +23,15 @@
 //! is connected, and a failed GuestPing is reported as a `GuestAgentPingFailed` Kubernetes
 //! event, as KubeVirt's launcher does on its main branch (after v1.8).
 
+use std::collections::BTreeMap;
 use std::error::Error;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::limited_log;
+use devices::log_limit::{LogLimiter, left_out};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
@@ -288,6 +289,21 @@ fn failed(message: String) -> cmd::Response {
     }
 }
 
+/// The rate limits of the commands' log lines, one per command and outcome: a Sync repeated on
+/// every change of the VMI leaves the lines of a Shutdown (each a power button press) alone.
+static COMMAND_LOGS: Mutex<BTreeMap<(&str, bool), LogLimiter>> = Mutex::new(BTreeMap::new());
+
+/// Whether the line of command `what`'s outcome (`done`: it succeeded) is logged now; `Some`
+/// carries how many of its lines were left out since the last one.
+fn command_log_due(what: &'static str, done: bool) -> Option<u64> {
+    COMMAND_LOGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((what, done))
+        .or_default()
+        .check()
+}
+
 impl CmdHandler {
     /// Runs `call` on the control thread.
     async fn blocking<T: Send + 'static>(
@@ -333,14 +349,18 @@ impl CmdHandler {
         let result = self.blocking(move |b| call(b, &vmi, &options)).await?;
         Ok(Response::new(match result {
             // virt-handler repeats its commands (Sync on every change of the VMI): both lines
-            // are rate limited.
+            // are rate limited, each command's on its own.
             Ok(()) => {
-                limited_log!(log::Level::Info, "{what} {name}: done");
+                if let Some(n) = command_log_due(what, true) {
+                    log::info!("{what} {name}: done{}", left_out(n));
+                }
                 ok()
             }
             Err(e) => {
                 let message = error_chain(&e);
-                limited_log!(log::Level::Error, "{what} {name}: {message}");
+                if let Some(n) = command_log_due(what, false) {
+                    log::error!("{what} {name}: {message}{}", left_out(n));
+                }
                 failed(message)
             }
         }))
