@@ -8,7 +8,7 @@
 //! VM's waiter), which inherit it under their own. Start it before the server's thread, which
 //! may not create threads.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_confined};
@@ -27,7 +27,7 @@ pub enum ControlError {
 /// Runs operations one at a time, in order, until every handle to it is dropped.
 #[derive(Clone, Debug)]
 pub struct ControlThread {
-    jobs: mpsc::Sender<Job>,
+    jobs: Arc<mpsc::Sender<Job>>,
 }
 
 impl ControlThread {
@@ -37,12 +37,27 @@ impl ControlThread {
         // A panic aborts the process (crate::panic::abort_on_panic), as in release builds:
         // nothing is caught here.
         // It keeps its capabilities to open devices, until the first boot lowers them.
+        let filtered = filter.is_some();
         spawn_confined(name, filter, None, move || {
             for job in queue {
                 crate::privileges::apply_ceiling();
                 job();
             }
         })?;
+        let jobs = Arc::new(jobs);
+        if filtered {
+            // When a VM boots on another thread (the main thread's --kernel or --restore, a
+            // migration's receiving thread), an empty job makes this one lower its
+            // capabilities then, not at its next operation. Weak: the thread still ends once
+            // every handle is dropped.
+            let weak = Arc::downgrade(&jobs);
+            crate::privileges::on_lowered(Box::new(move || {
+                let Some(jobs) = weak.upgrade() else {
+                    return false;
+                };
+                jobs.send(Box::new(|| {})).is_ok()
+            }));
+        }
         Ok(Self { jobs })
     }
 

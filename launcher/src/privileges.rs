@@ -3,9 +3,9 @@
 //!
 //! Capabilities belong to threads, so each drops its own: every filtered thread drops all of
 //! them as it starts ([`vmm_core::seccomp::spawn_filtered`]), the main thread before it
-//! filters itself. The control thread, which opens devices, keeps its capabilities until the
-//! first VM has booted; from then on it keeps [`AFTER_BOOT`] (or [`AFTER_BOOT_WITH_NICS`]):
-//! KubeVirt's launcher's `CAP_NET_BIND_SERVICE` (virt-launcher-monitor's ambient capability)
+//! filters itself. The control threads, which open devices, keep their capabilities until the
+//! first VM has booted (on whichever thread: the others are told); from then on they keep
+//! [`AFTER_BOOT`] (or [`AFTER_BOOT_WITH_NICS`]): KubeVirt's launcher's `CAP_NET_BIND_SERVICE` (virt-launcher-monitor's ambient capability)
 //! and `CAP_SYS_NICE` (a root launcher pod's, for CPU affinity), plus what booting the VM
 //! again needs (reboot, reset): reading and writing its files whatever their owner, and
 //! re-attaching a tap owned by another user (`CAP_NET_ADMIN`, only with network interfaces).
@@ -35,6 +35,18 @@ pub const AFTER_BOOT_WITH_NICS: &[Capability] = &[
 /// What the control threads keep from now on (`None`: all they have, before the first boot).
 static CEILING: Mutex<Option<&'static [Capability]>> = Mutex::new(None);
 
+/// Tells a control thread to apply the ceiling; false once the thread is gone.
+pub type Poke = Box<dyn Fn() -> bool + Send>;
+
+/// The control threads to tell when the ceiling is lowered.
+static POKES: Mutex<Vec<Poke>> = Mutex::new(Vec::new());
+
+/// Registers a control thread: `poke` makes it apply the ceiling soon (it applies it before
+/// each operation), and is called whenever the ceiling is lowered.
+pub fn on_lowered(poke: Poke) {
+    POKES.lock().unwrap_or_else(|p| p.into_inner()).push(poke);
+}
+
 /// A VM has booted (its devices are open): from now on the control threads keep at most
 /// [`AFTER_BOOT`] (with `CAP_NET_ADMIN` when `nics`), and the calling thread drops the rest
 /// now. Lowering is for good: a later VM with network interfaces cannot regain it.
@@ -57,6 +69,11 @@ pub fn lower_after_boot(nics: bool) {
     if let Err(e) = restrict_capabilities(ceiling) {
         log::warn!("Cannot drop capabilities after the boot: {e}");
     }
+    // The other control threads, idle now, lower theirs too.
+    POKES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|poke| poke());
 }
 
 /// Applies the ceiling to the calling (control) thread, before each operation.

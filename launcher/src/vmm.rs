@@ -368,12 +368,6 @@ impl Vmm {
         if self.settings.seccomp {
             // Its devices are open: what the VMM does not need again goes (crate::privileges).
             crate::privileges::lower_after_boot(!slot.config.nets.is_empty());
-            // The vm-restart thread, started above with this thread's capabilities, lowers
-            // its own now rather than at its first restart (it applies the ceiling before
-            // each job).
-            if let Some(restarter) = &inner.restarter {
-                restarter.submit(|| {});
-            }
         }
         slot.state = state;
         slot.active = Some(ActiveVm {

@@ -206,6 +206,8 @@ fn kvm_vm_restore_through_the_api_runs_the_snapshot_under_the_control_threads_fi
     let socket = dir.path("api.sock");
     let mut source = start_memtest(&dir, "1", 4);
     wait_for_text(&dir.path("serial.log"), " ok\n", 2);
+    // Booted by the main thread: vmm-control, idle so far, has lowered its capabilities too.
+    assert_threads_confined(source.0.id(), &["vcpu0"], "vmm-control", &["vm-restart"]);
     put(&socket, "vm.pause", None);
     let last = *passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap())
         .last()

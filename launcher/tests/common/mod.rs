@@ -156,10 +156,15 @@ pub fn thread_capabilities(pid: u32) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Asserts that every thread of process `pid` is confined (a seccomp filter and NoNewPrivs),
-/// that the `present` threads are among them (names cut to 15 bytes), and that only the
-/// control thread (`control`) and the threads doing its work (`like_control`, with none the
-/// control thread lacks) hold capabilities.
+/// What a control thread keeps once a VM has booted: NET_BIND_SERVICE, SYS_NICE,
+/// DAC_OVERRIDE, DAC_READ_SEARCH and, with network interfaces, NET_ADMIN.
+pub const CONTROL_CAPS_AFTER_BOOT: u64 = 1 << 10 | 1 << 23 | 1 << 1 | 1 << 2 | 1 << 12;
+
+/// Asserts, once a VM has booted in process `pid`, that every thread is confined (a seccomp
+/// filter and NoNewPrivs), that the `present` threads are among them (names cut to 15
+/// bytes), and that only the control thread (`control`, [`CONTROL_CAPS_AFTER_BOOT`] at most)
+/// and the threads doing its work (`like_control`, with none the control thread lacks) hold
+/// capabilities.
 pub fn assert_threads_confined(pid: u32, present: &[&str], control: &str, like_control: &[&str]) {
     let loose = unconfined_threads(pid);
     assert!(loose.is_empty(), "unconfined threads: {loose:?}");
@@ -174,6 +179,11 @@ pub fn assert_threads_confined(pid: u32, present: &[&str], control: &str, like_c
         .iter()
         .find(|(n, _)| n == control)
         .map_or(0, |(_, caps)| *caps);
+    assert_eq!(
+        control_caps & !CONTROL_CAPS_AFTER_BOOT,
+        0,
+        "{control} has capabilities {control_caps:#x}"
+    );
     for (name, caps) in &threads {
         if name == control {
             continue;
