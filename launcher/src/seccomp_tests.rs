@@ -221,39 +221,40 @@ const STREAM_CHILD_ENV: &str = "RVMM_TEST_FILTERED_MIGRATION_STREAM";
 fn migration_stream_round_trip(tcp: &std::net::TcpListener, port: u16, hosts: &[&str]) {
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
-    fn exchange(a: &mut impl Write, b: &mut impl Read) {
-        a.write_all(b"state").unwrap();
-        let mut got = [0u8; 5];
-        b.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"state");
+    /// Bytes both ways, then a second handle of the sender ends the connection.
+    fn talk<S: Read + Write>(mut sender: S, mut receiver: S, clone: fn(&S) -> S) {
+        fn exchange(from: &mut impl Write, to: &mut impl Read) {
+            from.write_all(b"state").unwrap();
+            let mut got = [0u8; 5];
+            to.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"state");
+        }
+        exchange(&mut sender, &mut receiver);
+        exchange(&mut receiver, &mut sender);
+        drop(clone(&sender));
+        assert_eq!(receiver.read(&mut [0u8; 1]).unwrap(), 0);
     }
     let path = std::env::temp_dir().join(format!("rvmm-migration-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
-    let mut sender = UnixStream::connect(&path).unwrap();
-    let (mut receiver, _) = listener.accept().unwrap();
+    let sender = UnixStream::connect(&path).unwrap();
+    let (receiver, _) = listener.accept().unwrap();
     std::fs::remove_file(&path).unwrap();
-    exchange(&mut sender, &mut receiver);
-    exchange(&mut receiver, &mut sender);
-    sender
-        .try_clone()
-        .unwrap()
-        .shutdown(std::net::Shutdown::Both)
-        .unwrap();
-    assert_eq!(receiver.read(&mut [0u8; 1]).unwrap(), 0);
-
+    talk(sender, receiver, |s| {
+        let clone = s.try_clone().unwrap();
+        clone.shutdown(std::net::Shutdown::Both).unwrap();
+        clone
+    });
     for host in hosts {
-        let mut sender = std::net::TcpStream::connect(format!("{host}:{port}")).unwrap();
+        let sender = std::net::TcpStream::connect(format!("{host}:{port}")).unwrap();
         sender.set_nodelay(true).unwrap();
-        let (mut receiver, _) = tcp.accept().unwrap();
+        let (receiver, _) = tcp.accept().unwrap();
         receiver.set_nodelay(true).unwrap();
-        exchange(&mut sender, &mut receiver);
-        exchange(&mut receiver, &mut sender);
-        sender
-            .try_clone()
-            .unwrap()
-            .shutdown(std::net::Shutdown::Both)
-            .unwrap();
+        talk(sender, receiver, |s| {
+            let clone = s.try_clone().unwrap();
+            clone.shutdown(std::net::Shutdown::Both).unwrap();
+            clone
+        });
     }
 }
 

@@ -18,6 +18,23 @@ fn snapshot(socket: &Path, dir: &Path) {
     put(socket, "vm.snapshot", Some(&body));
 }
 
+/// `rvmm run` with its console in `log` and its API on `socket`, plus `args`; returns once the
+/// API socket exists.
+fn start_vmm(socket: &Path, log: &Path, args: &[&str]) -> Rvmm {
+    let serial = format!("file={}", log.display());
+    let mut all = vec![
+        "run",
+        "--serial",
+        &serial,
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let vmm = Rvmm::start(&all);
+    wait_for_socket(socket, API_TIMEOUT);
+    vmm
+}
+
 #[test]
 fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_intact() {
     if !kvm_available("snapshot/restore") {
@@ -56,16 +73,8 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
 
     let restored_socket = dir.path("restored.sock");
     let restored_log = dir.path("restored.log");
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--restore",
-        &format!("source_url=file://{}", first.display()),
-        "--serial",
-        &format!("file={}", restored_log.display()),
-        "--api-socket",
-        restored_socket.to_str().unwrap(),
-    ]);
-    wait_for_socket(&restored_socket, API_TIMEOUT);
+    let source_url = format!("source_url=file://{}", first.display());
+    let mut restored = start_vmm(&restored_socket, &restored_log, &["--restore", &source_url]);
     // The API answers while the restore is still under way (vm.info: 404 until the VM exists).
     let restoring = std::time::Instant::now();
     while call(&restored_socket, "GET", "/api/v1/vm.info", None).status == 404 {
@@ -222,14 +231,7 @@ fn kvm_vm_restore_through_the_api_runs_the_snapshot_under_the_control_threads_fi
     // control thread's filter.
     let restored_socket = dir.path("restored.sock");
     let restored_log = dir.path("restored.log");
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--serial",
-        &format!("file={}", restored_log.display()),
-        "--api-socket",
-        restored_socket.to_str().unwrap(),
-    ]);
-    wait_for_socket(&restored_socket, API_TIMEOUT);
+    let mut restored = start_vmm(&restored_socket, &restored_log, &[]);
     let body = format!(
         r#"{{"source_url": "file://{}", "prefault": true}}"#,
         snap.display()
