@@ -111,6 +111,7 @@ fn kvm_virt_handlers_migrate_a_vmi_between_two_launcher_pods_with_kubevirts_comm
     let target_pid = target.launcher.child.id();
     assert_threads_confined(
         target_pid,
+        false,
         &["kubevirt-receiv"],
         "launcher-contro",
         &["kubevirt-receiv", "vm-restart"],
@@ -131,6 +132,7 @@ fn kvm_virt_handlers_migrate_a_vmi_between_two_launcher_pods_with_kubevirts_comm
     // The received VM's threads, started by the receiving thread, are filtered too.
     assert_threads_confined(
         target_pid,
+        true,
         &["vcpu0"],
         "launcher-contro",
         &["kubevirt-receiv", "vm-restart"],
@@ -190,6 +192,7 @@ fn kvm_cancel_virtual_machine_migration_aborts_and_the_source_goes_on() {
     // The sending thread, stalled by the target: filtered, no capabilities.
     assert_threads_confined(
         source.launcher.child.id(),
+        true,
         &["kubevirt-migrat"],
         "launcher-contro",
         &["vm-restart"],

@@ -59,6 +59,7 @@ fn migrate_and_check(dir: &TestDir, receiver_url: &str) {
     // The received VM's threads (started on vmm-control, as a boot's) are filtered.
     assert_threads_confined(
         destination.0.id(),
+        true,
         &["vcpu0"],
         "vmm-control",
         &["vm-restart"],

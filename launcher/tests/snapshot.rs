@@ -96,7 +96,13 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
     assert_eq!(after[0], last + 1, "did not go on where it was: {text}");
     assert!(!text.contains("start"), "{text}");
     // The restored VM's threads (started before the main thread filters itself) are filtered.
-    assert_threads_confined(restored.0.id(), &["vcpu0"], "vmm-control", &["vm-restart"]);
+    assert_threads_confined(
+        restored.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
     put(&restored_socket, "vmm.shutdown", None);
     assert_eq!(restored.wait(API_TIMEOUT), Some(0));
 }
@@ -216,7 +222,13 @@ fn kvm_vm_restore_through_the_api_runs_the_snapshot_under_the_control_threads_fi
     let mut source = start_memtest(&dir, "1", 4);
     wait_for_text(&dir.path("serial.log"), " ok\n", 2);
     // Booted by the main thread: vmm-control, idle so far, has lowered its capabilities too.
-    assert_threads_confined(source.0.id(), &["vcpu0"], "vmm-control", &["vm-restart"]);
+    assert_threads_confined(
+        source.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
     put(&socket, "vm.pause", None);
     let last = *passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap())
         .last()
@@ -245,7 +257,13 @@ fn kvm_vm_restore_through_the_api_runs_the_snapshot_under_the_control_threads_fi
         last + 1,
         "did not go on where it was: {text}"
     );
-    assert_threads_confined(restored.0.id(), &["vcpu0"], "vmm-control", &["vm-restart"]);
+    assert_threads_confined(
+        restored.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
     put(&restored_socket, "vmm.shutdown", None);
     assert_eq!(restored.wait(API_TIMEOUT), Some(0));
 }

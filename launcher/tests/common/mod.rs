@@ -160,12 +160,18 @@ pub fn thread_capabilities(pid: u32) -> Vec<(String, u64)> {
 /// DAC_OVERRIDE, DAC_READ_SEARCH and, with network interfaces, NET_ADMIN.
 pub const CONTROL_CAPS_AFTER_BOOT: u64 = 1 << 10 | 1 << 23 | 1 << 1 | 1 << 2 | 1 << 12;
 
-/// Asserts, once a VM has booted in process `pid`, that every thread is confined (a seccomp
-/// filter and NoNewPrivs), that the `present` threads are among them (names cut to 15
-/// bytes), and that only the control thread (`control`, [`CONTROL_CAPS_AFTER_BOOT`] at most)
+/// Asserts that every thread of process `pid` is confined (a seccomp filter and NoNewPrivs),
+/// that the `present` threads are among them (names cut to 15 bytes), and that only the
+/// control thread (`control`; [`CONTROL_CAPS_AFTER_BOOT`] at most once a VM has `booted`)
 /// and the threads doing its work (`like_control`, with none the control thread lacks) hold
 /// capabilities.
-pub fn assert_threads_confined(pid: u32, present: &[&str], control: &str, like_control: &[&str]) {
+pub fn assert_threads_confined(
+    pid: u32,
+    booted: bool,
+    present: &[&str],
+    control: &str,
+    like_control: &[&str],
+) {
     let loose = unconfined_threads(pid);
     assert!(loose.is_empty(), "unconfined threads: {loose:?}");
     let threads = thread_capabilities(pid);
@@ -179,11 +185,13 @@ pub fn assert_threads_confined(pid: u32, present: &[&str], control: &str, like_c
         .iter()
         .find(|(n, _)| n == control)
         .map_or(0, |(_, caps)| *caps);
-    assert_eq!(
-        control_caps & !CONTROL_CAPS_AFTER_BOOT,
-        0,
-        "{control} has capabilities {control_caps:#x}"
-    );
+    if booted {
+        assert_eq!(
+            control_caps & !CONTROL_CAPS_AFTER_BOOT,
+            0,
+            "{control} has capabilities {control_caps:#x}"
+        );
+    }
     for (name, caps) in &threads {
         if name == control {
             continue;
