@@ -44,5 +44,8 @@ fn startup_code_first() -> Result<(), Box<dyn Error>> {
         list.display()
     );
     println!("cargo::rustc-link-arg-bin=rvmm=-Wl,--no-warn-symbol-ordering");
+    // Relative relocations packed (DT_RELR, glibc 2.36+): ~100 KiB of RELA entries that the
+    // dynamic loader reads, page by page, before main shrink to a few KiB.
+    println!("cargo::rustc-link-arg-bin=rvmm=-Wl,-z,pack-relative-relocs");
     Ok(())
 }

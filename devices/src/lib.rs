@@ -6,7 +6,9 @@
 
 mod bus_device;
 pub mod image;
+pub mod image_lock;
 pub mod legacy;
+pub mod log_limit;
 mod pausable;
 pub mod pci;
 pub mod seccomp;

@@ -20,19 +20,48 @@ use seccompiler::{
 };
 pub use seccompiler::{BpfProgram, SeccompAction};
 
-/// What a filter does with a system call outside its list: the process dies with SIGSYS.
+mod capabilities;
+mod denied;
+mod names;
+
+pub use capabilities::{
+    CapSet, Capability, CapsError, effective_capabilities, restrict_capabilities,
+};
+pub use denied::{DeniedAction, denied_action, set_denied_action};
+
+/// What a product filter does with a system call outside its list by default: the process
+/// dies with SIGSYS ([`set_denied_action`] can make it log instead, to debug).
 pub const ON_DENIED: SeccompAction = SeccompAction::KillProcess;
 
 /// (argument index, value) pairs that must all match, comparing the low 32 bits (ioctl
 /// requests, fcntl commands, signal numbers and pids all fit).
 pub type Pattern = Vec<(u8, u64)>;
 
+/// One argument condition: `(argument & mask) == value`, on the low 32 bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cond {
+    arg: u8,
+    mask: u32,
+    value: u64,
+}
+
 /// A system call a filter lets through, and with which arguments.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allow {
     syscall: i64,
-    /// Any pattern lets the call through; none at all: any arguments do.
-    patterns: Vec<Pattern>,
+    /// Any pattern (all its conditions) lets the call through; none at all: any arguments do.
+    patterns: Vec<Vec<Cond>>,
+}
+
+fn exact(pattern: Pattern) -> Vec<Cond> {
+    pattern
+        .into_iter()
+        .map(|(arg, value)| Cond {
+            arg,
+            mask: u32::MAX,
+            value,
+        })
+        .collect()
 }
 
 impl Allow {
@@ -48,13 +77,28 @@ impl Allow {
     pub fn arg_in(syscall: i64, arg: u8, values: &[u64]) -> Self {
         Self {
             syscall,
-            patterns: values.iter().map(|&v| vec![(arg, v)]).collect(),
+            patterns: values.iter().map(|&v| exact(vec![(arg, v)])).collect(),
         }
     }
 
     /// `syscall` when all the (argument index, value) pairs of one of `patterns` match.
     pub fn args_match(syscall: i64, patterns: Vec<Pattern>) -> Self {
-        Self { syscall, patterns }
+        Self {
+            syscall,
+            patterns: patterns.into_iter().map(exact).collect(),
+        }
+    }
+
+    /// `syscall` when argument `arg`, masked with `mask`, is one of `values` (e.g. an ioctl
+    /// request's type byte: a whole family of requests).
+    pub fn masked_in(syscall: i64, arg: u8, mask: u32, values: &[u64]) -> Self {
+        Self {
+            syscall,
+            patterns: values
+                .iter()
+                .map(|&value| vec![Cond { arg, mask, value }])
+                .collect(),
+        }
     }
 
     /// The system call number.
@@ -83,6 +127,9 @@ pub enum SpawnError {
     /// The thread cannot filter its system calls; it ended without running anything.
     #[error("The thread cannot filter its system calls")]
     Filter(#[source] SeccompError),
+    /// The thread cannot drop its capabilities; it ended without running anything.
+    #[error("The thread cannot drop its capabilities")]
+    Capabilities(#[source] CapsError),
     /// The thread ended before saying whether its filter is in place.
     #[error("The thread ended while installing its seccomp filter")]
     Died,
@@ -93,7 +140,7 @@ pub enum SpawnError {
 /// the patterns is accepted.
 pub fn compile(allowlist: &[Allow], on_denied: SeccompAction) -> Result<BpfProgram, SeccompError> {
     // `None`: any arguments.
-    let mut merged: BTreeMap<i64, Option<Vec<Pattern>>> = BTreeMap::new();
+    let mut merged: BTreeMap<i64, Option<Vec<Vec<Cond>>>> = BTreeMap::new();
     for allow in allowlist {
         let entry = merged
             .entry(allow.syscall)
@@ -110,8 +157,12 @@ pub fn compile(allowlist: &[Allow], on_denied: SeccompAction) -> Result<BpfProgr
         for pattern in patterns.unwrap_or_default() {
             let conditions = pattern
                 .into_iter()
-                .map(|(arg, value)| {
-                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+                .map(|Cond { arg, mask, value }| {
+                    let op = match mask {
+                        u32::MAX => SeccompCmpOp::Eq,
+                        mask => SeccompCmpOp::MaskedEq(u64::from(mask)),
+                    };
+                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(SeccompError::Compile)?;
@@ -125,23 +176,38 @@ pub fn compile(allowlist: &[Allow], on_denied: SeccompAction) -> Result<BpfProgr
     BpfProgram::try_from(filter).map_err(SeccompError::Compile)
 }
 
-/// The product filter of a thread kind: [`common_rules`] plus `kind_rules`, anything else
-/// kills the process.
+/// The product filter of a thread kind: [`common_rules`] plus `kind_rules`; anything else
+/// kills the process (or is logged, see [`set_denied_action`]).
 pub fn thread_filter(kind_rules: Vec<Allow>) -> Result<BpfProgram, SeccompError> {
     let mut allowlist = common_rules();
     allowlist.extend(kind_rules);
-    compile(&allowlist, ON_DENIED)
+    compile(&allowlist, denied_action())
+}
+
+/// Makes every thread allocate from glibc's main malloc arena. Call it first thing in `main`,
+/// before any thread starts, in a process whose threads are filtered.
+///
+/// Why: glibc gives threads arenas of their own (heaps carved from mmap), and the first time
+/// it shrinks such a heap it opens and reads `/proc/sys/vm/overcommit_memory` (`openat`),
+/// which no filter allows: a thread that frees a large buffer (a big request) would kill the
+/// process. The main arena grows and shrinks with `brk`, allowed for every thread, and a
+/// thread's cache (tcache) keeps small allocations off its lock.
+pub fn single_malloc_arena() {
+    // SAFETY: mallopt only changes glibc's allocator parameters; it is called before any
+    // thread starts (the caller's promise), so no arena is being set up concurrently.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
 }
 
 /// Installs `filter` on the calling thread (and the threads it starts afterwards). Filters
 /// stack: a thread that already has one keeps it, and a call must pass both.
 pub fn install(filter: &BpfProgram) -> Result<(), SeccompError> {
+    denied::remember_thread_name();
     seccompiler::apply_filter(filter).map_err(SeccompError::Install)
 }
 
-/// Starts `body` on a thread called `name` that first installs `filter` (none: no filter,
-/// `--seccomp=false`). Returns once the filter is in place; a thread that cannot install it
-/// ends without running `body`.
+/// Starts `body` on a thread called `name` that first drops every capability and installs
+/// `filter` (none: no filter and no capability change, `--seccomp=false`). Returns once the
+/// thread is confined; a thread that cannot confine itself ends without running `body`.
 ///
 /// The new thread also inherits the calling thread's filter, if any: start threads from a
 /// thread whose filter allows what they do (the VMM's main thread, before it filters itself).
@@ -153,23 +219,43 @@ pub fn spawn_filtered<F>(
 where
     F: FnOnce() + Send + 'static,
 {
+    spawn_confined(name, filter, Some(&[]), body)
+}
+
+/// [`spawn_filtered`] for a thread that keeps capabilities: `keep` (`None`: all it has) when
+/// it has a filter.
+pub fn spawn_confined<F>(
+    name: &str,
+    filter: Option<BpfProgram>,
+    keep: Option<&'static [Capability]>,
+    body: F,
+) -> Result<JoinHandle<()>, SpawnError>
+where
+    F: FnOnce() + Send + 'static,
+{
     let (report, installed) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
-            let result = filter.as_ref().map_or(Ok(()), install);
-            let filtered = result.is_ok();
+            let result = match (&filter, keep) {
+                (None, _) => Ok(()),
+                (Some(filter), keep) => keep
+                    .map_or(Ok(()), restrict_capabilities)
+                    .map_err(SpawnError::Capabilities)
+                    .and_then(|()| install(filter).map_err(SpawnError::Filter)),
+            };
+            let confined = result.is_ok();
             drop(filter);
             // The spawner waits for this before returning.
             let _ = report.send(result);
-            if filtered {
+            if confined {
                 body();
             }
         })
         .map_err(SpawnError::Thread)?;
     let outcome = match installed.recv() {
         Ok(Ok(())) => return Ok(thread),
-        Ok(Err(e)) => SpawnError::Filter(e),
+        Ok(Err(e)) => e,
         Err(_) => SpawnError::Died,
     };
     let _ = thread.join();

@@ -96,3 +96,60 @@ fn a_thread_whose_filter_cannot_be_installed_never_runs_its_body() {
     assert!(matches!(err, SpawnError::Filter(SeccompError::Install(_))));
     assert!(seen.recv().is_err(), "the body ran");
 }
+
+#[test]
+fn log_mode_names_the_thread_and_call_and_the_call_fails_with_enosys() {
+    let filter = compile(&common_rules(), SeccompAction::Trap).unwrap();
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` has room for the two descriptors.
+    let piped = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(piped, 0);
+    // SAFETY: the child makes raw system calls and async-signal-safe calls only (sigaction,
+    // the filter's prctl and seccomp, socket, the handler's write) and then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as above; stderr becomes the pipe's write end.
+        unsafe { libc::dup2(pipe[1], libc::STDERR_FILENO) };
+        let code = if set_denied_action(DeniedAction::Log).is_err() {
+            10
+        } else if install(&filter).is_err() {
+            11
+        } else {
+            let first = make_socket();
+            let first_errno = errno();
+            // Logged once per call: the second attempt is quiet.
+            let second = make_socket();
+            match (first, first_errno, second) {
+                (-1, libc::ENOSYS, -1) => 0,
+                (-1, _, _) => 12,
+                _ => 13,
+            }
+        };
+        // exit(2), not exit_group(2) (not on the list): the child has one thread.
+        // SAFETY: ends the calling (only) thread; nothing runs after it.
+        unsafe { libc::syscall(libc::SYS_exit, code) };
+    }
+    // SAFETY: closes our copy of the write end, so the read below ends with the child.
+    unsafe { libc::close(pipe[1]) };
+    let mut status = 0;
+    // SAFETY: `pid` is our child and `status` a valid out pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    // SAFETY: the read end is ours; File takes it over and closes it.
+    let mut reader = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(pipe[0]) };
+    let mut logged = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut logged).unwrap();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status:#x}: {logged}"
+    );
+    let thread = std::thread::current().name().unwrap_or_default().to_owned();
+    let thread: String = thread.chars().take(15).collect();
+    assert_eq!(
+        logged,
+        format!(
+            "rvmm: seccomp (--seccomp=log): thread {thread} made system call socket (41), outside \
+             its filter: it fails with ENOSYS\n"
+        )
+    );
+}

@@ -62,7 +62,9 @@ fn check_error(err: &ConfigError) {
             );
             assert_eq!(text, format!("{field}: {reason}"));
         }
-        ConfigError::Read { .. } => panic!("from_json/validate read a file: {text}"),
+        ConfigError::Read { .. } | ConfigError::NotAFile(_) | ConfigError::TooLarge(_) => {
+            panic!("from_json/validate read a file: {text}")
+        }
     }
 }
 

@@ -129,10 +129,11 @@ pub struct RunArgs {
     /// Also serve the Prometheus scrape (GET /metrics) on this TCP address.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Filter the system calls of the vCPU, device, API and main threads (seccomp); a call
-    /// outside a thread's list kills rvmm with SIGSYS. `--seccomp=false` is for debugging only.
-    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
-    pub seccomp: bool,
+    /// Filter the system calls of every thread (seccomp): true (a call outside a thread's list
+    /// kills rvmm with SIGSYS), log (rvmm logs each such call, which fails with ENOSYS) or
+    /// false (no filters). log and false are for debugging only.
+    #[arg(long, value_name = "true|false|log", default_value = "true", value_parser = parse_seccomp)]
+    pub seccomp: SeccompMode,
     /// Restore the VM of a snapshot (Cloud Hypervisor's `--restore`), paused until
     /// `vm.resume`: source_url=file:///DIR[,prefault=on]. `--serial` may redirect its console;
     /// the other VM flags come from the snapshot.
@@ -158,6 +159,33 @@ pub struct RestoreSpec {
     pub prefault: bool,
     /// `--serial`, if given: replaces the snapshot's console setting.
     pub serial: Option<SerialMode>,
+}
+
+/// `--seccomp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// Filters kill the process on a call outside their list.
+    On,
+    /// Filters log a call outside their list and fail it with ENOSYS.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompMode {
+    /// Whether threads are filtered at all.
+    pub fn filters(self) -> bool {
+        self != Self::Off
+    }
+}
+
+fn parse_seccomp(text: &str) -> Result<SeccompMode, String> {
+    match text {
+        "true" => Ok(SeccompMode::On),
+        "log" => Ok(SeccompMode::Log),
+        "false" => Ok(SeccompMode::Off),
+        other => Err(format!("'{other}' is not true, false or log")),
+    }
 }
 
 /// Where the serial console goes.
@@ -497,25 +525,26 @@ impl RunArgs {
         {
             return Ok(None);
         }
-        let (config, serial) = self.to_config(kvm_pvm_loaded)?;
-        let file = match &self.config {
-            Some(path) => VmConfigFile::load(path)?,
-            None => {
-                let mut file = VmConfigFile::from_validated(&config, &serial);
-                for (net, entry) in file.net.iter_mut().zip(&self.net) {
-                    net.dhcp = parse_net_dhcp(entry)?;
-                }
-                file
-            }
-        };
-        Ok(Some((file, config, serial)))
+        self.spec(kvm_pvm_loaded).map(Some)
     }
 
     /// The VM configuration and console mode, from `--config` or from the flags.
     pub fn to_config(&self, kvm_pvm_loaded: bool) -> anyhow::Result<(VmConfig, SerialMode)> {
+        let (_, config, serial) = self.spec(kvm_pvm_loaded)?;
+        Ok((config, serial))
+    }
+
+    /// The VM from `--config` (read once) or from the flags.
+    fn spec(&self, kvm_pvm_loaded: bool) -> anyhow::Result<VmSpec> {
         let cpu_profile = parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?;
         let Some(file) = &self.config else {
-            return Ok(self.flags_to_config(cpu_profile)?);
+            let (config, serial) = self.flags_to_config(cpu_profile)?;
+            let mut file = VmConfigFile::from_validated(&config, &serial);
+            // The DHCP servers are the launcher's, not the VM's: only the file keeps them.
+            for (net, entry) in file.net.iter_mut().zip(&self.net) {
+                net.dhcp = parse_net_dhcp(entry)?;
+            }
+            return Ok((file, config, serial));
         };
         let given = self.vm_flags_given();
         if !given.is_empty() {
@@ -531,8 +560,8 @@ impl RunArgs {
         let (mut config, serial) = parsed
             .validate(&self.kvm_device, cpu_profile)
             .map_err(|e| anyhow::Error::new(e).context(context()))?;
-        config.seccomp = self.seccomp;
-        Ok((config, serial))
+        config.seccomp = self.seccomp.filters();
+        Ok((parsed, config, serial))
     }
 
     fn flags_to_config(
@@ -608,7 +637,7 @@ impl RunArgs {
             rng: self.rng,
             disks: disks.into_iter().map(|d| d.block).collect(),
             nets: parse_nets(&self.net)?,
-            seccomp: self.seccomp,
+            seccomp: self.seccomp.filters(),
             transport,
             acpi,
         };
@@ -772,10 +801,15 @@ mod tests {
     #[test]
     fn seccomp_is_on_unless_the_flag_says_false() {
         assert!(args(&[]).to_config(false).unwrap().0.seccomp);
-        for (flag, on) in [("--seccomp=false", false), ("--seccomp=true", true)] {
+        for (flag, on) in [
+            ("--seccomp=false", false),
+            ("--seccomp=true", true),
+            ("--seccomp=log", true),
+        ] {
             let (config, _) = args(&[flag]).to_config(false).unwrap();
             assert_eq!(config.seccomp, on, "{flag}");
         }
+        assert_eq!(args(&["--seccomp=log"]).seccomp, SeccompMode::Log);
         let argv = ["rvmm", "run", "--kernel", "/proc/self/exe", "--seccomp=off"];
         assert!(Cli::try_parse_from(argv).is_err());
     }

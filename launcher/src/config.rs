@@ -2,6 +2,9 @@
 //! names where rvmm has the feature. Unknown fields are rejected, and every error names the
 //! field (`disks[1].path: ...`).
 
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use devices::image::ImageFormat;
@@ -14,6 +17,8 @@ use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
 use crate::dhcp::DhcpConfig;
 
 const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+/// Largest configuration accepted, from a file or an API body (a VM is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: usize = 64 << 10;
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// The file's top level.
@@ -236,6 +241,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO would block, a device could be endless).
+    #[error("{} is not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    /// Larger than [`MAX_CONFIG_BYTES`].
+    #[error("{} is larger than {MAX_CONFIG_BYTES} bytes", .0.display())]
+    TooLarge(PathBuf),
     /// Not JSON, or not the expected shape.
     #[error("{path}: {message}")]
     Parse {
@@ -264,6 +275,12 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 impl VmConfigFile {
     /// Parses JSON text, naming the field of any shape error.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        if let Some(found) = non_object_root(text) {
+            return Err(ConfigError::Parse {
+                path: ".".into(),
+                message: format!("the configuration must be a JSON object ({{...}}), not {found}"),
+            });
+        }
         let mut de = serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(&mut de).map_err(|e| ConfigError::Parse {
             path: e.path().to_string(),
@@ -271,12 +288,29 @@ impl VmConfigFile {
         })
     }
 
-    /// Reads and parses `path`.
+    /// Reads and parses `path`: a regular file of at most [`MAX_CONFIG_BYTES`]. Opening does
+    /// not wait for a FIFO's writer, and reading stops one byte past the limit.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(read_error)?;
+        if !file.metadata().map_err(read_error)?.is_file() {
+            return Err(ConfigError::NotAFile(path.to_owned()));
+        }
+        let mut text = String::new();
+        let limit = MAX_CONFIG_BYTES as u64 + 1;
+        Read::take(&file, limit)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge(path.to_owned()));
+        }
         Self::from_json(&text)
     }
 
@@ -470,6 +504,20 @@ impl VmConfigFile {
             acpi: Some(config.acpi),
         }
     }
+}
+
+/// What the JSON text's root is when it is not an object (`None` for an object, or for text
+/// that is not JSON at all, which the parser reports with its position).
+fn non_object_root(text: &str) -> Option<&'static str> {
+    let text = text.trim_start();
+    Some(match text.chars().next()? {
+        '[' => "an array",
+        '"' => "a string",
+        '-' | '0'..='9' => "a number",
+        _ if text.starts_with("true") || text.starts_with("false") => "a boolean",
+        _ if text.starts_with("null") => "null",
+        _ => return None,
+    })
 }
 
 fn disk(index: usize, d: &DiskConfig, before: &[DiskConfig]) -> Result<BlockConfig, ConfigError> {

@@ -238,3 +238,57 @@ fn a_nics_dhcp_server_is_checked_and_fixes_its_mac() {
         "net[0].dhcp.ipv6.address: fe80::2 is not a global or unique local address"
     );
 }
+
+#[test]
+fn a_fifo_is_refused_without_waiting_for_a_writer() {
+    let path = std::env::temp_dir().join(format!("rvmm-config-{}-fifo", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: creates a FIFO at a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let started = std::time::Instant::now();
+    let err = VmConfigFile::load(&path).unwrap_err().to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(err, format!("{} is not a regular file", path.display()));
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_device_is_refused_before_anything_is_read() {
+    let err = VmConfigFile::load(Path::new("/dev/zero")).unwrap_err();
+    assert_eq!(err.to_string(), "/dev/zero is not a regular file");
+}
+
+#[test]
+fn a_file_over_the_limit_names_the_limit() {
+    let big = format!(
+        r#"{{"payload": {{"kernel": "{}"}}}}"#,
+        "x".repeat(MAX_CONFIG_BYTES)
+    );
+    let path = write_temp("big.json", &big);
+    let err = VmConfigFile::load(&path).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("{} is larger than 65536 bytes", path.display())
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_root_that_is_not_an_object_says_so() {
+    for (text, found) in [
+        ("[]", "an array"),
+        (" \"vm\"", "a string"),
+        ("42", "a number"),
+        ("true", "a boolean"),
+        ("null", "null"),
+    ] {
+        assert_eq!(
+            error(text),
+            format!(".: the configuration must be a JSON object ({{...}}), not {found}"),
+            "{text}"
+        );
+    }
+    // Text that is not JSON keeps the parser's position.
+    assert!(error("vm").contains("line 1 column 1"), "{}", error("vm"));
+}

@@ -2,18 +2,22 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Read};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use devices::limited_log;
+use vmm_core::seccomp::spawn_filtered;
 use vmm_core::{Serial, SerialOutput};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::cli::SerialMode;
 use crate::console_socket::{SocketConsole, Tee};
+use crate::seccomp::serial_filter;
 
 /// The guest UART that host input goes to: replaced at every boot, empty between boots.
 type InputTarget = Arc<Mutex<Option<Arc<Mutex<Serial>>>>>;
@@ -28,6 +32,8 @@ pub struct Console {
     input: InputTarget,
     input_started: bool,
     raw_tty: bool,
+    /// Filter the input threads ([`crate::seccomp::serial_rules`]).
+    seccomp: bool,
 }
 
 /// The terminal on file descriptor 0, without `Stdin`'s lock: the input thread holds that lock
@@ -72,18 +78,15 @@ impl std::fmt::Debug for Console {
 
 impl Console {
     /// Opens the output for `mode` (creates the file or binds the socket), copying it to
-    /// `log` when given.
-    pub fn open(mode: &SerialMode, log: Option<&Path>) -> anyhow::Result<Self> {
+    /// `log` when given. Its input threads are filtered when `seccomp` is true.
+    pub fn open(mode: &SerialMode, log: Option<&Path>, seccomp: bool) -> anyhow::Result<Self> {
         let mut socket = None;
         let mut socket_console = None;
         let output: SerialOutput = match mode {
             SerialMode::Stdio => Box::new(io::stdout()),
             SerialMode::Off => Box::new(io::sink()),
             SerialMode::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
+                private_append(path)
                     .with_context(|| format!("--serial: cannot open {}", path.display()))?,
             ),
             SerialMode::Socket(path) => {
@@ -98,10 +101,7 @@ impl Console {
         let output: SerialOutput = match log {
             None => output,
             Some(path) => {
-                let log = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
+                let log = private_append(path)
                     .with_context(|| format!("--serial-log: cannot open {}", path.display()))?;
                 Box::new(Tee { main: output, log })
             }
@@ -114,6 +114,7 @@ impl Console {
             input: Arc::new(Mutex::new(None)),
             input_started: false,
             raw_tty: false,
+            seccomp,
         })
     }
 
@@ -139,21 +140,32 @@ impl Console {
 
     fn start_input(&mut self) {
         let serial = self.input.clone();
-        match self.mode {
+        let filter = match self.seccomp.then(serial_filter).transpose() {
+            Ok(filter) => filter,
+            Err(e) => {
+                log::warn!("Serial input disabled: {e}");
+                return;
+            }
+        };
+        let started = match self.mode {
             SerialMode::Stdio => {
                 let stdin = io::stdin();
                 if stdin.is_terminal() {
                     // Keys (Ctrl-C included) go to the guest, as on a real console.
                     self.raw_tty = StdinTty.set_raw_mode().is_ok();
                 }
-                spawn_input("serial-stdin", io::stdin(), serial);
+                spawn_filtered("serial-stdin", filter, move || read_stdin(&serial))
             }
-            SerialMode::File(_) | SerialMode::Off => {}
-            SerialMode::Socket(_) => {
-                if let Some((listener, console)) = self.socket.take() {
-                    spawn_acceptor(listener, console, serial);
-                }
-            }
+            SerialMode::File(_) | SerialMode::Off => return,
+            SerialMode::Socket(_) => match self.socket.take() {
+                Some((listener, console)) => spawn_filtered("serial-socket", filter, move || {
+                    serve_socket_clients(&listener, &console, &serial)
+                }),
+                None => return,
+            },
+        };
+        if let Err(e) = started {
+            log::warn!("Serial input disabled: cannot start its thread: {e}");
         }
     }
 
@@ -176,8 +188,19 @@ impl Console {
     }
 }
 
+/// Opens `path` for appending, created with mode 0600 (guest output can hold secrets); an
+/// existing file keeps its mode.
+fn private_append(path: &Path) -> io::Result<std::fs::File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
     if path.exists() {
+        log::warn!("--serial: replacing {}", path.display());
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
@@ -185,58 +208,104 @@ fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn spawn_input<R: Read + Send + 'static>(name: &str, mut input: R, serial: InputTarget) {
-    let spawned = std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            while let Ok(n) = input.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                queue_all(&serial, &buf[..n]);
+/// `serial-stdin`: the terminal's (or pipe's) bytes to the guest until end of input.
+fn read_stdin(serial: &InputTarget) {
+    let mut buf = [0u8; 64];
+    while let Ok(n) = io::stdin().lock().read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let mut bytes = &buf[..n];
+        // Waits for the guest to drain its 64-byte FIFO; dropped when no VM runs.
+        while let Some(taken) = offer(serial, bytes) {
+            bytes = &bytes[taken..];
+            if bytes.is_empty() {
+                break;
             }
-        });
-    if let Err(e) = spawned {
-        log::warn!("Serial input disabled: cannot start its thread: {e}");
-    }
-}
-
-/// Queues all of `bytes`, waiting for the guest to drain the 64-byte FIFO when it is full;
-/// dropped when no VM runs.
-fn queue_all(target: &InputTarget, mut bytes: &[u8]) {
-    while !bytes.is_empty() {
-        let Some(serial) = target.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return;
-        };
-        let taken = serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue_input(bytes);
-        bytes = &bytes[taken..];
-        if taken == 0 {
-            std::thread::sleep(Duration::from_millis(5));
+            if taken == 0 {
+                std::thread::sleep(INPUT_RETRY);
+            }
         }
     }
 }
 
-fn spawn_acceptor(listener: UnixListener, console: SocketConsole, serial: InputTarget) {
-    let spawned = std::thread::Builder::new()
-        .name("serial-socket".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let Ok(reader) = stream.try_clone() else {
-                    continue;
-                };
-                // A new client replaces the old one, as a console re-attach does.
-                if let Err(e) = console.attach(stream) {
-                    log::warn!("Serial socket client rejected: {e}");
-                    continue;
-                }
-                spawn_input("serial-client", reader, serial.clone());
+/// How long input waits before it is offered again to a guest whose FIFO was full.
+const INPUT_RETRY: Duration = Duration::from_millis(5);
+
+/// Queues what the guest's FIFO takes of `bytes`; `None` when no VM runs (the input is
+/// dropped).
+fn offer(target: &InputTarget, bytes: &[u8]) -> Option<usize> {
+    let serial = target.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let taken = serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .queue_input(bytes);
+    Some(taken)
+}
+
+/// `serial-socket`: accepts console clients (a new one replaces the old one) and feeds the
+/// current client's keys to the guest, all on this one thread (`poll`): it starts no thread,
+/// and a client whose input the guest does not take holds up neither the next client nor
+/// the output. Input the guest's FIFO cannot take yet waits here, and the client is not read
+/// meanwhile.
+fn serve_socket_clients(listener: &UnixListener, console: &SocketConsole, serial: &InputTarget) {
+    let mut client: Option<std::os::unix::net::UnixStream> = None;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: client.as_ref().map_or(-1, |c| c.as_raw_fd()),
+                events: if pending.is_empty() { libc::POLLIN } else { 0 },
+                revents: 0,
+            },
+        ];
+        let timeout = if pending.is_empty() {
+            -1
+        } else {
+            INPUT_RETRY.as_millis() as libc::c_int
+        };
+        // SAFETY: `fds` is an array of two initialised pollfds that outlives the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if ready < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
             }
-        });
-    if let Err(e) = spawned {
-        log::warn!("Serial socket disabled: cannot start its thread: {e}");
+            log::warn!("Serial socket: {}", io::Error::last_os_error());
+            return;
+        }
+        if fds[0].revents & libc::POLLIN != 0
+            && let Ok((stream, _)) = listener.accept()
+        {
+            match stream.try_clone().and_then(|reader| {
+                console.attach(stream)?;
+                Ok(reader)
+            }) {
+                Ok(reader) => {
+                    client = Some(reader);
+                    pending.clear();
+                }
+                Err(e) => limited_log!(log::Level::Warn, "Serial socket client rejected: {e}"),
+            }
+        }
+        if fds[1].revents != 0
+            && let Some(reader) = client.as_mut()
+        {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => client = None,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+        if !pending.is_empty() {
+            match offer(serial, &pending) {
+                Some(taken) => drop(pending.drain(..taken)),
+                None => pending.clear(),
+            }
+        }
     }
 }

@@ -3,15 +3,15 @@
 //! must not start threads itself (`vm-restart`, which boots a VM again after its guest reset,
 //! for the VM's waiter).
 //!
-//! It is not seccomp-filtered: its list would be the whole VMM's (opening KVM, disks, taps
-//! and sockets, mapping guest memory, starting threads), and every thread it starts (vCPUs,
-//! device workers, the VM's waiter) would inherit the filter, stacked under its own. Start it
-//! before the server's thread, which may not create threads.
+//! Its filter ([`crate::seccomp::control_rules`]) is the widest: building a VM opens KVM,
+//! disks, taps and sockets, maps guest memory and starts threads (vCPUs, device workers, the
+//! VM's waiter), which inherit it under their own. Start it before the server's thread, which
+//! may not create threads.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
+use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_confined};
 
 /// An operation handed to the thread.
 type Job = Box<dyn FnOnce() + Send>;
@@ -19,33 +19,45 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Why an operation has no result.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControlError {
-    /// The thread is gone.
+    /// The thread is gone (the VMM is exiting).
     #[error("The control thread has stopped")]
     Stopped,
-    /// The operation panicked.
-    #[error("The control thread dropped the request")]
-    Dropped,
 }
 
 /// Runs operations one at a time, in order, until every handle to it is dropped.
 #[derive(Clone, Debug)]
 pub struct ControlThread {
-    jobs: mpsc::Sender<Job>,
+    jobs: Arc<mpsc::Sender<Job>>,
 }
 
 impl ControlThread {
-    /// Starts the thread, named `name`.
-    pub fn start(name: &str) -> std::io::Result<Self> {
+    /// Starts the thread, named `name`, filtered with `filter` (none: `--seccomp=false`).
+    pub fn start(name: &str, filter: Option<BpfProgram>) -> Result<Self, SpawnError> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                for job in queue {
-                    // A panicking operation fails its own request (its answer is dropped),
-                    // not the ones after it.
-                    let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
-                }
-            })?;
+        // A panic aborts the process (crate::panic::abort_on_panic), as in release builds:
+        // nothing is caught here.
+        // It keeps its capabilities to open devices, until the first boot lowers them.
+        let filtered = filter.is_some();
+        spawn_confined(name, filter, None, move || {
+            for job in queue {
+                crate::privileges::apply_ceiling();
+                job();
+            }
+        })?;
+        let jobs = Arc::new(jobs);
+        if filtered {
+            // When a VM boots on another thread (the main thread's --kernel or --restore, a
+            // migration's receiving thread), an empty job makes this one lower its
+            // capabilities then, not at its next operation. Weak: the thread still ends once
+            // every handle is dropped.
+            let weak = Arc::downgrade(&jobs);
+            crate::privileges::on_lowered(Box::new(move || {
+                let Some(jobs) = weak.upgrade() else {
+                    return false;
+                };
+                jobs.send(Box::new(|| {})).is_ok()
+            }));
+        }
         Ok(Self { jobs })
     }
 
@@ -64,7 +76,7 @@ impl ControlThread {
             let _ = done.send(call());
         });
         self.jobs.send(job).map_err(|_| ControlError::Stopped)?;
-        result.await.map_err(|_| ControlError::Dropped)
+        result.await.map_err(|_| ControlError::Stopped)
     }
 }
 
@@ -81,7 +93,7 @@ mod tests {
 
     #[test]
     fn operations_run_on_the_named_thread_in_order() {
-        let control = ControlThread::start("control-test").unwrap();
+        let control = ControlThread::start("control-test", None).unwrap();
         let names: Vec<_> = (0..3)
             .map(|i| {
                 block_on(control.run(move || (i, std::thread::current().name().map(str::to_owned))))
@@ -95,7 +107,7 @@ mod tests {
 
     #[test]
     fn submitted_operations_run_in_order_without_a_caller_waiting() {
-        let control = ControlThread::start("control-submit").unwrap();
+        let control = ControlThread::start("control-submit", None).unwrap();
         let (done, finished) = mpsc::channel();
         for i in 0..3 {
             let done = done.clone();
@@ -103,13 +115,5 @@ mod tests {
         }
         let order: Vec<i32> = (0..3).map(|_| finished.recv().unwrap()).collect();
         assert_eq!(order, [0, 1, 2]);
-    }
-
-    #[test]
-    fn a_panicking_operation_fails_alone() {
-        let control = ControlThread::start("control-panic").unwrap();
-        let failed = block_on(control.run(|| -> u8 { panic!("boom") }));
-        assert_eq!(failed, Err(ControlError::Dropped));
-        assert_eq!(block_on(control.run(|| 7)), Ok(7));
     }
 }

@@ -15,6 +15,8 @@ pub mod events;
 pub mod keyvalue;
 pub mod kubevirt;
 pub mod metrics;
+pub mod panic;
+pub mod privileges;
 pub mod seccomp;
 pub mod shutdown;
 pub mod vmm;

@@ -11,15 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use launcher::api::{ApiServer, ApiServerError, start_metrics_server};
-use launcher::cli::{Command, RunArgs, parse_command_line, parse_cpu_profile};
+use launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line, parse_cpu_profile};
 use launcher::events::EventMonitor;
 use launcher::kubevirt::launcher_mode;
-use launcher::seccomp::filter_main_thread;
+use launcher::panic::abort_on_panic;
+use launcher::seccomp::{filter_main_thread, signal_rules, thread_filter_for};
 use launcher::shutdown::ShutdownSignals;
 use launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
 use vmm_core::cpuid::KVM_PVM_MODULE;
+use vmm_core::seccomp::{DeniedAction, set_denied_action, single_malloc_arena};
 
 fn main() -> ExitCode {
+    // Before any thread starts: every thread is seccomp-filtered (see single_malloc_arena);
+    // a panic aborts, in debug builds as in release ones.
+    single_malloc_arena();
+    abort_on_panic();
     // `rvmm run`, `rvmm virt-launcher`, or virt-launcher's flags when invoked under its name.
     let cli = parse_command_line(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let default_level = match &cli.command {
@@ -45,15 +51,8 @@ fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
-    let signals = match ShutdownSignals::block() {
-        Ok(signals) => signals,
-        Err(e) => {
-            return fail(
-                EXIT_VMM_ERROR,
-                &anyhow::Error::new(e).context("Cannot block signals"),
-            );
-        }
-    };
+    // The user's input first, with the default signal actions: a configuration that cannot be
+    // read leaves rvmm killable by SIGTERM/SIGINT (it starts no thread before this).
     let kvm_pvm_loaded = Path::new(KVM_PVM_MODULE).exists();
     let vmm = match setup(args, kvm_pvm_loaded) {
         Ok(vmm) => vmm,
@@ -67,6 +66,24 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(restore) => restore,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
     };
+    if args.seccomp == SeccompMode::Log
+        && let Err(e) = set_denied_action(DeniedAction::Log)
+    {
+        return fail(
+            EXIT_VMM_ERROR,
+            &anyhow::Error::new(e).context("--seccomp=log: cannot handle SIGSYS"),
+        );
+    }
+    // Before any thread starts, so that every thread inherits the blocked signals.
+    let signals = match ShutdownSignals::block() {
+        Ok(signals) => signals,
+        Err(e) => {
+            return fail(
+                EXIT_VMM_ERROR,
+                &anyhow::Error::new(e).context("Cannot block signals"),
+            );
+        }
+    };
     // Servers first, so a client can watch the boot.
     let server_failed = |e: ApiServerError| {
         let code = if e.is_bad_config() {
@@ -77,22 +94,19 @@ fn run(args: &RunArgs) -> ExitCode {
         fail(code, &e.into())
     };
     let _api = match &args.api_socket {
-        Some(path) => match ApiServer::start(path, vmm.clone(), args.seccomp) {
+        Some(path) => match ApiServer::start(path, vmm.clone(), args.seccomp.filters()) {
             Ok(server) => Some(server),
             Err(e) => return server_failed(e),
         },
         None => None,
     };
     if let Some(addr) = args.metrics_addr {
-        match start_metrics_server(addr, vmm.clone(), args.seccomp) {
+        match start_metrics_server(addr, vmm.clone(), args.seccomp.filters()) {
             Ok(bound) => log::info!("Metrics on http://{bound}/metrics"),
             Err(e) => return server_failed(e),
         }
     }
     let grace = Duration::from_secs(args.grace_period_seconds);
-    if let Err(e) = signals.handle(vmm.clone(), grace) {
-        log::error!("Shutdown signals will not be handled: {e}");
-    }
     if vm.is_none()
         && let Some(text) = &args.serial
     {
@@ -120,11 +134,29 @@ fn run(args: &RunArgs) -> ExitCode {
         vmm.teardown();
         return fail(code, &e.into());
     }
+    // The signal thread after the boot (it is not on the way to the guest's first
+    // instruction): a signal that came meanwhile waits, blocked, and is taken now.
+    let signal_filter = match thread_filter_for(args.seccomp.filters(), signal_rules()) {
+        Ok(filter) => filter,
+        Err(e) => {
+            vmm.request_exit(EXIT_VMM_ERROR);
+            vmm.teardown();
+            return fail(EXIT_VMM_ERROR, &e.into());
+        }
+    };
+    if let Err(e) = signals.handle(vmm.clone(), grace, signal_filter) {
+        vmm.request_exit(EXIT_VMM_ERROR);
+        vmm.teardown();
+        return fail(
+            EXIT_VMM_ERROR,
+            &anyhow::Error::new(e).context("Cannot handle the shutdown signals"),
+        );
+    }
     // From here on this thread only waits for the end, tears the VM down and returns: it
     // filters itself. Every thread it starts already runs (signals, API and vmm-control, the
     // booted VM's waiter and vCPUs; a VM booted later is vmm-control's) and it starts no
     // more, so none inherits its filter.
-    if args.seccomp
+    if args.seccomp.filters()
         && let Err(e) = filter_main_thread()
     {
         vmm.request_exit(EXIT_VMM_ERROR);
@@ -150,7 +182,7 @@ fn setup(args: &RunArgs, kvm_pvm_loaded: bool) -> anyhow::Result<Arc<Vmm>> {
         kvm_path: args.kvm_device.clone(),
         cpu_profile,
         serial_log: args.serial_log.clone(),
-        seccomp: args.seccomp,
+        seccomp: args.seccomp.filters(),
         on_reboot: args.on_reboot,
         exit_when_guest_ends: true,
     };

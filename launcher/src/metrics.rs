@@ -10,7 +10,7 @@
 //! | `rvmm_uptime_seconds` | gauge, VMM process uptime | |
 //! | `rvmm_guest_memory_bytes` | gauge | |
 //! | `rvmm_vcpu_exits_total` | counter, summed over vCPUs | `reason` |
-//! | `rvmm_disk_{reads,writes,read_bytes,write_bytes,flushes,errors}_total` | counter | `disk` |
+//! | `rvmm_disk_{reads,writes,read_bytes,write_bytes,flushes,errors,host_errors}_total` | counter | `disk` |
 //! | `rvmm_net_{rx,tx}_{packets,bytes,dropped,errors}_total` | counter | `interface` |
 //! | `rvmm_pci_malformed_accesses_total` | counter, guest accesses the PCI emulation ignored | `kind` (`config`, `bar`, `msix`) |
 //!
@@ -32,7 +32,7 @@ pub const VM_STATES: [&str; 4] = ["Created", "Running", "Paused", "Shutdown"];
 type DiskField = fn(&DiskMetrics) -> u64;
 type NicField = fn(&NicMetrics) -> u64;
 
-const DISK_COUNTERS: [(&str, &str, DiskField); 6] = [
+const DISK_COUNTERS: [(&str, &str, DiskField); 7] = [
     (
         "rvmm_disk_reads_total",
         "Disk read requests completed.",
@@ -62,6 +62,11 @@ const DISK_COUNTERS: [(&str, &str, DiskField); 6] = [
         "rvmm_disk_errors_total",
         "Disk requests answered with an error status (malformed, unsupported or failed).",
         |d| d.errors,
+    ),
+    (
+        "rvmm_disk_host_errors_total",
+        "Disk requests the host failed (no space, I/O error, image shorter than the disk).",
+        |d| d.host_errors,
     ),
 ];
 

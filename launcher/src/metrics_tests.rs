@@ -182,6 +182,7 @@ fn full_metrics() -> VmMetrics {
                 write_bytes: 2048,
                 flushes: 2,
                 errors: 1,
+                host_errors: 1,
             },
             DiskMetrics {
                 id: "disk1".into(),
@@ -252,6 +253,7 @@ fn every_line_of_a_full_exposition_is_well_formed() {
     assert_eq!(disk("rvmm_disk_write_bytes_total", "root"), Some(2048.0));
     assert_eq!(disk("rvmm_disk_flushes_total", "root"), Some(2.0));
     assert_eq!(disk("rvmm_disk_errors_total", "root"), Some(1.0));
+    assert_eq!(disk("rvmm_disk_host_errors_total", "root"), Some(1.0));
     assert_eq!(disk("rvmm_disk_reads_total", "disk1"), Some(0.0));
     let nic = |name: &str| exp.value(name, &[("interface", "eth0")]);
     assert_eq!(nic("rvmm_net_rx_packets_total"), Some(5.0));
@@ -262,9 +264,9 @@ fn every_line_of_a_full_exposition_is_well_formed() {
     assert_eq!(nic("rvmm_net_tx_bytes_total"), Some(1600.0));
     assert_eq!(nic("rvmm_net_tx_dropped_total"), Some(2.0));
     assert_eq!(nic("rvmm_net_tx_errors_total"), Some(3.0));
-    // 4 state series + uptime + memory + 3 exit reasons + 3 malformed PCI kinds + 6 counters
+    // 4 state series + uptime + memory + 3 exit reasons + 3 malformed PCI kinds + 7 counters
     // x 2 disks + 8 x 1 NIC.
-    assert_eq!(exp.samples.len(), 4 + 1 + 1 + 3 + 3 + 12 + 8);
+    assert_eq!(exp.samples.len(), 4 + 1 + 1 + 3 + 3 + 14 + 8);
 }
 
 #[test]

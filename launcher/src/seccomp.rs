@@ -1,16 +1,98 @@
 //! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
-//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`), the DHCP
-//! server's thread (`dhcp`) and the main thread once the VM runs (both modes). The mechanism and the rules every filtered thread
-//! shares are in [`vmm_core::seccomp`].
+//! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and
+//! `kubevirt-notify`, the DHCP server's thread (`dhcp`, its own filter in [`crate::dhcp`]), the signal thread, the VM's waiter, the console's input threads, the
+//! control threads (`vmm-control`, `vm-restart`, `launcher-control`; snapshots, restores and
+//! the API's live migrations run there), virt-launcher mode's migration threads
+//! (`kubevirt-migrate`, `kubevirt-receive`), timers, and the main thread once the VM runs
+//! (both modes). The mechanism and the rules every filtered thread shares are in
+//! [`vmm_core::seccomp`].
 //!
-//! No kind starts a thread or a process: the API and gRPC threads only move bytes (VM
-//! operations run on the unfiltered `vmm-control` or `launcher-control` thread), and the main
-//! thread only waits for the end and tears the VM down, after it has started every other
-//! thread. A thread inherits the filter of the thread that starts it, so these filters must be
-//! installed after that.
+//! Only the control threads and `kubevirt-receive` (under the control filter) start threads
+//! (a VM's vCPUs, device workers, waiter and console threads, which inherit the control filter
+//! under their own); the others only move bytes,
+//! wait or tear down. A thread inherits the filter of the thread that starts it, so these
+//! filters are installed after the threads they start, or cover what those do.
 
-use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter};
+use devices::seccomp::{WorkerKind, activation_rules, worker_rules};
+use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter, vcpu_rules};
 use vmm_sys_util::signal::SIGRTMIN;
+
+/// `kind_rules`' filter when `seccomp` is on (`--seccomp` not false), else none.
+pub fn thread_filter_for(
+    seccomp: bool,
+    kind_rules: Vec<Allow>,
+) -> Result<Option<BpfProgram>, SeccompError> {
+    seccomp.then(|| thread_filter(kind_rules)).transpose()
+}
+
+/// The `signals` thread ([`crate::shutdown`]): it waits for signals and for the end of the
+/// grace period, and hands them to the VMM (locks, a condition variable, the i8042's
+/// eventfd: shared rules) or to virt-launcher mode's handler (channels).
+pub fn signal_rules() -> Vec<Allow> {
+    vec![
+        // sigwaitinfo and sigtimedwait (the grace period's timeout).
+        Allow::any(libc::SYS_rt_sigtimedwait),
+    ]
+}
+
+/// The `vm-waiter` thread: it waits for the VM's end, joins the vCPU threads and drops the
+/// VM (stopping the device workers, closing descriptors, unmapping guest memory: shared
+/// rules), then records the end and reports it (events to a file or a channel: writes and
+/// futexes).
+pub fn waiter_rules() -> Vec<Allow> {
+    Vec::new()
+}
+
+/// virt-launcher mode's `qemu-timeout` watch: it sleeps, then may ask the VMM to exit.
+pub fn timer_rules() -> Vec<Allow> {
+    vec![
+        // thread::sleep: glibc's nanosleep is clock_nanosleep.
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+    ]
+}
+
+/// The console's input threads ([`crate::console`]): `serial-stdin` reads the terminal,
+/// `serial-socket` accepts console clients and reads their keys. Guest output to a client is
+/// written by whoever prints (a vCPU); attaching a client sends it the backlog from here.
+pub fn serial_rules() -> Vec<Allow> {
+    vec![
+        // stdin (read) and a client's keys (std's socket read is recv, a recvfrom).
+        Allow::any(libc::SYS_read),
+        Allow::any(libc::SYS_recvfrom),
+        // serial-socket waits for a client, a key, or the guest's FIFO to drain.
+        Allow::any(libc::SYS_poll),
+        // Accepting a client (close-on-exec) and keeping a second handle to read from.
+        Allow::any(libc::SYS_accept4),
+        Allow::arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
+        // The client's writes never block the guest: set_nonblocking is ioctl(FIONBIO).
+        Allow::arg_in(libc::SYS_ioctl, 1, &[libc::FIONBIO]),
+        // The backlog to a new client: a send with MSG_NOSIGNAL.
+        Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
+        // serial-stdin waits for the guest to drain its FIFO (thread::sleep).
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+    ]
+}
+
+/// The console input threads' filter.
+pub fn serial_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(serial_rules())
+}
+
+/// virt-launcher mode's `kubevirt-notify` thread: it builds domains and sends them through
+/// the notify client on the gRPC runtime (`Handle::block_on`): connecting to virt-handler's
+/// socket happens here (the same calls as the gRPC thread's reconnects), after checking
+/// which socket exists.
+pub fn notify_rules() -> Vec<Allow> {
+    let mut rules = grpc_rules();
+    rules.extend([
+        // Notifier::socket_path: Path::exists is a statx (newfstatat where statx is missing).
+        Allow::any(libc::SYS_statx),
+        Allow::any(libc::SYS_newfstatat),
+    ]);
+    rules
+}
 
 /// What an API thread needs beyond the rules every thread shares: a single-threaded tokio
 /// runtime serving hyper HTTP/1.1 connections, on a unix socket (the API) or TCP (metrics).
@@ -88,6 +170,217 @@ pub fn grpc_rules() -> Vec<Allow> {
         Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
     ]);
     rules
+}
+
+/// A live migration's connection, at either end ([`crate::vmm::migration`]): a unix or TCP
+/// stream socket that the sender connects (retrying for a moment while the receiver does not
+/// listen yet: thread::sleep) and the receiver binds (replacing a stale unix socket), listens
+/// on and accepts once (removing the unix socket then). Requests, answers and pages are
+/// std's socket reads (recv, a recvfrom) and writes (send with MSG_NOSIGNAL). A cancel keeps a
+/// second handle (F_DUPFD_CLOEXEC) and shuts the connection down both ways from another
+/// thread.
+pub fn migration_stream_rules() -> Vec<Allow> {
+    // std's sockets: stream, close-on-exec; unix, IPv4 or IPv6 (`tcp:HOST:PORT`).
+    let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+    vec![
+        Allow::args_match(
+            libc::SYS_socket,
+            vec![
+                vec![(0, libc::AF_UNIX as u64), (1, stream)],
+                vec![(0, libc::AF_INET as u64), (1, stream)],
+                vec![(0, libc::AF_INET6 as u64), (1, stream)],
+            ],
+        ),
+        Allow::any(libc::SYS_connect),
+        Allow::any(libc::SYS_bind),
+        Allow::any(libc::SYS_listen),
+        Allow::any(libc::SYS_accept4),
+        // Both ends turn Nagle off (requests are written whole, then answered); a TCP
+        // listener reuses its address (std sets SO_REUSEADDR before bind).
+        Allow::args_match(
+            libc::SYS_setsockopt,
+            vec![
+                vec![(1, libc::IPPROTO_TCP as u64), (2, libc::TCP_NODELAY as u64)],
+                vec![(1, libc::SOL_SOCKET as u64), (2, libc::SO_REUSEADDR as u64)],
+            ],
+        ),
+        Allow::arg_in(libc::SYS_shutdown, 1, &[libc::SHUT_RDWR as u64]),
+        Allow::any(libc::SYS_recvfrom),
+        Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
+        Allow::arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
+        Allow::any(libc::SYS_unlink),
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+    ]
+}
+
+/// virt-launcher mode's `kubevirt-migrate` thread (MigrateVirtualMachine, see
+/// [`crate::kubevirt`]): it sends the running VM through virt-handler's migration proxy
+/// ([`migration_stream_rules`]) and, once the target runs it, stops it here. Sending is
+/// dirty-page logging (KVM_SET_USER_MEMORY_REGION with the log flag, KVM_GET_DIRTY_LOG),
+/// pausing the vCPUs (they are kicked: tgkill) and the devices (futexes, eventfds: shared
+/// rules), flushing the disks and reading the paused VM's state (KVM's VM and vCPU
+/// requests). On a failure or a cancel it resumes the VM. It builds nothing: no files are
+/// opened, no threads started.
+pub fn migration_send_rules() -> Vec<Allow> {
+    let pid = u64::from(std::process::id());
+    let mut rules = migration_stream_rules();
+    rules.extend([
+        Allow::masked_in(libc::SYS_ioctl, 1, IOCTL_TYPE_MASK, &[KVM_IOCTLS]),
+        Allow::args_match(
+            libc::SYS_tgkill,
+            vec![vec![(0, pid), (2, SIGRTMIN() as u64)]],
+        ),
+        Allow::any(libc::SYS_fsync),
+        Allow::any(libc::SYS_fdatasync),
+        Allow::any(libc::SYS_sched_yield),
+    ]);
+    rules
+}
+
+/// The `kubevirt-migrate` thread's filter.
+pub fn migration_send_filter() -> Result<BpfProgram, SeccompError> {
+    thread_filter(migration_send_rules())
+}
+
+/// An ioctl request's type byte (`_IOC_TYPE`), for [`Allow::masked_in`].
+const IOCTL_TYPE_MASK: u32 = 0xff00;
+/// KVM's ioctls (`KVMIO`, 0xAE): the system, VM and vCPU requests of building a VM.
+const KVM_IOCTLS: u64 = 0xae00;
+/// Type 'T' (0x54): the tap's TUNSET* requests, the terminal's TCGETS/TCSETS, FIONBIO.
+const TTY_AND_TUN_IOCTLS: u64 = 0x5400;
+
+/// The control threads (`vmm-control` for the API, `launcher-control` in virt-launcher
+/// mode, [`crate::control_thread`]): every VM operation, building a VM included. It is the
+/// widest list, and a superset of what the threads it starts do (vCPUs, device workers, the
+/// VM's waiter, the console's input threads: they inherit it under their own). What it keeps
+/// out: running programs (execve), new processes (fork, clone without CLONE_THREAD is not
+/// reachable through clone3's allowance: glibc only forks with clone, which is refused),
+/// tracing, mounting, module and BPF loading, namespaces, credentials, network sockets other
+/// than a live migration's stream sockets.
+pub fn control_rules() -> Vec<Allow> {
+    let mut rules = vec![
+        // Opening what a VM uses: kernel, initrd, disks, /dev/kvm, /dev/net/tun, the serial
+        // file and log; in virt-launcher mode the VMI's files and the cloud-init disk.
+        Allow::any(libc::SYS_openat),
+        // Their kind and size (fs::metadata, File::metadata, Path::exists, the disk's end).
+        Allow::any(libc::SYS_statx),
+        Allow::any(libc::SYS_newfstatat),
+        Allow::any(libc::SYS_fstat),
+        Allow::any(libc::SYS_lseek),
+        // Loading the kernel and initrd, reading files; writing the cloud-init disk.
+        Allow::any(libc::SYS_read),
+        Allow::any(libc::SYS_pread64),
+        Allow::any(libc::SYS_pwrite64),
+        Allow::any(libc::SYS_ftruncate),
+        // virt-launcher mode copies a disk into the pod's ephemeral directory (fs::copy:
+        // copy_file_range, sendfile where the file system has no copy_file_range).
+        Allow::any(libc::SYS_copy_file_range),
+        Allow::any(libc::SYS_sendfile),
+        Allow::any(libc::SYS_fsync),
+        Allow::any(libc::SYS_fdatasync),
+        // Directories and names: virt-launcher mode's ephemeral disk directory, replacing a
+        // stale serial socket, listing a directory.
+        Allow::any(libc::SYS_mkdir),
+        Allow::any(libc::SYS_mkdirat),
+        Allow::any(libc::SYS_rename),
+        Allow::any(libc::SYS_renameat),
+        Allow::any(libc::SYS_renameat2),
+        Allow::any(libc::SYS_unlink),
+        Allow::any(libc::SYS_unlinkat),
+        Allow::any(libc::SYS_getdents64),
+        Allow::any(libc::SYS_readlink),
+        // Socket and file modes (the serial socket's 0600).
+        Allow::any(libc::SYS_chmod),
+        Allow::any(libc::SYS_fchmod),
+        Allow::any(libc::SYS_fchmodat),
+        // KVM (system, VM and vCPU set-up), the tap and the terminal (raw mode on stdin).
+        Allow::masked_in(
+            libc::SYS_ioctl,
+            1,
+            IOCTL_TYPE_MASK,
+            &[KVM_IOCTLS, TTY_AND_TUN_IOCTLS],
+        ),
+        // Descriptor flags and duplicates; disk image locks (open file description locks).
+        Allow::arg_in(
+            libc::SYS_fcntl,
+            1,
+            &[
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+                libc::F_OFD_GETLK as u64,
+                libc::F_OFD_SETLK as u64,
+            ],
+        ),
+        // The serial console's unix socket.
+        Allow::args_match(libc::SYS_socket, vec![vec![(0, libc::AF_UNIX as u64)]]),
+        Allow::any(libc::SYS_bind),
+        Allow::any(libc::SYS_listen),
+        // Threads: vCPUs, device workers, the VM's waiter, console input. pthread_create is
+        // clone3 (set_robust_list and rseq in the new thread, mprotect for its guard page);
+        // each new thread names itself (prctl) and filters itself (prctl, seccomp) after
+        // dropping its capabilities (capget, capset, prctl).
+        Allow::any(libc::SYS_clone3),
+        Allow::any(libc::SYS_set_robust_list),
+        Allow::any(libc::SYS_rseq),
+        // A new thread's start-up in std (before its own filter): pthread_getattr_np, for
+        // the stack guard, reads the thread's CPU affinity.
+        Allow::any(libc::SYS_sched_getaffinity),
+        Allow::any(libc::SYS_prctl),
+        Allow::any(libc::SYS_seccomp),
+        Allow::any(libc::SYS_capget),
+        Allow::any(libc::SYS_capset),
+        // The vCPU kick signal's handler, installed with the first vCPU.
+        Allow::any(libc::SYS_rt_sigaction),
+        // Guest memory and its KVM slots: anonymous mappings (shared rules), madvise.
+        // Waiting a moment (thread::sleep), yielding.
+        Allow::any(libc::SYS_clock_nanosleep),
+        Allow::any(libc::SYS_nanosleep),
+        Allow::any(libc::SYS_sched_yield),
+        // Eventfds, epoll and io_uring for the devices (also the activation rules below).
+        Allow::any(libc::SYS_eventfd2),
+        Allow::any(libc::SYS_epoll_create1),
+        Allow::any(libc::SYS_io_uring_enter),
+    ];
+    // What the threads it starts do (they inherit this filter under their own).
+    rules.extend(vcpu_rules());
+    rules.extend(activation_rules());
+    for kind in WorkerKind::ALL {
+        rules.extend(worker_rules(kind));
+    }
+    rules.extend(waiter_rules());
+    rules.extend(serial_rules());
+    // vm.send-migration and vm.receive-migration run here; so does virt-launcher mode's
+    // receiving thread (`kubevirt-receive`), which builds the VM it receives.
+    rules.extend(migration_send_rules());
+    rules.extend(name_lookup_rules());
+    rules
+}
+
+/// `vm.send-migration` to `tcp:NAME:PORT` looks the name up (getaddrinfo) on the control
+/// thread: glibc reads /etc/resolv.conf, nsswitch.conf and /etc/hosts (shared and control
+/// rules), asks for the host's name (uname, for the search domain), may try nscd's socket (a
+/// non-blocking unix socket: control rules), and asks the name servers over UDP: a
+/// non-blocking datagram socket, connected, the queries sent (sendmmsg, or send with
+/// MSG_NOSIGNAL), the answers awaited (poll) and read (recvfrom; FIONREAD's ioctl is in the
+/// control rules' terminal range).
+fn name_lookup_rules() -> Vec<Allow> {
+    let datagram = (libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    vec![
+        Allow::any(libc::SYS_uname),
+        Allow::args_match(
+            libc::SYS_socket,
+            vec![
+                vec![(0, libc::AF_INET as u64), (1, datagram)],
+                vec![(0, libc::AF_INET6 as u64), (1, datagram)],
+            ],
+        ),
+        Allow::arg_in(libc::SYS_sendmmsg, 3, &[libc::MSG_NOSIGNAL as u64]),
+        Allow::any(libc::SYS_poll),
+    ]
 }
 
 /// The gRPC runtime thread's filter.
@@ -171,10 +464,15 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
     thread_filter(main_rules())
 }
 
-/// Filters the calling thread with [`main_filter`]. Call it on the main thread once every
-/// other thread has started: a thread started afterwards would inherit the filter.
+/// Drops the calling thread's capabilities (all of them: tearing down needs none) and filters
+/// it with [`main_filter`]. Call it on the main thread once every other thread has started: a
+/// thread started afterwards would inherit the filter.
 pub fn filter_main_thread() -> Result<(), SeccompError> {
-    install(&main_filter()?)
+    let filter = main_filter()?;
+    if let Err(e) = vmm_core::seccomp::restrict_capabilities(&[]) {
+        log::warn!("Cannot drop the main thread's capabilities: {e}");
+    }
+    install(&filter)
 }
 
 #[cfg(test)]

@@ -10,6 +10,31 @@ pub(crate) fn end_of_filtered_child(filter: &BpfProgram, action: fn()) -> ChildE
 }
 
 pub(crate) const KILLED_BY_SIGSYS: ChildEnd = ChildEnd::Killed(libc::SIGSYS);
+
+/// Runs the test `path` (`module_path!()` and the test's name) in a child process of this
+/// test binary, with `env` set (the child tells it is the child by one of them): for tests
+/// whose filters or aborts must not touch the harness's process.
+pub(crate) fn run_test_in_child(path: &str, env: &[(&str, &str)]) -> std::process::Output {
+    // The binary's test names leave out the crate's name.
+    let name = path.split_once("::").map_or(path, |(_, name)| name);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child.args(["--exact", name, "--test-threads=1", "--nocapture"]);
+    for (key, value) in env {
+        child.env(key, value);
+    }
+    child.output().unwrap()
+}
+
+/// Asserts that a child run by [`run_test_in_child`] passed its test.
+pub(crate) fn assert_child_passed(output: &std::process::Output) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "child test: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
 pub(crate) const EXITED_CLEANLY: ChildEnd = ChildEnd::Exited(0);
 
 /// Asserts that the `kind` thread's list (with the shared rules) has none of `denied`.
@@ -151,4 +176,169 @@ fn dhcp_filter_allows_its_loop_and_kills_a_thread_that_opens_a_socket_or_starts_
         }
     });
     assert_eq!(end, KILLED_BY_SIGSYS, "recvmsg with flags");
+}
+
+/// Every kind of filtered thread, with its rules.
+fn every_thread_kind() -> Vec<(&'static str, Vec<Allow>)> {
+    use devices::seccomp::{WorkerKind, worker_rules};
+    let mut kinds = vec![
+        ("api", api_rules()),
+        ("grpc", grpc_rules()),
+        ("notify", notify_rules()),
+        ("signals", signal_rules()),
+        ("waiter", waiter_rules()),
+        ("timer", timer_rules()),
+        ("serial", serial_rules()),
+        ("control", control_rules()),
+        ("migrate", migration_send_rules()),
+        ("dhcp", dhcp_rules()),
+        ("main", main_rules()),
+        ("vcpu", vmm_core::seccomp::vcpu_rules()),
+    ];
+    for kind in WorkerKind::ALL {
+        kinds.push(("worker", worker_rules(kind)));
+    }
+    kinds
+}
+
+/// What a thread serving a large request does to the allocator: many small buffers, many
+/// medium ones (from the arena's heap), a few large ones grown by reallocation, all freed.
+fn churn_the_heap() {
+    for _ in 0..3 {
+        let small: Vec<Vec<u8>> = (0..10_000).map(|i| vec![i as u8; 100]).collect();
+        let medium: Vec<Vec<u8>> = (0..200).map(|i| vec![i as u8; 64 << 10]).collect();
+        let mut large = Vec::new();
+        for chunk in 0..10 {
+            large.extend_from_slice(&vec![chunk as u8; 1 << 20]);
+        }
+        let text = "x".repeat(3 << 20);
+        assert_eq!(large.len() + text.len(), 13 << 20);
+        drop((small, medium, large, text));
+    }
+}
+
+/// Set in the child process of [`filtered_threads_survive_large_and_many_allocations`].
+const ALLOC_CHILD_ENV: &str = "RVMM_TEST_FILTERED_ALLOCATIONS";
+
+/// Runs [`filtered_threads_survive_large_and_many_allocations`] in a child test process,
+/// with glibc's arena limit `arena_max` (`None`: glibc's default, one arena per thread).
+fn allocation_child(arena_max: Option<u32>) -> std::process::Output {
+    // The tunable is mallopt(M_ARENA_MAX)'s, applied before the harness's threads start
+    // (rvmm's main calls single_malloc_arena first thing; a test binary cannot). Without it,
+    // glibc's default: an arena per thread.
+    let tunable = arena_max.map_or(String::new(), |max| format!("glibc.malloc.arena_max={max}"));
+    run_test_in_child(
+        concat!(
+            module_path!(),
+            "::filtered_threads_survive_large_and_many_allocations"
+        ),
+        &[(ALLOC_CHILD_ENV, "1"), ("GLIBC_TUNABLES", &tunable)],
+    )
+}
+
+#[test]
+fn filtered_threads_survive_large_and_many_allocations() {
+    if std::env::var_os(ALLOC_CHILD_ENV).is_some() {
+        for (kind, rules) in every_thread_kind() {
+            let filter = vmm_core::seccomp::thread_filter(rules).unwrap();
+            let thread = vmm_core::seccomp::spawn_filtered(kind, Some(filter), churn_the_heap);
+            thread.unwrap().join().unwrap();
+        }
+        return;
+    }
+    // rvmm's allocator set-up (one arena): every kind of thread lives.
+    assert_child_passed(&allocation_child(Some(1)));
+    // The reproducer: with glibc's default, a thread arena's first trim opens
+    // /proc/sys/vm/overcommit_memory, and the filter kills the process.
+    let output = allocation_child(None);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&output.status),
+        Some(libc::SIGSYS),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Set in the child process of [`migration_streams_work_on_the_threads_that_migrate`].
+const STREAM_CHILD_ENV: &str = "RVMM_TEST_FILTERED_MIGRATION_STREAM";
+
+/// What a migration does with its connection at both ends, over a unix socket and over TCP
+/// (by address and by name), in one thread: bind and listen (unix), connect, accept, Nagle
+/// off, bytes both ways, a second handle that shuts the connection down, the socket removed.
+fn migration_stream_round_trip(tcp: &std::net::TcpListener, port: u16, hosts: &[&str]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    /// Bytes both ways, then a second handle of the sender ends the connection.
+    fn talk<S: Read + Write>(mut sender: S, mut receiver: S, clone: fn(&S) -> S) {
+        fn exchange(from: &mut impl Write, to: &mut impl Read) {
+            from.write_all(b"state").unwrap();
+            let mut got = [0u8; 5];
+            to.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"state");
+        }
+        exchange(&mut sender, &mut receiver);
+        exchange(&mut receiver, &mut sender);
+        drop(clone(&sender));
+        assert_eq!(receiver.read(&mut [0u8; 1]).unwrap(), 0);
+    }
+    let path = std::env::temp_dir().join(format!("rvmm-migration-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let sender = UnixStream::connect(&path).unwrap();
+    let (receiver, _) = listener.accept().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    talk(sender, receiver, |s| {
+        let clone = s.try_clone().unwrap();
+        clone.shutdown(std::net::Shutdown::Both).unwrap();
+        clone
+    });
+    for host in hosts {
+        let sender = std::net::TcpStream::connect(format!("{host}:{port}")).unwrap();
+        sender.set_nodelay(true).unwrap();
+        let (receiver, _) = tcp.accept().unwrap();
+        receiver.set_nodelay(true).unwrap();
+        talk(sender, receiver, |s| {
+            let clone = s.try_clone().unwrap();
+            clone.shutdown(std::net::Shutdown::Both).unwrap();
+            clone
+        });
+    }
+}
+
+#[test]
+fn migration_streams_work_on_the_threads_that_migrate() {
+    if std::env::var_os(STREAM_CHILD_ENV).is_some() {
+        for (kind, rules, hosts) in [
+            // virt-launcher mode's sender: its URL is virt-handler's proxy socket.
+            (
+                "kubevirt-migrate",
+                migration_send_rules(),
+                &["127.0.0.1"][..],
+            ),
+            // vm.send-migration (`tcp:HOST:PORT`, a name too), vm.receive-migration,
+            // virt-launcher mode's receiver.
+            ("control", control_rules(), &["127.0.0.1", "localhost"][..]),
+        ] {
+            // Bound here, unfiltered: its address is read (getsockname) for the test only.
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = tcp.local_addr().unwrap().port();
+            let filter = vmm_core::seccomp::thread_filter(rules).unwrap();
+            let thread = vmm_core::seccomp::spawn_filtered(kind, Some(filter), move || {
+                migration_stream_round_trip(&tcp, port, hosts);
+            });
+            thread.unwrap().join().unwrap();
+        }
+        return;
+    }
+    let output = run_test_in_child(
+        concat!(
+            module_path!(),
+            "::migration_streams_work_on_the_threads_that_migrate"
+        ),
+        &[
+            (STREAM_CHILD_ENV, "1"),
+            ("GLIBC_TUNABLES", "glibc.malloc.arena_max=1"),
+        ],
+    );
+    assert_child_passed(&output);
 }

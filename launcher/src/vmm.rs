@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vmm_core::metrics::VmMetrics;
+use vmm_core::seccomp::{SpawnError, spawn_filtered};
 use vmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
 
 use crate::cli::SerialMode;
@@ -32,6 +33,7 @@ use crate::dhcp::served_nics;
 use crate::dhcp::server::{DhcpServer, LeaseEvent, format_mac};
 use crate::errors::error_chain;
 use crate::events::EventMonitor;
+use crate::seccomp::{control_rules, thread_filter_for, waiter_rules};
 
 #[path = "migration/mod.rs"]
 pub mod migration;
@@ -51,6 +53,30 @@ fn boot_name(config: &VmConfig) -> String {
             None => format!("disk {index}"),
         },
     }
+}
+
+/// Opens (and closes) every file a boot of `config` reads, as the boot would: the kernel, the
+/// initrd (a disk boot reads its own from the disk) and the disks (read-write unless read-only). Image locks are not taken: the VM
+/// being rebooted holds them.
+fn check_boot_files(config: &VmConfig) -> Result<(), BootFileError> {
+    let fail = |what: String, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| BootFileError { what, path, source }
+    };
+    if let vmm_core::BootSource::Kernel { kernel, initrd } = &config.boot {
+        std::fs::File::open(kernel).map_err(fail("kernel".into(), kernel))?;
+        if let Some(initrd) = initrd {
+            std::fs::File::open(initrd).map_err(fail("initrd".into(), initrd))?;
+        }
+    }
+    for (index, disk) in config.disks.iter().enumerate() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.path)
+            .map_err(fail(format!("disk {index}"), &disk.path))?;
+    }
+    Ok(())
 }
 
 /// Why rvmm itself stopped a VM.
@@ -297,8 +323,12 @@ impl Vmm {
                 .serial_log
                 .as_ref()
                 .or(self.settings.serial_log.as_ref());
-            let console = Console::open(&slot.serial, log.map(PathBuf::as_path))
-                .map_err(|e| VmmError::Console(e.into()))?;
+            let console = Console::open(
+                &slot.serial,
+                log.map(PathBuf::as_path),
+                self.settings.seccomp,
+            )
+            .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
         self.start_dhcp_in(inner)?;
@@ -374,43 +404,43 @@ impl Vmm {
         vm: vmm_core::Vm,
         state: VmState,
     ) -> Result<(), VmmError> {
-        let slot = inner.vm.as_mut().ok_or(VmmError::NotCreated)?;
-        let console = slot.console.as_mut().ok_or(VmmError::NotCreated)?;
-        console.attach(vm.serial());
+        if inner.vm.as_ref().is_none_or(|slot| slot.console.is_none()) {
+            return Err(VmmError::NotCreated);
+        }
         if self.settings.on_reboot == OnReboot::Restart && inner.restarter.is_none() {
             // Started here, on a thread that may start threads, not by the waiter that needs it.
-            let restarter = ControlThread::start("vm-restart").map_err(VmmError::Waiter)?;
+            let filter = thread_filter_for(self.settings.seccomp, control_rules())
+                .map_err(|e| VmmError::Waiter(SpawnError::Filter(e)))?;
+            let restarter = ControlThread::start("vm-restart", filter).map_err(VmmError::Waiter)?;
             inner.restarter = Some(restarter);
         }
         inner.generation += 1;
         let generation = inner.generation;
-        // The waiter exists before the vCPUs start, so a running VM always has someone to
-        // notice its end.
-        let (send_vm, receive_vm) = std::sync::mpsc::channel::<vmm_core::RunningVm>();
-        let vmm = self.clone();
-        std::thread::Builder::new()
-            .name("vm-waiter".into())
-            .spawn(move || {
-                if let Ok(running) = receive_vm.recv() {
-                    let reason = running.wait();
-                    vmm.vm_stopped(generation, reason);
-                }
-            })
-            .map_err(VmmError::Waiter)?;
+        let waiter_filter = thread_filter_for(self.settings.seccomp, waiter_rules())
+            .map_err(|e| VmmError::Waiter(SpawnError::Filter(e)))?;
         let running = vm.start().map_err(VmmError::Boot)?;
         let handle = running.handle();
-        if let Err(unsent) = send_vm.send(running) {
-            // The waiter died before taking the VM: end the VM here rather than leak it.
-            let running = unsent.0;
-            running.stop();
-            running.wait();
-            return Err(VmmError::Waiter(std::io::Error::other(
-                "the waiter thread ended early",
-            )));
+        // Console input and the waiter start once the vCPUs run: neither is on the way to the
+        // guest's first instruction. Input before then is dropped, and the waiter notices an
+        // end that came first. A waiter that cannot start drops the VM it was given, which
+        // stops it.
+        let serial = running.serial();
+        let vmm = self.clone();
+        spawn_filtered("vm-waiter", waiter_filter, move || {
+            let reason = running.wait();
+            vmm.vm_stopped(generation, reason);
+        })
+        .map_err(VmmError::Waiter)?;
+        if let Some(console) = inner.vm.as_mut().and_then(|s| s.console.as_mut()) {
+            console.attach(serial);
         }
         *self.live_metrics.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(handle.metrics_handle());
         let slot = inner.vm.as_mut().expect("checked above");
+        if self.settings.seccomp {
+            // Its devices are open: what the VMM does not need again goes (crate::privileges).
+            crate::privileges::lower_after_boot(!slot.config.nets.is_empty());
+        }
         slot.state = state;
         slot.active = Some(ActiveVm {
             generation,
@@ -525,7 +555,11 @@ impl Vmm {
             return;
         };
         slot.state = VmState::Shutdown;
-        match active.stop {
+        // The old VM's handle holds its disks' descriptors, and so their image locks: it goes
+        // before the new VM opens them.
+        let stop = active.stop;
+        drop(active);
+        match stop {
             Some(StopCause::Reboot) => {}
             Some(StopCause::Shutdown | StopCause::Exit) => self.emit(
                 "vm.shutdown",
@@ -553,10 +587,10 @@ impl Vmm {
                 }
             },
         }
-        if active.stop.is_some() || exiting {
+        if stop.is_some() || exiting {
             self.clear_live_metrics();
         }
-        if active.stop != Some(StopCause::Reboot)
+        if stop != Some(StopCause::Reboot)
             && let Some(slot) = inner.vm.as_mut().filter(|s| s.active.is_none())
         {
             // The VM did not come back: its DHCP server stops with it.
@@ -671,11 +705,25 @@ impl Vmm {
     }
 
     /// `vm.reboot`: stops the VM and boots it again from its configuration.
+    ///
+    /// A reboot never loses a VM silently: when a file the new boot reads (kernel, initrd,
+    /// disks) can no longer be opened, the VM keeps running and the reboot fails
+    /// ([`VmmError::RebootRefused`]); when the new boot fails after the old VM stopped (KVM,
+    /// memory, a tap, a lock), the VM is left in Shutdown (it can boot again), `vm.shutdown`
+    /// is reported with the reason, and the reboot fails ([`VmmError::RebootFailed`]). Both
+    /// are the host's trouble, not the client's: 500.
     pub fn reboot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
-        Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
+        let slot = Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
+        check_boot_files(&slot.config).map_err(VmmError::RebootRefused)?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
-        self.boot_locked(&mut inner)?;
+        if let Err(e) = self.boot_locked(&mut inner) {
+            let e = VmmError::RebootFailed(Box::new(e));
+            let reason = error_chain(&e);
+            log::error!("{reason}");
+            self.emit("vm.shutdown", json!({ "reason": reason }));
+            return Err(e);
+        }
         self.emit("vm.rebooted", self.boot_properties(&inner));
         Ok(())
     }
@@ -742,6 +790,7 @@ impl Vmm {
                     "write_bytes": d.write_bytes,
                     "flushes": d.flushes,
                     "errors": d.errors,
+                    "host_errors": d.host_errors,
                 }),
             );
         }
@@ -796,9 +845,11 @@ impl Vmm {
         }
     }
 
-    /// SIGTERM/SIGINT: the first asks the guest to shut down and stops it after `grace`; a
-    /// second stops it now. Without a running VM the VMM exits at once.
-    pub fn shutdown_signal(self: &Arc<Self>, grace: Duration) {
+    /// A shutdown signal (SIGTERM, SIGINT, ...): the first asks the guest to shut down and
+    /// returns the grace period, after which the signal thread calls
+    /// [`Vmm::grace_period_over`]; a second stops the VM now. Without a running VM the VMM
+    /// exits at once.
+    pub fn shutdown_signal(&self, grace: Duration) -> Option<Duration> {
         let mut inner = self.lock();
         let first = !std::mem::replace(&mut inner.shutdown_signalled, true);
         let mut was_paused = false;
@@ -828,18 +879,7 @@ impl Vmm {
                     request.name(),
                     grace.as_secs()
                 );
-                let vmm = self.clone();
-                let timer = std::thread::Builder::new()
-                    .name("grace".into())
-                    .spawn(move || {
-                        std::thread::sleep(grace);
-                        log::warn!("Grace period over: stopping the VM");
-                        vmm.request_exit(EXIT_OK);
-                    });
-                if let Err(e) = timer {
-                    log::error!("Cannot start the grace timer, stopping now: {e}");
-                    self.request_exit(EXIT_OK);
-                }
+                return Some(grace);
             }
             Some(None) => {
                 log::warn!("Second shutdown signal: stopping the VM now");
@@ -847,6 +887,13 @@ impl Vmm {
             }
             None => self.request_exit(EXIT_OK),
         }
+        None
+    }
+
+    /// The grace period after a shutdown signal ran out: the VM is stopped.
+    pub fn grace_period_over(&self) {
+        log::warn!("Grace period over: stopping the VM");
+        self.request_exit(EXIT_OK);
     }
 
     /// Stops the VM if it still runs (disks flushed), closes the console and reports

@@ -134,8 +134,12 @@ impl Vmm {
             Some(serial) => (VmConfigFile::from_validated(&config, &serial), serial),
             None => (file, saved_serial),
         };
-        let console = Console::open(&serial, self.settings.serial_log.as_deref())
-            .map_err(|e| VmmError::Console(e.into()))?;
+        let console = Console::open(
+            &serial,
+            self.settings.serial_log.as_deref(),
+            self.settings.seccomp,
+        )
+        .map_err(|e| VmmError::Console(e.into()))?;
         let vm = vmm_core::snapshot::restore_vm(&config, &dir, prefault, console.output())
             .map_err(|e| VmmError::Restore(e.into()))?;
         inner.vm = Some(VmSlot {

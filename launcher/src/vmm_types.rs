@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 use vmm_core::boot::BootError;
+use vmm_core::seccomp::SpawnError;
 use vmm_core::{BuildError, CpuProfile};
 
 use crate::config::{ConfigError, VmConfigFile};
@@ -74,7 +75,7 @@ pub enum VmmError {
     Boot(#[source] BuildError),
     /// The thread that waits for the VM's end cannot start.
     #[error("Cannot start the VM's waiter thread")]
-    Waiter(#[source] std::io::Error),
+    Waiter(#[source] SpawnError),
     /// A snapshot or migration URL rvmm cannot use.
     #[error("{field}: {reason}")]
     Url {
@@ -98,6 +99,25 @@ pub enum VmmError {
     /// A NIC's DHCP server cannot start.
     #[error("Cannot start the DHCP server")]
     Dhcp(#[source] crate::dhcp::server::DhcpError),
+    /// A file the reboot needs is gone or unreadable: the VM was left running.
+    #[error("Cannot reboot: the VM keeps running")]
+    RebootRefused(#[source] BootFileError),
+    /// The VM stopped for a reboot and could not boot again: it is in state Shutdown.
+    #[error("The VM stopped for a reboot and cannot boot again (state Shutdown)")]
+    RebootFailed(#[source] Box<VmmError>),
+}
+
+/// A file a boot reads cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot open the {what} {}", path.display())]
+pub struct BootFileError {
+    /// `kernel`, `initrd` or `disk N`.
+    pub(crate) what: String,
+    /// The file.
+    pub(crate) path: PathBuf,
+    /// Cause.
+    #[source]
+    pub(crate) source: std::io::Error,
 }
 
 impl VmmError {

@@ -479,3 +479,139 @@ fn kvm_metrics_scrape_moves_with_guest_io_and_sigterm_leaves_the_last_write_on_d
     assert_eq!(&bytes[512..528], b"rvmm-tiny-write!", "{}", vmm.stderr());
     assert!(!socket.exists());
 }
+
+/// Sends `head` (and nothing else) on a new connection and reads the answer.
+fn raw_exchange(socket: &Path, head: &[u8]) -> (common::http::Answer, Duration) {
+    let start = Instant::now();
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // The server may answer and close before it has read everything.
+    let _ = stream.write_all(head);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    (parse(&raw), start.elapsed())
+}
+
+#[test]
+fn api_answers_a_megabyte_header_with_431_and_an_oversized_length_with_413_at_once() {
+    let dir = TestDir::new("big-requests");
+    let socket = dir.path("api.sock");
+    let mut vmm = Rvmm::start(&["run", "--api-socket", socket.to_str().unwrap()]);
+    wait_for_socket(&socket, Duration::from_secs(10));
+    // Several times: glibc trims a heap only once it has grown and shrunk.
+    for _ in 0..5 {
+        let head = format!(
+            "GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(1 << 20)
+        );
+        let (answer, _) = raw_exchange(&socket, head.as_bytes());
+        assert_eq!(answer.status, 431, "{}", answer.body);
+    }
+    // A length over the 64 KiB limit and no body: refused before the body timeout.
+    let head = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n";
+    let (answer, took) = raw_exchange(&socket, head);
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert_eq!(call(&socket, "GET", "/api/v1/vmm.ping", None).status, 200);
+    vmm.signal(libc::SIGTERM);
+    assert_eq!(
+        vmm.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        vmm.stderr()
+    );
+}
+
+#[test]
+fn sighup_ends_rvmm_like_sigterm_and_sigusr1_is_ignored_and_a_stale_socket_is_replaced() {
+    let dir = TestDir::new("signals");
+    let socket = dir.path("api.sock");
+    // A socket left by a killed run: replaced, and said so.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut vmm = Rvmm::start(&["run", "--api-socket", socket.to_str().unwrap()]);
+    wait_for_socket(&socket, Duration::from_secs(10));
+    for ignored in [libc::SIGUSR1, libc::SIGUSR2] {
+        vmm.signal(ignored);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(call(&socket, "GET", "/api/v1/vmm.ping", None).status, 200);
+    vmm.signal(libc::SIGHUP);
+    assert_eq!(vmm.wait(Duration::from_secs(10)), Some(0));
+    assert!(!socket.exists(), "the socket is removed on SIGHUP");
+    let stderr = vmm.stderr();
+    assert!(
+        stderr.contains(&format!("replacing the stale socket {}", socket.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kvm_a_reboot_that_cannot_open_its_disk_keeps_the_vm_or_ends_it_with_a_reason() {
+    if !kvm_available("failed reboot") {
+        return;
+    }
+    let dir = TestDir::new("reboot-fail");
+    let (mut vmm, socket, event_file) = start_api_only(&dir);
+    let disk = dir.path("disk.img");
+    zero_disk(&disk);
+    let config = json!({
+        "payload": {"kernel": tiny_guest("ticker")},
+        "memory": {"size": 64 << 20},
+        "disks": [{"path": disk}],
+        "serial": {"mode": "Off"},
+    });
+    let created = call(
+        &socket,
+        "PUT",
+        "/api/v1/vm.create",
+        Some(&config.to_string()),
+    );
+    assert_eq!(created.status, 204, "{}", created.body);
+    assert_eq!(put(&socket, "vm.boot"), 204);
+
+    // The disk is gone: the reboot is refused and the VM keeps running.
+    std::fs::rename(&disk, dir.path("moved.img")).unwrap();
+    let refused = call(&socket, "PUT", "/api/v1/vm.reboot", None);
+    assert_eq!(refused.status, 500, "{}", refused.body);
+    assert_eq!(
+        refused.json()["error"],
+        format!(
+            "Cannot reboot: the VM keeps running: Cannot open the disk 0 {}: No such file or \
+             directory (os error 2)",
+            disk.display()
+        )
+    );
+    assert_eq!(state(&socket), "Running");
+
+    // It opens, but is no disk (a FIFO has no size): the old VM is stopped by then, so it
+    // ends in Shutdown, with the reason in the event, and can boot again.
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    let failed = call(&socket, "PUT", "/api/v1/vm.reboot", None);
+    assert_eq!(failed.status, 500, "{}", failed.body);
+    let error = failed.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.starts_with("The VM stopped for a reboot and cannot boot again (state Shutdown)"),
+        "{error}"
+    );
+    assert_eq!(state(&socket), "Shutdown");
+    let text = wait_for_text(&event_file, "cannot boot again", 1);
+    assert!(text.contains("\"event\":\"vm.shutdown\""), "{text}");
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::rename(dir.path("moved.img"), &disk).unwrap();
+    assert_eq!(put(&socket, "vm.boot"), 204);
+    assert_eq!(state(&socket), "Running");
+    assert_eq!(put(&socket, "vmm.shutdown"), 204);
+    assert_eq!(
+        vmm.wait(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        vmm.stderr()
+    );
+}

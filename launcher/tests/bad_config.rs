@@ -121,3 +121,39 @@ fn missing_tap_and_bad_mac_name_the_net_entry() {
         "{stderr}"
     );
 }
+
+#[test]
+fn config_on_a_fifo_or_a_device_fails_at_once_naming_the_path() {
+    let fifo = std::env::temp_dir().join(format!("rvmm-cfg-{}-fifo", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for path in [fifo.to_str().unwrap(), "/dev/zero"] {
+        let started = std::time::Instant::now();
+        let (code, stderr) = rejected(&["--config", path]);
+        assert!(started.elapsed() < Duration::from_secs(1), "{path}");
+        assert_eq!(code, 2, "{path}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            format!("rvmm: --config {path}: {path} is not a regular file")
+        );
+    }
+    std::fs::remove_file(fifo).unwrap();
+}
+
+#[test]
+fn a_kvm_device_that_is_not_kvm_says_so() {
+    let kernel = tiny_guest("hello");
+    let (code, stderr) = rejected(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--kvm-device",
+        "/dev/null",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("/dev/null is not a KVM device"), "{stderr}");
+    assert!(!stderr.contains("KVM_CAP"), "{stderr}");
+}

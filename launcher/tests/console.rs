@@ -66,6 +66,15 @@ fn kvm_socket_console_survives_detach_and_reattach_and_keeps_a_log() {
     let mut second = UnixStream::connect(&socket).unwrap();
     let target = format!("tick: {}\n", last_seen + 5);
     let resumed = read_until(&mut second, &target);
+    let log_mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(log_mode, 0o600, "the serial log must be private");
+    // Every thread, the console's included, is filtered once the guest runs.
+    let loose = common::unconfined_threads(child.id());
+    assert!(loose.is_empty(), "unconfined threads: {loose:?}");
+    // No control thread here: no thread keeps a capability.
+    for (name, caps) in common::thread_capabilities(child.id()) {
+        assert_eq!(caps, 0, "{name} has capabilities {caps:#x}");
+    }
     let numbers = tick_numbers(&resumed);
     assert!(
         numbers.contains(&(last_seen + 1)),

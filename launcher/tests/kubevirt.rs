@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -353,4 +354,73 @@ fn kvm_sigterm_without_virt_handler_exits_within_the_grace_period_and_a_few_seco
 /// An empty qcow2 image of 1 GiB without a backing file (rvmm's own overlay layout).
 fn devices_overlay_bytes() -> Vec<u8> {
     devices::image::qcow2::overlay_test_bytes(1 << 30)
+}
+
+/// A Sync whose VMI carries `size` bytes of annotation: `Ok(success)`, or the gRPC status.
+fn sync_of_size(handler: &Handler, vmi: &Value, size: usize) -> Result<bool, tonic::Code> {
+    let mut vmi = vmi.clone();
+    vmi["metadata"]["annotations"] = json!({ "example.com/padding": "p".repeat(size) });
+    let request = cmd::VmiRequest {
+        vmi: Some(cmd::Vmi {
+            vmi_json: vmi.to_string().into_bytes(),
+        }),
+        options: None,
+    };
+    let mut c = handler.cmd();
+    handler
+        .block_on(c.sync_virtual_machine(request))
+        .map(|r| r.into_inner().success)
+        .map_err(|status| status.code())
+}
+
+#[test]
+fn kvm_a_burst_of_large_grpc_messages_leaves_the_vm_running_and_every_thread_confined() {
+    if !kvm_available("virt-launcher large messages") {
+        return;
+    }
+    let mut session = Session::start("burst", "ticker", 30);
+    let handler = session.handler();
+    let vmi = kernel_boot_vmi("uid-1", "ticker.elf");
+    assert_eq!(handler.vmi_command("Sync", &vmi), (true, String::new()));
+    assert_eq!(session.next(), event("ADDED", "Running", "Unknown"));
+    for round in 0..3 {
+        for mib in [3, 5, 8, 10] {
+            let outcome = sync_of_size(&handler, &vmi, mib << 20);
+            assert!(
+                // Over tonic's 4 MiB message limit: OutOfRange, as grpc-go's server answers.
+                matches!(outcome, Ok(_) | Err(tonic::Code::OutOfRange)),
+                "round {round}, {mib} MiB: {outcome:?}; log:\n{}",
+                session.launcher.log()
+            );
+        }
+    }
+    assert_eq!(handler.domain_status(), status("Running", "Unknown"));
+    assert!(
+        session.launcher.child.try_wait().unwrap().is_none(),
+        "log:\n{}",
+        session.launcher.log()
+    );
+    let loose = common::unconfined_threads(session.launcher.child.id());
+    assert!(loose.is_empty(), "unconfined threads: {loose:?}");
+    // Capabilities: none, but for the control thread's KubeVirt set (NET_BIND_SERVICE,
+    // SYS_NICE) and what booting again needs (DAC_OVERRIDE, DAC_READ_SEARCH), which the
+    // control thread that boots the VM again after a guest reset (vm-restart) has too.
+    let after_boot: u64 = 1 << 10 | 1 << 23 | 1 << 1 | 1 << 2;
+    for (name, caps) in common::thread_capabilities(session.launcher.child.id()) {
+        // Thread names are cut to 15 bytes.
+        let allowed = if name == "launcher-contro" || name == "vm-restart" {
+            after_boot
+        } else {
+            0
+        };
+        assert_eq!(caps & !allowed, 0, "{name} has capabilities {caps:#x}");
+    }
+    let mode = std::fs::metadata(session.pod.ready_socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "launcher-sock mode {mode:o}");
+    session.launcher.sigterm();
+    let exit = session.launcher.wait(Duration::from_secs(60));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", session.launcher.log());
 }

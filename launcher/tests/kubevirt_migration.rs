@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::kubevirt::{Handler, Session, kernel_boot_vmi, next_event};
-use common::kvm_available;
+use common::{assert_threads_confined, kvm_available};
 use launcher::kubevirt::proto::cmd::v1 as cmd;
 use serde_json::{Value, json};
 
@@ -107,6 +107,15 @@ fn kvm_virt_handlers_migrate_a_vmi_between_two_launcher_pods_with_kubevirts_comm
     assert_eq!(prepared, (true, String::new()), "{}", target.launcher.log());
     assert!(proxy_socket(&target).exists(), "{}", target.launcher.log());
     assert_eq!(dst.domain(), None, "no domain before the VM arrives");
+    // The thread waiting for the VM is filtered (it builds the VM as the control thread does).
+    let target_pid = target.launcher.child.id();
+    assert_threads_confined(
+        target_pid,
+        false,
+        &["kubevirt-receiv"],
+        "launcher-contro",
+        &["kubevirt-receiv", "vm-restart"],
+    );
     pump(&proxy_socket(&source), proxy_socket(&target));
 
     assert_eq!(migrate(&src, &vmi), (true, String::new()));
@@ -120,6 +129,14 @@ fn kvm_virt_handlers_migrate_a_vmi_between_two_launcher_pods_with_kubevirts_comm
         "{meta}"
     );
     assert_eq!(dst.domain_status(), ("Running".into(), "Unknown".into()));
+    // The received VM's threads, started by the receiving thread, are filtered too.
+    assert_threads_confined(
+        target_pid,
+        true,
+        &["vcpu0"],
+        "launcher-contro",
+        &["kubevirt-receiv", "vm-restart"],
+    );
     let domain = wait_for_migration_end(&src, "source");
     let meta = &domain["Spec"]["Metadata"]["KubeVirt"]["Migration"];
     assert_eq!(
@@ -172,6 +189,14 @@ fn kvm_cancel_virtual_machine_migration_aborts_and_the_source_goes_on() {
     let vmi = migrating_vmi();
     assert_eq!(migrate(&src, &vmi), (true, String::new()));
     std::thread::sleep(Duration::from_millis(500));
+    // The sending thread, stalled by the target: filtered, no capabilities.
+    assert_threads_confined(
+        source.launcher.child.id(),
+        true,
+        &["kubevirt-migrat"],
+        "launcher-contro",
+        &["vm-restart"],
+    );
     assert!(src.vmi_command("CancelMigration", &vmi).0);
     let domain = wait_for_migration_end(&src, "source");
     let meta = &domain["Spec"]["Metadata"]["KubeVirt"]["Migration"];

@@ -10,9 +10,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 
 use common::http::{call, free_port, wait_for_socket};
-use common::kvm_available;
 use common::memtest::{API_TIMEOUT, events_named, passes, put, start_memtest, state};
 use common::process::{Rvmm, TestDir, wait_for_text};
+use common::{assert_threads_confined, kvm_available};
 
 /// A fresh `rvmm run --api-socket` to receive, its console in `dst.log`.
 fn start_receiver(dir: &TestDir) -> Rvmm {
@@ -56,6 +56,14 @@ fn migrate_and_check(dir: &TestDir, receiver_url: &str) {
     assert_eq!(source.wait(API_TIMEOUT), Some(0), "source exit");
     let before = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap());
     assert_eq!(state(&dst_socket), "Running");
+    // The received VM's threads (started on vmm-control, as a boot's) are filtered.
+    assert_threads_confined(
+        destination.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
     let text = wait_for_text(&dir.path("dst.log"), " ok\n", 3);
     let after = passes(&text);
     assert_eq!(

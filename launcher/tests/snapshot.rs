@@ -11,14 +11,31 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::http::wait_for_socket;
+use common::http::{call, wait_for_socket};
 use common::memtest::{API_TIMEOUT, passes, put, start_memtest, state};
 use common::process::{Rvmm, TestDir, read_until, wait_for_path, wait_for_text};
-use common::{kvm_available, tiny_guest};
+use common::{assert_threads_confined, kvm_available, tiny_guest};
 
 fn snapshot(socket: &Path, dir: &Path) {
     let body = format!(r#"{{"destination_url": "file://{}"}}"#, dir.display());
     put(socket, "vm.snapshot", Some(&body));
+}
+
+/// `rvmm run` with its console in `log` and its API on `socket`, plus `args`; returns once the
+/// API socket exists.
+fn start_vmm(socket: &Path, log: &Path, args: &[&str]) -> Rvmm {
+    let serial = format!("file={}", log.display());
+    let mut all = vec![
+        "run",
+        "--serial",
+        &serial,
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let vmm = Rvmm::start(&all);
+    wait_for_socket(socket, API_TIMEOUT);
+    vmm
 }
 
 #[test]
@@ -59,16 +76,17 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
 
     let restored_socket = dir.path("restored.sock");
     let restored_log = dir.path("restored.log");
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--restore",
-        &format!("source_url=file://{}", first.display()),
-        "--serial",
-        &format!("file={}", restored_log.display()),
-        "--api-socket",
-        restored_socket.to_str().unwrap(),
-    ]);
-    wait_for_socket(&restored_socket, API_TIMEOUT);
+    let source_url = format!("source_url=file://{}", first.display());
+    let mut restored = start_vmm(&restored_socket, &restored_log, &["--restore", &source_url]);
+    // The API answers while the restore is still under way (vm.info: 404 until the VM exists).
+    let restoring = std::time::Instant::now();
+    while call(&restored_socket, "GET", "/api/v1/vm.info", None).status == 404 {
+        assert!(
+            restoring.elapsed() < API_TIMEOUT,
+            "the restore never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(state(&restored_socket), "Paused");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -80,6 +98,14 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
     let after = passes(&text);
     assert_eq!(after[0], last + 1, "did not go on where it was: {text}");
     assert!(!text.contains("start"), "{text}");
+    // The restored VM's threads (started before the main thread filters itself) are filtered.
+    assert_threads_confined(
+        restored.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
     put(&restored_socket, "vmm.shutdown", None);
     assert_eq!(restored.wait(API_TIMEOUT), Some(0));
 }
@@ -242,4 +268,60 @@ fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() 
         &|s| std::fs::remove_file(s.join("state.bin")).unwrap(),
         &["state.bin"],
     );
+}
+
+#[test]
+fn kvm_vm_restore_through_the_api_runs_the_snapshot_under_the_control_threads_filter() {
+    if !kvm_available("vm.restore") {
+        return;
+    }
+    let dir = TestDir::new("snapshot-api-restore");
+    let socket = dir.path("api.sock");
+    let mut source = start_memtest(&dir, "1", 4);
+    wait_for_text(&dir.path("serial.log"), " ok\n", 2);
+    // Booted by the main thread: vmm-control, idle so far, has lowered its capabilities too.
+    assert_threads_confined(
+        source.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
+    put(&socket, "vm.pause", None);
+    let last = *passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap())
+        .last()
+        .unwrap();
+    let snap = dir.path("snap");
+    snapshot(&socket, &snap);
+    source.signal(libc::SIGKILL);
+    source.wait(API_TIMEOUT);
+
+    // A VMM without a VM restores it on vmm-control: the memory file mapped copy-on-write
+    // (read in at once: prefault), the state read, KVM and the devices set up, all under the
+    // control thread's filter.
+    let restored_socket = dir.path("restored.sock");
+    let restored_log = dir.path("restored.log");
+    let mut restored = start_vmm(&restored_socket, &restored_log, &[]);
+    let body = format!(
+        r#"{{"source_url": "file://{}", "prefault": true}}"#,
+        snap.display()
+    );
+    put(&restored_socket, "vm.restore", Some(&body));
+    assert_eq!(state(&restored_socket), "Paused");
+    put(&restored_socket, "vm.resume", None);
+    let text = wait_for_text(&restored_log, " ok\n", 2);
+    assert_eq!(
+        passes(&text)[0],
+        last + 1,
+        "did not go on where it was: {text}"
+    );
+    assert_threads_confined(
+        restored.0.id(),
+        true,
+        &["vcpu0"],
+        "vmm-control",
+        &["vm-restart"],
+    );
+    put(&restored_socket, "vmm.shutdown", None);
+    assert_eq!(restored.wait(API_TIMEOUT), Some(0));
 }

@@ -154,7 +154,10 @@ pub fn handle_kvm_exit(
             SYSTEM_EVENT_SHUTDOWN => return ExitAction::Stop(GuestStop::PowerOff),
             SYSTEM_EVENT_RESET => return ExitAction::Stop(GuestStop::Reset),
             SYSTEM_EVENT_CRASH => return ExitAction::Stop(GuestStop::Crash),
-            other => log::warn!("Ignoring KVM system event of type {other}"),
+            other => devices::limited_log!(
+                log::Level::Warn,
+                "Ignoring KVM system event of type {other}"
+            ),
         },
         VcpuExit::InternalError => return ExitAction::Stop(GuestStop::InternalError),
         VcpuExit::FailEntry(reason, _) => return ExitAction::Stop(GuestStop::FailEntry { reason }),

@@ -109,6 +109,8 @@ pub struct DiskMetrics {
     pub flushes: u64,
     /// Requests answered with an error status (malformed, unsupported or failed).
     pub errors: u64,
+    /// Of `errors`, those the host failed (ENOSPC, EIO, ...).
+    pub host_errors: u64,
 }
 
 /// A virtio-net interface's statistics (bytes exclude the virtio header).
@@ -245,6 +247,7 @@ fn disk_metrics(disk: &DiskSource) -> DiskMetrics {
         write_bytes: get(&c.bytes_written),
         flushes: get(&c.flushes),
         errors: get(&c.errors),
+        host_errors: get(&c.host_errors),
     }
 }
 
@@ -368,6 +371,7 @@ mod tests {
                 write_bytes: 1024,
                 flushes: 1,
                 errors: 4,
+                host_errors: 0,
             }]
         );
         assert_eq!(

@@ -12,8 +12,9 @@ use kvm_bindings::{KVMIO, kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs};
 use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
 pub use devices::seccomp::{
-    Allow, BpfProgram, ON_DENIED, SeccompError, SpawnError, common_rules, install, spawn_filtered,
-    thread_filter,
+    Allow, BpfProgram, Capability, DeniedAction, ON_DENIED, SeccompError, SpawnError, common_rules,
+    effective_capabilities, install, restrict_capabilities, set_denied_action, single_malloc_arena,
+    spawn_confined, spawn_filtered, thread_filter,
 };
 #[doc(hidden)]
 pub use devices::seccomp::{ChildEnd, run_in_filtered_child};

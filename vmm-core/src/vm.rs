@@ -26,6 +26,23 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The device opened but does not answer KVM's API version query.
+    #[error("{} is not a KVM device", path.display())]
+    NotKvm {
+        /// The device path.
+        path: PathBuf,
+        /// Cause (ENOTTY for a file or another device).
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM speaks another API version than the stable one (12).
+    #[error("{} speaks KVM API version {version}, rvmm needs {KVM_API_VERSION}", path.display())]
+    ApiVersion {
+        /// The device path.
+        path: PathBuf,
+        /// What it answered.
+        version: i32,
+    },
     /// KVM lacks a capability rvmm needs.
     #[error("KVM lacks the {0} capability")]
     MissingCapability(&'static str),
@@ -34,7 +51,10 @@ pub enum VmError {
     Ioctl(&'static str, #[source] kvm_ioctls::Error),
 }
 
-/// Opens the KVM device at `path`.
+/// The stable KVM API version (`KVM_API_VERSION` in the kernel's headers).
+const KVM_API_VERSION: i32 = 12;
+
+/// Opens the KVM device at `path` and checks that it is one (KVM_GET_API_VERSION).
 pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let open_err = |source| VmError::OpenKvm {
         path: path.to_owned(),
@@ -42,7 +62,22 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     };
     let cpath = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
-    Kvm::new_with_path(&cpath).map_err(open_err)
+    let kvm = Kvm::new_with_path(&cpath).map_err(open_err)?;
+    // KVM_GET_API_VERSION: any other file or device answers ENOTTY.
+    let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(VmError::NotKvm {
+            path: path.to_owned(),
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    if version != KVM_API_VERSION {
+        return Err(VmError::ApiVersion {
+            path: path.to_owned(),
+            version,
+        });
+    }
+    Ok(kvm)
 }
 
 /// Checks the capabilities rvmm relies on.

@@ -184,7 +184,10 @@ impl<R: Trigger, K: Trigger> I8042<R, K> {
             &CTRL_ALT_DEL_SET2
         };
         if self.output.len() + codes.len() > OUTPUT_CAPACITY {
-            log::warn!("i8042: output buffer full, Ctrl-Alt-Del dropped");
+            crate::limited_log!(
+                log::Level::Warn,
+                "i8042: output buffer full, Ctrl-Alt-Del dropped"
+            );
             return;
         }
         for &code in codes {

@@ -226,7 +226,11 @@ impl TransportCore {
 
     /// The device cannot run with what the driver set up: NEEDS_RESET, and tell the driver.
     fn fail(&self, why: &str, interrupt: &Arc<dyn VirtioInterrupt>) {
-        log::warn!("virtio device type {}: {why}", self.device.device_type());
+        crate::limited_log!(
+            log::Level::Warn,
+            "virtio device type {}: {why}",
+            self.device.device_type()
+        );
         interrupt.signal_needs_reset();
     }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Incoming};
 use hyper::ext::ReasonPhrase;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
@@ -31,11 +31,15 @@ use vmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
 
 use self::routes::{BodyKind, METRICS_PATH, Reply};
 use crate::control_thread::ControlThread;
-use crate::seccomp::api_filter;
+use crate::seccomp::{api_filter, control_rules, thread_filter_for};
 use crate::vmm::{EXIT_OK, Vmm};
 
 /// Largest request body accepted (a VM configuration is a few hundred bytes).
-pub const MAX_BODY_BYTES: usize = 64 << 10;
+pub const MAX_BODY_BYTES: usize = crate::config::MAX_CONFIG_BYTES;
+/// Largest request line and headers accepted (431 beyond).
+pub const MAX_HEADER_BYTES: usize = 16 << 10;
+/// A connection's read buffer at most (headers, then the body as it streams through).
+const MAX_READ_BUFFER_BYTES: usize = 32 << 10;
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send its request body.
@@ -110,7 +114,10 @@ impl ApiServer {
         let this = Self {
             path: path.to_owned(),
         };
-        let control = ControlThread::start("vmm-control").map_err(ApiServerError::Start)?;
+        let control_filter =
+            thread_filter_for(seccomp, control_rules()).map_err(ApiServerError::Seccomp)?;
+        let control =
+            ControlThread::start("vmm-control", control_filter).map_err(ApiServerError::Thread)?;
         spawn_server("api", seccomp, move || async move {
             let listener = tokio::net::UnixListener::from_std(listener)?;
             loop {
@@ -192,7 +199,7 @@ where
 /// accept() failures (out of descriptors, say) are logged and retried after a pause rather
 /// than spinning.
 async fn accept_failed(e: &std::io::Error) {
-    log::warn!("Cannot accept a client: {e}");
+    devices::limited_log!(log::Level::Warn, "Cannot accept a client: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
@@ -202,7 +209,14 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiServ
         source,
     };
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path).map_err(bind_error)?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            // Left by a run that could not clean up (SIGKILL): nobody listens there.
+            log::warn!(
+                "--api-socket: replacing the stale socket {}",
+                path.display()
+            );
+            fs::remove_file(path).map_err(bind_error)?;
+        }
         Ok(_) => return Err(ApiServerError::PathInUse(path.to_owned())),
         Err(_) => {}
     }
@@ -237,6 +251,9 @@ where
         // Cloud Hypervisor's `api_client` (ch-remote) finds `Content-Length: ` by its exact
         // spelling; without it, it reads no body.
         .title_case_headers(true)
+        // Requests are small: a client cannot make the thread buffer more than this (431).
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_READ_BUFFER_BYTES)
         // A client that shuts down its write side after the request still gets the answer.
         .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
@@ -264,6 +281,15 @@ async fn answer(
             format!("No endpoint {path}: only {METRICS_PATH} here"),
         )));
     }
+    // A declared length over the limit is refused before any of the body is read (the client
+    // may be waiting for a `100 Continue`, or send nothing at all).
+    if request.body().size_hint().lower() > MAX_BODY_BYTES as u64 {
+        let mut response = to_response(too_large());
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(response);
+    }
     let limited = Limited::new(request.into_body(), MAX_BODY_BYTES);
     let body = match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
         Err(_) => {
@@ -273,10 +299,7 @@ async fn answer(
             )));
         }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(to_response(Reply::error(
-                413,
-                format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
-            )));
+            return Ok(to_response(too_large()));
         }
         Ok(Err(e)) => {
             return Ok(to_response(Reply::error(
@@ -301,6 +324,14 @@ async fn answer(
         exit_after.store(true, Ordering::SeqCst);
     }
     Ok(to_response(reply))
+}
+
+/// 413 for a body over [`MAX_BODY_BYTES`].
+fn too_large() -> Reply {
+    Reply::error(
+        413,
+        format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
+    )
 }
 
 /// The HTTP response for `reply`.

@@ -75,7 +75,9 @@ fn vmm_error(err: &VmmError) -> Reply {
         | VmmError::Snapshot(_)
         | VmmError::Restore(_)
         | VmmError::Migration(_)
-        | VmmError::Dhcp(_) => 500,
+        | VmmError::Dhcp(_)
+        | VmmError::RebootRefused(_)
+        | VmmError::RebootFailed(_) => 500,
     };
     Reply::error(status, error_chain(err))
 }

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tokio::runtime::Handle;
 use vmm_core::StopReason;
+use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
 
 use super::backend::DomainRecord;
 use super::domain::{DomainState, LifeCycle, Reason};
@@ -119,7 +120,8 @@ impl DomainEvents {
         vmm: Arc<Vmm>,
         vmi: VmiRef,
         delete_wait: Duration,
-    ) -> std::io::Result<Self> {
+        filter: Option<BpfProgram>,
+    ) -> Result<Self, SpawnError> {
         let (changes, queue) = channel();
         let (done, flushed) = channel();
         let exit_deadline = notifier.exit_deadline.clone();
@@ -136,16 +138,14 @@ impl DomainEvents {
             delete_by: None,
             undelivered: 0,
         };
-        let thread = std::thread::Builder::new()
-            .name("kubevirt-notify".into())
-            .spawn(move || {
-                while let Some(change) = sender.next(&queue) {
-                    if sender.handle(change) {
-                        break;
-                    }
+        let thread = spawn_filtered("kubevirt-notify", filter, move || {
+            while let Some(change) = sender.next(&queue) {
+                if sender.handle(change) {
+                    break;
                 }
-                let _ = done.send(());
-            })?;
+            }
+            let _ = done.send(());
+        })?;
         Ok(Self {
             changes,
             flushed,
@@ -450,6 +450,7 @@ mod tests {
                 vmm.clone(),
                 vmi_ref,
                 delete_wait,
+                None,
             )
             .unwrap();
             let listener = events.listener(record);

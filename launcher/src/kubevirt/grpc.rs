@@ -23,12 +23,15 @@
 //! is connected, and a failed GuestPing is reported as a `GuestAgentPingFailed` Kubernetes
 //! event, as KubeVirt's launcher does on its main branch (after v1.8).
 
+use std::collections::BTreeMap;
 use std::error::Error;
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::log_limit::{LogLimiter, left_out};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
@@ -183,7 +186,8 @@ pub fn ready_socket_path(sockets_dir: &Path) -> PathBuf {
     sockets_dir.join(READY_SOCKET)
 }
 
-/// Binds `launcher-init-sock` in `sockets_dir`, replacing stale sockets from an earlier run.
+/// Binds `launcher-init-sock` in `sockets_dir` (mode 0600), replacing stale sockets from an
+/// earlier run.
 /// Must run inside the tokio runtime.
 pub fn bind(sockets_dir: &Path) -> Result<UnixListener, GrpcError> {
     std::fs::create_dir_all(sockets_dir).map_err(|source| GrpcError::SocketDir {
@@ -192,9 +196,18 @@ pub fn bind(sockets_dir: &Path) -> Result<UnixListener, GrpcError> {
     })?;
     let path = init_socket_path(sockets_dir);
     for stale in [&path, &ready_socket_path(sockets_dir)] {
-        let _ = std::fs::remove_file(stale);
+        if std::fs::remove_file(stale).is_ok() {
+            log::warn!("Replaced the stale socket {}", stale.display());
+        }
     }
-    UnixListener::bind(&path).map_err(|source| GrpcError::Bind { path, source })
+    let listener = UnixListener::bind(&path).map_err(|source| GrpcError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    // virt-handler connects as root: nobody else has business on the socket.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| GrpcError::Bind { path, source })?;
+    Ok(listener)
 }
 
 /// Renames `launcher-init-sock` to `launcher-sock`: virt-handler starts talking to the
@@ -213,7 +226,7 @@ pub async fn serve(
     backend: Arc<dyn LauncherBackend>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let control = ControlThread::start("launcher-control").map_err(GrpcError::Runtime)?;
+    let control = ControlThread::start("launcher-control", None).map_err(GrpcError::Thread)?;
     serve_with(listener, backend, control, shutdown).await
 }
 
@@ -276,6 +289,21 @@ fn failed(message: String) -> cmd::Response {
     }
 }
 
+/// The rate limits of the commands' log lines, one per command and outcome: a Sync repeated on
+/// every change of the VMI leaves the lines of a Shutdown (each a power button press) alone.
+static COMMAND_LOGS: Mutex<BTreeMap<(&str, bool), LogLimiter>> = Mutex::new(BTreeMap::new());
+
+/// Whether the line of command `what`'s outcome (`done`: it succeeded) is logged now; `Some`
+/// carries how many of its lines were left out since the last one.
+fn command_log_due(what: &'static str, done: bool) -> Option<u64> {
+    COMMAND_LOGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((what, done))
+        .or_default()
+        .check()
+}
+
 impl CmdHandler {
     /// Runs `call` on the control thread.
     async fn blocking<T: Send + 'static>(
@@ -286,7 +314,7 @@ impl CmdHandler {
         self.control
             .run(move || call(&*backend))
             .await
-            .map_err(|_| Status::internal("launcher backend call failed: it panicked"))
+            .map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Parses the VMI of `request`, runs `call`, and answers KubeVirt-style.
@@ -320,13 +348,19 @@ impl CmdHandler {
         let name = vmi.domain_name();
         let result = self.blocking(move |b| call(b, &vmi, &options)).await?;
         Ok(Response::new(match result {
+            // virt-handler repeats its commands (Sync on every change of the VMI): both lines
+            // are rate limited, each command's on its own.
             Ok(()) => {
-                log::info!("{what} {name}: done");
+                if let Some(n) = command_log_due(what, true) {
+                    log::info!("{what} {name}: done{}", left_out(n));
+                }
                 ok()
             }
             Err(e) => {
                 let message = error_chain(&e);
-                log::error!("{what} {name}: {message}");
+                if let Some(n) = command_log_due(what, false) {
+                    log::error!("{what} {name}: {message}{}", left_out(n));
+                }
                 failed(message)
             }
         }))
@@ -604,18 +638,20 @@ pub struct LauncherServer {
 
 impl LauncherServer {
     /// Binds `launcher-init-sock` in `sockets_dir` and starts serving `backend`, with backend
-    /// calls on a [`ControlThread`] started here.
+    /// calls on a [`ControlThread`] started here, filtered with `control_filter`.
     pub fn start(
         runtime: &GrpcRuntime,
         sockets_dir: &Path,
         backend: Arc<dyn LauncherBackend>,
+        control_filter: Option<BpfProgram>,
     ) -> Result<Self, GrpcError> {
         let handle = runtime.handle().clone();
         let listener = {
             let _entered = handle.enter();
             bind(sockets_dir)?
         };
-        let control = ControlThread::start("launcher-control").map_err(GrpcError::Runtime)?;
+        let control =
+            ControlThread::start("launcher-control", control_filter).map_err(GrpcError::Thread)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = handle.spawn(serve_with(listener, backend, control, async {
             let _ = stopped.await;

@@ -404,7 +404,7 @@ fn launcher_server_renames_its_socket_when_ready_and_removes_it_on_stop() {
     std::fs::write(ready_socket_path(&sockets), b"stale").unwrap();
     let runtime = GrpcRuntime::start().unwrap();
     let server =
-        LauncherServer::start(&runtime, &sockets, Arc::new(FakeBackend::default())).unwrap();
+        LauncherServer::start(&runtime, &sockets, Arc::new(FakeBackend::default()), None).unwrap();
     assert!(init_socket_path(&sockets).exists());
     assert!(!ready_socket_path(&sockets).exists());
     server.mark_ready().unwrap();

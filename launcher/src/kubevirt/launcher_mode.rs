@@ -31,13 +31,15 @@
 //! for debugging; `--simulate-crash` fails at once. The other flags are accepted and logged
 //! ([`super::launcher_flags::FLAG_USES`]).
 //!
-//! Seccomp: as `rvmm run`, one filter per thread kind ([`crate::seccomp`]); the mode has no
-//! `--seccomp` flag, filters are always on. The vCPU and device threads have theirs; the gRPC
-//! runtime thread has [`crate::seccomp::grpc_filter`] (backend calls run on the unfiltered
-//! `launcher-control` thread, which builds the VM); the main thread filters itself with
-//! [`crate::seccomp::main_filter`] once every other thread of its own has started, and then
-//! only waits for the end and tears down. The `kubevirt-notify` thread (it connects to
-//! virt-handler and builds domains) and the signal and timer threads are not filtered.
+//! Seccomp: as `rvmm run`, one filter per thread kind ([`crate::seccomp`]) on every thread;
+//! the mode has no `--seccomp` flag, filters are always on. The gRPC runtime thread has
+//! [`crate::seccomp::grpc_filter`] (backend calls run on the `launcher-control` thread, which
+//! builds the VM under [`crate::seccomp::control_rules`]); `kubevirt-notify`, the signal
+//! thread and the `--qemu-timeout` watch have their own; so has a live migration's sending
+//! thread (`kubevirt-migrate`, [`crate::seccomp::migration_send_rules`]), while the
+//! receiving one (`kubevirt-receive`) builds the VM under the control rules; the main thread
+//! filters itself with [`crate::seccomp::main_filter`] once every other thread of its own
+//! has started, and then only waits for the end and tears down.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, channel};
@@ -46,6 +48,7 @@ use std::time::Duration;
 
 use vmm_core::CpuProfile;
 use vmm_core::cpuid::KVM_PVM_MODULE;
+use vmm_core::seccomp::spawn_filtered;
 
 use super::backend::{DomainRecord, KubevirtBackend};
 use super::container_disks::ContainerDiskSockets;
@@ -54,8 +57,11 @@ use super::grpc::{GrpcError, GrpcRuntime, LauncherServer, error_chain, ready_soc
 use super::launcher_flags::{LauncherFlags, VirtLauncherArgs};
 use super::notify::{Notifier, VmiRef};
 use crate::events::EventMonitor;
-use crate::seccomp::{filter_main_thread, grpc_filter};
-use crate::shutdown::ShutdownSignals;
+use crate::seccomp::{
+    control_rules, filter_main_thread, grpc_filter, notify_rules, signal_rules, thread_filter_for,
+    timer_rules,
+};
+use crate::shutdown::{ShutdownSignals, SignalEvent};
 use crate::vmm::{EXIT_OK, EXIT_VMM_ERROR, OnReboot, Vmm, VmmSettings};
 
 /// How long the launcher gives its last events at exit, when virt-handler does not take them
@@ -71,6 +77,9 @@ pub enum LauncherModeError {
     /// A thread of the mode cannot start.
     #[error("Cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    /// A filtered thread of the mode cannot start.
+    #[error("Cannot start the {0} thread")]
+    Spawn(&'static str, #[source] vmm_core::seccomp::SpawnError),
     /// The command server cannot start or become ready.
     #[error("Cannot start the command server")]
     Server(#[source] GrpcError),
@@ -80,8 +89,9 @@ pub enum LauncherModeError {
 }
 
 /// Runs the virt-launcher mode; returns the exit code.
+/// The binary's `main` has made glibc keep one malloc arena first
+/// ([`vmm_core::seccomp::single_malloc_arena`]).
 pub fn run(flags: &LauncherFlags) -> u8 {
-    single_malloc_arena();
     // Before any thread starts, so that every thread inherits the blocked signals.
     let signals = match ShutdownSignals::block() {
         Ok(signals) => signals,
@@ -113,23 +123,33 @@ pub fn run(flags: &LauncherFlags) -> u8 {
         let vmm = vmm.clone();
         let backend = backend.clone();
         let mut first = true;
-        move |_signal| {
-            let _ = woken.send(());
-            shutdown_signal(
-                &vmm,
-                backend.get(),
-                std::mem::replace(&mut first, false),
-                grace,
-            );
+        move |event| match event {
+            SignalEvent::Shutdown(_) => {
+                let _ = woken.send(());
+                shutdown_signal(
+                    &vmm,
+                    backend.get(),
+                    std::mem::replace(&mut first, false),
+                    grace,
+                )
+            }
+            SignalEvent::TimerExpired => {
+                vmm.grace_period_over();
+                None
+            }
         }
     };
-    if let Err(e) = signals.handle_with(on_signal) {
-        return fail(&LauncherModeError::Thread("signal", e));
+    let signal_filter = match thread_filter_for(seccomp, signal_rules()) {
+        Ok(filter) => filter,
+        Err(e) => return fail(&LauncherModeError::Seccomp(e)),
+    };
+    if let Err(e) = signals.handle_with(signal_filter, on_signal) {
+        return fail(&LauncherModeError::Spawn("signal", e));
     }
     let code = match Launcher::start(args, &vmm, seccomp) {
         Ok(launcher) => {
             let _ = backend.set(launcher.backend.clone());
-            watch_first_sync(&vmm, &launcher.backend, args.qemu_timeout);
+            watch_first_sync(&vmm, &launcher.backend, args.qemu_timeout, seccomp);
             // The main thread has started its threads (signals, the gRPC runtime and the
             // control thread, the event thread, the --qemu-timeout watch; the grace timer
             // is the signal thread's, the VM's threads the control thread's): from here on
@@ -161,17 +181,6 @@ pub fn run(flags: &LauncherFlags) -> u8 {
     code
 }
 
-/// Every thread allocates from glibc's main heap. A thread heap of its own (glibc's default)
-/// is trimmed by `shrink_heap`, which first reads /proc/sys/vm/overcommit_memory: an `openat`
-/// that the gRPC thread's filter forbids, and that thread now builds the domains and stats
-/// GetDomain and GetDomainStats answer. The main heap is trimmed with `brk` alone.
-fn single_malloc_arena() {
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
-    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
-        log::warn!("Cannot limit glibc to one malloc arena");
-    }
-}
-
 fn fail(err: &LauncherModeError) -> u8 {
     // The whole cause chain, once, on one line.
     eprintln!("rvmm: {}", error_chain(err));
@@ -193,58 +202,57 @@ fn settings() -> VmmSettings {
     }
 }
 
-/// SIGTERM or SIGINT (`first` for the first one).
+/// A shutdown signal (`first` for the first one); returns the grace period to time.
 fn shutdown_signal(
     vmm: &Arc<Vmm>,
     backend: Option<&Arc<KubevirtBackend>>,
     first: bool,
     grace: Duration,
-) {
+) -> Option<Duration> {
     if !first {
         log::warn!("Second shutdown signal: stopping the VM now");
         vmm.request_exit(EXIT_OK);
-        return;
+        return None;
     }
     if !backend.is_some_and(|b| b.mark_for_graceful_shutdown()) {
         log::info!("Shutdown signal: no VM runs, exiting");
         vmm.request_exit(vmm.vm_end_code());
-        return;
+        return None;
     }
     log::warn!(
         "Shutdown signal: domain marked for a graceful shutdown by virt-handler; the VM is \
          stopped in {} s",
         grace.as_secs()
     );
-    let timer_vmm = vmm.clone();
-    let timer = std::thread::Builder::new()
-        .name("grace".into())
-        .spawn(move || {
-            std::thread::sleep(grace);
-            log::warn!("Grace period over: stopping the VM");
-            timer_vmm.request_exit(EXIT_OK);
-        });
-    if let Err(e) = timer {
-        log::error!("Cannot start the grace timer, stopping now: {e}");
-        vmm.request_exit(EXIT_OK);
-    }
+    Some(grace)
 }
 
 /// `--qemu-timeout`: without a synced VMI by then, the launcher fails.
-fn watch_first_sync(vmm: &Arc<Vmm>, backend: &Arc<KubevirtBackend>, timeout: Duration) {
+fn watch_first_sync(
+    vmm: &Arc<Vmm>,
+    backend: &Arc<KubevirtBackend>,
+    timeout: Duration,
+    seccomp: bool,
+) {
     let vmm = vmm.clone();
     let backend = backend.clone();
-    let watch = std::thread::Builder::new()
-        .name("qemu-timeout".into())
-        .spawn(move || {
-            std::thread::sleep(timeout);
-            if !backend.has_synced() {
-                eprintln!(
-                    "rvmm: no VMI was synced within --qemu-timeout {}s",
-                    timeout.as_secs()
-                );
-                vmm.request_exit(EXIT_VMM_ERROR);
-            }
-        });
+    let filter = match thread_filter_for(seccomp, timer_rules()) {
+        Ok(filter) => filter,
+        Err(e) => {
+            log::warn!("--qemu-timeout is not watched: {e}");
+            return;
+        }
+    };
+    let watch = spawn_filtered("qemu-timeout", filter, move || {
+        std::thread::sleep(timeout);
+        if !backend.has_synced() {
+            eprintln!(
+                "rvmm: no VMI was synced within --qemu-timeout {}s",
+                timeout.as_secs()
+            );
+            vmm.request_exit(EXIT_VMM_ERROR);
+        }
+    });
     if let Err(e) = watch {
         log::warn!("--qemu-timeout is not watched: {e}");
     }
@@ -285,6 +293,8 @@ impl Launcher {
             name: args.name.clone(),
             uid: args.uid.clone(),
         };
+        let notify_filter =
+            thread_filter_for(seccomp, notify_rules()).map_err(LauncherModeError::Seccomp)?;
         let events = DomainEvents::start(
             Notifier::new(&args.kubevirt_share_dir),
             runtime.handle().clone(),
@@ -292,8 +302,9 @@ impl Launcher {
             vmm.clone(),
             vmi,
             DELETE_WAIT,
+            notify_filter,
         )
-        .map_err(|e| LauncherModeError::Thread("domain-event", e))?;
+        .map_err(|e| LauncherModeError::Spawn("domain-event", e))?;
         vmm.on_event(events.listener(record.clone()));
         let backend = Arc::new(
             KubevirtBackend::new(
@@ -306,7 +317,9 @@ impl Launcher {
             .with_share_dir(args.kubevirt_share_dir.clone()),
         );
         let sockets = args.sockets_dir();
-        let server = LauncherServer::start(&runtime, &sockets, backend.clone())
+        let control_filter =
+            thread_filter_for(seccomp, control_rules()).map_err(LauncherModeError::Seccomp)?;
+        let server = LauncherServer::start(&runtime, &sockets, backend.clone(), control_filter)
             .map_err(LauncherModeError::Server)?;
         server.mark_ready().map_err(LauncherModeError::Server)?;
         log::info!(

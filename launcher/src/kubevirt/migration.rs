@@ -29,12 +29,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
+use vmm_core::seccomp::{spawn_confined, spawn_filtered};
 
 use super::backend::{DomainRecord, KubevirtBackend};
 use super::domain::rfc3339;
 use super::domain_events::Change;
 use super::grpc::BackendError;
 use super::vmi::{Vmi, plan, prepare};
+use crate::seccomp::{control_rules, migration_send_rules, thread_filter_for};
 use crate::vmm::migration::{MigrationError, MigrationListener, SendOptions};
 use crate::vmm::{EXIT_OK, VmState, Vmm, VmmError};
 
@@ -195,14 +197,16 @@ impl KubevirtBackend {
             .unwrap_or_default();
         let options = send_options(options, memory);
         let (vmm, record, changes) = (self.vmm().clone(), self.record().clone(), self.changes());
-        std::thread::Builder::new()
-            .name("kubevirt-migrate".into())
-            .spawn(move || {
-                let result = vmm.send_migration(&url, &options);
-                finish_source(&vmm, &record, result);
-                let _ = changes.send(Change::Metadata);
-            })
-            .map_err(|e| invalid(format!("Cannot start the migration thread: {e}")))?;
+        // It only moves memory and state and stops the VM: its own filter, no capabilities
+        // (the proxy socket is virt-handler's, made for the launcher's user).
+        let filter = thread_filter_for(vmm.settings().seccomp, migration_send_rules())
+            .map_err(|e| invalid(format!("Cannot filter the migration thread: {e}")))?;
+        spawn_filtered("kubevirt-migrate", filter, move || {
+            let result = vmm.send_migration(&url, &options);
+            finish_source(&vmm, &record, result);
+            let _ = changes.send(Change::Metadata);
+        })
+        .map_err(|e| invalid(format!("Cannot start the migration thread: {e}")))?;
         Ok(())
     }
 
@@ -254,28 +258,31 @@ impl KubevirtBackend {
         let (vmm, record, changes) = (self.vmm().clone(), self.record().clone(), self.changes());
         let config = plan.config.clone();
         log::info!("Prepared migration target pod, listening on {url}");
-        std::thread::Builder::new()
-            .name("kubevirt-receive".into())
-            .spawn(move || {
-                let result = vmm.receive_migration_as(listener, config);
-                record.update_migration(|m| {
-                    if let Some(m) = m {
-                        m.end = Some(SystemTime::now());
-                        if let Err(e) = &result {
-                            m.failed = true;
-                            m.failure_reason = crate::errors::error_chain(e);
-                        }
+        // It builds the VM it receives (KVM, disks, taps, the console; the VM's threads), as
+        // the control thread boots one: the control filter, and the capabilities the control
+        // thread has now (opening devices may need them; the VM's start lowers them).
+        let filter = thread_filter_for(vmm.settings().seccomp, control_rules())
+            .map_err(|e| invalid(format!("Cannot filter the migration thread: {e}")))?;
+        spawn_confined("kubevirt-receive", filter, None, move || {
+            let result = vmm.receive_migration_as(listener, config);
+            record.update_migration(|m| {
+                if let Some(m) = m {
+                    m.end = Some(SystemTime::now());
+                    if let Err(e) = &result {
+                        m.failed = true;
+                        m.failure_reason = crate::errors::error_chain(e);
                     }
-                });
-                if let Err(e) = result {
-                    log::error!(
-                        "Incoming migration failed: {}",
-                        crate::errors::error_chain(&e)
-                    );
                 }
-                let _ = changes.send(Change::Metadata);
-            })
-            .map_err(|e| invalid(format!("Cannot start the migration thread: {e}")))?;
+            });
+            if let Err(e) = result {
+                log::error!(
+                    "Incoming migration failed: {}",
+                    crate::errors::error_chain(&e)
+                );
+            }
+            let _ = changes.send(Change::Metadata);
+        })
+        .map_err(|e| invalid(format!("Cannot start the migration thread: {e}")))?;
         Ok(())
     }
 

@@ -3,7 +3,6 @@
 //! filtered runtime (in a child test process, so that a missing rule kills only the child).
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,8 @@ use super::proto::cmd::v1 as cmd;
 use super::proto::cmd::v1::cmd_client::CmdClient;
 use super::vmi::Vmi;
 use crate::seccomp::tests::{
-    EXITED_CLEANLY, KILLED_BY_SIGSYS, assert_allows_none, end_of_filtered_child,
+    EXITED_CLEANLY, KILLED_BY_SIGSYS, assert_allows_none, assert_child_passed,
+    end_of_filtered_child, run_test_in_child,
 };
 use crate::seccomp::{grpc_filter, grpc_rules};
 
@@ -113,23 +113,14 @@ fn filtered_runtime_serves_commands_and_reconnects_the_notify_client() {
     }
     // The filter applies to the runtime's thread of this process: run the test in a child,
     // which a missing rule kills with SIGSYS.
-    let name = concat!(
-        module_path!(),
-        "::filtered_runtime_serves_commands_and_reconnects_the_notify_client"
+    let output = run_test_in_child(
+        concat!(
+            module_path!(),
+            "::filtered_runtime_serves_commands_and_reconnects_the_notify_client"
+        ),
+        &[(CHILD_ENV, "1")],
     );
-    let name = name.split_once("::").map_or(name, |(_, path)| path);
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--test-threads=1", "--nocapture"])
-        .env(CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "child test: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_child_passed(&output);
 }
 
 /// Answers every command, and GetDomain with a fixed domain.
@@ -206,7 +197,7 @@ fn serve_and_notify_on_a_filtered_runtime() {
     let dir = TempDir::new("seccomp");
     let runtime = GrpcRuntime::start_filtered(Some(grpc_filter().unwrap())).unwrap();
     let sockets = dir.0.join("sockets");
-    let server = LauncherServer::start(&runtime, &sockets, Arc::new(QuietBackend)).unwrap();
+    let server = LauncherServer::start(&runtime, &sockets, Arc::new(QuietBackend), None).unwrap();
 
     // Commands: Info on the runtime, GetDomain through the control thread.
     let (client_runtime, mut received) = start_virt_handler(&dir.0);

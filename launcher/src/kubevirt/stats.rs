@@ -159,6 +159,7 @@ mod tests {
                 write_bytes: 2048,
                 flushes: 1,
                 errors: 0,
+                host_errors: 0,
             }],
             nets: vec![NicMetrics {
                 id: "default".into(),

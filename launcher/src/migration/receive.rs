@@ -270,8 +270,12 @@ impl Vmm {
                 slot.state.name()
             ));
         }
-        let console = Console::open(&incoming.serial, self.settings.serial_log.as_deref())
-            .map_err(|e| format!("Cannot set up the serial console: {e}"))?;
+        let console = Console::open(
+            &incoming.serial,
+            self.settings.serial_log.as_deref(),
+            self.settings.seccomp,
+        )
+        .map_err(|e| format!("Cannot set up the serial console: {e}"))?;
         let vm = build_restored(&incoming.config, &state, incoming.memory, console.output())
             .map_err(|e| crate::errors::error_chain(&e))?;
         inner.vm = Some(VmSlot {

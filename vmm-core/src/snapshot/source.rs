@@ -23,8 +23,12 @@ pub struct MigrationSource {
 
 fn vm_ioctl(e: VmError) -> kvm_ioctls::Error {
     match e {
-        VmError::Ioctl(_, source) | VmError::OpenKvm { source, .. } => source,
-        VmError::MissingCapability(_) => kvm_ioctls::Error::new(libc::ENOTSUP),
+        VmError::Ioctl(_, source)
+        | VmError::OpenKvm { source, .. }
+        | VmError::NotKvm { source, .. } => source,
+        VmError::MissingCapability(_) | VmError::ApiVersion { .. } => {
+            kvm_ioctls::Error::new(libc::ENOTSUP)
+        }
     }
 }
 

@@ -22,6 +22,8 @@ use super::BlockCounters;
 use super::backend::{Completions, DiskBackend, DiskOp};
 use super::guest::{GuestView, HostBuf};
 use super::request::{BlockRequest, ID_BYTES, RequestLimits, RequestType, SECTOR_SIZE};
+use crate::log_limit::LogLimiter;
+use crate::{limited_log, limited_log_with};
 
 /// Requests handed to the backend and not yet completed, at most. A guest can keep refilling
 /// the available ring while requests are in flight; beyond this the worker stops taking new
@@ -101,6 +103,7 @@ struct BatchCounters {
     bytes_written: u64,
     flushes: u64,
     errors: u64,
+    host_errors: u64,
 }
 
 impl BatchCounters {
@@ -114,6 +117,7 @@ impl BatchCounters {
             (&shared.bytes_written, batch.bytes_written),
             (&shared.flushes, batch.flushes),
             (&shared.errors, batch.errors),
+            (&shared.host_errors, batch.host_errors),
         ] {
             if n != 0 {
                 counter.fetch_add(n, Ordering::Relaxed);
@@ -161,6 +165,8 @@ pub struct BlockHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
     broken: bool,
     /// Statistics not yet added to `disk.counters`.
     stats: BatchCounters,
+    /// Host I/O errors are logged through this (a failing disk fails every request).
+    host_error_log: LogLimiter,
     /// Writes, discards and write-zeroes started so far.
     writes_started: u64,
     /// How many of `writes_started` a completed FLUSH has made durable.
@@ -196,6 +202,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             added: 0,
             broken: false,
             stats: BatchCounters::default(),
+            host_error_log: LogLimiter::new(),
             writes_started: 0,
             writes_synced: 0,
         }
@@ -415,7 +422,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         match self.backend.start(&self.mem, op, u64::from(token)) {
             Some(outcome) => {
                 if let Err(e) = outcome {
-                    log::debug!("virtio-blk: I/O error: {e}");
+                    self.host_error(staged.entry.request_type, &e);
                     staged.entry.failed = true;
                 }
                 true
@@ -523,7 +530,10 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         if self.queue.needs_notification(&self.mem)?
             && let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0))
         {
-            log::warn!("virtio-blk: cannot interrupt the guest: {e}");
+            limited_log!(
+                log::Level::Warn,
+                "virtio-blk: cannot interrupt the guest: {e}"
+            );
         }
         Ok(())
     }
@@ -539,14 +549,16 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
 
     /// Accounts one finished operation; answers its request when it was the last one.
     fn op_done(&mut self, token: u64, outcome: io::Result<()>) {
-        let Some(entry) = self.in_flight.get_mut(token as usize) else {
+        let Some(request_type) = self.in_flight.get(token as usize).map(|e| e.request_type) else {
             log::error!("virtio-blk: completion for unknown request {token}");
             return;
         };
+        let failed = outcome.is_err();
         if let Err(e) = outcome {
-            log::debug!("virtio-blk: I/O error: {e}");
-            entry.failed = true;
+            self.host_error(request_type, &e);
         }
+        let entry = &mut self.in_flight[token as usize];
+        entry.failed |= failed;
         entry.ops_left = entry.ops_left.saturating_sub(1);
         if entry.ops_left > 0 {
             return;
@@ -591,8 +603,25 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         });
     }
 
+    /// The host failed an operation of a valid request: counted, and logged at warn (rate
+    /// limited), since the guest sees only IOERR and the host's operator must act (a full
+    /// file system, a failing device, a truncated image).
+    fn host_error(&mut self, request: Option<RequestType>, e: &io::Error) {
+        self.stats.host_errors += 1;
+        limited_log_with!(
+            self.host_error_log,
+            log::Level::Warn,
+            "virtio-blk: host I/O error on {} ({}): {e}",
+            self.disk.path.display(),
+            request.map_or("request", RequestType::name)
+        );
+    }
+
     fn fail(&mut self, e: virtio_queue::Error) {
-        log::warn!("virtio-blk: queue error, device needs reset: {e}");
+        limited_log!(
+            log::Level::Warn,
+            "virtio-blk: queue error, device needs reset: {e}"
+        );
         self.broken = true;
         self.interrupt.signal_needs_reset();
     }

@@ -43,6 +43,7 @@ use super::{
     VirtioDevice, VirtioInterrupt, WorkerError, read_config_bytes, take_queues,
 };
 use crate::image::{DiskImage, ImageError, ImageFormat};
+use crate::image_lock::{ImageAccess, ImageLockError, lock_image};
 use crate::seccomp::WorkerKind;
 
 /// Size of the device's only queue.
@@ -78,6 +79,18 @@ pub struct BlockConfig {
 /// Errors creating a [`Block`] device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The disk cannot be opened for writing (its file or file system is read-only to us).
+    #[error("Cannot open disk {path} for writing (readonly=on gives the guest a read-only disk)")]
+    OpenForWriting {
+        /// The disk.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another VM (or another disk of this one) uses the image in a way that excludes this.
+    #[error("Cannot lock the disk image")]
+    Locked(#[source] ImageLockError),
     /// The disk cannot be opened.
     #[error("Cannot open disk {path}")]
     Open {
@@ -163,6 +176,9 @@ pub struct BlockCounters {
     pub flushes: AtomicU64,
     /// Requests answered IOERR or UNSUPP.
     pub errors: AtomicU64,
+    /// Of those, the ones the host failed (ENOSPC, EIO, a file shorter than the disk): the
+    /// guest's request was valid.
+    pub host_errors: AtomicU64,
 }
 
 impl BlockCounters {
@@ -225,6 +241,14 @@ impl Block {
                 None,
             ),
         };
+        let access = if readonly {
+            ImageAccess::Read
+        } else {
+            ImageAccess::Write
+        };
+        // The image's own descriptor (a qcow2 image's shares it): QEMU's locks, so that a
+        // second writer is refused whichever VMM it is.
+        lock_image(&file, &path, access).map_err(BlockError::Locked)?;
         let size = match &image {
             Some(image) => image.virtual_size(),
             // lseek works for block devices too, whose metadata length is 0.

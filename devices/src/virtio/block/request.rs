@@ -80,6 +80,21 @@ pub enum RequestType {
     Unsupported(u32),
 }
 
+impl RequestType {
+    /// The request's name in messages (`VIRTIO_BLK_T_*`, lower case).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::In => "read",
+            Self::Out => "write",
+            Self::Flush => "flush",
+            Self::GetId => "get-id",
+            Self::Discard => "discard",
+            Self::WriteZeroes => "write-zeroes",
+            Self::Unsupported(_) => "unsupported request",
+        }
+    }
+}
+
 impl From<u32> for RequestType {
     fn from(value: u32) -> Self {
         match value {

@@ -294,6 +294,8 @@ fn disk_sync_is_offered_for_writable_disks_and_names_the_path() {
     let sync = dev.disk_sync().unwrap().expect("writable disk");
     assert_eq!(sync.path(), disk.path.as_path());
     sync.sync().unwrap();
+    // The image is locked while the writable device (or its flush handle) lives.
+    drop((sync, dev));
     assert!(
         block(&disk, true, Engine::Sync)
             .disk_sync()

@@ -619,7 +619,10 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
     }
 
     fn fail(&mut self, e: virtio_queue::Error) {
-        log::warn!("virtio-net: queue error, device needs reset: {e}");
+        crate::limited_log!(
+            log::Level::Warn,
+            "virtio-net: queue error, device needs reset: {e}"
+        );
         self.broken = true;
         self.interrupt.signal_needs_reset();
     }
@@ -641,7 +644,10 @@ fn signal<I: ?Sized + VirtioInterrupt>(
     if queue.needs_notification(mem)?
         && let Err(e) = interrupt.trigger(InterruptKind::Queue(index))
     {
-        log::warn!("virtio-net: cannot interrupt the guest: {e}");
+        crate::limited_log!(
+            log::Level::Warn,
+            "virtio-net: cannot interrupt the guest: {e}"
+        );
     }
     Ok(())
 }

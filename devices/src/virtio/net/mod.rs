@@ -169,7 +169,8 @@ impl Net {
         let offloads = tap_offloads(self.acked);
         if let Err(e) = backend.set_offload(offloads) {
             // The tap then sends plain frames, which every driver takes.
-            log::warn!(
+            crate::limited_log!(
+                log::Level::Warn,
                 "virtio-net {}: cannot set offloads {offloads:#x}: {e}",
                 self.id
             );

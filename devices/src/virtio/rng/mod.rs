@@ -181,7 +181,10 @@ impl<I: ?Sized + VirtioInterrupt> RngHandler<I> {
                 if self.queue.needs_notification(&self.mem)?
                     && let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0))
                 {
-                    log::warn!("virtio-rng: cannot interrupt the guest: {e}");
+                    crate::limited_log!(
+                        log::Level::Warn,
+                        "virtio-rng: cannot interrupt the guest: {e}"
+                    );
                 }
             }
             if !self.queue.enable_notification(&self.mem)? {
@@ -214,7 +217,10 @@ impl<I: ?Sized + VirtioInterrupt> MutEventSubscriber for RngHandler<I> {
         }
         let _ = self.notify.read();
         if let Err(e) = self.process_queue() {
-            log::warn!("virtio-rng: queue error, device needs reset: {e}");
+            crate::limited_log!(
+                log::Level::Warn,
+                "virtio-rng: queue error, device needs reset: {e}"
+            );
             self.interrupt.signal_needs_reset();
         }
     }
@@ -229,7 +235,10 @@ impl<I: ?Sized + VirtioInterrupt> MutEventSubscriber for RngHandler<I> {
         }
         // Requests posted before activation are served now.
         if let Err(e) = self.process_queue() {
-            log::warn!("virtio-rng: queue error, device needs reset: {e}");
+            crate::limited_log!(
+                log::Level::Warn,
+                "virtio-rng: queue error, device needs reset: {e}"
+            );
             self.interrupt.signal_needs_reset();
         }
     }
