@@ -215,6 +215,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             readonly: false,
             id: None,
             engine: Engine::Sync,
+            format: None,
         };
         match Block::new(config) {
             Ok(b) => Box::new(b),

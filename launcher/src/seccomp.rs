@@ -65,10 +65,18 @@ pub fn serial_rules() -> Vec<Allow> {
         // Accepting a client (close-on-exec) and keeping a second handle to read from.
         Allow::any(libc::SYS_accept4),
         Allow::arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
-        // The client's writes never block the guest: set_nonblocking is ioctl(FIONBIO).
+        // Attaching a client makes sure it is blocking for its reads: ioctl(FIONBIO).
         Allow::arg_in(libc::SYS_ioctl, 1, &[libc::FIONBIO]),
-        // The backlog to a new client: a send with MSG_NOSIGNAL.
-        Allow::arg_in(libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64]),
+        // The backlog to a new client: a send that never waits (MSG_DONTWAIT, leaving the
+        // socket's flags to the reader) and raises no SIGPIPE (console_socket.rs).
+        Allow::arg_in(
+            libc::SYS_sendto,
+            3,
+            &[
+                libc::MSG_NOSIGNAL as u64,
+                (libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u64,
+            ],
+        ),
         // serial-stdin waits for the guest to drain its FIFO (thread::sleep).
         Allow::any(libc::SYS_clock_nanosleep),
         Allow::any(libc::SYS_nanosleep),

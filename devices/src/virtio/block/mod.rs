@@ -217,7 +217,20 @@ impl Block {
             format,
         } = config;
         let id = device_id(&path, id.as_deref())?;
-        let (mut file, image) = match DiskImage::open(&path, !readonly, format)? {
+        let opened = DiskImage::open(&path, !readonly, format).map_err(|e| match e {
+            // The file is there but not writable: say that readonly=on would do.
+            ImageError::Open { path, source }
+                if !readonly
+                    && matches!(
+                        source.raw_os_error(),
+                        Some(libc::EACCES | libc::EPERM | libc::EROFS)
+                    ) =>
+            {
+                BlockError::OpenForWriting { path, source }
+            }
+            other => BlockError::Image(other),
+        })?;
+        let (mut file, image) = match opened {
             DiskImage::Qcow2(image) => {
                 let file = image
                     .storage()
