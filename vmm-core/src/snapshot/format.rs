@@ -16,18 +16,27 @@
 //! Compatibility: the payload is not self-describing, so any change to a state structure
 //! (a field added, removed or retyped) makes a new format version. A build reads the versions
 //! in [`READABLE_VERSIONS`] and refuses any other with an error naming both. Migration
-//! carries the same encoding, so both ends must share a version.
+//! carries the same encoding, so the receiver must read the sender's version.
+//!
+//! Versions:
+//!
+//! - 1: vCPUs, KVM clock/irqchips/PIT, serial, i8042, virtio devices on virtio-mmio.
+//! - 2: adds virtio-pci transports (`TransportState::Pci`, a new last variant, so a version 1
+//!   payload's devices decode unchanged) and the ACPI PM1 registers (`VmState::acpi_pm`, a
+//!   new last field: a version 1 payload is decoded without it and restores the registers as
+//!   at boot).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::VmState;
+use super::vm_state::VmStateV1;
 
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The versions this build reads.
-pub const READABLE_VERSIONS: &[u32] = &[1];
+pub const READABLE_VERSIONS: &[u32] = &[1, 2];
 /// What every state file starts with.
 pub const MAGIC: &[u8; 8] = b"RVMMSNAP";
 /// Header length.
@@ -52,7 +61,7 @@ pub enum StateFileError {
     BadMagic,
     /// Written by a build with another format.
     #[error(
-        "Snapshot state format version {found} cannot be read by this rvmm (it reads version {})",
+        "Snapshot state format version {found} cannot be read by this rvmm (it reads versions {})",
         readable()
     )]
     UnsupportedVersion {
@@ -139,7 +148,11 @@ pub fn decode_state(bytes: &[u8]) -> Result<VmState, StateFileError> {
     if found != expected {
         return Err(StateFileError::Checksum { found, expected });
     }
-    postcard::from_bytes(payload).map_err(StateFileError::Decode)
+    let state = match version {
+        1 => postcard::from_bytes::<VmStateV1>(payload).map(VmState::from),
+        _ => postcard::from_bytes(payload),
+    };
+    state.map_err(StateFileError::Decode)
 }
 
 /// Writes `state` to `path` (created or truncated) and makes it durable; returns its size.
@@ -169,3 +182,7 @@ pub fn read_state(path: &Path) -> Result<VmState, StateFileError> {
         .map_err(io)?;
     decode_state(&bytes)
 }
+
+#[cfg(test)]
+#[path = "format_tests.rs"]
+mod tests;
