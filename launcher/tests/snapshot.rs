@@ -209,7 +209,7 @@ fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() 
             bad[8..12].copy_from_slice(&99u32.to_le_bytes());
             std::fs::write(s.join("state.bin"), bad).unwrap();
         },
-        &["format version 99", "reads version 1"],
+        &["format version 99", "reads versions 1, 2"],
     );
     case(
         "not-a-snapshot",
