@@ -27,7 +27,7 @@ use devices::virtio::persist::TransportState;
 use devices::virtio::rng::Rng;
 use fuzz_common::{CheckingMsiRouter, CountingTrigger};
 use libfuzzer_sys::fuzz_target;
-use vmm_core::snapshot::format::{FORMAT_VERSION, HEADER_LEN, MAGIC};
+use vmm_core::snapshot::format::{FORMAT_VERSION, HEADER_LEN, MAGIC, frame};
 use vmm_core::snapshot::{decode_state, encode_state};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -37,19 +37,6 @@ struct NoPower;
 impl PowerControl for NoPower {
     fn power_off(&self) {}
     fn reset(&self) {}
-}
-
-/// `payload` behind a header of format `version`.
-fn framed(version: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -62,9 +49,9 @@ fuzz_target!(|data: &[u8]| {
         // Seeds are whole state files: their payload is framed again with their own version.
         _ if rest.starts_with(MAGIC) && rest.len() >= HEADER_LEN => {
             let own = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
-            framed(own, &rest[HEADER_LEN..])
+            frame(own, &rest[HEADER_LEN..])
         }
-        _ => framed(version, rest),
+        _ => frame(version, rest),
     };
     let Ok(state) = decode_state(&bytes) else {
         return;

@@ -13,8 +13,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::http::{call, wait_for_socket};
-use common::memtest::{API_TIMEOUT, put, state};
+use common::http::wait_for_socket;
+use common::memtest::{API_TIMEOUT, migrate, put, restore_paused, state};
 use common::process::{Rvmm, TestDir, wait_for_text};
 use common::{kvm_available, tiny_guest};
 
@@ -118,17 +118,8 @@ fn kvm_pci_machine_snapshot_restore_keeps_bar_msix_queues_and_acpi_power_button(
 
     let restored_socket = dir.path("restored.sock");
     let restored_log = dir.path("restored.log");
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--restore",
-        &format!("source_url=file://{}", snap.display()),
-        "--serial",
-        &format!("file={}", restored_log.display()),
-        "--api-socket",
-        restored_socket.to_str().unwrap(),
-    ]);
-    wait_for_socket(&restored_socket, API_TIMEOUT);
-    assert_eq!(state(&restored_socket), "Paused");
+    let serial = format!("file={}", restored_log.display());
+    let mut restored = restore_paused(&snap, &serial, &restored_socket);
     put(&restored_socket, "vm.resume", None);
     check_goes_on_and_takes_the_power_button(&restored_log, &restored_socket, &before);
     // The guest resets after the power button: its power-off, which ends rvmm.
@@ -153,22 +144,7 @@ fn kvm_pci_machine_live_migrates_and_its_device_goes_on_at_the_destination() {
     wait_for_socket(&dst_socket, API_TIMEOUT);
     wait_for_beats(&dir.path("serial.log"), 2);
     let url = format!("unix:{}", dir.path("migration.sock").display());
-    let receive = {
-        let (socket, body) = (
-            dst_socket.clone(),
-            format!(r#"{{"receiver_url": "{url}"}}"#),
-        );
-        std::thread::spawn(move || {
-            call(&socket, "PUT", "/api/v1/vm.receive-migration", Some(&body))
-        })
-    };
-    put(
-        &src_socket,
-        "vm.send-migration",
-        Some(&format!(r#"{{"destination_url": "{url}"}}"#)),
-    );
-    let received = receive.join().unwrap();
-    assert_eq!(received.status, 204, "{}", received.body);
+    migrate(&src_socket, &dst_socket, &url);
     assert_eq!(source.wait(API_TIMEOUT), Some(0), "source exit");
     let before = beats(&std::fs::read_to_string(dir.path("serial.log")).unwrap());
     assert_eq!(state(&dst_socket), "Running");

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::http::wait_for_socket;
-use common::memtest::{API_TIMEOUT, passes, put, start_memtest, state};
+use common::memtest::{API_TIMEOUT, passes, put, restore_paused, start_memtest};
 use common::process::{Rvmm, TestDir, read_until, wait_for_path, wait_for_text};
 use common::{kvm_available, tiny_guest};
 
@@ -59,17 +59,8 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
 
     let restored_socket = dir.path("restored.sock");
     let restored_log = dir.path("restored.log");
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--restore",
-        &format!("source_url=file://{}", first.display()),
-        "--serial",
-        &format!("file={}", restored_log.display()),
-        "--api-socket",
-        restored_socket.to_str().unwrap(),
-    ]);
-    wait_for_socket(&restored_socket, API_TIMEOUT);
-    assert_eq!(state(&restored_socket), "Paused");
+    let serial = format!("file={}", restored_log.display());
+    let mut restored = restore_paused(&first, &serial, &restored_socket);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         std::fs::read_to_string(&restored_log).unwrap_or_default(),
@@ -116,17 +107,8 @@ fn kvm_restored_guest_reads_input_from_its_new_console_socket() {
     source.wait(API_TIMEOUT);
 
     let (console2, api2) = (dir.path("restored-serial.sock"), dir.path("restored.sock"));
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--restore",
-        &format!("source_url=file://{}", snap.display()),
-        "--serial",
-        &format!("socket={}", console2.display()),
-        "--api-socket",
-        api2.to_str().unwrap(),
-    ]);
-    wait_for_socket(&api2, API_TIMEOUT);
-    assert_eq!(state(&api2), "Paused");
+    let serial = format!("socket={}", console2.display());
+    let mut restored = restore_paused(&snap, &serial, &api2);
     let mut client = UnixStream::connect(&console2).unwrap();
     // Typed while the restored guest is paused: held, then read after the resume.
     client.write_all(b"while paused\n").unwrap();

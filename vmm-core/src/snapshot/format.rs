@@ -103,15 +103,20 @@ fn readable() -> String {
 /// The state as header + payload.
 pub fn encode_state(state: &VmState) -> Result<Vec<u8>, StateFileError> {
     let payload = postcard::to_stdvec(state).map_err(StateFileError::Encode)?;
+    Ok(frame(FORMAT_VERSION, &payload))
+}
+
+/// `payload` behind the header of format `version` (its length and CRC-32 filled in).
+pub fn frame(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Checks the header and decodes the state. Untrusted input: every field is checked before

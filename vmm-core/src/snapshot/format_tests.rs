@@ -57,17 +57,6 @@ fn state(acpi_pm: Option<AcpiPmSnapshot>) -> VmState {
     }
 }
 
-fn framed(version: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
 #[test]
 fn this_build_writes_version_2_with_the_acpi_registers_and_reads_it_back() {
     let pm = AcpiPmSnapshot {
@@ -90,13 +79,13 @@ fn a_version_1_state_of_virtio_mmio_devices_still_decodes_without_acpi_registers
     let s = state(None);
     let v1 = postcard::to_stdvec(&(&s.memory, &s.vcpus, &s.kvm, &s.serial, &s.i8042, &s.virtio))
         .unwrap();
-    let decoded = decode_state(&framed(1, &v1)).unwrap();
+    let decoded = decode_state(&frame(1, &v1)).unwrap();
     assert_eq!(decoded.acpi_pm, None);
     assert_eq!(decoded.virtio, vec![mmio_rng()]);
     assert_eq!(decoded.memory, s.memory);
     // The same payload as version 2 lacks its last field.
     assert!(matches!(
-        decode_state(&framed(2, &v1)),
+        decode_state(&frame(2, &v1)),
         Err(StateFileError::Decode(_))
     ));
 }
@@ -104,7 +93,7 @@ fn a_version_1_state_of_virtio_mmio_devices_still_decodes_without_acpi_registers
 #[test]
 fn a_newer_version_is_refused_by_name() {
     let v2 = encode_state(&state(None)).unwrap();
-    let err = decode_state(&framed(3, &v2[HEADER_LEN..])).unwrap_err();
+    let err = decode_state(&frame(3, &v2[HEADER_LEN..])).unwrap_err();
     assert_eq!(
         err.to_string(),
         "Snapshot state format version 3 cannot be read by this rvmm (it reads versions 1, 2)"
