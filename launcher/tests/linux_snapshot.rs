@@ -65,9 +65,11 @@ fn spawn_in(net: &TestNetwork, args: &[&str]) -> Rvmm {
     Rvmm(child)
 }
 
+/// On virtio-mmio. Ignored for CI's time budget (four minutes of emulated Linux): the PCI
+/// run below covers the vCPU, clock and memory restore, the tiny-guest tests cover the
+/// virtio-mmio transport's. Passed here (2026-12-04, `--ignored`) with the TSC deadline fix.
 #[test]
-#[ignore = "not yet seen passing: on the loaded development machine the guest needed 14 min to \
-            reach /init; run it with --ignored on an idle one before enabling it"]
+#[ignore = "CI time: the PCI run covers the same restore; run with --ignored"]
 fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
     snapshot_kill_restore("linux snapshot/restore", "mmio");
 }
@@ -75,8 +77,6 @@ fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
 /// The same on a PCI machine (KubeVirt's platform): Linux's virtio-pci driver with MSI-X, the
 /// BARs where the kernel put them, ACPI.
 #[test]
-#[ignore = "as the virtio-mmio one: here (2026-12-04) both booted and beat in about 2 min, and \
-            after the restore and resume both guests stayed silent with no vCPU exits"]
 fn kvm_linux_guest_on_pci_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
     snapshot_kill_restore("linux snapshot/restore on PCI", "pci");
 }
