@@ -6,7 +6,12 @@
  * pending in the local APIC's IRR: KVM's MSI route and irqfd delivered it),
  * masking (pending bit, delivered on unmask), a device reset and re-init;
  * then malformed accesses of every kind, after which the device must still
- * work. See README.md for the lines it prints. */
+ * work. See README.md for the lines it prints.
+ *
+ * pci.beat=1 instead keeps the device in use for snapshot and migration tests:
+ * after the probe it moves BAR 0, enables MSI-X and ACPI's power button
+ * event, and beats, each beat an entropy request whose MSI-X interrupt must
+ * reach the local APIC on a vector of its own, until the power button. */
 #include "tiny.h"
 #include "virtio.h"
 
@@ -49,6 +54,13 @@
 #define X2APIC_IRR      0x820
 #define VECTOR_A        0x41
 #define VECTOR_B        0x42
+#define VECTOR_BEAT     0x50            /* beat n raises 0x50 + n */
+#define BEATS           0xa0            /* up to vector 0xef */
+#define BAR_MOVED       0xc0010000UL    /* in the 32-bit window, away from firmware's choice */
+
+#define PM1_STS         0x600
+#define PM1_EN          0x602
+#define PWRBTN          0x0100
 
 static u32 dev;                 /* slot of the virtio-rng function */
 static u64 bar;                 /* its BAR 0 */
@@ -328,6 +340,60 @@ static void malformed(void)
     expect(cfg_read32(dev, 0) == (DEVICE_RNG << 16 | VENDOR_VIRTIO), "id after the malformed accesses", cfg_read32(dev, 0));
 }
 
+/* ------------------------------------------------------------------ beat */
+
+static u64 beat_delay(void)
+{
+    const char *s = cmdline_value("pci.delay=");
+    u64 v = 0;
+    for (; s && *s >= '0' && *s <= '9'; s++)
+        v = v * 10 + (u64)(*s - '0');
+    return v ? v : 500000;
+}
+
+/* The table entry of a beat's vector is written right after the previous beat,
+ * so the beat after a restore or migration raises the vector through the route
+ * and irqfd as they were saved; the request's notification reaches the device
+ * at the moved BAR. The power button (PM1_EN kept across the snapshot) ends it. */
+__attribute__((noreturn)) static void beat(void)
+{
+    u64 pause = beat_delay();
+    cfg_write16(dev, 0x04, 0);
+    cfg_write32(dev, 0x10, (u32)BAR_MOVED);
+    cfg_write32(dev, 0x14, 0);
+    cfg_write16(dev, 0x04, CMD_MEMORY | CMD_MASTER);
+    common += BAR_MOVED - bar;
+    isr += BAR_MOVED - bar;
+    notify += BAR_MOVED - bar;
+    msix_table += BAR_MOVED - bar;
+    msix_pba += BAR_MOVED - bar;
+    bar = BAR_MOVED;
+    bring_up();
+    apic_enable();
+    msix_entry(0, VECTOR_BEAT, 0);
+    cfg_write16(dev, msix_cap + 2, MSIX_ENABLE);
+    outw(PM1_EN, PWRBTN);
+    print("pci: beating\n");
+    for (u32 n = 0; n < BEATS; n++) {
+        request();
+        expect(wait_irr(VECTOR_BEAT + n), "beat vector not in the local APIC, beat", n);
+        print("pci: beat ");
+        print_dec(n);
+        print_char('\n');
+        if (n + 1 < BEATS)
+            msix_entry(0, VECTOR_BEAT + n + 1, 0);
+        for (u64 i = 0; i < pause; i += 10000) {
+            if (inw(PM1_STS) & PWRBTN) {
+                print("pci: power button\n");
+                reset();
+            }
+            delay(10000);
+        }
+    }
+    print("pci: out of vectors\n");
+    halt_forever();
+}
+
 void guest_main(void *boot_params)
 {
     read_cmdline((u64)boot_params);
@@ -336,6 +402,8 @@ void guest_main(void *boot_params)
     size_bar();
     find_capabilities();
     cfg_write16(dev, 0x04, CMD_MEMORY | CMD_MASTER);
+    if (cmdline_value("pci.beat="))
+        beat();
 
     bring_up();
     request();

@@ -18,9 +18,18 @@ use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The test's VMI: memtest with a virtio-rng, which the launcher puts on PCI (KubeVirt's
+/// platform: virtio-pci functions with MSI-X, ACPI), so that the migration carries a PCI
+/// function's state and the ACPI registers.
+fn vmi() -> Value {
+    let mut vmi = kernel_boot_vmi("uid-1", "memtest.elf");
+    vmi["spec"]["domain"]["devices"]["rng"] = json!({});
+    vmi
+}
+
 /// The VMI as virt-handler sends it once virt-controller set up the migration.
 fn migrating_vmi() -> Value {
-    let mut vmi = kernel_boot_vmi("uid-1", "memtest.elf");
+    let mut vmi = vmi();
     vmi["status"] = json!({
         "migrationTransport": "Unix",
         "migrationState": {
@@ -97,7 +106,7 @@ fn kvm_virt_handlers_migrate_a_vmi_between_two_launcher_pods_with_kubevirts_comm
     let source = Session::start("msrc", "memtest", 30);
     let target = Session::start("mdst", "memtest", 30);
     let (src, dst) = (source.handler(), target.handler());
-    let vmi = kernel_boot_vmi("uid-1", "memtest.elf");
+    let vmi = vmi();
     assert_eq!(src.vmi_command("Sync", &vmi), (true, String::new()));
     assert_eq!(next_event(&source.events).0, "ADDED");
     std::thread::sleep(Duration::from_millis(500));
@@ -165,7 +174,7 @@ fn kvm_cancel_virtual_machine_migration_aborts_and_the_source_goes_on() {
     }
     let source = Session::start("mcancel", "memtest", 30);
     let src = source.handler();
-    let vmi = kernel_boot_vmi("uid-1", "memtest.elf");
+    let vmi = vmi();
     assert_eq!(src.vmi_command("Sync", &vmi), (true, String::new()));
     // A target that takes the start and the configuration, then stalls.
     let socket = proxy_socket(&source);

@@ -65,21 +65,34 @@ fn spawn_in(net: &TestNetwork, args: &[&str]) -> Rvmm {
     Rvmm(child)
 }
 
+/// On virtio-mmio. Ignored for CI's time budget (four minutes of emulated Linux): the PCI
+/// run below covers the vCPU, clock and memory restore, the tiny-guest tests cover the
+/// virtio-mmio transport's. Passed here (2026-12-04, `--ignored`) with the TSC deadline fix.
 #[test]
-#[ignore = "not yet seen passing: on the loaded development machine the guest needed 14 min to \
-            reach /init; run it with --ignored on an idle one before enabling it"]
+#[ignore = "CI time: the PCI run covers the same restore; run with --ignored"]
 fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
-    let test = "linux snapshot/restore";
+    snapshot_kill_restore("linux snapshot/restore", "mmio");
+}
+
+/// The same on a PCI machine (KubeVirt's platform): Linux's virtio-pci driver with MSI-X, the
+/// BARs where the kernel put them, ACPI.
+#[test]
+fn kvm_linux_guest_on_pci_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
+    snapshot_kill_restore("linux snapshot/restore on PCI", "pci");
+}
+
+fn snapshot_kill_restore(test: &str, transport: &str) {
     let Some(images) = image_dir(test) else {
         return;
     };
     if !kvm_available(test) {
         return;
     }
-    let Some(net) = test_network("lsnap") else {
+    // Apart from the other transport's run: its own namespace and directory.
+    let Some(net) = test_network(&format!("lsnap{}", &transport[..1])) else {
         return;
     };
-    let dir = TestDir::new("linux-snapshot");
+    let dir = TestDir::new(&format!("linux-snapshot-{transport}"));
     let m = manifest(&images);
     let disk = dir.path("rootfs.ext4");
     std::fs::copy(&m["rootfs"], &disk).unwrap();
@@ -100,6 +113,8 @@ fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
             &cmdline,
             "--memory",
             "256M",
+            "--transport",
+            transport,
             "--rng",
             "--disk",
             &format!("path={},id=rootfs", disk.display()),

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 
 use common::http::{call, free_port, wait_for_socket};
-use common::memtest::{API_TIMEOUT, events_named, passes, put, start_memtest, state};
+use common::memtest::{API_TIMEOUT, events_named, migrate, passes, put, start_memtest, state};
 use common::process::{Rvmm, TestDir, wait_for_text};
 use common::{assert_threads_confined, kvm_available};
 
@@ -36,23 +36,7 @@ fn migrate_and_check(dir: &TestDir, receiver_url: &str) {
     let mut source = start_memtest(dir, "2", 16);
     let mut destination = start_receiver(dir);
     wait_for_text(&dir.path("serial.log"), " ok\n", 2);
-    let receive = {
-        let (socket, body) = (
-            dst_socket.clone(),
-            format!(r#"{{"receiver_url": "{receiver_url}"}}"#),
-        );
-        std::thread::spawn(move || {
-            call(&socket, "PUT", "/api/v1/vm.receive-migration", Some(&body))
-        })
-    };
-    // The sender waits (up to 10 s) for the receiver to listen.
-    put(
-        &src_socket,
-        "vm.send-migration",
-        Some(&format!(r#"{{"destination_url": "{receiver_url}"}}"#)),
-    );
-    let received = receive.join().unwrap();
-    assert_eq!(received.status, 204, "{}", received.body);
+    migrate(&src_socket, &dst_socket, receiver_url);
     assert_eq!(source.wait(API_TIMEOUT), Some(0), "source exit");
     let before = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap());
     assert_eq!(state(&dst_socket), "Running");

@@ -11,8 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::http::{call, wait_for_socket};
-use common::memtest::{API_TIMEOUT, passes, put, start_memtest, state};
+use common::http::wait_for_socket;
+use common::memtest::{API_TIMEOUT, passes, put, restore_paused, start_memtest, state};
 use common::process::{Rvmm, TestDir, read_until, wait_for_path, wait_for_text};
 use common::{assert_threads_confined, kvm_available, tiny_guest};
 
@@ -76,18 +76,8 @@ fn kvm_snapshot_kill_restore_resume_goes_on_where_the_guest_was_with_memory_inta
 
     let restored_socket = dir.path("restored.sock");
     let restored_log = dir.path("restored.log");
-    let source_url = format!("source_url=file://{}", first.display());
-    let mut restored = start_vmm(&restored_socket, &restored_log, &["--restore", &source_url]);
-    // The API answers while the restore is still under way (vm.info: 404 until the VM exists).
-    let restoring = std::time::Instant::now();
-    while call(&restored_socket, "GET", "/api/v1/vm.info", None).status == 404 {
-        assert!(
-            restoring.elapsed() < API_TIMEOUT,
-            "the restore never finished"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(state(&restored_socket), "Paused");
+    let serial = format!("file={}", restored_log.display());
+    let mut restored = restore_paused(&first, &serial, &restored_socket);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         std::fs::read_to_string(&restored_log).unwrap_or_default(),
@@ -142,17 +132,8 @@ fn kvm_restored_guest_reads_input_from_its_new_console_socket() {
     source.wait(API_TIMEOUT);
 
     let (console2, api2) = (dir.path("restored-serial.sock"), dir.path("restored.sock"));
-    let mut restored = Rvmm::start(&[
-        "run",
-        "--restore",
-        &format!("source_url=file://{}", snap.display()),
-        "--serial",
-        &format!("socket={}", console2.display()),
-        "--api-socket",
-        api2.to_str().unwrap(),
-    ]);
-    wait_for_socket(&api2, API_TIMEOUT);
-    assert_eq!(state(&api2), "Paused");
+    let serial = format!("socket={}", console2.display());
+    let mut restored = restore_paused(&snap, &serial, &api2);
     let mut client = UnixStream::connect(&console2).unwrap();
     // Typed while the restored guest is paused: held, then read after the resume.
     client.write_all(b"while paused\n").unwrap();
@@ -235,7 +216,7 @@ fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() 
             bad[8..12].copy_from_slice(&99u32.to_le_bytes());
             std::fs::write(s.join("state.bin"), bad).unwrap();
         },
-        &["format version 99", "reads version 1"],
+        &["format version 99", "reads versions 1, 2"],
     );
     case(
         "not-a-snapshot",

@@ -37,8 +37,8 @@ use crate::machine::{Machine, VcpuSlot, VirtioTransport};
 use crate::memory::{GuestMemoryMmap, MemoryError, MemoryLayout, create_guest_memory};
 use crate::metrics::{DiskSource, ExitCounters, ExitRecorder, MetricsHandle, NicSource};
 use crate::mptable::{MAX_VCPUS, MptableError, setup_mptable};
-use crate::pci::PciError;
 use crate::pci::msi::MsiError;
+use crate::pci::{PciError, PciRoot};
 use crate::regs::{RegsError, write_boot_tables};
 use crate::seccomp::vcpu_filter;
 use crate::vcpu::{Vcpu, VcpuError};
@@ -493,6 +493,8 @@ pub(crate) struct AttachedVirtio {
     pub(crate) transports: Vec<VirtioTransport>,
     /// With PCI, the root complex's malformed-access counters.
     pub(crate) malformed_pci: Option<Arc<MalformedPciAccesses>>,
+    /// With PCI, the root complex (a restore has it map the restored BARs).
+    pub(crate) pci_root: Option<Arc<PciRoot>>,
 }
 
 /// Attaches the virtio devices on their transport.
@@ -511,13 +513,15 @@ pub(crate) fn attach_virtio_devices(
                 .map(VirtioTransport::Mmio)
                 .collect(),
             malformed_pci: None,
+            pci_root: None,
         }),
         Placement::Pci(slots) => {
-            let (malformed, transports) =
+            let (root, transports) =
                 attach_virtio_pci(vm_fd, pio, mmio, mem, layout, devices, slots)?;
             Ok(AttachedVirtio {
                 transports: transports.into_iter().map(VirtioTransport::Pci).collect(),
-                malformed_pci: Some(malformed),
+                malformed_pci: Some(root.malformed().clone()),
+                pci_root: Some(root),
             })
         }
     }
@@ -610,6 +614,7 @@ impl Vm {
             transports: self.transports,
             serial: self.serial.clone(),
             keyboard: self.keyboard.clone(),
+            power: self.power.clone(),
             vcpus: vcpu_slots,
             kvm: self.kvm,
             vm_fd: self.vm_fd,

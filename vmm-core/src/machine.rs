@@ -15,7 +15,7 @@ use devices::{Pausable, PauseError};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
-use crate::builder::{Keyboard, Serial};
+use crate::builder::{Keyboard, Power, Serial};
 use crate::memory::{GuestMemoryMmap, MemoryLayout};
 use crate::snapshot::{
     self, MemoryFileError, StateFileError, VcpuStateError, VmState, VmStateError, memory_regions,
@@ -141,6 +141,8 @@ pub(crate) struct Machine {
     pub(crate) transports: Vec<VirtioTransport>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) keyboard: Arc<Mutex<Keyboard>>,
+    /// The ACPI PM registers (none without ACPI).
+    pub(crate) power: Option<Arc<Mutex<Power>>>,
     pub(crate) vcpus: Vec<VcpuSlot>,
     pub(crate) kvm: Kvm,
     // The VM fd before the memory it maps.
@@ -232,6 +234,7 @@ impl Machine {
             serial: lock(&self.serial).snapshot(),
             i8042: lock(&self.keyboard).snapshot(),
             virtio,
+            acpi_pm: self.power.as_ref().map(|power| lock(power).snapshot()),
         })
     }
 

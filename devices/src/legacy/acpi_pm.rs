@@ -15,6 +15,7 @@
 //! | 0x604 | PM1a_CNT (u16): SCI_EN (always 1), SLP_TYP, SLP_EN |
 //! | 0x606 | reset register (u8): [`RESET_VALUE`] resets the machine |
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::BusDevice;
@@ -77,6 +78,29 @@ pub enum PowerButton {
     NotEnabled,
 }
 
+/// The registers a snapshot keeps (format version 2): what the guest's OSPM enabled (the power
+/// button above all: without it a restored guest would miss the next shutdown request), the
+/// events pending, the sleep type last written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmSnapshot {
+    /// PM1a_STS.
+    pub status: u16,
+    /// PM1a_EN.
+    pub enable: u16,
+    /// SLP_TYP as last written.
+    pub sleep_type: u16,
+}
+
+/// A saved register with bits the device cannot have set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("The snapshot's ACPI {register} is {value:#06x}, which the PM1 registers cannot hold")]
+pub struct AcpiPmRestoreError {
+    /// The register's name.
+    pub register: &'static str,
+    /// Its saved value.
+    pub value: u16,
+}
+
 /// The PM1a registers and the reset register, raising `sci` and calling `power`.
 #[derive(Debug)]
 pub struct AcpiPm<S: Trigger, P: PowerControl> {
@@ -98,6 +122,32 @@ impl<S: Trigger, P: PowerControl> AcpiPm<S, P> {
             sci,
             power,
         }
+    }
+
+    /// The registers, for a snapshot.
+    pub fn snapshot(&self) -> AcpiPmSnapshot {
+        AcpiPmSnapshot {
+            status: self.status,
+            enable: self.enable,
+            sleep_type: self.sleep_type,
+        }
+    }
+
+    /// Puts saved registers back. No SCI is raised: an interrupt the guest had not taken yet
+    /// is in the interrupt controllers' saved state. Values a guest could not have left are
+    /// refused by name (a snapshot is untrusted input); nothing changes then.
+    pub fn restore(&mut self, saved: &AcpiPmSnapshot) -> Result<(), AcpiPmRestoreError> {
+        let check = |register, value: u16, allowed: u16| match value & !allowed {
+            0 => Ok(()),
+            _ => Err(AcpiPmRestoreError { register, value }),
+        };
+        check("PM1a_STS", saved.status, EVENTS | WAK_STS)?;
+        check("PM1a_EN", saved.enable, EVENTS)?;
+        check("SLP_TYP", saved.sleep_type, SLP_TYP_MASK >> SLP_TYP_SHIFT)?;
+        self.status = saved.status;
+        self.enable = saved.enable;
+        self.sleep_type = saved.sleep_type;
+        Ok(())
     }
 
     /// Presses the power button: the fixed event is set and the SCI raised if the guest enabled
@@ -310,6 +360,44 @@ mod tests {
         let mut data = [0xffu8; 8];
         pm.read(0, &mut data);
         assert_eq!(data, [0, 0, 0, 0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn restored_registers_keep_the_guests_power_button_enable_and_bad_ones_are_refused() {
+        let (mut pm, _) = pm();
+        pm.write(ENABLE, &(PWRBTN | GBL).to_le_bytes());
+        pm.write(
+            CONTROL,
+            &(SLP_TYP_S5 << SLP_TYP_SHIFT | SCI_EN).to_le_bytes(),
+        );
+        pm.press_power_button();
+        let saved = pm.snapshot();
+        let (mut restored, counts) = self::pm();
+        restored.restore(&saved).unwrap();
+        assert_eq!(restored.snapshot(), saved);
+        assert_eq!(counts.sci.load(Ordering::SeqCst), 0, "no SCI on restore");
+        assert_eq!(read16(&mut restored, STATUS), PWRBTN);
+        assert_eq!(
+            read16(&mut restored, CONTROL),
+            SLP_TYP_S5 << SLP_TYP_SHIFT | SCI_EN
+        );
+        restored.write(STATUS, &PWRBTN.to_le_bytes());
+        assert_eq!(restored.press_power_button(), PowerButton::Delivered);
+        assert_eq!(counts.sci.load(Ordering::SeqCst), 1);
+
+        let (mut fresh, _) = self::pm();
+        let bad = AcpiPmSnapshot { enable: 1, ..saved };
+        let err = fresh.restore(&bad).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "The snapshot's ACPI PM1a_EN is 0x0001, which the PM1 registers cannot hold"
+        );
+        let bad = AcpiPmSnapshot {
+            sleep_type: 8,
+            ..saved
+        };
+        assert_eq!(fresh.restore(&bad).unwrap_err().register, "SLP_TYP");
+        assert_eq!(fresh.snapshot(), AcpiPmSnapshot::default());
     }
 
     #[test]

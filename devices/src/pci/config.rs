@@ -73,6 +73,27 @@ pub struct MemoryBar {
     pub prefetchable: bool,
 }
 
+/// A saved configuration space that is not the function's: its length, or a read-only byte
+/// (identification, BAR type, capability layout) differs from the configured function's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigSpaceMismatch {
+    /// Not a conventional configuration space.
+    #[error("The snapshot's PCI configuration space has {0} bytes, expected 256")]
+    Length(usize),
+    /// A read-only byte differs.
+    #[error(
+        "The snapshot's PCI configuration space differs from the configured function's at offset {offset:#x} ({saved:#04x}, expected {configured:#04x})"
+    )]
+    ReadOnly {
+        /// The byte.
+        offset: usize,
+        /// In the snapshot.
+        saved: u8,
+        /// The configured function's.
+        configured: u8,
+    },
+}
+
 /// A type-0 configuration header.
 #[derive(Clone, Debug)]
 pub struct ConfigSpace {
@@ -272,6 +293,32 @@ impl ConfigSpace {
             .collect()
     }
 
+    /// The whole conventional space as the guest reads it, for a snapshot.
+    pub fn save(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Puts a saved space back: every byte the guest can write is taken from `saved` (command
+    /// register, BAR addresses, capability fields such as MSI-X's message control), and every
+    /// other byte must be the configured function's, which proves the snapshot was taken of the
+    /// same function (a snapshot is untrusted input). Nothing changes on an error.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), ConfigSpaceMismatch> {
+        if saved.len() != CONFIG_SPACE_SIZE {
+            return Err(ConfigSpaceMismatch::Length(saved.len()));
+        }
+        let differs =
+            (0..CONFIG_SPACE_SIZE).find(|&i| (saved[i] ^ self.bytes[i]) & !self.write_mask[i] != 0);
+        if let Some(offset) = differs {
+            return Err(ConfigSpaceMismatch::ReadOnly {
+                offset,
+                saved: saved[offset],
+                configured: self.bytes[offset],
+            });
+        }
+        self.write(0, saved);
+        Ok(())
+    }
+
     /// Whether `offset..offset + len` overlaps a BAR register (writes there may move a BAR).
     pub fn touches_bars(offset: usize, len: usize) -> bool {
         offset < BAR0 + BAR_COUNT * 4 && offset + len > BAR0
@@ -380,6 +427,49 @@ mod tests {
         // The chain itself is read-only.
         s.write(0x41, &[0x80]);
         assert_eq!(s.bytes[0x41], 0x48);
+    }
+
+    #[test]
+    fn a_saved_space_restores_the_guests_registers_and_refuses_another_function() {
+        let bar = MemoryBar {
+            size: 0x8000,
+            is_64bit: true,
+            prefetchable: false,
+        };
+        let mut s = space();
+        s.add_memory_bar(0, bar, 0xc000_0000);
+        let cap = s.add_capability(0x11, &[1, 0], &[0, 0xc0]);
+        let mut fresh = s.clone();
+        s.write(
+            COMMAND,
+            &(COMMAND_MEMORY | COMMAND_INTX_DISABLE).to_le_bytes(),
+        );
+        s.write(BAR0, &0xc001_0000u32.to_le_bytes());
+        s.write(BAR0 + 4, &1u32.to_le_bytes());
+        s.write(cap + 3, &[0x80]);
+        s.write(INTERRUPT_LINE, &[11]);
+        fresh.restore(&s.save()).unwrap();
+        assert_eq!(fresh.save(), s.save());
+        assert_eq!(fresh.bar_address(0), Some(0x1_c001_0000));
+        assert_eq!(fresh.mapped_bars(), s.mapped_bars());
+
+        // Another device ID (read-only) is another function.
+        let mut other = s.save();
+        other[2] ^= 1;
+        let before = fresh.save();
+        assert_eq!(
+            fresh.restore(&other),
+            Err(ConfigSpaceMismatch::ReadOnly {
+                offset: 2,
+                saved: 0x43,
+                configured: 0x42
+            })
+        );
+        assert_eq!(fresh.save(), before, "a refused restore changed the space");
+        assert_eq!(
+            fresh.restore(&[0; 64]),
+            Err(ConfigSpaceMismatch::Length(64))
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{
     BAR_COUNT, BAR0, CAPABILITIES_POINTER, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
-    CONFIG_SPACE_SIZE, ConfigSpace, EXTENDED_CONFIG_SPACE_SIZE, INTERRUPT_LINE, INTERRUPT_PIN,
-    MemoryBar, PciIdentity, STATUS, VENDOR_ID,
+    CONFIG_SPACE_SIZE, ConfigSpace, ConfigSpaceMismatch, EXTENDED_CONFIG_SPACE_SIZE,
+    INTERRUPT_LINE, INTERRUPT_PIN, MemoryBar, PciIdentity, STATUS, VENDOR_ID,
 };
 
 /// Where a memory BAR is mapped in guest physical memory.

@@ -10,6 +10,8 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use serde::{Deserialize, Serialize};
+
 /// MSI-X capability ID.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
 /// Bytes per table entry.
@@ -44,7 +46,7 @@ pub trait MsiRouter: Send + Sync {
 }
 
 /// A table entry as the guest wrote it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsixEntry {
     /// Message address, low half (bits 1:0 are zero).
     pub address_lo: u32,
@@ -75,6 +77,30 @@ impl MsixEntry {
     fn masked(&self) -> bool {
         self.control & ENTRY_MASKED != 0
     }
+}
+
+/// What a snapshot keeps of MSI-X besides the capability's message control register (which is
+/// in the configuration space, saved with it): the table and the pending bits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// The vector table, entry by entry.
+    pub table: Vec<MsixEntry>,
+    /// Each vector's pending bit.
+    pub pending: Vec<bool>,
+}
+
+/// A saved MSI-X state that does not fit the function's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "The snapshot's MSI-X table has {saved} vectors and {pending} pending bits, the function {configured}"
+)]
+pub struct MsixSizeMismatch {
+    /// Table entries in the snapshot.
+    pub saved: usize,
+    /// Pending bits in the snapshot.
+    pub pending: usize,
+    /// The function's vectors.
+    pub configured: usize,
 }
 
 /// A guest access to the table or PBA that MSI-X does not allow (a width other than a dword or
@@ -297,6 +323,48 @@ impl Msix {
                 .filter(|bit| self.vectors.pending(first + bit))
                 .fold(0, |acc, bit| acc | 1 << bit);
         }
+        Ok(())
+    }
+
+    /// Whether `saved` fits this table (what [`Msix::restore`] checks first).
+    pub fn check(&self, saved: &MsixState) -> Result<(), MsixSizeMismatch> {
+        let count = self.table.len();
+        if saved.table.len() != count || saved.pending.len() != count {
+            return Err(MsixSizeMismatch {
+                saved: saved.table.len(),
+                pending: saved.pending.len(),
+                configured: count,
+            });
+        }
+        Ok(())
+    }
+
+    /// The table and the pending bits, for a snapshot.
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            table: self.table.clone(),
+            pending: (0..self.table.len())
+                .map(|index| self.vectors.pending(index))
+                .collect(),
+        }
+    }
+
+    /// Puts a saved table and pending bits back, then applies the message control register
+    /// `control` as a guest write of it would: every vector the guest can receive is routed
+    /// again (in a VM: its KVM GSI route, whose irqfd is already registered) and what was
+    /// pending is delivered. Entries are taken as a guest write leaves them (reserved bits
+    /// clear): a snapshot is untrusted input.
+    pub fn restore(&mut self, saved: &MsixState, control: u16) -> Result<(), MsixSizeMismatch> {
+        self.check(saved)?;
+        for (index, (entry, &pending)) in saved.table.iter().zip(&saved.pending).enumerate() {
+            self.table[index] = MsixEntry {
+                address_lo: entry.address_lo & !0b11,
+                control: entry.control & ENTRY_MASKED,
+                ..*entry
+            };
+            self.vectors.pending[index].store(pending, Ordering::SeqCst);
+        }
+        self.write_control(control);
         Ok(())
     }
 

@@ -257,7 +257,15 @@ impl MmioTransport {
     /// state. The device is paused first; if the driver had it running it is activated again
     /// with the saved rings and starts once resumed.
     pub fn restore_state(&mut self, saved: &VirtioDeviceSnapshot) -> Result<(), RestoreError> {
-        let TransportState::Mmio(state) = &saved.transport;
+        let state = match &saved.transport {
+            TransportState::Mmio(state) => state,
+            other => {
+                return Err(RestoreError::Transport {
+                    saved: other.name(),
+                    configured: "virtio-mmio",
+                });
+            }
+        };
         let registers = CoreRegisters {
             device_type: state.device_type,
             status: state.status,

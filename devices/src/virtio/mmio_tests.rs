@@ -279,7 +279,9 @@ fn restored_transport_has_the_saved_registers_and_reactivates_the_device_on_its_
     t.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
     write(&mut t, 0x30, 1);
     let saved = t.save_state().unwrap();
-    let persist::TransportState::Mmio(state) = &saved.transport;
+    let persist::TransportState::Mmio(state) = &saved.transport else {
+        panic!("not a virtio-mmio state");
+    };
     assert_eq!(state.status, ALL_OK);
     assert_eq!(state.interrupt_status, INT_VRING);
     assert_eq!(state.queues[1].desc_table, 0x20000);
@@ -305,16 +307,22 @@ fn restoring_a_snapshot_of_another_device_or_impossible_queues_is_refused() {
     let mut saved = t.save_state().unwrap();
     let (mut other, _, _) = transport(false);
     let mut wrong = saved.clone();
-    let persist::TransportState::Mmio(state) = &mut wrong.transport;
+    let persist::TransportState::Mmio(state) = &mut wrong.transport else {
+        panic!("not a virtio-mmio state");
+    };
     state.device_type = crate::virtio::TYPE_BLOCK;
     let err = other.restore_state(&wrong).unwrap_err();
     assert!(err.to_string().contains("device type 2"), "{err}");
-    let persist::TransportState::Mmio(state) = &mut saved.transport;
+    let persist::TransportState::Mmio(state) = &mut saved.transport else {
+        panic!("not a virtio-mmio state");
+    };
     state.queues[0].size = 3;
     state.queues[0].ready = true;
     let err = other.restore_state(&saved).unwrap_err();
     assert!(err.to_string().contains("Queue 0"), "{err}");
-    let persist::TransportState::Mmio(state) = &mut saved.transport;
+    let persist::TransportState::Mmio(state) = &mut saved.transport else {
+        panic!("not a virtio-mmio state");
+    };
     state.queues.pop();
     let err = other.restore_state(&saved).unwrap_err();
     assert!(err.to_string().contains("1 queues"), "{err}");

@@ -9,6 +9,9 @@ use super::WorkerError;
 use super::block::BlockState;
 use super::mmio::MmioTransportState;
 use super::net::NetState;
+use super::pci::PciTransportState;
+use crate::pci::ConfigSpaceMismatch;
+use crate::pci::msix::MsixSizeMismatch;
 
 /// One virtqueue: its configuration and where the device is in its rings (virtio-queue's
 /// `QueueState`, field for field).
@@ -88,12 +91,14 @@ impl VirtioDeviceState {
     }
 }
 
-/// A transport's state. New transports (virtio-pci) add a variant at the end, which keeps
-/// older files readable.
+/// A transport's state. A new transport adds a variant at the end, which keeps older files
+/// readable (a variant is encoded as its index).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TransportState {
     /// virtio-mmio.
     Mmio(MmioTransportState),
+    /// virtio-pci (format version 2).
+    Pci(PciTransportState),
 }
 
 impl TransportState {
@@ -101,6 +106,7 @@ impl TransportState {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Mmio(_) => "virtio-mmio",
+            Self::Pci(_) => "virtio-pci",
         }
     }
 }
@@ -120,14 +126,6 @@ pub enum SaveError {
     /// The device runs: its queues move under the snapshot.
     #[error("The {0} device is not paused")]
     NotPaused(&'static str),
-    /// The device's transport has no state in the snapshot format yet.
-    #[error("The {device} device is on {transport}, whose state snapshots cannot hold yet")]
-    Transport {
-        /// The device type's name.
-        device: &'static str,
-        /// The transport's name.
-        transport: &'static str,
-    },
 }
 
 /// Errors restoring a device from a snapshot.
@@ -208,6 +206,28 @@ pub enum RestoreError {
         configured: &'static str,
         /// Then.
         saved: &'static str,
+    },
+    /// The PCI function's configuration space is not the configured function's.
+    #[error("The snapshot's PCI function does not match the configured one")]
+    PciConfig(#[source] ConfigSpaceMismatch),
+    /// One side has MSI-X and the other not (the host's KVM refused MSI routes on one of them).
+    #[error("The snapshot's PCI function {saved} MSI-X, the configured one {configured} MSI-X")]
+    MsixPresence {
+        /// "has" or "has no", in the snapshot.
+        saved: &'static str,
+        /// The same for the configured function.
+        configured: &'static str,
+    },
+    /// The MSI-X table is not the function's size.
+    #[error("The snapshot's MSI-X state does not fit the function")]
+    MsixSize(#[source] MsixSizeMismatch),
+    /// Not one MSI-X vector setting per queue.
+    #[error("The snapshot has MSI-X vectors for {saved} queues, the device has {device}")]
+    QueueVectors {
+        /// In the snapshot.
+        saved: usize,
+        /// The device's.
+        device: usize,
     },
     /// The MAC address cannot be used.
     #[error("The snapshot's MAC address is multicast")]

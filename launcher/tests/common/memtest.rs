@@ -1,4 +1,5 @@
-//! The `memtest` tiny guest driven through rvmm's API: snapshot and migration tests.
+//! Snapshot and migration tests through rvmm's API: the `memtest` tiny guest, restoring a
+//! snapshot, migrating between two rvmm processes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -75,4 +76,49 @@ pub fn events_named(file: &Path, name: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v["event"] == name)
         .collect()
+}
+
+/// `rvmm run --restore` of the snapshot in `snap`, its console as `serial` says (`file=PATH`
+/// or `socket=PATH`), the API on `socket`; returns once the VM is there, checked Paused.
+pub fn restore_paused(snap: &Path, serial: &str, socket: &Path) -> Rvmm {
+    let vmm = Rvmm::start(&[
+        "run",
+        "--restore",
+        &format!("source_url=file://{}", snap.display()),
+        "--serial",
+        serial,
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    wait_for_socket(socket, API_TIMEOUT);
+    // The API answers while the restore is still under way (vm.info: 404 until the VM exists).
+    let restoring = std::time::Instant::now();
+    while call(socket, "GET", "/api/v1/vm.info", None).status == 404 {
+        assert!(
+            restoring.elapsed() < API_TIMEOUT,
+            "the restore never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(state(socket), "Paused");
+    vmm
+}
+
+/// Migrates the VM behind the API socket `src` to the fresh rvmm behind `dst` over `url`: the
+/// receiver is asked first (its answer comes once the VM runs there), then the sender, which
+/// waits (up to 10 s) for the receiver to listen. Both must answer 204.
+pub fn migrate(src: &Path, dst: &Path, url: &str) {
+    let receive = {
+        let (socket, body) = (dst.to_owned(), format!(r#"{{"receiver_url": "{url}"}}"#));
+        std::thread::spawn(move || {
+            call(&socket, "PUT", "/api/v1/vm.receive-migration", Some(&body))
+        })
+    };
+    put(
+        src,
+        "vm.send-migration",
+        Some(&format!(r#"{{"destination_url": "{url}"}}"#)),
+    );
+    let received = receive.join().unwrap();
+    assert_eq!(received.status, 204, "{}", received.body);
 }

@@ -204,11 +204,9 @@ pub(super) fn attach_virtio_mmio(
     Ok(transports)
 }
 
-/// What [`attach_virtio_pci`] returns: the malformed-access counters and the transports.
-type PciAttached = (
-    Arc<MalformedPciAccesses>,
-    Vec<Arc<Mutex<VirtioPciTransport>>>,
-);
+/// What [`attach_virtio_pci`] returns: the root complex (with the malformed-access counters)
+/// and the transports.
+type PciAttached = (Arc<PciRoot>, Vec<Arc<Mutex<VirtioPciTransport>>>);
 
 /// KVM's GSI routing for MSI-X, or why the host refuses it (devices then offer INTx only).
 fn msi_routes(vm_fd: &Arc<VmFd>) -> Option<Arc<GsiRoutes>> {
@@ -229,7 +227,7 @@ fn msi_routes(vm_fd: &Arc<VmFd>) -> Option<Arc<GsiRoutes>> {
 /// the root complex on the buses: configuration ports, ECAM window, BAR windows. Interrupts:
 /// INTA# through a resampling irqfd (a level-triggered line the guest's EOI lowers), MSI-X
 /// vectors through GSI routes and irqfds. Queue notifications become ioeventfds wherever the
-/// guest maps the BAR. Returns the malformed-access counters and the transports.
+/// guest maps the BAR. Returns the root complex and the transports.
 pub(super) fn attach_virtio_pci(
     vm_fd: &Arc<VmFd>,
     pio: &mut Bus,
@@ -291,7 +289,7 @@ pub(super) fn attach_virtio_pci(
             Arc::new(Mutex::new(device)),
         )?;
     }
-    Ok((malformed, transports))
+    Ok((root, transports))
 }
 
 #[cfg(test)]

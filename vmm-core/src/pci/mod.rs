@@ -201,6 +201,17 @@ impl PciRoot {
         self.remap(usize::from(bdf.device), &*function);
     }
 
+    /// Maps what every function decodes now, as after a guest's configuration write: a
+    /// restore puts the guest's command registers and BAR addresses back into functions already
+    /// on the bus, and this maps their BARs there, with the notification ioeventfds.
+    pub fn remap_all(&self) {
+        for (slot, function) in self.functions.iter().enumerate().skip(1) {
+            if let Some(function) = function {
+                self.remap(slot, &*lock(function));
+            }
+        }
+    }
+
     /// Brings the mapping table and the ioeventfds in line with the BARs `function` (in
     /// `slot`) decodes now.
     fn remap(&self, slot: usize, function: &dyn PciDevice) {

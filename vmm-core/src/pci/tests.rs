@@ -260,3 +260,24 @@ fn a_moved_bar_takes_its_ioeventfd_along_and_cannot_leave_the_windows_or_overlap
     bus.window.read(0x2_3ffc, &mut wide);
     assert_eq!(wide, [0xff; 8]);
 }
+
+#[test]
+fn remapping_after_a_restore_maps_the_bars_where_the_functions_now_decode_them() {
+    let mut bus = bus();
+    // A restore writes the function's registers without a configuration cycle.
+    {
+        let mut f = lock(&bus.function);
+        f.config.write(BAR0, &0xc001_0000u32.to_le_bytes());
+        f.config.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+    }
+    let mut data = [0u8; 1];
+    bus.window.read(0x1_0000, &mut data);
+    assert_eq!(data, [0xff], "not mapped before the remap");
+    bus.root.remap_all();
+    assert_eq!(*lock(&bus.events.0), vec![(true, 0xc001_0100)]);
+    bus.window.read(0x1_0004, &mut data);
+    assert_eq!(data, [4]);
+    // Nothing changed: nothing registered twice.
+    bus.root.remap_all();
+    assert_eq!(lock(&bus.events.0).len(), 1);
+}

@@ -16,18 +16,27 @@
 //! Compatibility: the payload is not self-describing, so any change to a state structure
 //! (a field added, removed or retyped) makes a new format version. A build reads the versions
 //! in [`READABLE_VERSIONS`] and refuses any other with an error naming both. Migration
-//! carries the same encoding, so both ends must share a version.
+//! carries the same encoding, so the receiver must read the sender's version.
+//!
+//! Versions:
+//!
+//! - 1: vCPUs, KVM clock/irqchips/PIT, serial, i8042, virtio devices on virtio-mmio.
+//! - 2: adds virtio-pci transports (`TransportState::Pci`, a new last variant, so a version 1
+//!   payload's devices decode unchanged) and the ACPI PM1 registers (`VmState::acpi_pm`, a
+//!   new last field: a version 1 payload is decoded without it and restores the registers as
+//!   at boot).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::VmState;
+use super::vm_state::VmStateV1;
 
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The versions this build reads.
-pub const READABLE_VERSIONS: &[u32] = &[1];
+pub const READABLE_VERSIONS: &[u32] = &[1, 2];
 /// What every state file starts with.
 pub const MAGIC: &[u8; 8] = b"RVMMSNAP";
 /// Header length.
@@ -52,7 +61,7 @@ pub enum StateFileError {
     BadMagic,
     /// Written by a build with another format.
     #[error(
-        "Snapshot state format version {found} cannot be read by this rvmm (it reads version {})",
+        "Snapshot state format version {found} cannot be read by this rvmm (it reads versions {})",
         readable()
     )]
     UnsupportedVersion {
@@ -94,15 +103,20 @@ fn readable() -> String {
 /// The state as header + payload.
 pub fn encode_state(state: &VmState) -> Result<Vec<u8>, StateFileError> {
     let payload = postcard::to_stdvec(state).map_err(StateFileError::Encode)?;
+    Ok(frame(FORMAT_VERSION, &payload))
+}
+
+/// `payload` behind the header of format `version` (its length and CRC-32 filled in).
+pub fn frame(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Checks the header and decodes the state. Untrusted input: every field is checked before
@@ -139,7 +153,11 @@ pub fn decode_state(bytes: &[u8]) -> Result<VmState, StateFileError> {
     if found != expected {
         return Err(StateFileError::Checksum { found, expected });
     }
-    postcard::from_bytes(payload).map_err(StateFileError::Decode)
+    let state = match version {
+        1 => postcard::from_bytes::<VmStateV1>(payload).map(VmState::from),
+        _ => postcard::from_bytes(payload),
+    };
+    state.map_err(StateFileError::Decode)
 }
 
 /// Writes `state` to `path` (created or truncated) and makes it durable; returns its size.
@@ -169,3 +187,7 @@ pub fn read_state(path: &Path) -> Result<VmState, StateFileError> {
         .map_err(io)?;
     decode_state(&bytes)
 }
+
+#[cfg(test)]
+#[path = "format_tests.rs"]
+mod tests;

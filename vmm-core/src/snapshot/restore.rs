@@ -2,7 +2,7 @@
 //! configuration, then every component put back as it was. The VM starts paused.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -67,6 +67,9 @@ pub enum RestoreError {
     /// The clock, irqchip or PIT.
     #[error("Cannot restore the VM's clock and interrupt controllers")]
     Vm(#[from] VmStateError),
+    /// The ACPI PM registers.
+    #[error("Cannot restore the ACPI registers")]
+    AcpiPm(#[from] devices::legacy::AcpiPmRestoreError),
     /// A virtio device's state.
     #[error("Cannot restore virtio device {index} ({kind})")]
     Device {
@@ -130,11 +133,14 @@ pub fn build_restored(
     let mut mmio = Bus::new("MMIO");
     let serial = attach_serial(&vm_fd, &mut pio, serial_out, Some(&state.serial))?;
     let keyboard = attach_i8042(&vm_fd, &mut pio, &control, Some(&state.i8042))?;
-    // The ACPI registers start as at boot: the guest's enable bits are not in the state.
     let power = match config.acpi {
         true => Some(attach_acpi_pm(&vm_fd, &mut pio, &control)?),
         false => None,
     };
+    // A version 1 snapshot has no ACPI registers: they start as at boot.
+    if let (Some(power), Some(saved)) = (&power, &state.acpi_pm) {
+        lock(power).restore(saved)?;
+    }
     let attached = attach_virtio_devices(
         &vm_fd,
         (&mut pio, &mut mmio),
@@ -151,6 +157,10 @@ pub fn build_restored(
                 kind: saved.device.kind(),
                 source,
             })?;
+    }
+    // The functions decode their restored BARs: map them, with their ioeventfds.
+    if let Some(root) = &attached.pci_root {
+        root.remap_all();
     }
     let (exits, recorders) = ExitCounters::new(usize::from(config.vcpus));
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -214,4 +224,8 @@ fn check_layout(
     }
     debug_assert!(mem.iter().all(|r| r.len() > 0));
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -156,9 +156,13 @@ pub fn save_vcpu(
     })
 }
 
+/// `IA32_TSC_DEADLINE`: the local APIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 /// Writes a saved state into a new vCPU, in the order KVM needs: CPUID first (it decides
 /// which MSRs exist), the MSRs before the registers, the local APIC after the special
-/// registers (its base), the MP state and the pending events last.
+/// registers (its base), the TSC deadline again after the local APIC (its timer mode), the
+/// MP state and the pending events last.
 pub fn restore_vcpu(fd: &VcpuFd, index: usize, state: &VcpuState) -> Result<(), VcpuStateError> {
     let write = |what| ioctl_err("write", what, index);
     let cpuid =
@@ -199,6 +203,24 @@ pub fn restore_vcpu(fd: &VcpuFd, index: usize, state: &VcpuState) -> Result<(), 
     fd.set_debug_regs(&state.debugregs)
         .map_err(write("debug registers"))?;
     fd.set_lapic(&state.lapic).map_err(write("local APIC"))?;
+    // KVM drops a TSC deadline written while the local APIC timer is not in TSC-deadline
+    // mode, which a new vCPU's is not: written with the MSRs above, the deadline is lost and a
+    // guest idling until its next timer tick never wakes. Again now that the APIC is restored.
+    if let Some(deadline) = state.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+        let entries = msr_entries(std::iter::once((deadline.index, deadline.data)));
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany("MSR", index))?;
+        let set = fd.set_msrs(&msrs).map_err(write("TSC deadline"))?;
+        if set != 1 {
+            return Err(VcpuStateError::Msrs {
+                action: "wrote",
+                done: set,
+                total: 1,
+                failed: deadline.index,
+                index,
+            });
+        }
+    }
     fd.set_mp_state(state.mp_state).map_err(write("MP state"))?;
     fd.set_vcpu_events(&state.vcpu_events)
         .map_err(write("pending events"))?;

@@ -1,7 +1,7 @@
 //! The VM's state as a whole, and the VM-wide KVM state: the KVM clock, the in-kernel PIC and
 //! IOAPIC, the PIT.
 
-use devices::legacy::{I8042Snapshot, SerialSnapshot};
+use devices::legacy::{AcpiPmSnapshot, I8042Snapshot, SerialSnapshot};
 use devices::virtio::persist::VirtioDeviceSnapshot;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data, kvm_irqchip,
@@ -33,7 +33,8 @@ pub struct KvmVmState {
     pub pit: kvm_pit_state2,
 }
 
-/// Everything a snapshot keeps besides memory, format version 1.
+/// Everything a snapshot keeps besides memory, format version 2 (version 1 lacked `acpi_pm`,
+/// and its virtio devices were all on virtio-mmio).
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     /// Guest RAM layout (the memory file holds the regions in this order).
@@ -48,6 +49,34 @@ pub struct VmState {
     pub i8042: I8042Snapshot,
     /// The virtio devices, in slot order.
     pub virtio: Vec<VirtioDeviceSnapshot>,
+    /// The ACPI PM1 registers; none for a VM without ACPI, or a version 1 snapshot (a restore
+    /// then starts them as at boot).
+    pub acpi_pm: Option<AcpiPmSnapshot>,
+}
+
+/// Format version 1's [`VmState`]: the same fields but the last.
+#[derive(Deserialize)]
+pub(super) struct VmStateV1 {
+    memory: Vec<MemoryRegionState>,
+    vcpus: Vec<VcpuState>,
+    kvm: KvmVmState,
+    serial: SerialSnapshot,
+    i8042: I8042Snapshot,
+    virtio: Vec<VirtioDeviceSnapshot>,
+}
+
+impl From<VmStateV1> for VmState {
+    fn from(v1: VmStateV1) -> Self {
+        Self {
+            memory: v1.memory,
+            vcpus: v1.vcpus,
+            kvm: v1.kvm,
+            serial: v1.serial,
+            i8042: v1.i8042,
+            virtio: v1.virtio,
+            acpi_pm: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for VmState {

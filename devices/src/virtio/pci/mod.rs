@@ -16,6 +16,7 @@
 
 mod common_config;
 mod interrupt;
+mod persist;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::common_config::{COMMON_CONFIG_LEN, CommonConfig};
 pub use self::interrupt::{NO_VECTOR, PciInterrupt};
-use super::persist::{RestoreError, SaveError, VirtioDeviceSnapshot};
+pub use self::persist::PciTransportState;
 use super::transport_core::{TransportCore, TransportError};
 use super::{GuestMemoryMmap, TYPE_BLOCK, TYPE_NET, VirtioDevice, WorkerError};
 use crate::pci::msix::{MSIX_CAPABILITY_ID, MSIX_CONTROL_OFFSET, MsiRouter, Msix};
@@ -199,26 +200,6 @@ impl VirtioPciTransport {
     /// Resumes the device.
     pub fn resume(&mut self) {
         self.core.resume();
-    }
-
-    /// A snapshot's state of the device: not yet for virtio-pci (the configuration space, the
-    /// MSI-X table and the BAR placement have no place in the state format), so saving fails
-    /// with an error that names the transport rather than writing a VM that cannot resume.
-    pub fn save_state(&self) -> Result<VirtioDeviceSnapshot, SaveError> {
-        let (device, _) = self.core.save()?;
-        Err(SaveError::Transport {
-            device: device.kind(),
-            transport: "virtio-pci",
-        })
-    }
-
-    /// Restoring needs a virtio-pci state, which snapshots do not hold yet: a snapshot's
-    /// virtio-mmio device is refused by name.
-    pub fn restore_state(&mut self, saved: &VirtioDeviceSnapshot) -> Result<(), RestoreError> {
-        Err(RestoreError::Transport {
-            saved: saved.transport.name(),
-            configured: "virtio-pci",
-        })
     }
 
     fn malformed(&self, what: std::fmt::Arguments<'_>) {

@@ -3,9 +3,12 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
+use super::interrupt::{ISR_CONFIG, ISR_QUEUE};
 use super::*;
+use crate::pci::msix::MsiMessage;
 use crate::pci::msix::tests::{RecordingRouter, router};
 use crate::pci::{BAR0, CAPABILITIES_POINTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY};
+use crate::virtio::persist::{RestoreError, TransportState, VirtioDeviceSnapshot};
 use crate::virtio::test_utils::{FakeDevice, Record};
 use crate::virtio::transport_core::{
     STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
@@ -314,4 +317,161 @@ fn malformed_accesses_are_counted_and_change_nothing() {
     assert_eq!((counts.bar, counts.msix), (9, 2));
     assert_eq!(read_bar(&mut t, 0x12, 2), 2);
     assert!(record.lock().unwrap().activations.is_empty());
+}
+
+fn pci_state(saved: &VirtioDeviceSnapshot) -> &PciTransportState {
+    match &saved.transport {
+        TransportState::Pci(state) => state,
+        other => panic!("a {} state", other.name()),
+    }
+}
+
+/// A function as a running guest leaves it: BAR moved, memory and bus mastering on, the device
+/// running on its rings, MSI-X enabled with vector 2 masked and pending, a configuration
+/// interrupt in ISR, queue 1 selected.
+fn programmed() -> Fixture {
+    let mut f = fixture(true);
+    let t = &mut f.t;
+    t.write_config(BAR0, &0xc001_0000u32.to_le_bytes());
+    t.write_config(COMMAND, &(COMMAND_MEMORY | 0b100).to_le_bytes());
+    bring_up(t);
+    enable_msix(t);
+    write_bar(t, 0x402c, 4, 1);
+    t.interrupt.trigger(InterruptKind::Queue(1)).unwrap();
+    t.interrupt.trigger(InterruptKind::Config).unwrap();
+    f
+}
+
+#[test]
+fn a_saved_and_restored_function_has_its_state_and_its_enabled_vectors_routed_again() {
+    let source = programmed();
+    let saved = source.t.save_state().unwrap();
+    let state = pci_state(&saved);
+    assert_eq!(state.status, u32::from(ALL_OK));
+    assert_eq!(state.queue_select, 1);
+    assert_eq!((state.isr, state.config_vector), (ISR_CONFIG, 0));
+    assert_eq!(state.queue_vectors, [1, 2]);
+    let msix = state.msix.as_ref().unwrap();
+    assert_eq!(msix.pending, [false, false, true]);
+    assert_eq!(msix.table[2].data, 0x42);
+
+    let Fixture {
+        mut t,
+        record,
+        router,
+        intx,
+        ..
+    } = fixture(true);
+    let router = router.unwrap();
+    t.restore_state(&saved).unwrap();
+    assert_eq!(
+        t.save_state().unwrap(),
+        saved,
+        "the state is not the saved one"
+    );
+    // The BAR where the guest put it, decoded.
+    assert_eq!(t.mapped_bars(), source.t.mapped_bars());
+    assert_eq!(t.mapped_bars()[0].addr, 0xc001_0000);
+    // The device runs on the saved rings again.
+    assert_eq!(
+        record.lock().unwrap().activations,
+        vec![vec![
+            (16, 0x10000, 0x11000, 0x12000),
+            (8, 0x20000, 0x21000, 0x22000)
+        ]]
+    );
+    // Vectors 0 and 1 (enabled, unmasked) routed again to the guest's messages; 2 stays
+    // masked, so unrouted and pending.
+    let message = |data| MsiMessage {
+        address: 0xfee0_0000,
+        data,
+    };
+    assert_eq!(
+        *router.routes.lock().unwrap(),
+        vec![(0, Some(message(0x40))), (1, Some(message(0x41)))]
+    );
+    assert!(router.signals.lock().unwrap().is_empty());
+    t.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(*router.signals.lock().unwrap(), vec![1]);
+    assert_eq!(read_bar(&mut t, 0x6000, 8), 0b100, "vector 2 pending");
+    write_bar(&mut t, 0x402c, 4, 0);
+    assert_eq!(*router.signals.lock().unwrap(), vec![1, 2]);
+    assert_eq!(router.routes.lock().unwrap()[2], (2, Some(message(0x42))));
+    // The registers the driver reads back.
+    assert_eq!(read_bar(&mut t, 0x16, 2), 1, "queue_select");
+    assert_eq!(read_bar(&mut t, 0x1a, 2), 2, "queue 1's vector");
+    assert_eq!(read_bar(&mut t, 0x1000, 1), u64::from(ISR_CONFIG));
+    assert!(intx.read().is_err(), "no INTx with MSI-X");
+}
+
+#[test]
+fn a_function_without_msix_restores_intx_and_isr() {
+    let Fixture { mut t, .. } = fixture(false);
+    t.write_config(
+        COMMAND,
+        &(COMMAND_MEMORY | COMMAND_INTX_DISABLE).to_le_bytes(),
+    );
+    bring_up(&mut t);
+    t.interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+    let saved = t.save_state().unwrap();
+    let Fixture {
+        t: mut restored,
+        intx,
+        ..
+    } = fixture(false);
+    restored.restore_state(&saved).unwrap();
+    assert_eq!(restored.save_state().unwrap(), saved);
+    restored.interrupt.trigger(InterruptKind::Queue(1)).unwrap();
+    assert!(
+        intx.read().is_err(),
+        "INTx disabled by the restored command"
+    );
+    assert_eq!(read_bar(&mut restored, 0x1000, 1), u64::from(ISR_QUEUE));
+}
+
+#[test]
+fn restoring_another_functions_state_is_refused_by_name_and_changes_nothing() {
+    let saved = programmed().t.save_state().unwrap();
+    let Fixture {
+        t: mut without_msix,
+        ..
+    } = fixture(false);
+    let err = without_msix.restore_state(&saved).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "The snapshot's PCI function has MSI-X, the configured one has no MSI-X"
+    );
+
+    let Fixture { mut t, router, .. } = fixture(true);
+    let fresh = t.save_state().unwrap();
+    let mut tampered = saved.clone();
+    let TransportState::Pci(state) = &mut tampered.transport else {
+        unreachable!()
+    };
+    state.config_space[0x08] = 7; // revision ID: read-only
+    let err = t.restore_state(&tampered).unwrap_err();
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("at offset 0x8"),
+        "{err}"
+    );
+    let TransportState::Pci(state) = &mut tampered.transport else {
+        unreachable!()
+    };
+    state.config_space = saved_config(&saved);
+    state.msix.as_mut().unwrap().table.pop();
+    let err = t.restore_state(&tampered).unwrap_err();
+    assert!(matches!(err, RestoreError::MsixSize(_)), "{err}");
+    assert_eq!(
+        t.save_state().unwrap(),
+        fresh,
+        "a refused restore changed the function"
+    );
+    assert!(router.unwrap().routes.lock().unwrap().is_empty());
+}
+
+fn saved_config(saved: &VirtioDeviceSnapshot) -> Vec<u8> {
+    pci_state(saved).config_space.clone()
 }
