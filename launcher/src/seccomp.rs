@@ -365,7 +365,68 @@ pub fn control_rules() -> Vec<Allow> {
     // receiving thread (`kubevirt-receive`), which builds the VM it receives.
     rules.extend(migration_send_rules());
     rules.extend(name_lookup_rules());
+    rules.extend(pod_network_rules());
+    rules.extend([
+        // virt-launcher mode's serial console log goes to KubeVirt's unprivileged user when
+        // rvmm runs as root (backend.rs: geteuid, chown).
+        Allow::any(libc::SYS_geteuid),
+        Allow::any(libc::SYS_chown),
+        Allow::any(libc::SYS_fchownat),
+    ]);
     rules
+}
+
+/// A Sync in virt-launcher mode sets up the pod network's DHCP on the control thread
+/// (launcher/src/dhcp/netif.rs, socket.rs): interface index, MTU and MAC by ioctl on a
+/// throwaway datagram socket (if_nametoindex's is a unix one: control rules), the addresses
+/// by getifaddrs (a netlink route socket: bind, getsockname, one request, the answers by
+/// recvmsg), and the server's UDP sockets (the name lookup's datagram sockets) with their
+/// options, bound to ports 67 and 547, IPv6 in the servers' multicast group.
+fn pod_network_rules() -> Vec<Allow> {
+    vec![
+        Allow::args_match(
+            libc::SYS_socket,
+            vec![
+                vec![
+                    (0, libc::AF_INET as u64),
+                    (1, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64),
+                ],
+                vec![
+                    (0, libc::AF_NETLINK as u64),
+                    (1, (libc::SOCK_RAW | libc::SOCK_CLOEXEC) as u64),
+                    (2, libc::NETLINK_ROUTE as u64),
+                ],
+            ],
+        ),
+        Allow::arg_in(
+            libc::SYS_ioctl,
+            1,
+            &[
+                libc::SIOCGIFINDEX,
+                libc::SIOCGIFMTU,
+                libc::SIOCGIFHWADDR,
+            ],
+        ),
+        Allow::any(libc::SYS_getsockname),
+        Allow::arg_in(libc::SYS_sendto, 3, &[0]),
+        Allow::arg_in(libc::SYS_recvmsg, 2, &[0]),
+        Allow::args_match(
+            libc::SYS_setsockopt,
+            vec![
+                vec![(1, libc::SOL_SOCKET as u64), (2, libc::SO_BROADCAST as u64)],
+                vec![(1, libc::IPPROTO_IP as u64), (2, libc::IP_PKTINFO as u64)],
+                vec![(1, libc::IPPROTO_IPV6 as u64), (2, libc::IPV6_V6ONLY as u64)],
+                vec![
+                    (1, libc::IPPROTO_IPV6 as u64),
+                    (2, libc::IPV6_RECVPKTINFO as u64),
+                ],
+                vec![
+                    (1, libc::IPPROTO_IPV6 as u64),
+                    (2, libc::IPV6_ADD_MEMBERSHIP as u64),
+                ],
+            ],
+        ),
+    ]
 }
 
 /// `vm.send-migration` to `tcp:NAME:PORT` looks the name up (getaddrinfo) on the control

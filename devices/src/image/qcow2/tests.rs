@@ -67,10 +67,11 @@ fn qemu_io(image: &Path, fmt: &str, commands: &[&str]) {
     run("qemu-io", &args);
 }
 
-/// `qemu-img check`'s exit status: 0 clean, 2 corruption, 3 leaks only.
+/// `qemu-img check`'s exit status: 0 clean, 2 corruption, 3 leaks only. `-U` (force share):
+/// a device under test may still hold the image's write lock, as QEMU's own would.
 pub(crate) fn check_status(image: &Path) -> (i32, String) {
     let out = Command::new("qemu-img")
-        .args(["check", image.to_str().unwrap()])
+        .args(["check", "-U", image.to_str().unwrap()])
         .output()
         .unwrap();
     (
@@ -84,13 +85,15 @@ fn assert_clean(image: &Path) {
     assert_eq!(code, 0, "qemu-img check {}: {text}", image.display());
 }
 
-/// The guest's view of `image` through QEMU (`qemu-img convert -O raw`).
+/// The guest's view of `image` through QEMU (`qemu-img convert -U -O raw`: shared, as in
+/// [`check_status`]).
 pub(crate) fn qemu_contents(image: &Path) -> Vec<u8> {
     let raw = image.with_extension("converted.raw");
     run(
         "qemu-img",
         &[
             "convert",
+            "-U",
             "-O",
             "raw",
             image.to_str().unwrap(),
