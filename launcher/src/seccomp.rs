@@ -361,6 +361,8 @@ pub fn control_rules() -> Vec<Allow> {
     }
     rules.extend(waiter_rules());
     rules.extend(serial_rules());
+    // A virt-launcher Sync starts the pod network's DHCP server (`dhcp`) from here too.
+    rules.extend(dhcp_rules());
     // vm.send-migration and vm.receive-migration run here; so does virt-launcher mode's
     // receiving thread (`kubevirt-receive`), which builds the VM it receives.
     rules.extend(migration_send_rules());
@@ -401,11 +403,7 @@ fn pod_network_rules() -> Vec<Allow> {
         Allow::arg_in(
             libc::SYS_ioctl,
             1,
-            &[
-                libc::SIOCGIFINDEX,
-                libc::SIOCGIFMTU,
-                libc::SIOCGIFHWADDR,
-            ],
+            &[libc::SIOCGIFINDEX, libc::SIOCGIFMTU, libc::SIOCGIFHWADDR],
         ),
         Allow::any(libc::SYS_getsockname),
         Allow::arg_in(libc::SYS_sendto, 3, &[0]),
@@ -415,7 +413,10 @@ fn pod_network_rules() -> Vec<Allow> {
             vec![
                 vec![(1, libc::SOL_SOCKET as u64), (2, libc::SO_BROADCAST as u64)],
                 vec![(1, libc::IPPROTO_IP as u64), (2, libc::IP_PKTINFO as u64)],
-                vec![(1, libc::IPPROTO_IPV6 as u64), (2, libc::IPV6_V6ONLY as u64)],
+                vec![
+                    (1, libc::IPPROTO_IPV6 as u64),
+                    (2, libc::IPV6_V6ONLY as u64),
+                ],
                 vec![
                     (1, libc::IPPROTO_IPV6 as u64),
                     (2, libc::IPV6_RECVPKTINFO as u64),
