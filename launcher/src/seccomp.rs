@@ -40,7 +40,12 @@ pub fn signal_rules() -> Vec<Allow> {
 /// rules), then records the end and reports it (events to a file or a channel: writes and
 /// futexes).
 pub fn waiter_rules() -> Vec<Allow> {
-    Vec::new()
+    vec![
+        // A VM whose NICs have a DHCP server stops it with the VM: the server removes its
+        // `dhcp_started-<iface>` markers (virt-launcher mode).
+        Allow::any(libc::SYS_unlink),
+        Allow::any(libc::SYS_unlinkat),
+    ]
 }
 
 /// virt-launcher mode's `qemu-timeout` watch: it sleeps, then may ask the VMM to exit.
