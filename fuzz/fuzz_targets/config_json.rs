@@ -21,7 +21,17 @@ use vmm_core::{BootSource, CpuProfile};
 const KVM: &str = "/nonexistent/kvm";
 
 /// The file's top-level fields: every validation error's path starts with one.
-const FIELDS: &[&str] = &["cpus", "memory", "payload", "disks", "net", "rng", "serial"];
+const FIELDS: &[&str] = &[
+    "cpus",
+    "memory",
+    "payload",
+    "disks",
+    "net",
+    "rng",
+    "serial",
+    "transport",
+    "acpi",
+];
 
 /// `disks[12].path` -> `disks`.
 fn top_level(path: &str) -> &str {
