@@ -153,6 +153,9 @@ impl DeviceBench {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         let device = Block::new(BlockConfig {
             path: disk.path.clone(),
+            // Reads only; read-only devices share the image's lock, so several variants can
+            // have it open at once (a second writer would be refused, as QEMU refuses one).
+            readonly: true,
             engine,
             ..Default::default()
         })
