@@ -16,10 +16,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use devices::image::DiskImage;
-use devices::virtio::block::{Block, BlockConfig, BlockHandler, Engine};
-use devices::virtio::{ActiveQueue, GuestMemoryMmap, VirtioInterrupt};
 use rvmm_benches::{Transport, interrupt};
+use rvmm_devices::image::DiskImage;
+use rvmm_devices::virtio::block::{Block, BlockConfig, BlockHandler, Engine};
+use rvmm_devices::virtio::{ActiveQueue, GuestMemoryMmap, VirtioInterrupt};
 use virtio_queue::QueueT;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -62,7 +62,11 @@ impl Disk {
     fn qcow2() -> Self {
         let path =
             std::env::temp_dir().join(format!("rvmm-bench-blk-{}.qcow2", std::process::id()));
-        std::fs::write(&path, devices::image::qcow2::overlay_test_bytes(DISK_SIZE)).unwrap();
+        std::fs::write(
+            &path,
+            rvmm_devices::image::qcow2::overlay_test_bytes(DISK_SIZE),
+        )
+        .unwrap();
         let mut image = DiskImage::open(&path, true, None).unwrap();
         image.write_at(&Self::content(), 0).unwrap();
         image.flush().unwrap();

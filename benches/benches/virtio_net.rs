@@ -16,13 +16,13 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use devices::virtio::net::{
+use rvmm_benches::{Transport, interrupt};
+use rvmm_devices::virtio::net::{
     MAX_BUFFER_LEN, Net, NetBackend, NetConfig, NetHandler, SocketBackend, Tap, VNET_HDR_LEN,
 };
-use devices::virtio::{
+use rvmm_devices::virtio::{
     ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt,
 };
-use rvmm_benches::{Transport, interrupt};
 use virtio_queue::QueueT;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;

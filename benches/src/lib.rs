@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use devices::pci::msix::{MsiMessage, MsiRouter, Msix};
-use devices::virtio::mmio::MmioInterrupt;
-use devices::virtio::pci::PciInterrupt;
-use devices::virtio::{InterruptKind, VirtioInterrupt};
+use rvmm_devices::pci::msix::{MsiMessage, MsiRouter, Msix};
+use rvmm_devices::virtio::mmio::MmioInterrupt;
+use rvmm_devices::virtio::pci::PciInterrupt;
+use rvmm_devices::virtio::{InterruptKind, VirtioInterrupt};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// A virtio transport.

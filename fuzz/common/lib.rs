@@ -11,8 +11,8 @@ use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::pci::msix::{MsiMessage, MsiRouter};
-use devices::virtio::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
+use rvmm_devices::pci::msix::{MsiMessage, MsiRouter};
+use rvmm_devices::virtio::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use vm_memory::{Bytes, GuestAddress};
@@ -460,12 +460,12 @@ pub fn net_handler(
     mrg_rxbuf: bool,
     event_idx: bool,
 ) -> (
-    devices::virtio::net::NetHandler<CountingInterrupt>,
+    rvmm_devices::virtio::net::NetHandler<CountingInterrupt>,
     std::os::unix::net::UnixDatagram,
-    std::sync::Arc<devices::virtio::net::NetCounters>,
+    std::sync::Arc<rvmm_devices::virtio::net::NetCounters>,
 ) {
-    use devices::virtio::ActiveQueue;
-    use devices::virtio::net::{NetCounters, NetHandler, SocketBackend};
+    use rvmm_devices::virtio::ActiveQueue;
+    use rvmm_devices::virtio::net::{NetCounters, NetHandler, SocketBackend};
     use virtio_queue::QueueT;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

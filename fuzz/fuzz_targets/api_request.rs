@@ -4,7 +4,7 @@
 //! inputs.
 //!
 //! Raw mode: the bytes are written to the client end of a `tokio::io::duplex`, whose write
-//! side is then shut down, while `launcher::api::serve_stream` (hyper, on the target's
+//! side is then shut down, while `rvmm_launcher::api::serve_stream` (hyper, on the target's
 //! current-thread tokio runtime) serves the other end; everything it answers is read.
 //! Oracles: the server is done within 2 s (the client's EOF ends even a truncated request:
 //! no waiting for the 10 s header timeout); the answer is a sequence of complete
@@ -40,16 +40,16 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use fuzz_common::{fixture_dir, rarely};
-use launcher::api::routes::{self, API_PREFIX, BodyKind, METRICS_PATH, Reply};
-use launcher::api::{MAX_BODY_BYTES, serve_stream};
-use launcher::config::{SerialModeName, VmConfigFile};
-use launcher::events::EventMonitor;
-use launcher::api::routes::ENDPOINTS;
-use launcher::vmm::{OnReboot, Vmm, VmmSettings};
+use rvmm_launcher::api::routes::{self, API_PREFIX, BodyKind, METRICS_PATH, Reply};
+use rvmm_launcher::api::{MAX_BODY_BYTES, serve_stream};
+use rvmm_launcher::config::{SerialModeName, VmConfigFile};
+use rvmm_launcher::events::EventMonitor;
+use rvmm_launcher::api::routes::ENDPOINTS;
+use rvmm_launcher::vmm::{OnReboot, Vmm, VmmSettings};
 use libfuzzer_sys::{Corpus, fuzz_target};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmm_core::CpuProfile;
+use rvmm_core::CpuProfile;
 
 const KVM: &str = "/nonexistent/kvm";
 /// How long the server may take to answer everything once the client has sent its EOF.

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
-use vmm_core::disk_boot::{bls, grub};
+use rvmm_core::disk_boot::{bls, grub};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, rest)) = data.split_first() else {

@@ -14,9 +14,9 @@
 
 use std::path::Path;
 
-use launcher::config::{ConfigError, VmConfigFile};
+use rvmm_launcher::config::{ConfigError, VmConfigFile};
 use libfuzzer_sys::fuzz_target;
-use vmm_core::{BootSource, CpuProfile};
+use rvmm_core::{BootSource, CpuProfile};
 
 const KVM: &str = "/nonexistent/kvm";
 

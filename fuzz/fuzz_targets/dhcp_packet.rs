@@ -1,7 +1,7 @@
 //! The DHCP server's packet handling: what a hostile guest may send the launcher's `dhcp`
-//! thread, through `launcher::dhcp::handler::Dhcpv4Handler::handle` for one of a few leases
+//! thread, through `rvmm_launcher::dhcp::handler::Dhcpv4Handler::handle` for one of a few leases
 //! (KubeVirt's masquerade one with every option, a bare /30, a bridge /32 with routes), or
-//! through `launcher::dhcp::handler6::Dhcpv6Handler::handle` (KubeVirt's masquerade IPv6
+//! through `rvmm_launcher::dhcp::handler6::Dhcpv6Handler::handle` (KubeVirt's masquerade IPv6
 //! lease): client messages of every type with or without the client's and a server's DUID, an
 //! IA_NA (whole or short), Rapid Commit, extra option bytes and truncation, from a link-local
 //! or another source.
@@ -30,11 +30,11 @@ use dhcproto::v4::{Message, MessageType, Opcode};
 use dhcproto::v6;
 use dhcproto::{Decodable, Decoder};
 use fuzz_common::rarely;
-use launcher::dhcp::config::{
+use rvmm_launcher::dhcp::config::{
     Dhcp6Config, DhcpConfig, Lease6Config, LeaseConfig, PrivateOption, RouteConfig,
 };
-use launcher::dhcp::handler::{Destination, Dhcpv4Handler, LeaseChange};
-use launcher::dhcp::handler6::Dhcpv6Handler;
+use rvmm_launcher::dhcp::handler::{Destination, Dhcpv4Handler, LeaseChange};
+use rvmm_launcher::dhcp::handler6::Dhcpv6Handler;
 use libfuzzer_sys::fuzz_target;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

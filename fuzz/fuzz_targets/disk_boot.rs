@@ -14,9 +14,9 @@
 
 use std::path::Path;
 
-use devices::image::{DiskImage, ImageFormat, MemStorage};
+use rvmm_devices::image::{DiskImage, ImageFormat, MemStorage};
 use libfuzzer_sys::fuzz_target;
-use vmm_core::disk_boot::{find_boot, kernel};
+use rvmm_core::disk_boot::{find_boot, kernel};
 
 const SECTORS: u32 = 16384;
 

@@ -1,4 +1,4 @@
-//! The launcher socket's HTTP/2 `:authority` rewriter (`launcher::kubevirt::h2_authority`):
+//! The launcher socket's HTTP/2 `:authority` rewriter (`rvmm_launcher::kubevirt::h2_authority`):
 //! a client's byte stream, fed in chunks of any size, never panics it; the output never grows
 //! without bound; and a well-formed client stream (the preface, then header blocks of
 //! arbitrary headers, split over HEADERS and CONTINUATION frames, between other frames)
@@ -7,7 +7,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use launcher::kubevirt::h2_authority::{LOCALHOST, PREFACE, Rewriter};
+use rvmm_launcher::kubevirt::h2_authority::{LOCALHOST, PREFACE, Rewriter};
 use libfuzzer_sys::fuzz_target;
 use loona_hpack::{Decoder, Encoder};
 

@@ -11,8 +11,8 @@
 use std::sync::atomic::Ordering;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::BusDevice;
-use devices::legacy::I8042;
+use rvmm_devices::BusDevice;
+use rvmm_devices::legacy::I8042;
 use fuzz_common::CountingTrigger;
 use libfuzzer_sys::fuzz_target;
 

@@ -10,11 +10,11 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::BusDevice;
-use devices::virtio::block::{Block, BlockConfig, Engine};
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::rng::Rng;
-use devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
+use rvmm_devices::BusDevice;
+use rvmm_devices::virtio::block::{Block, BlockConfig, Engine};
+use rvmm_devices::virtio::mmio::MmioTransport;
+use rvmm_devices::virtio::rng::Rng;
+use rvmm_devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -87,7 +87,7 @@ fn width(w: u8) -> usize {
 
 struct Harness<'m> {
     t: MmioTransport,
-    mem: &'m devices::virtio::GuestMemoryMmap,
+    mem: &'m rvmm_devices::virtio::GuestMemoryMmap,
     drivers: Vec<Option<Driver<'m>>>,
     alloc: BufAlloc,
     block: bool,
@@ -187,7 +187,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             readonly: false,
             id: None,
             engine: Engine::Sync,
-            format: Some(devices::image::ImageFormat::Raw),
+            format: Some(rvmm_devices::image::ImageFormat::Raw),
         }) {
             Ok(b) => Box::new(b),
             Err(_) => return Ok(()),

@@ -17,15 +17,15 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::BusDevice;
-use devices::pci::MalformedPciAccesses;
-use devices::pci::msix::MsiRouter;
-use devices::virtio::pci::{PciPlacement, VirtioPciTransport};
-use devices::virtio::rng::Rng;
+use rvmm_devices::BusDevice;
+use rvmm_devices::pci::MalformedPciAccesses;
+use rvmm_devices::pci::msix::MsiRouter;
+use rvmm_devices::virtio::pci::{PciPlacement, VirtioPciTransport};
+use rvmm_devices::virtio::rng::Rng;
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
-use vmm_core::pci::access::{PciConfigPorts, PciEcam, PciWindow};
-use vmm_core::pci::{IoEventRegistry, PciRoot};
+use rvmm_core::pci::access::{PciConfigPorts, PciEcam, PciWindow};
+use rvmm_core::pci::{IoEventRegistry, PciRoot};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 const WINDOW: Range<u64> = 0xc000_0000..0xd000_0000;

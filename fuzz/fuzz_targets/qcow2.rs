@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use arbitrary::{Arbitrary, Unstructured};
-use devices::image::{DiskImage, ImageFormat, MemStorage};
+use rvmm_devices::image::{DiskImage, ImageFormat, MemStorage};
 use libfuzzer_sys::fuzz_target;
 
 /// The image may grow by this much through writes.

@@ -8,8 +8,8 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::BusDevice;
-use devices::legacy::SerialConsole;
+use rvmm_devices::BusDevice;
+use rvmm_devices::legacy::SerialConsole;
 use fuzz_common::CountingTrigger;
 use libfuzzer_sys::fuzz_target;
 

@@ -17,18 +17,18 @@
 
 use std::sync::Arc;
 
-use devices::legacy::{AcpiPm, I8042, PowerControl, SerialConsole};
-use devices::pci::MalformedPciAccesses;
-use devices::pci::msix::MsiRouter;
-use devices::virtio::GuestMemoryMmap;
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::pci::{PciPlacement, VirtioPciTransport};
-use devices::virtio::persist::TransportState;
-use devices::virtio::rng::Rng;
+use rvmm_devices::legacy::{AcpiPm, I8042, PowerControl, SerialConsole};
+use rvmm_devices::pci::MalformedPciAccesses;
+use rvmm_devices::pci::msix::MsiRouter;
+use rvmm_devices::virtio::GuestMemoryMmap;
+use rvmm_devices::virtio::mmio::MmioTransport;
+use rvmm_devices::virtio::pci::{PciPlacement, VirtioPciTransport};
+use rvmm_devices::virtio::persist::TransportState;
+use rvmm_devices::virtio::rng::Rng;
 use fuzz_common::{CheckingMsiRouter, CountingTrigger};
 use libfuzzer_sys::fuzz_target;
-use vmm_core::snapshot::format::{FORMAT_VERSION, HEADER_LEN, MAGIC, frame};
-use vmm_core::snapshot::{decode_state, encode_state};
+use rvmm_core::snapshot::format::{FORMAT_VERSION, HEADER_LEN, MAGIC, frame};
+use rvmm_core::snapshot::{decode_state, encode_state};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// The guest's power requests go nowhere.

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::virtio::ActiveQueue;
-use devices::virtio::block::{Block, BlockConfig, Engine};
+use rvmm_devices::virtio::ActiveQueue;
+use rvmm_devices::virtio::block::{Block, BlockConfig, Engine};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_blk::*;
@@ -48,7 +48,7 @@ fn with_device<R>(size: usize, readonly: bool, f: impl FnOnce(&Block) -> R) -> R
                 readonly,
                 id: Some("fuzz-disk".into()),
                 engine: Engine::Sync,
-                format: Some(devices::image::ImageFormat::Raw),
+                format: Some(rvmm_devices::image::ImageFormat::Raw),
             })
             .expect("block device");
             let _ = std::fs::remove_file(&path);

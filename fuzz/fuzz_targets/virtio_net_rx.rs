@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
+use rvmm_devices::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::epoll::EventSet;
@@ -76,7 +76,7 @@ fn frame_len(u: &mut Unstructured<'_>) -> Result<usize> {
 
 /// The used entries, reassembled into frames: (frame bytes, num_buffers, chains).
 fn delivered(
-    mem: &devices::virtio::GuestMemoryMmap,
+    mem: &rvmm_devices::virtio::GuestMemoryMmap,
     used: &[(u32, u32)],
     chains: &HashMap<u16, (Vec<(u64, u32)>, u64)>,
 ) -> Vec<(Vec<u8>, u16, usize)> {
@@ -111,7 +111,7 @@ fn delivered(
     out
 }
 
-fn gather(mem: &devices::virtio::GuestMemoryMmap, bufs: &[(u64, u32)], len: usize) -> Vec<u8> {
+fn gather(mem: &rvmm_devices::virtio::GuestMemoryMmap, bufs: &[(u64, u32)], len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
     for &(addr, blen) in bufs {
         if out.len() == len {

@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
+use rvmm_devices::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::epoll::EventSet;

@@ -15,11 +15,11 @@
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::pci::{MalformedPciAccesses, PciDevice};
-use devices::virtio::block::{Block, BlockConfig, Engine};
-use devices::virtio::pci::{NO_VECTOR, PciPlacement, VIRTIO_BAR, VirtioPciTransport};
-use devices::virtio::rng::Rng;
-use devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
+use rvmm_devices::pci::{MalformedPciAccesses, PciDevice};
+use rvmm_devices::virtio::block::{Block, BlockConfig, Engine};
+use rvmm_devices::virtio::pci::{NO_VECTOR, PciPlacement, VIRTIO_BAR, VirtioPciTransport};
+use rvmm_devices::virtio::rng::Rng;
+use rvmm_devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -108,7 +108,7 @@ fn width(w: u8) -> usize {
 
 struct Harness<'m> {
     t: VirtioPciTransport,
-    mem: &'m devices::virtio::GuestMemoryMmap,
+    mem: &'m rvmm_devices::virtio::GuestMemoryMmap,
     drivers: Vec<Option<Driver<'m>>>,
     alloc: BufAlloc,
     block: bool,
@@ -230,7 +230,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         bar_addr: 0xc000_0000,
         intx: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
         intx_gsi: 16,
-        msi: with_msix.then(|| router.clone() as Arc<dyn devices::pci::msix::MsiRouter>),
+        msi: with_msix.then(|| router.clone() as Arc<dyn rvmm_devices::pci::msix::MsiRouter>),
         malformed: Arc::new(MalformedPciAccesses::default()),
     };
     let t = VirtioPciTransport::new(device, mem.clone(), placement).expect("transport");

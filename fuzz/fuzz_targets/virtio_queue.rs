@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use devices::virtio::rng::RngHandler;
+use rvmm_devices::virtio::rng::RngHandler;
 use fuzz_common::*;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;

@@ -20,11 +20,11 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::LazyLock;
 
 use fuzz_common::fixture_dir;
-use launcher::config::{ConfigError, SerialModeName, VmConfigFile};
-use launcher::kubevirt::nocloud::NoCloudData;
-use launcher::kubevirt::vmi::{LaunchPlan, LauncherDirs, PrepareStep, Vmi, VmiError, plan};
+use rvmm_launcher::config::{ConfigError, SerialModeName, VmConfigFile};
+use rvmm_launcher::kubevirt::nocloud::NoCloudData;
+use rvmm_launcher::kubevirt::vmi::{LaunchPlan, LauncherDirs, PrepareStep, Vmi, VmiError, plan};
 use libfuzzer_sys::fuzz_target;
-use vmm_core::CpuProfile;
+use rvmm_core::CpuProfile;
 
 /// The fake pod's root.
 static POD: LazyLock<PathBuf> = LazyLock::new(|| {

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use devices::image::ImageFormat;
-use devices::virtio::block::{BlockConfig, Engine};
-use devices::virtio::net::NetConfig;
-use vmm_core::{BootSource, CpuProfile, Transport, VmConfig};
+use rvmm_core::{BootSource, CpuProfile, Transport, VmConfig};
+use rvmm_devices::image::ImageFormat;
+use rvmm_devices::virtio::block::{BlockConfig, Engine};
+use rvmm_devices::virtio::net::NetConfig;
 
 use crate::config::{VmConfigFile, dhcp_mac};
 use crate::dhcp::DhcpConfig;
@@ -572,14 +572,14 @@ impl RunArgs {
         let memory_bytes = parse_size(memory)
             .ok_or_else(|| invalid("memory", format!("'{memory}' is not a size like 512M")))?;
         let vcpus = self.vcpus.unwrap_or(1);
-        let max = vmm_core::mptable::MAX_VCPUS;
+        let max = rvmm_core::mptable::MAX_VCPUS;
         if vcpus == 0 || vcpus > max {
             return Err(invalid(
                 "vcpus",
                 format!("{vcpus} is out of range 1 to {max}"),
             ));
         }
-        vmm_core::memory::MemoryLayout::new(memory_bytes)
+        rvmm_core::memory::MemoryLayout::new(memory_bytes)
             .map_err(|e| invalid("memory", e.to_string()))?;
         let disks = parse_disks(&self.disk)?;
         let boot_disks: Vec<usize> = (0..disks.len()).filter(|&i| disks[i].boot).collect();

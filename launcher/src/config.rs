@@ -7,11 +7,11 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use devices::image::ImageFormat;
-use devices::virtio::block::{BlockConfig, Engine};
-use devices::virtio::net::NetConfig as NicConfig;
+use rvmm_core::{BootSource, CpuProfile, Transport, VmConfig};
+use rvmm_devices::image::ImageFormat;
+use rvmm_devices::virtio::block::{BlockConfig, Engine};
+use rvmm_devices::virtio::net::NetConfig as NicConfig;
 use serde::{Deserialize, Serialize};
-use vmm_core::{BootSource, CpuProfile, Transport, VmConfig};
 
 use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
 use crate::dhcp::DhcpConfig;
@@ -320,7 +320,7 @@ impl VmConfigFile {
         kvm_path: &Path,
         cpu_profile: CpuProfile,
     ) -> Result<(VmConfig, SerialMode), ConfigError> {
-        let max = vmm_core::mptable::MAX_VCPUS;
+        let max = rvmm_core::mptable::MAX_VCPUS;
         let vcpus = self.cpus.boot_vcpus;
         if vcpus == 0 || vcpus > max {
             return Err(invalid(
@@ -336,7 +336,7 @@ impl VmConfigFile {
                 "must equal boot_vcpus (no vCPU hotplug)",
             ));
         }
-        vmm_core::memory::MemoryLayout::new(self.memory.size)
+        rvmm_core::memory::MemoryLayout::new(self.memory.size)
             .map_err(|e| invalid("memory.size", e.to_string()))?;
         let disks: Vec<BlockConfig> = self
             .disks
@@ -619,7 +619,7 @@ fn nic(index: usize, n: &NetConfig, before: &[NetConfig]) -> Result<NicConfig, C
 pub(crate) fn dhcp_mac(given: Option<[u8; 6]>) -> std::io::Result<[u8; 6]> {
     match given {
         Some(mac) => Ok(mac),
-        None => devices::virtio::net::random_mac(),
+        None => rvmm_devices::virtio::net::random_mac(),
     }
 }
 

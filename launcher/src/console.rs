@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use devices::limited_log;
-use vmm_core::seccomp::spawn_filtered;
-use vmm_core::{Serial, SerialOutput};
+use rvmm_core::seccomp::spawn_filtered;
+use rvmm_core::{Serial, SerialOutput};
+use rvmm_devices::limited_log;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::cli::SerialMode;

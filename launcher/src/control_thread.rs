@@ -10,8 +10,8 @@
 
 use std::sync::{Arc, mpsc};
 
+use rvmm_core::seccomp::{BpfProgram, SpawnError, spawn_confined};
 use tokio::sync::oneshot;
-use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_confined};
 
 /// An operation handed to the thread.
 type Job = Box<dyn FnOnce() + Send>;

@@ -10,16 +10,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use launcher::api::{ApiServer, ApiServerError, start_metrics_server};
-use launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line, parse_cpu_profile};
-use launcher::events::EventMonitor;
-use launcher::kubevirt::launcher_mode;
-use launcher::panic::abort_on_panic;
-use launcher::seccomp::{filter_main_thread, signal_rules, thread_filter_for};
-use launcher::shutdown::ShutdownSignals;
-use launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
-use vmm_core::cpuid::KVM_PVM_MODULE;
-use vmm_core::seccomp::{DeniedAction, set_denied_action, single_malloc_arena};
+use rvmm_core::cpuid::KVM_PVM_MODULE;
+use rvmm_core::seccomp::{DeniedAction, set_denied_action, single_malloc_arena};
+use rvmm_launcher::api::{ApiServer, ApiServerError, start_metrics_server};
+use rvmm_launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line, parse_cpu_profile};
+use rvmm_launcher::events::EventMonitor;
+use rvmm_launcher::kubevirt::launcher_mode;
+use rvmm_launcher::panic::abort_on_panic;
+use rvmm_launcher::seccomp::{filter_main_thread, signal_rules, thread_filter_for};
+use rvmm_launcher::shutdown::ShutdownSignals;
+use rvmm_launcher::vmm::{EXIT_BAD_CONFIG, EXIT_VMM_ERROR, Vmm, VmmSettings};
 
 fn main() -> ExitCode {
     // Before any thread starts: every thread is seccomp-filtered (see single_malloc_arena);
@@ -112,7 +112,7 @@ fn run(args: &RunArgs) -> ExitCode {
     {
         // Without a VM on the command line, --serial is the console of one restored or
         // migrated in through the API.
-        match launcher::cli::parse_serial(text) {
+        match rvmm_launcher::cli::parse_serial(text) {
             Ok(serial) => vmm.set_serial_override(Some(serial)),
             Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
         }

@@ -21,7 +21,7 @@
 use std::fmt::{Display, Write};
 use std::time::Duration;
 
-use vmm_core::{DiskMetrics, NicMetrics, VmMetrics};
+use rvmm_core::{DiskMetrics, NicMetrics, VmMetrics};
 
 /// The HTTP `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

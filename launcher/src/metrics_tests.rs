@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use vmm_core::{DiskMetrics, NicMetrics, VmMetrics};
+use rvmm_core::{DiskMetrics, NicMetrics, VmMetrics};
 
 use super::*;
 
@@ -202,7 +202,7 @@ fn full_metrics() -> VmMetrics {
         }],
         memory_bytes: 256 << 20,
         vcpu_cpu_ns: vec![Some(1_500_000_000)],
-        malformed_pci: vmm_core::metrics::MalformedPciCounts {
+        malformed_pci: rvmm_core::metrics::MalformedPciCounts {
             config: 1,
             bar: 2,
             msix: 3,

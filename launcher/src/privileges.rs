@@ -2,7 +2,7 @@
 //! KubeVirt's launcher keeps once its VM's devices are open.
 //!
 //! Capabilities belong to threads, so each drops its own: every filtered thread drops all of
-//! them as it starts ([`vmm_core::seccomp::spawn_filtered`]), the main thread before it
+//! them as it starts ([`rvmm_core::seccomp::spawn_filtered`]), the main thread before it
 //! filters itself. The control threads, which open devices, keep their capabilities until the
 //! first VM has booted (on whichever thread: the others are told); from then on they keep
 //! [`AFTER_BOOT`] (or [`AFTER_BOOT_WITH_NICS`]): KubeVirt's launcher's `CAP_NET_BIND_SERVICE` (virt-launcher-monitor's ambient capability)
@@ -13,7 +13,7 @@
 
 use std::sync::Mutex;
 
-use vmm_core::seccomp::{Capability, restrict_capabilities};
+use rvmm_core::seccomp::{Capability, restrict_capabilities};
 
 /// What the control thread keeps after the first boot of a VM without network interfaces.
 pub const AFTER_BOOT: &[Capability] = &[

@@ -5,7 +5,7 @@
 //! the API's live migrations run there), virt-launcher mode's migration threads
 //! (`kubevirt-migrate`, `kubevirt-receive`), timers, and the main thread once the VM runs
 //! (both modes). The mechanism and the rules every filtered thread shares are in
-//! [`vmm_core::seccomp`].
+//! [`rvmm_core::seccomp`].
 //!
 //! Only the control threads and `kubevirt-receive` (under the control filter) start threads
 //! (a VM's vCPUs, device workers, waiter and console threads, which inherit the control filter
@@ -13,8 +13,8 @@
 //! wait or tear down. A thread inherits the filter of the thread that starts it, so these
 //! filters are installed after the threads they start, or cover what those do.
 
-use devices::seccomp::{WorkerKind, activation_rules, worker_rules};
-use vmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter, vcpu_rules};
+use rvmm_core::seccomp::{Allow, BpfProgram, SeccompError, install, thread_filter, vcpu_rules};
+use rvmm_devices::seccomp::{WorkerKind, activation_rules, worker_rules};
 use vmm_sys_util::signal::SIGRTMIN;
 
 /// `kind_rules`' filter when `seccomp` is on (`--seccomp` not false), else none.
@@ -544,7 +544,7 @@ pub fn main_filter() -> Result<BpfProgram, SeccompError> {
 /// thread started afterwards would inherit the filter.
 pub fn filter_main_thread() -> Result<(), SeccompError> {
     let filter = main_filter()?;
-    if let Err(e) = vmm_core::seccomp::restrict_capabilities(&[]) {
+    if let Err(e) = rvmm_core::seccomp::restrict_capabilities(&[]) {
         log::warn!("Cannot drop the main thread's capabilities: {e}");
     }
     install(&filter)

@@ -1,4 +1,4 @@
-use vmm_core::seccomp::{Allow, ChildEnd, common_rules, run_in_filtered_child};
+use rvmm_core::seccomp::{Allow, ChildEnd, common_rules, run_in_filtered_child};
 
 use super::*;
 
@@ -180,7 +180,7 @@ fn dhcp_filter_allows_its_loop_and_kills_a_thread_that_opens_a_socket_or_starts_
 
 /// Every kind of filtered thread, with its rules.
 fn every_thread_kind() -> Vec<(&'static str, Vec<Allow>)> {
-    use devices::seccomp::{WorkerKind, worker_rules};
+    use rvmm_devices::seccomp::{WorkerKind, worker_rules};
     let mut kinds = vec![
         ("api", api_rules()),
         ("grpc", grpc_rules()),
@@ -193,7 +193,7 @@ fn every_thread_kind() -> Vec<(&'static str, Vec<Allow>)> {
         ("migrate", migration_send_rules()),
         ("dhcp", dhcp_rules()),
         ("main", main_rules()),
-        ("vcpu", vmm_core::seccomp::vcpu_rules()),
+        ("vcpu", rvmm_core::seccomp::vcpu_rules()),
     ];
     for kind in WorkerKind::ALL {
         kinds.push(("worker", worker_rules(kind)));
@@ -240,8 +240,8 @@ fn allocation_child(arena_max: Option<u32>) -> std::process::Output {
 fn filtered_threads_survive_large_and_many_allocations() {
     if std::env::var_os(ALLOC_CHILD_ENV).is_some() {
         for (kind, rules) in every_thread_kind() {
-            let filter = vmm_core::seccomp::thread_filter(rules).unwrap();
-            let thread = vmm_core::seccomp::spawn_filtered(kind, Some(filter), churn_the_heap);
+            let filter = rvmm_core::seccomp::thread_filter(rules).unwrap();
+            let thread = rvmm_core::seccomp::spawn_filtered(kind, Some(filter), churn_the_heap);
             thread.unwrap().join().unwrap();
         }
         return;
@@ -322,8 +322,8 @@ fn migration_streams_work_on_the_threads_that_migrate() {
             // Bound here, unfiltered: its address is read (getsockname) for the test only.
             let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let port = tcp.local_addr().unwrap().port();
-            let filter = vmm_core::seccomp::thread_filter(rules).unwrap();
-            let thread = vmm_core::seccomp::spawn_filtered(kind, Some(filter), move || {
+            let filter = rvmm_core::seccomp::thread_filter(rules).unwrap();
+            let thread = rvmm_core::seccomp::spawn_filtered(kind, Some(filter), move || {
                 migration_stream_round_trip(&tcp, port, hosts);
             });
             thread.unwrap().join().unwrap();

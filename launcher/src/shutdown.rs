@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
+use rvmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
 
 use crate::vmm::Vmm;
 

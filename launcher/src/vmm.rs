@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rvmm_core::metrics::VmMetrics;
+use rvmm_core::seccomp::{SpawnError, spawn_filtered};
+use rvmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
 use serde_json::{Value, json};
-use vmm_core::metrics::VmMetrics;
-use vmm_core::seccomp::{SpawnError, spawn_filtered};
-use vmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
 
 use crate::cli::SerialMode;
 use crate::config::VmConfigFile;
@@ -47,8 +47,8 @@ pub use types::*;
 /// The kernel file, or `disk N (PATH)` for a boot from a disk.
 fn boot_name(config: &VmConfig) -> String {
     match &config.boot {
-        vmm_core::BootSource::Kernel { kernel, .. } => kernel.display().to_string(),
-        vmm_core::BootSource::Disk { index } => match config.disks.get(*index) {
+        rvmm_core::BootSource::Kernel { kernel, .. } => kernel.display().to_string(),
+        rvmm_core::BootSource::Disk { index } => match config.disks.get(*index) {
             Some(disk) => format!("disk {index} ({})", disk.path.display()),
             None => format!("disk {index}"),
         },
@@ -63,7 +63,7 @@ fn check_boot_files(config: &VmConfig) -> Result<(), BootFileError> {
         let path = path.to_owned();
         move |source| BootFileError { what, path, source }
     };
-    if let vmm_core::BootSource::Kernel { kernel, initrd } = &config.boot {
+    if let rvmm_core::BootSource::Kernel { kernel, initrd } = &config.boot {
         std::fs::File::open(kernel).map_err(fail("kernel".into(), kernel))?;
         if let Some(initrd) = initrd {
             std::fs::File::open(initrd).map_err(fail("initrd".into(), initrd))?;
@@ -177,7 +177,7 @@ impl Vmm {
         Self::new(
             VmmSettings {
                 kvm_path: PathBuf::from("/nonexistent/kvm"),
-                cpu_profile: vmm_core::CpuProfile::Host,
+                cpu_profile: rvmm_core::CpuProfile::Host,
                 serial_log: None,
                 seccomp: false,
                 on_reboot: OnReboot::Exit,
@@ -392,7 +392,7 @@ impl Vmm {
             slot.config.memory_bytes >> 20,
             slot.config.cpu_profile.name()
         );
-        let vm = vmm_core::build_vm(&slot.config, console.output()).map_err(VmmError::Boot)?;
+        let vm = rvmm_core::build_vm(&slot.config, console.output()).map_err(VmmError::Boot)?;
         self.start_built(inner, vm, VmState::Running)
     }
 
@@ -401,7 +401,7 @@ impl Vmm {
     fn start_built(
         self: &Arc<Self>,
         inner: &mut Inner,
-        vm: vmm_core::Vm,
+        vm: rvmm_core::Vm,
         state: VmState,
     ) -> Result<(), VmmError> {
         if inner.vm.as_ref().is_none_or(|slot| slot.console.is_none()) {

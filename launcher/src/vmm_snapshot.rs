@@ -1,15 +1,15 @@
 //! `vm.snapshot` and `vm.restore` (Cloud Hypervisor's API) and `rvmm run --restore`.
 //!
 //! A snapshot directory holds `config.json` (the VM's configuration, as `vm.info` shows it),
-//! `state.bin` and `memory.bin` (see `vmm_core::snapshot`). The disks are the user's business:
+//! `state.bin` and `memory.bin` (see `rvmm_core::snapshot`). The disks are the user's business:
 //! restore them (or leave them unchanged) alongside the snapshot.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rvmm_core::snapshot::{CONFIG_FILE, RestoreError};
+use rvmm_core::{SaveError, SnapshotInfo};
 use serde_json::json;
-use vmm_core::snapshot::{CONFIG_FILE, RestoreError};
-use vmm_core::{SaveError, SnapshotInfo};
 
 use super::{Console, Inner, VmSlot, VmState, Vmm, VmmError};
 use crate::cli::SerialMode;
@@ -140,7 +140,7 @@ impl Vmm {
             self.settings.seccomp,
         )
         .map_err(|e| VmmError::Console(e.into()))?;
-        let vm = vmm_core::snapshot::restore_vm(&config, &dir, prefault, console.output())
+        let vm = rvmm_core::snapshot::restore_vm(&config, &dir, prefault, console.output())
             .map_err(|e| VmmError::Restore(e.into()))?;
         inner.vm = Some(VmSlot {
             file,

@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
+use rvmm_core::boot::BootError;
+use rvmm_core::seccomp::SpawnError;
+use rvmm_core::{BuildError, CpuProfile};
 use serde::Serialize;
 use serde_json::Value;
-use vmm_core::boot::BootError;
-use vmm_core::seccomp::SpawnError;
-use vmm_core::{BuildError, CpuProfile};
 
 use crate::config::{ConfigError, VmConfigFile};
 

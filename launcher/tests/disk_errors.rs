@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{call, parse_exposition, sample, wait_for_socket};
 use common::{kvm_available, tiny_guest};
-use devices::image_lock::{ImageAccess, lock_image};
+use rvmm_devices::image_lock::{ImageAccess, lock_image};
 
 /// A private mount namespace (`unshare`) with a 1 MiB tmpfs holding a sparse 1 MiB disk and a
 /// file that uses up the rest of the space, and rvmm started in it: nothing stays mounted on
@@ -123,7 +123,7 @@ fn kvm_a_full_file_system_is_a_warning_and_a_host_error_count_not_a_silent_ioerr
         .unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
     let warning = format!(
-        "WARN  devices::virtio::block::handler] virtio-blk: host I/O error on {} (write): No \
+        "WARN  rvmm_devices::virtio::block::handler] virtio-blk: host I/O error on {} (write): No \
          space left on device (os error 28)",
         disk.display()
     );

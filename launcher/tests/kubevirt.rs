@@ -14,8 +14,8 @@ use common::kubevirt::{
     Handler, Launcher, Pod, Session, event, kernel_boot_vmi, next_event, status,
 };
 use common::kvm_available;
-use launcher::kubevirt::grpc::GrpcRuntime;
-use launcher::kubevirt::proto::cmd::v1 as cmd;
+use rvmm_launcher::kubevirt::grpc::GrpcRuntime;
+use rvmm_launcher::kubevirt::proto::cmd::v1 as cmd;
 use serde_json::{Value, json};
 
 #[test]
@@ -353,7 +353,7 @@ fn kvm_sigterm_without_virt_handler_exits_within_the_grace_period_and_a_few_seco
 
 /// An empty qcow2 image of 1 GiB without a backing file (rvmm's own overlay layout).
 fn devices_overlay_bytes() -> Vec<u8> {
-    devices::image::qcow2::overlay_test_bytes(1 << 30)
+    rvmm_devices::image::qcow2::overlay_test_bytes(1 << 30)
 }
 
 /// A Sync whose VMI carries `size` bytes of annotation: `Ok(success)`, or the gRPC status.

@@ -25,8 +25,8 @@ use common::kubevirt::{Handler, Launcher, Pod, fake_virt_handler, next_event};
 use common::linux::{image_dir, manifest};
 use common::netns::network_or_skip;
 use common::{kvm_available, tiny_guest};
-use launcher::kubevirt::grpc::GrpcRuntime;
-use launcher::kubevirt::proto::cmd::v1 as cmd;
+use rvmm_launcher::kubevirt::grpc::GrpcRuntime;
+use rvmm_launcher::kubevirt::proto::cmd::v1 as cmd;
 use serde_json::{Value, json};
 
 /// Emulated Linux guests are slow here: about a minute to init, more on a busy machine.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::kubevirt::{Handler, Launcher, Pod, fake_virt_handler, next_event_within};
 use common::kvm_available;
 use common::linux::{image_dir, manifest};
-use launcher::kubevirt::grpc::GrpcRuntime;
+use rvmm_launcher::kubevirt::grpc::GrpcRuntime;
 use serde_json::json;
 
 /// The Linux test guest's cloud-style disk `key` of the manifest (guest-images/build), or

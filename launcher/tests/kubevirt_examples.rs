@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use launcher::kubevirt::vmi::{LauncherDirs, Vmi, VmiError, plan};
+use rvmm_launcher::kubevirt::vmi::{LauncherDirs, Vmi, VmiError, plan};
 use serde_json::{Value, json};
 
 const EXAMPLES: &str = concat!(

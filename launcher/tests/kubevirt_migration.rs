@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::kubevirt::{Handler, Session, kernel_boot_vmi, next_event};
 use common::{assert_threads_confined, kvm_available};
-use launcher::kubevirt::proto::cmd::v1 as cmd;
+use rvmm_launcher::kubevirt::proto::cmd::v1 as cmd;
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(60);

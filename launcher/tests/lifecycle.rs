@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::fixtures::SharedConsole;
 use common::{kvm_available, tiny_guest};
-use vmm_core::{CpuProfile, RunState, StopReason, Transport, VmConfig, build_vm};
+use rvmm_core::{CpuProfile, RunState, StopReason, Transport, VmConfig, build_vm};
 
 fn ticks(console: &SharedConsole) -> usize {
     count_ticks(&console.text())
@@ -25,7 +25,7 @@ fn ticker_config(vcpus: u8) -> VmConfig {
     VmConfig {
         vcpus,
         memory_bytes: 64 << 20,
-        boot: vmm_core::BootSource::kernel(tiny_guest("ticker")),
+        boot: rvmm_core::BootSource::kernel(tiny_guest("ticker")),
         cmdline: String::new(),
         cpu_profile: CpuProfile::detect(),
         kvm_path: "/dev/kvm".into(),

@@ -7,8 +7,8 @@ mod common;
 
 use common::fixtures::{SharedConsole, TempDisk};
 use common::{kvm_available, tiny_guest};
-use devices::virtio::block::{BlockConfig, Engine};
-use vmm_core::{CpuProfile, Outcome, Transport, VmConfig, VmMetrics, build_vm};
+use rvmm_core::{CpuProfile, Outcome, Transport, VmConfig, VmMetrics, build_vm};
+use rvmm_devices::virtio::block::{BlockConfig, Engine};
 
 const PATTERN: &[u8; 16] = b"rvmm-tiny-write!";
 
@@ -21,7 +21,7 @@ fn config(disk: &TempDisk, engine: Engine, cmdline: &str) -> VmConfig {
     VmConfig {
         vcpus: 1,
         memory_bytes: 64 << 20,
-        boot: vmm_core::BootSource::kernel(tiny_guest("virtio-blk")),
+        boot: rvmm_core::BootSource::kernel(tiny_guest("virtio-blk")),
         cmdline: cmdline.into(),
         cpu_profile: CpuProfile::detect(),
         kvm_path: "/dev/kvm".into(),

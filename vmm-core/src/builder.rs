@@ -7,18 +7,18 @@ use std::sync::{Arc, Mutex};
 
 mod virtio;
 
-use devices::EventFdTrigger;
-use devices::legacy::{
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use rvmm_devices::EventFdTrigger;
+use rvmm_devices::legacy::{
     ACPI_PM_PORT_BASE, ACPI_PM_PORT_LEN, AcpiPm, COM1_IRQ, COM1_PORT_BASE, I8042, I8042_KBD_IRQ,
     I8042_PORT_BASE, I8042_PORT_LEN, I8042Snapshot, SCI_IRQ, SERIAL_PORT_LEN, SerialConsole,
     SerialRestoreError, SerialSnapshot,
 };
-use devices::pci::MalformedPciAccesses;
-use devices::seccomp::SeccompError;
-use devices::virtio::VirtioDevice;
-use devices::virtio::block::{BlockConfig, DiskSync};
-use devices::virtio::net::NetConfig;
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use rvmm_devices::pci::MalformedPciAccesses;
+use rvmm_devices::seccomp::SeccompError;
+use rvmm_devices::virtio::VirtioDevice;
+use rvmm_devices::virtio::block::{BlockConfig, DiskSync};
+use rvmm_devices::virtio::net::NetConfig;
 
 pub(crate) use self::virtio::{Placement, create_virtio_devices, place, start_worker_threads};
 use self::virtio::{attach_virtio_mmio, attach_virtio_pci};
@@ -197,7 +197,7 @@ pub enum BuildError {
         index: usize,
         /// Cause (names the path).
         #[source]
-        source: devices::virtio::block::BlockError,
+        source: rvmm_devices::virtio::block::BlockError,
     },
     /// A network interface cannot be set up.
     #[error("Cannot attach network interface {index}")]
@@ -206,7 +206,7 @@ pub enum BuildError {
         index: usize,
         /// Cause (names the tap).
         #[source]
-        source: devices::virtio::net::NetError,
+        source: rvmm_devices::virtio::net::NetError,
     },
     /// More virtio devices than MMIO slots and interrupt lines, or PCI slots.
     #[error("Too many virtio devices: at most {0}")]
@@ -218,7 +218,7 @@ pub enum BuildError {
         index: usize,
         /// Cause.
         #[source]
-        source: devices::virtio::transport_core::TransportError,
+        source: rvmm_devices::virtio::transport_core::TransportError,
     },
     /// KVM_IOEVENTFD failed.
     #[error("Cannot register the queue notifier of virtio device {0}")]
@@ -233,7 +233,7 @@ pub enum BuildError {
         index: usize,
         /// Cause.
         #[source]
-        source: devices::virtio::WorkerError,
+        source: rvmm_devices::virtio::WorkerError,
     },
     /// The vCPU seccomp filter cannot be built.
     #[error("Cannot build the vCPU seccomp filter")]

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use devices::BusDevice;
+use rvmm_devices::BusDevice;
 
 /// A device shared between the bus and whoever else drives it (an input thread, the API).
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;

@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use devices::Trigger;
-use devices::legacy::PowerControl;
+use rvmm_devices::Trigger;
+use rvmm_devices::legacy::PowerControl;
 
 use crate::vcpu::kick_thread;
 

@@ -154,7 +154,7 @@ pub fn handle_kvm_exit(
             SYSTEM_EVENT_SHUTDOWN => return ExitAction::Stop(GuestStop::PowerOff),
             SYSTEM_EVENT_RESET => return ExitAction::Stop(GuestStop::Reset),
             SYSTEM_EVENT_CRASH => return ExitAction::Stop(GuestStop::Crash),
-            other => devices::limited_log!(
+            other => rvmm_devices::limited_log!(
                 log::Level::Warn,
                 "Ignoring KVM system event of type {other}"
             ),
@@ -186,7 +186,7 @@ fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use devices::BusDevice;
+    use rvmm_devices::BusDevice;
 
     use super::*;
 

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use devices::legacy::PowerButton;
-use devices::virtio::block::{BlockError, DiskSync};
+use rvmm_devices::legacy::PowerButton;
+use rvmm_devices::virtio::block::{BlockError, DiskSync};
 
 use crate::builder::{Keyboard, Power, Serial};
 use crate::bus::Bus;

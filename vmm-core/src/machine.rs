@@ -8,12 +8,12 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::pci::VirtioPciTransport;
-use devices::virtio::persist::{self as device_persist, VirtioDeviceSnapshot};
-use devices::{Pausable, PauseError};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use rvmm_devices::virtio::mmio::MmioTransport;
+use rvmm_devices::virtio::pci::VirtioPciTransport;
+use rvmm_devices::virtio::persist::{self as device_persist, VirtioDeviceSnapshot};
+use rvmm_devices::{Pausable, PauseError};
 
 use crate::builder::{Keyboard, Power, Serial};
 use crate::memory::{GuestMemoryMmap, MemoryLayout};
@@ -54,7 +54,7 @@ pub enum SaveError {
         index: usize,
         /// Cause.
         #[source]
-        source: devices::virtio::persist::SaveError,
+        source: rvmm_devices::virtio::persist::SaveError,
     },
     /// Writing the state file.
     #[error("Cannot write the snapshot state")]

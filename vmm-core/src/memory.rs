@@ -7,9 +7,9 @@ use crate::layout::{
 };
 
 /// Guest memory: the one alias, shared with the devices.
-pub use devices::virtio::GuestMemoryMmap;
+pub use rvmm_devices::virtio::GuestMemoryMmap;
 /// A region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<devices::virtio::Bitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<rvmm_devices::virtio::Bitmap>;
 
 /// Smallest guest: room for the boot structures, a kernel at 1 MiB and its initrd.
 pub const MIN_MEMORY_BYTES: u64 = 16 << 20;

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use devices::pci::MalformedPciAccesses;
-pub use devices::pci::MalformedPciCounts;
-use devices::virtio::block::BlockCounters;
-use devices::virtio::net::NetCounters;
+use rvmm_devices::pci::MalformedPciAccesses;
+pub use rvmm_devices::pci::MalformedPciCounts;
+use rvmm_devices::virtio::block::BlockCounters;
+use rvmm_devices::virtio::net::NetCounters;
 
 use crate::control::VmControl;
 use crate::exit::ExitReason;
@@ -345,7 +345,7 @@ mod tests {
         net.tx_bytes.store(600, Ordering::Relaxed);
         net.tx_dropped.store(2, Ordering::Relaxed);
         let malformed = Arc::new(MalformedPciAccesses::default());
-        malformed.count(devices::pci::PciAccessKind::Msix, format_args!("test"));
+        malformed.count(rvmm_devices::pci::PciAccessKind::Msix, format_args!("test"));
         let handle = MetricsHandle::new(
             exits,
             vec![DiskSource {

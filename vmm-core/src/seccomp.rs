@@ -1,5 +1,5 @@
 //! The vCPU threads' seccomp filter. The mechanism, the rules every thread shares and the
-//! device workers' filters are in [`devices::seccomp`], re-exported here for the launcher:
+//! device workers' filters are in [`rvmm_devices::seccomp`], re-exported here for the launcher:
 //! a thread kind of its own (the main thread, the control API's) gets its filter from
 //! [`thread_filter`] with the rules it needs beyond [`common_rules`], and installs it with
 //! [`install`] on the current thread (e.g. from a runtime's thread-start hook) or starts its
@@ -7,17 +7,17 @@
 
 use std::os::raw::c_uint;
 
-use devices::seccomp::activation_rules;
 use kvm_bindings::{KVMIO, kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs};
+use rvmm_devices::seccomp::activation_rules;
 use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
-pub use devices::seccomp::{
+pub use rvmm_devices::seccomp::{
     Allow, BpfProgram, Capability, DeniedAction, ON_DENIED, SeccompError, SpawnError, common_rules,
     effective_capabilities, install, restrict_capabilities, set_denied_action, single_malloc_arena,
     spawn_confined, spawn_filtered, thread_filter,
 };
 #[doc(hidden)]
-pub use devices::seccomp::{ChildEnd, run_in_filtered_child};
+pub use rvmm_devices::seccomp::{ChildEnd, run_in_filtered_child};
 
 /// `KVM_RUN`: entering the guest.
 pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);

@@ -27,7 +27,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use vmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
+use rvmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
 
 use self::routes::{BodyKind, METRICS_PATH, Reply};
 use crate::control_thread::ControlThread;
@@ -199,7 +199,7 @@ where
 /// accept() failures (out of descriptors, say) are logged and retried after a pause rather
 /// than spinning.
 async fn accept_failed(e: &std::io::Error) {
-    devices::limited_log!(log::Level::Warn, "Cannot accept a client: {e}");
+    rvmm_devices::limited_log!(log::Level::Warn, "Cannot accept a client: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 

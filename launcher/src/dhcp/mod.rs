@@ -23,8 +23,8 @@ pub mod socket;
 
 pub use config::{DhcpConfig, DhcpConfigError, LeaseConfig};
 
+use rvmm_core::VmConfig;
 use server::ServedNic;
-use vmm_core::VmConfig;
 
 use crate::config::VmConfigFile;
 

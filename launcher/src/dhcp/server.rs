@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 use ipnet::IpNet;
-use vmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
+use rvmm_core::seccomp::{SeccompError, SpawnError, spawn_filtered};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::{DhcpConfig, DhcpConfigError};

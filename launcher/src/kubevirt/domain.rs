@@ -211,7 +211,7 @@ pub fn build(vmi: &Vmi, plan: &LaunchPlan, state: DomainState) -> Value {
     if config.transport == Some(TransportName::Pci) {
         // Disks, then interfaces, take the slots after the host bridge in order.
         for (index, device) in disks.iter_mut().chain(&mut interfaces).enumerate() {
-            if let Some(slot) = vmm_core::pci::device_slot(index) {
+            if let Some(slot) = rvmm_core::pci::device_slot(index) {
                 device["Address"] = pci_address(slot);
             }
         }
@@ -381,7 +381,7 @@ pub(crate) mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
-    use ::devices::image::ImageFormat;
+    use rvmm_devices::image::ImageFormat;
 
     use super::*;
     use crate::kubevirt::vmi::{LaunchPlan, PlannedDisk, PlannedInterface};

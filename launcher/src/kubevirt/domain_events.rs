@@ -34,10 +34,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use rvmm_core::StopReason;
+use rvmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
 use serde_json::Value;
 use tokio::runtime::Handle;
-use vmm_core::StopReason;
-use vmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
 
 use super::backend::DomainRecord;
 use super::domain::{DomainState, LifeCycle, Reason};

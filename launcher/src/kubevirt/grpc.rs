@@ -31,8 +31,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::log_limit::{LogLimiter, left_out};
 use hyper_util::rt::TokioIo;
+use rvmm_core::seccomp::{BpfProgram, SeccompError, SpawnError, spawn_filtered};
+use rvmm_devices::log_limit::{LogLimiter, left_out};
 use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::runtime::Handle;
@@ -41,7 +42,6 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
-use vmm_core::seccomp::{BpfProgram, SeccompError, SpawnError, spawn_filtered};
 
 use super::h2_authority::AuthorityFix;
 use super::proto::cmd::info::cmd_info_server::{CmdInfo, CmdInfoServer};

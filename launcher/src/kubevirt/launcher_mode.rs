@@ -46,9 +46,9 @@ use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use vmm_core::CpuProfile;
-use vmm_core::cpuid::KVM_PVM_MODULE;
-use vmm_core::seccomp::spawn_filtered;
+use rvmm_core::CpuProfile;
+use rvmm_core::cpuid::KVM_PVM_MODULE;
+use rvmm_core::seccomp::spawn_filtered;
 
 use super::backend::{DomainRecord, KubevirtBackend};
 use super::container_disks::ContainerDiskSockets;
@@ -79,18 +79,18 @@ pub enum LauncherModeError {
     Thread(&'static str, #[source] std::io::Error),
     /// A filtered thread of the mode cannot start.
     #[error("Cannot start the {0} thread")]
-    Spawn(&'static str, #[source] vmm_core::seccomp::SpawnError),
+    Spawn(&'static str, #[source] rvmm_core::seccomp::SpawnError),
     /// The command server cannot start or become ready.
     #[error("Cannot start the command server")]
     Server(#[source] GrpcError),
     /// The main thread cannot install its seccomp filter.
     #[error("Cannot filter the main thread's system calls")]
-    Seccomp(#[source] vmm_core::seccomp::SeccompError),
+    Seccomp(#[source] rvmm_core::seccomp::SeccompError),
 }
 
 /// Runs the virt-launcher mode; returns the exit code.
 /// The binary's `main` has made glibc keep one malloc arena first
-/// ([`vmm_core::seccomp::single_malloc_arena`]).
+/// ([`rvmm_core::seccomp::single_malloc_arena`]).
 pub fn run(flags: &LauncherFlags) -> u8 {
     // Before any thread starts, so that every thread inherits the blocked signals.
     let signals = match ShutdownSignals::block() {

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use rvmm_core::seccomp::{spawn_confined, spawn_filtered};
 use serde_json::{Value, json};
-use vmm_core::seccomp::{spawn_confined, spawn_filtered};
 
 use super::backend::{DomainRecord, KubevirtBackend};
 use super::domain::rfc3339;

@@ -16,8 +16,8 @@
 //! - `Net`: per interface: `Name` (the tap), `Alias` (the VMI interface name), rx/tx bytes,
 //!   packets, drops and errors.
 
+use rvmm_core::metrics::VmMetrics;
 use serde_json::{Value, json};
-use vmm_core::metrics::VmMetrics;
 
 use super::vmi::{LaunchPlan, Vmi};
 
@@ -140,7 +140,7 @@ fn process_cpu_ns() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use vmm_core::metrics::{DiskMetrics, NicMetrics};
+    use rvmm_core::metrics::{DiskMetrics, NicMetrics};
 
     use super::*;
     use crate::kubevirt::domain::tests::{plan, vmi};

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ::devices::image::{ImageError, ImageFormat};
+use rvmm_devices::image::{ImageError, ImageFormat};
 
 use crate::config::{
     CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, SerialConfig,
@@ -316,7 +316,7 @@ pub fn prepare(plan: &LaunchPlan) -> Result<(), PrepareError> {
                     if path.exists() {
                         return Ok(());
                     }
-                    ::devices::image::qcow2::create_overlay(
+                    rvmm_devices::image::qcow2::create_overlay(
                         path,
                         backing,
                         backing_format.name(),
@@ -634,7 +634,7 @@ fn vcpus(vmi: &Vmi, warnings: &mut Vec<String>) -> Result<u8, VmiError> {
             None => 1,
         },
     };
-    let max = vmm_core::mptable::MAX_VCPUS;
+    let max = rvmm_core::mptable::MAX_VCPUS;
     u8::try_from(count)
         .ok()
         .filter(|&n| n <= max)
@@ -686,7 +686,7 @@ fn memory_field_and_bytes(
         return Err(invalid(field, format!("{quantity} is no memory")));
     }
     // The same checks `memory.size` gets later, reported on the VMI's own field.
-    vmm_core::memory::MemoryLayout::new(bytes)
+    rvmm_core::memory::MemoryLayout::new(bytes)
         .map_err(|e| invalid(field.clone(), format!("{quantity}: {e}")))?;
     Ok((field, bytes))
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use devices::image::{DiskImage, ImageFormat};
+use rvmm_devices::image::{DiskImage, ImageFormat};
 
 use super::{
     Binding, LauncherDirs, POD_TAP, PlannedDisk, PlannedInterface, PrepareStep, Vmi, VmiError,

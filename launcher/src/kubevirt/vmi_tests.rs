@@ -149,7 +149,7 @@ fn fedora_container_disk_vmi_maps_to_config() {
         PrepareStep::CreateOverlay {
             path: copy,
             backing: pod.path("var/run/kubevirt/container-disks/disk_0.img"),
-            backing_format: ::devices::image::ImageFormat::Raw,
+            backing_format: rvmm_devices::image::ImageFormat::Raw,
             size: 4096,
         }
     );
@@ -174,14 +174,14 @@ fn prepared_fedora_plan_passes_config_validation() {
     prepare(&plan).unwrap();
     // An overlay, not a copy: qcow2 with the container disk as its backing file.
     let overlay = &plan.config.disks[0].path;
-    let image = ::devices::image::DiskImage::open(overlay, false, None).unwrap();
-    assert_eq!(image.format(), ::devices::image::ImageFormat::Qcow2);
+    let image = rvmm_devices::image::DiskImage::open(overlay, false, None).unwrap();
+    assert_eq!(image.format(), rvmm_devices::image::ImageFormat::Qcow2);
     assert_eq!(image.virtual_size(), 4096);
     let iso = std::fs::read(&plan.config.disks[1].path).unwrap();
     assert_eq!(&iso[16 * 2048 + 1..16 * 2048 + 6], b"CD001");
     assert!(plan.serial_socket.unwrap().parent().unwrap().is_dir());
     plan.config
-        .validate(Path::new("/dev/kvm"), vmm_core::CpuProfile::Host)
+        .validate(Path::new("/dev/kvm"), rvmm_core::CpuProfile::Host)
         .unwrap();
 }
 
@@ -359,22 +359,26 @@ fn a_qcow2_container_disk_gets_a_qcow2_overlay_and_one_with_a_backing_file_is_re
     let pod = PodRoot::new();
     let image = pod.path("var/run/kubevirt/container-disks/disk_0.img");
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
-    ::devices::image::qcow2::create_overlay(&image, Path::new("/nonexistent"), "raw", 1 << 20)
+    rvmm_devices::image::qcow2::create_overlay(&image, Path::new("/nonexistent"), "raw", 1 << 20)
         .unwrap();
     // A qcow2 that is an overlay itself: refused as KubeVirt's launcher refuses it (and its
     // missing backing file named before that).
     assert!(error_text(&parse(FEDORA), &pod.dirs).contains("/nonexistent"));
     let base = pod.file("base.raw", &[0u8; 1 << 20]);
-    ::devices::image::qcow2::create_overlay(&image, &base, "raw", 1 << 20).unwrap();
+    rvmm_devices::image::qcow2::create_overlay(&image, &base, "raw", 1 << 20).unwrap();
     assert_eq!(
         error_text(&parse(FEDORA), &pod.dirs),
         "spec.volumes[0].containerDisk.image: quay.io/containerdisks/fedora:41 holds a qcow2 image with a backing file"
     );
-    std::fs::write(&image, ::devices::image::qcow2::overlay_test_bytes(1 << 30)).unwrap();
+    std::fs::write(
+        &image,
+        rvmm_devices::image::qcow2::overlay_test_bytes(1 << 30),
+    )
+    .unwrap();
     let planned = plan(&parse(FEDORA), &pod.dirs).unwrap();
     assert!(matches!(
         &planned.prepare[0],
-        PrepareStep::CreateOverlay { backing_format: ::devices::image::ImageFormat::Qcow2, size, .. } if *size == 1 << 30
+        PrepareStep::CreateOverlay { backing_format: rvmm_devices::image::ImageFormat::Qcow2, size, .. } if *size == 1 << 30
     ));
     // DisksInfo's format wins over the magic: raw, as virt-handler measured it.
     let formats =
@@ -383,7 +387,7 @@ fn a_qcow2_container_disk_gets_a_qcow2_overlay_and_one_with_a_backing_file_is_re
     assert!(matches!(
         &planned.prepare[0],
         PrepareStep::CreateOverlay {
-            backing_format: ::devices::image::ImageFormat::Raw,
+            backing_format: rvmm_devices::image::ImageFormat::Raw,
             ..
         }
     ));
@@ -428,7 +432,7 @@ fn vmi_without_kernel_boot_boots_the_disk_with_the_lowest_boot_order() {
     prepare(&ordered).unwrap();
     ordered
         .config
-        .validate(Path::new("/dev/kvm"), vmm_core::CpuProfile::Host)
+        .validate(Path::new("/dev/kvm"), rvmm_core::CpuProfile::Host)
         .unwrap();
     // Secure Boot is KubeVirt's default for EFI.
     let vmi = edited(FEDORA, |v| {
@@ -684,13 +688,13 @@ fn ephemeral_pvc_volumes_get_a_qcow2_overlay_and_qcow2_pvcs_follow_disks_info() 
         PrepareStep::CreateOverlay {
             path: overlay.clone(),
             backing: base.clone(),
-            backing_format: ::devices::image::ImageFormat::Raw,
+            backing_format: rvmm_devices::image::ImageFormat::Raw,
             size: 8192,
         }
     );
     assert_eq!(
         planned.disks[0].backing,
-        Some((base.clone(), ::devices::image::ImageFormat::Raw))
+        Some((base.clone(), rvmm_devices::image::ImageFormat::Raw))
     );
     prepare(&planned).unwrap();
     // Kept as it is when the launcher comes back to a pod that has it.
@@ -701,7 +705,11 @@ fn ephemeral_pvc_volumes_get_a_qcow2_overlay_and_qcow2_pvcs_follow_disks_info() 
     let vmi = edited(PVC, |_| {});
     let root = pod.path("var/run/kubevirt-private/vmi-disks/rootdisk/disk.img");
     std::fs::create_dir_all(root.parent().unwrap()).unwrap();
-    std::fs::write(&root, ::devices::image::qcow2::overlay_test_bytes(1 << 20)).unwrap();
+    std::fs::write(
+        &root,
+        rvmm_devices::image::qcow2::overlay_test_bytes(1 << 20),
+    )
+    .unwrap();
     pod.file("dev/datadisk", &[0; 512]);
     let formats = BTreeMap::from([("rootdisk".to_string(), "qcow2".to_string())]);
     let planned = plan_with_formats(&vmi, &pod.dirs, &formats).unwrap();

@@ -3,8 +3,8 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rvmm_core::memory::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_core::memory::GuestMemoryMmap;
 
 use super::MigrationError;
 use super::protocol::{Command, Header, ProtocolError, read_answer, write_header};

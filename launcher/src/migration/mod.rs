@@ -154,16 +154,16 @@ pub enum MigrationError {
     },
     /// Dirty-page logging (names the missing capability where KVM lacks it).
     #[error("Cannot track the guest's memory writes")]
-    DirtyLog(#[from] vmm_core::snapshot::DirtyLogError),
+    DirtyLog(#[from] rvmm_core::snapshot::DirtyLogError),
     /// Reading the paused VM's state.
     #[error("Cannot save the VM's state")]
-    Save(#[from] vmm_core::SaveError),
+    Save(#[from] rvmm_core::SaveError),
     /// Encoding or decoding the state.
     #[error("Bad VM state")]
-    State(#[from] vmm_core::snapshot::StateFileError),
+    State(#[from] rvmm_core::snapshot::StateFileError),
     /// Building the VM at the receiver.
     #[error("Cannot build the migrated VM")]
-    Restore(#[from] vmm_core::snapshot::RestoreError),
+    Restore(#[from] rvmm_core::snapshot::RestoreError),
     /// The sender asked for something out of order or invalid.
     #[error("{0}")]
     Invalid(String),

@@ -218,7 +218,7 @@ pub fn read_payload(
 pub fn start_payload() -> [u8; 8] {
     let mut p = [0u8; 8];
     p[..4].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    p[4..].copy_from_slice(&vmm_core::snapshot::FORMAT_VERSION.to_le_bytes());
+    p[4..].copy_from_slice(&rvmm_core::snapshot::FORMAT_VERSION.to_le_bytes());
     p
 }
 
@@ -237,10 +237,10 @@ pub fn check_start(payload: &[u8]) -> Result<(), String> {
             "migration protocol version {protocol} is not this rvmm's ({PROTOCOL_VERSION})"
         ));
     }
-    if !vmm_core::snapshot::READABLE_VERSIONS.contains(&format) {
+    if !rvmm_core::snapshot::READABLE_VERSIONS.contains(&format) {
         return Err(format!(
             "state format version {format} cannot be read by this rvmm (it reads {:?})",
-            vmm_core::snapshot::READABLE_VERSIONS
+            rvmm_core::snapshot::READABLE_VERSIONS
         ));
     }
     Ok(())

@@ -6,9 +6,9 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rvmm_core::memory::{MemoryLayout, create_guest_memory};
+use rvmm_core::snapshot::{build_restored, decode_state};
 use serde_json::json;
-use vmm_core::memory::{MemoryLayout, create_guest_memory};
-use vmm_core::snapshot::{build_restored, decode_state};
 
 use super::memory::receive_pages;
 use super::protocol::{self, Command, MAX_CONFIG, ProtocolError, answer, read_header};
@@ -85,9 +85,9 @@ struct Local {
 /// What the receiver has so far.
 struct Incoming {
     file: VmConfigFile,
-    config: vmm_core::VmConfig,
+    config: rvmm_core::VmConfig,
     serial: SerialMode,
-    memory: vmm_core::memory::GuestMemoryMmap,
+    memory: rvmm_core::memory::GuestMemoryMmap,
 }
 
 impl Vmm {
@@ -192,8 +192,8 @@ impl Vmm {
                     None => return Err(out_of_order(header.command)),
                 },
                 Command::State if !built => {
-                    let max = vmm_core::snapshot::format::HEADER_LEN as u64
-                        + vmm_core::snapshot::format::MAX_PAYLOAD;
+                    let max = rvmm_core::snapshot::format::HEADER_LEN as u64
+                        + rvmm_core::snapshot::format::MAX_PAYLOAD;
                     let payload = protocol::read_payload(stream, header, max)?;
                     let incoming = incoming
                         .take()

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use rvmm_core::snapshot::{DirtyPages, MigrationSource, encode_state};
 use serde_json::json;
-use vmm_core::snapshot::{DirtyPages, MigrationSource, encode_state};
 
 use super::memory::send_pages;
 use super::protocol::{Command, read_answer, send_request, start_payload};
@@ -181,7 +181,7 @@ impl Vmm {
 /// The pre-copy rounds, the stop-and-copy and the hand-over. On an error the VM is resumed
 /// if this paused it, and the receiver is told to abandon.
 fn migrate(
-    handle: &vmm_core::VmHandle,
+    handle: &rvmm_core::VmHandle,
     config: &[u8],
     url: &MigrationUrl,
     text: &str,

@@ -9,15 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
-use launcher::kubevirt::grpc::{GrpcRuntime, connect_unix};
-use launcher::kubevirt::proto::cmd::info::CmdInfoRequest;
-use launcher::kubevirt::proto::cmd::info::cmd_info_client::CmdInfoClient;
-use launcher::kubevirt::proto::cmd::v1 as cmd;
-use launcher::kubevirt::proto::cmd::v1::cmd_client::CmdClient;
-use launcher::kubevirt::proto::notify::info::notify_info_server::{NotifyInfo, NotifyInfoServer};
-use launcher::kubevirt::proto::notify::info::{NotifyInfoRequest, NotifyInfoResponse};
-use launcher::kubevirt::proto::notify::v1 as notify;
-use launcher::kubevirt::proto::notify::v1::notify_server::{Notify, NotifyServer};
+use rvmm_launcher::kubevirt::grpc::{GrpcRuntime, connect_unix};
+use rvmm_launcher::kubevirt::proto::cmd::info::CmdInfoRequest;
+use rvmm_launcher::kubevirt::proto::cmd::info::cmd_info_client::CmdInfoClient;
+use rvmm_launcher::kubevirt::proto::cmd::v1 as cmd;
+use rvmm_launcher::kubevirt::proto::cmd::v1::cmd_client::CmdClient;
+use rvmm_launcher::kubevirt::proto::notify::info::notify_info_server::{
+    NotifyInfo, NotifyInfoServer,
+};
+use rvmm_launcher::kubevirt::proto::notify::info::{NotifyInfoRequest, NotifyInfoResponse};
+use rvmm_launcher::kubevirt::proto::notify::v1 as notify;
+use rvmm_launcher::kubevirt::proto::notify::v1::notify_server::{Notify, NotifyServer};
 use serde_json::{Value, json};
 use tokio::runtime::Handle;
 use tokio_stream::wrappers::UnixListenerStream;

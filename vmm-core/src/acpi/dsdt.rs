@@ -9,7 +9,7 @@ use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, IO, Interrupt, Memory32Fixed, Name,
     Package, Path, ResourceTemplate, Scope,
 };
-use devices::legacy::{
+use rvmm_devices::legacy::{
     COM1_IRQ, COM1_PORT_BASE, I8042_KBD_IRQ, I8042_PORT_BASE, SERIAL_PORT_LEN, SLP_TYP_S5,
 };
 

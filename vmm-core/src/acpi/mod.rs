@@ -3,7 +3,7 @@
 //! MADT, and MCFG when the VM has PCI.
 //!
 //! The platform they describe is a full (not hardware-reduced) ACPI machine, as a PC's firmware
-//! presents it: the PM1a blocks and reset register of [`devices::legacy::AcpiPm`] (the power
+//! presents it: the PM1a blocks and reset register of [`rvmm_devices::legacy::AcpiPm`] (the power
 //! button is a fixed event, S5 the only sleep state), the SCI on IRQ 9 made edge-triggered by
 //! an interrupt source override (so an irqfd raises it), the IOAPIC and a local APIC per vCPU,
 //! the i8042, and no CMOS RTC or VGA. The DSDT ([`dsdt`]) is static data, no loops: AML runs
@@ -23,7 +23,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
-use devices::legacy::{
+use rvmm_devices::legacy::{
     PM1_CONTROL_LEN, PM1_CONTROL_PORT, PM1_EVENT_LEN, PM1_EVENT_PORT, RESET_PORT, RESET_VALUE,
     SCI_IRQ,
 };

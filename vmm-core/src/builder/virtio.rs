@@ -5,15 +5,15 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::MalformedPciAccesses;
-use devices::pci::msix::MsiRouter;
-use devices::virtio::VirtioDevice;
-use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::Net;
-use devices::virtio::pci::{PciPlacement, VIRTIO_BAR_SIZE, VirtioPciTransport};
-use devices::virtio::rng::Rng;
 use kvm_ioctls::{IoEventAddress, VmFd};
+use rvmm_devices::pci::MalformedPciAccesses;
+use rvmm_devices::pci::msix::MsiRouter;
+use rvmm_devices::virtio::VirtioDevice;
+use rvmm_devices::virtio::block::Block;
+use rvmm_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use rvmm_devices::virtio::net::Net;
+use rvmm_devices::virtio::pci::{PciPlacement, VIRTIO_BAR_SIZE, VirtioPciTransport};
+use rvmm_devices::virtio::rng::Rng;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{BuildError, Transport, VirtioDevices, VmConfig};

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 
-use devices::image::DiskImage;
+use rvmm_devices::image::DiskImage;
 
 use super::DiskReader;
 use super::fat::Fat;

@@ -23,7 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use devices::image::{DiskImage, ImageError, ImageFormat};
+use rvmm_devices::image::{DiskImage, ImageError, ImageFormat};
 
 use fs::{Content, Filesystem, PartReader};
 use partition::PartitionError;

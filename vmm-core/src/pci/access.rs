@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use devices::BusDevice;
-use devices::pci::{EXTENDED_CONFIG_SPACE_SIZE, PciAccessKind};
+use rvmm_devices::BusDevice;
+use rvmm_devices::pci::{EXTENDED_CONFIG_SPACE_SIZE, PciAccessKind};
 
 use super::{Bdf, PciRoot};
 

@@ -1,6 +1,6 @@
 //! The host bridge at 00:00.0: identification only, no BARs, nothing writable that matters.
 
-use devices::pci::{BarRegion, ConfigSpace, PciDevice, PciIdentity};
+use rvmm_devices::pci::{BarRegion, ConfigSpace, PciDevice, PciIdentity};
 
 /// Red Hat's vendor ID and its generic PCIe host bridge device ID (no chipset to emulate).
 const IDENTITY: PciIdentity = PciIdentity {

@@ -17,8 +17,8 @@ use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::pci::{BarRegion, MalformedPciAccesses, PciAccessKind, PciDevice};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use rvmm_devices::pci::{BarRegion, MalformedPciAccesses, PciAccessKind, PciDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::host_bridge::HostBridge;

@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::msix::{MsiMessage, MsiRouter};
 use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KvmIrqRouting, kvm_irq_routing_entry, kvm_irq_routing_irqchip,
     kvm_irq_routing_msi,
 };
 use kvm_ioctls::VmFd;
+use rvmm_devices::pci::msix::{MsiMessage, MsiRouter};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// The IOAPIC's pins, which are GSIs 0-23; MSI routes use the GSIs after them.

@@ -1,5 +1,5 @@
-use devices::BusDevice;
-use devices::pci::{
+use rvmm_devices::BusDevice;
+use rvmm_devices::pci::{
     BAR0, BarWriteEvent, COMMAND, COMMAND_MEMORY, ConfigSpace, MemoryBar, PciIdentity,
 };
 use vmm_sys_util::eventfd::EFD_NONBLOCK;

@@ -1,6 +1,6 @@
 //! Which guest pages were written since the last look: KVM's dirty log of the vCPUs' writes
 //! (`KVM_MEM_LOG_DIRTY_PAGES`, `KVM_GET_DIRTY_LOG`) together with the VMM's own writes, which
-//! the guest memory's bitmap records (see `devices::virtio::GuestMemoryMmap`).
+//! the guest memory's bitmap records (see `rvmm_devices::virtio::GuestMemoryMmap`).
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -26,7 +26,7 @@ pub enum DirtyLogError {
     Read(u32, #[source] kvm_ioctls::Error),
     /// The devices could not be paused to read the VMM's bitmap.
     #[error("Cannot pause the devices to read their dirty pages")]
-    Pause(#[source] devices::PauseError),
+    Pause(#[source] rvmm_devices::PauseError),
     /// The VM has stopped.
     #[error("The VM has stopped")]
     Gone,

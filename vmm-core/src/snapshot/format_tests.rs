@@ -1,7 +1,7 @@
-use devices::EventFdTrigger;
-use devices::legacy::{AcpiPmSnapshot, I8042, SerialConsole};
-use devices::virtio::mmio::MmioTransportState;
-use devices::virtio::persist::{
+use rvmm_devices::EventFdTrigger;
+use rvmm_devices::legacy::{AcpiPmSnapshot, I8042, SerialConsole};
+use rvmm_devices::virtio::mmio::MmioTransportState;
+use rvmm_devices::virtio::persist::{
     QueueSnapshot, TransportState, VirtioDeviceSnapshot, VirtioDeviceState,
 };
 

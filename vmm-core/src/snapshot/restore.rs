@@ -69,7 +69,7 @@ pub enum RestoreError {
     Vm(#[from] VmStateError),
     /// The ACPI PM registers.
     #[error("Cannot restore the ACPI registers")]
-    AcpiPm(#[from] devices::legacy::AcpiPmRestoreError),
+    AcpiPm(#[from] rvmm_devices::legacy::AcpiPmRestoreError),
     /// A virtio device's state.
     #[error("Cannot restore virtio device {index} ({kind})")]
     Device {
@@ -79,7 +79,7 @@ pub enum RestoreError {
         kind: &'static str,
         /// Cause.
         #[source]
-        source: devices::virtio::persist::RestoreError,
+        source: rvmm_devices::virtio::persist::RestoreError,
     },
 }
 

@@ -1,13 +1,13 @@
 //! The VM's state as a whole, and the VM-wide KVM state: the KVM clock, the in-kernel PIC and
 //! IOAPIC, the PIT.
 
-use devices::legacy::{AcpiPmSnapshot, I8042Snapshot, SerialSnapshot};
-use devices::virtio::persist::VirtioDeviceSnapshot;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data, kvm_irqchip,
     kvm_pit_state2,
 };
 use kvm_ioctls::VmFd;
+use rvmm_devices::legacy::{AcpiPmSnapshot, I8042Snapshot, SerialSnapshot};
+use rvmm_devices::virtio::persist::VirtioDeviceSnapshot;
 use serde::{Deserialize, Serialize};
 
 use super::VcpuState;
