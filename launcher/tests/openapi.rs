@@ -70,6 +70,10 @@ impl Client<'_> {
         self.send("PUT", &api(endpoint), None).status
     }
 
+    fn put_json(&self, endpoint: &str, body: &Value) -> u16 {
+        self.send("PUT", &api(endpoint), Some(body)).status
+    }
+
     fn info(&self) -> Value {
         let answer = self.send("GET", &api("vm.info"), None);
         assert_eq!(answer.status, 200, "{}", answer.body);
@@ -194,6 +198,19 @@ fn request_schemas_name_exactly_the_fields_the_server_parses() {
     assert!(probed >= 16, "only {probed} objects probed");
 }
 
+/// The spec's bodiless PUTs on a VM (`vm.boot`, `vm.pause`, ...).
+fn vm_actions(spec: &Spec) -> Vec<String> {
+    spec.operations()
+        .into_iter()
+        .filter(|(path, method)| {
+            path.starts_with("/api/v1/vm.")
+                && method == "PUT"
+                && spec.request_schema(method, path).is_none()
+        })
+        .map(|(path, _)| path)
+        .collect()
+}
+
 /// A file the validation takes for a kernel (boots are not attempted here).
 fn fake_kernel(dir: &TestDir) -> PathBuf {
     let kernel = dir.path("vmlinux");
@@ -282,31 +299,15 @@ fn answers_of_a_vmm_without_a_booted_vm_match_the_spec() {
     // No VM: 404 for everything VM-level, also with valid bodies.
     assert_eq!(client.send("GET", &api("vm.info"), None).status, 404);
     assert_eq!(client.send("GET", &api("vm.counters"), None).status, 404);
-    for endpoint in [
-        "vm.boot",
-        "vm.pause",
-        "vm.resume",
-        "vm.shutdown",
-        "vm.reboot",
-        "vm.power-button",
-        "vm.delete",
-    ] {
-        assert_eq!(client.put(endpoint), 404, "{endpoint}");
+    let actions = vm_actions(&spec);
+    assert_eq!(actions.len(), 7, "{actions:?}");
+    for path in &actions {
+        assert_eq!(client.send("PUT", path, None).status, 404, "{path}");
     }
     let snapshot = json!({"destination_url": format!("file://{}", dir.path("snap").display())});
     let send = json!({"destination_url": "unix:/nonexistent/rvmm.sock", "local": false});
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.snapshot"), Some(&snapshot))
-            .status,
-        404
-    );
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.send-migration"), Some(&send))
-            .status,
-        404
-    );
+    assert_eq!(client.put_json("vm.snapshot", &snapshot), 404);
+    assert_eq!(client.put_json("vm.send-migration", &send), 404);
 
     // Refused bodies: what the spec refuses, the server refuses with a 400 naming the field.
     let create = api("vm.create");
@@ -375,12 +376,7 @@ fn answers_of_a_vmm_without_a_booted_vm_match_the_spec() {
         answer.body
     );
     let restore = json!({"source_url": format!("file://{}", dir.path("none").display())});
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.restore"), Some(&restore))
-            .status,
-        400
-    );
+    assert_eq!(client.put_json("vm.restore", &restore), 400);
 
     // A VM with every field: created, and vm.info gives every field back.
     let config = every_field_config(&dir);
@@ -393,42 +389,20 @@ fn answers_of_a_vmm_without_a_booted_vm_match_the_spec() {
 
     // Created, not booted: 405 where a running VM is needed.
     assert_eq!(client.send("GET", &api("vm.counters"), None).status, 405);
-    for endpoint in [
-        "vm.pause",
-        "vm.resume",
-        "vm.shutdown",
-        "vm.reboot",
-        "vm.power-button",
-    ] {
-        assert_eq!(client.put(endpoint), 405, "{endpoint}");
+    // Each needs a running (or paused) VM; `vm.boot` and `vm.delete` take a created one.
+    for path in actions
+        .iter()
+        .filter(|p| !p.ends_with("vm.boot") && !p.ends_with("vm.delete"))
+    {
+        assert_eq!(client.send("PUT", path, None).status, 405, "{path}");
     }
     let receive = json!({"receiver_url": format!("unix:{}", dir.path("m.sock").display())});
     let restore =
         json!({"source_url": format!("file://{}", dir.path("snap").display()), "prefault": true});
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.snapshot"), Some(&snapshot))
-            .status,
-        405
-    );
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.send-migration"), Some(&send))
-            .status,
-        405
-    );
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.receive-migration"), Some(&receive))
-            .status,
-        405
-    );
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.restore"), Some(&restore))
-            .status,
-        405
-    );
+    assert_eq!(client.put_json("vm.snapshot", &snapshot), 405);
+    assert_eq!(client.put_json("vm.send-migration", &send), 405);
+    assert_eq!(client.put_json("vm.receive-migration", &receive), 405);
+    assert_eq!(client.put_json("vm.restore", &restore), 405);
 
     // Requests no operation describes: the spec's Error, with Allow on a 405.
     let wrong_method = call(&socket, "GET", &api("vm.boot"), None);
@@ -461,12 +435,7 @@ fn kvm_answers_about_a_running_paused_snapshotted_and_restored_vm_match_the_spec
     };
     // A kernel that is none: the boot is refused as the configuration's fault.
     let not_a_kernel = json!({"payload": {"kernel": fake_kernel(&dir)}, "serial": {"mode": "Off"}});
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.create"), Some(&not_a_kernel))
-            .status,
-        204
-    );
+    assert_eq!(client.put_json("vm.create", &not_a_kernel), 204);
     let refused = client.send("PUT", &api("vm.boot"), None);
     assert_eq!(refused.status, 400, "{}", refused.body);
     assert_eq!(client.info()["state"], "Created");
@@ -483,10 +452,7 @@ fn kvm_answers_about_a_running_paused_snapshotted_and_restored_vm_match_the_spec
         "disks": [{"path": disk, "id": "data"}],
         "serial": {"mode": "File", "file": serial},
     });
-    assert_eq!(
-        client.send("PUT", &api("vm.create"), Some(&config)).status,
-        204
-    );
+    assert_eq!(client.put_json("vm.create", &config), 204);
     assert_eq!(client.put("vm.boot"), 204);
     assert_eq!(client.put("vm.boot"), 405);
     wait_for_text(&serial, "virtio-blk: holding\n", 1);
@@ -504,12 +470,7 @@ fn kvm_answers_about_a_running_paused_snapshotted_and_restored_vm_match_the_spec
     assert_eq!(client.info()["state"], "Paused");
     let snap = dir.path("snap");
     let snapshot = json!({"destination_url": format!("file://{}", snap.display())});
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.snapshot"), Some(&snapshot))
-            .status,
-        204
-    );
+    assert_eq!(client.put_json("vm.snapshot", &snapshot), 204);
     assert_eq!(client.send("GET", &api("vm.counters"), None).status, 200);
     assert_eq!(client.put("vm.resume"), 204);
     assert_eq!(client.put("vm.power-button"), 204);
@@ -519,12 +480,7 @@ fn kvm_answers_about_a_running_paused_snapshotted_and_restored_vm_match_the_spec
     assert_eq!(client.put("vm.delete"), 204);
 
     let restore = json!({"source_url": format!("file://{}", snap.display()), "prefault": false});
-    assert_eq!(
-        client
-            .send("PUT", &api("vm.restore"), Some(&restore))
-            .status,
-        204
-    );
+    assert_eq!(client.put_json("vm.restore", &restore), 204);
     let info = client.info();
     assert_eq!(info["state"], "Paused");
     assert_eq!(info["config"]["disks"][0]["id"], "data");
