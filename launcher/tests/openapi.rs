@@ -489,3 +489,48 @@ fn kvm_answers_about_a_running_paused_snapshotted_and_restored_vm_match_the_spec
     assert_eq!(client.put("vmm.shutdown"), 204);
     assert_eq!(vmm.wait(Duration::from_secs(30)), Some(0));
 }
+
+/// `vm.info` of a VM given by command-line flags: the configuration rvmm writes for it is the
+/// spec's `VmConfig` too.
+#[test]
+fn kvm_info_of_a_vm_given_by_flags_matches_the_spec() {
+    if !kvm_available("OpenAPI vm.info of a VM from flags") {
+        return;
+    }
+    let spec = Spec::load();
+    let dir = TestDir::new("openapi-flags");
+    let socket = dir.path("api.sock");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let serial = dir.path("serial.log");
+    let kernel = tiny_guest("virtio-blk");
+    let mut vmm = Rvmm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--acpi=false",
+        "--cmdline",
+        "rvmm.hold=1",
+        "--disk",
+        &format!("path={},id=data,readonly=on", disk.display()),
+        "--rng",
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    // The API listens before the VM is created: ask once the guest runs.
+    wait_for_text(&serial, "virtio-blk: holding\n", 1);
+    let client = Client {
+        spec: &spec,
+        socket: &socket,
+    };
+    let info = client.info();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"]["disks"][0]["engine"], "sync");
+    assert_eq!(info["config"]["serial"]["mode"], "File");
+    assert_eq!(client.put("vmm.shutdown"), 204);
+    assert_eq!(vmm.wait(Duration::from_secs(30)), Some(0));
+}
