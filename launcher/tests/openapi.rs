@@ -20,9 +20,9 @@ use rvmm_launcher::api::routes::routes;
 use serde_json::{Value, json};
 use spec::{Spec, Step, nest};
 
-/// rvmm with only its API socket, once it listens.
-fn start_api_only(dir: &TestDir) -> (Rvmm, PathBuf) {
-    let socket = dir.path("api.sock");
+/// rvmm with only its API socket (`name` in `dir`), once it listens.
+fn start_api_only(dir: &TestDir, name: &str) -> (Rvmm, PathBuf) {
+    let socket = dir.path(name);
     let vmm = Rvmm::start(&["run", "--api-socket", socket.to_str().unwrap()]);
     wait_for_socket(&socket, Duration::from_secs(10));
     (vmm, socket)
@@ -159,7 +159,7 @@ fn every_schema_and_reference_in_the_spec_resolves() {
 fn request_schemas_name_exactly_the_fields_the_server_parses() {
     let spec = Spec::load();
     let dir = TestDir::new("openapi-probe");
-    let (_vmm, socket) = start_api_only(&dir);
+    let (_vmm, socket) = start_api_only(&dir, "api.sock");
     let client = Client {
         spec: &spec,
         socket: &socket,
@@ -286,7 +286,7 @@ fn oversized_create(socket: &Path) -> Answer {
 fn answers_of_a_vmm_without_a_booted_vm_match_the_spec() {
     let spec = Spec::load();
     let dir = TestDir::new("openapi-answers");
-    let (mut vmm, socket) = start_api_only(&dir);
+    let (mut vmm, socket) = start_api_only(&dir, "api.sock");
     let client = Client {
         spec: &spec,
         socket: &socket,
@@ -428,7 +428,7 @@ fn kvm_answers_about_a_running_paused_snapshotted_and_restored_vm_match_the_spec
     }
     let spec = Spec::load();
     let dir = TestDir::new("openapi-kvm");
-    let (mut vmm, socket) = start_api_only(&dir);
+    let (mut vmm, socket) = start_api_only(&dir, "api.sock");
     let client = Client {
         spec: &spec,
         socket: &socket,
@@ -533,4 +533,58 @@ fn kvm_info_of_a_vm_given_by_flags_matches_the_spec() {
     assert_eq!(info["config"]["serial"]["mode"], "File");
     assert_eq!(client.put("vmm.shutdown"), 204);
     assert_eq!(vmm.wait(Duration::from_secs(30)), Some(0));
+}
+
+/// Both ends of a live migration: `vm.receive-migration` answers once the VM runs there,
+/// `vm.send-migration` once the receiver runs it, and the source exits 0.
+#[test]
+fn kvm_answers_of_both_ends_of_a_live_migration_match_the_spec() {
+    if !kvm_available("OpenAPI answers of a live migration") {
+        return;
+    }
+    let spec = Spec::load();
+    let dir = TestDir::new("openapi-migration");
+    let (mut source, source_socket) = start_api_only(&dir, "api.sock");
+    let (mut destination, destination_socket) = start_api_only(&dir, "dst.sock");
+    let source_client = Client {
+        spec: &spec,
+        socket: &source_socket,
+    };
+    let serial = dir.path("serial.log");
+    let config = json!({
+        "memory": {"size": 64 << 20},
+        "payload": {"kernel": tiny_guest("ticker")},
+        "serial": {"mode": "File", "file": serial},
+    });
+    assert_eq!(source_client.put_json("vm.create", &config), 204);
+    assert_eq!(source_client.put("vm.boot"), 204);
+    wait_for_text(&serial, "tick: 1\n", 1);
+
+    let url = format!("unix:{}", dir.path("migration.sock").display());
+    let receive = {
+        let (socket, body) = (destination_socket.clone(), json!({ "receiver_url": url }));
+        std::thread::spawn(move || {
+            let spec = Spec::load();
+            let client = Client {
+                spec: &spec,
+                socket: &socket,
+            };
+            client.put_json("vm.receive-migration", &body)
+        })
+    };
+    let send =
+        json!({"destination_url": url, "local": false, "downtime_ms": 300, "timeout_s": 600});
+    assert_eq!(source_client.put_json("vm.send-migration", &send), 204);
+    assert_eq!(receive.join().unwrap(), 204);
+    assert_eq!(source.wait(Duration::from_secs(60)), Some(0));
+
+    let destination_client = Client {
+        spec: &spec,
+        socket: &destination_socket,
+    };
+    let info = destination_client.info();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"]["memory"]["size"], 64 << 20);
+    assert_eq!(destination_client.put("vmm.shutdown"), 204);
+    assert_eq!(destination.wait(Duration::from_secs(30)), Some(0));
 }
