@@ -13,6 +13,8 @@ use crate::vmm::{VmState, Vmm, VmmError};
 pub const API_PREFIX: &str = "/api/v1/";
 /// The Prometheus scrape path.
 pub const METRICS_PATH: &str = "/metrics";
+/// The one method [`METRICS_PATH`] takes.
+pub const METRICS_METHOD: &str = "GET";
 
 /// What an endpoint answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,13 +111,22 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.receive-migration", "PUT"),
 ];
 
+/// Every path the router serves, with its method: what `launcher/openapi.yaml` must list
+/// (`tests/openapi.rs` holds the two to each other).
+pub fn routes() -> impl Iterator<Item = (String, &'static str)> {
+    ENDPOINTS
+        .iter()
+        .map(|(name, method)| (format!("{API_PREFIX}{name}"), *method))
+        .chain(std::iter::once((METRICS_PATH.to_string(), METRICS_METHOD)))
+}
+
 /// Answers one request.
 pub fn handle(vmm: &Arc<Vmm>, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
     // A query string changes nothing here.
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     if path == METRICS_PATH {
-        if method != "GET" {
-            return wrong_method(method, path, "GET");
+        if method != METRICS_METHOD {
+            return wrong_method(method, path, METRICS_METHOD);
         }
         let mut text = crate::metrics::render(
             vmm.state().map_or("NotCreated", VmState::name),
