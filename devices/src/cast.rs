@@ -14,3 +14,13 @@ const _: () = assert!(usize::BITS == u64::BITS, "rvmm needs a 64-bit host");
 pub const fn usize_from(x: u64) -> usize {
     x as usize
 }
+
+/// The low 32 bits of `x`, for the halves of a 64-bit register or address.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "dropping the high half is the point"
+)]
+#[must_use]
+pub const fn low_u32(x: u64) -> u32 {
+    x as u32
+}

@@ -56,7 +56,9 @@ pub fn overlay_bytes(backing: &[u8], backing_format: &str, size: u64) -> io::Res
     let format = backing_format.as_bytes();
     let format_len = u32::try_from(format.len())
         .ok()
-        .filter(|_| V3_HEADER_LEN + 16 + format.len().div_ceil(8) * 8 + backing.len() <= 1 << CLUSTER_BITS)
+        .filter(|_| {
+            V3_HEADER_LEN + 16 + format.len().div_ceil(8) * 8 + backing.len() <= 1 << CLUSTER_BITS
+        })
         .ok_or_else(|| invalid("the backing format name is too long"))?;
     if size > super::header::MAX_VIRTUAL_SIZE {
         return Err(invalid("the virtual size is too large"));
@@ -68,7 +70,8 @@ pub fn overlay_bytes(backing: &[u8], backing_format: &str, size: u64) -> io::Res
     let (rt, rb, l1) = (CLUSTER, 2 * CLUSTER, 3 * CLUSTER);
     let clusters = 3 + l1_clusters;
     // Under MAX_VIRTUAL_SIZE the L1 table has at most 2^27 entries.
-    let l1_entries = u32::try_from(l1_size).map_err(|_| invalid("the virtual size is too large"))?;
+    let l1_entries =
+        u32::try_from(l1_size).map_err(|_| invalid("the virtual size is too large"))?;
     let mut out = vec![0u8; usize_from(clusters * CLUSTER)];
     let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
     put(0, &MAGIC);

@@ -286,9 +286,8 @@ impl Refcounts {
             ));
         }
         // Under the 8 MiB limit, so far below u32::MAX clusters.
-        let new_clusters = u32::try_from(clusters).map_err(|_| {
-            io::Error::new(io::ErrorKind::StorageFull, "refcount table too large")
-        })?;
+        let new_clusters = u32::try_from(clusters)
+            .map_err(|_| io::Error::new(io::ErrorKind::StorageFull, "refcount table too large"))?;
         self.table.resize(usize_from(clusters * per_cluster), 0);
         let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
         for (k, &index) in needed.iter().enumerate() {
