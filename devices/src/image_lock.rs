@@ -128,6 +128,10 @@ fn unlock_all(file: &File, access: ImageAccess) {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "F_*LCK and SEEK_SET are 0 to 2"
+)]
 fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
     // SAFETY: flock is plain data; zero is a valid value for every field.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };

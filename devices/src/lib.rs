@@ -4,7 +4,14 @@
 //! and raise interrupts through a [`vm_superio::Trigger`] (an eventfd wired to an irqfd in
 //! production, a counter in tests).
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 mod bus_device;
+pub mod cast;
 pub mod image;
 pub mod image_lock;
 pub mod legacy;

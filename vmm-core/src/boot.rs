@@ -15,11 +15,12 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability, load_cmdline};
+use rvmm_devices::cast::usize_from;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START,
-    PVH_MODLIST_START, ZERO_PAGE_START,
+    PVH_MODLIST_START, ZERO_PAGE_START, below_4g,
 };
 use crate::memory::{GuestMemoryMmap, MemoryLayout};
 use crate::regs::BootEntry;
@@ -248,7 +249,7 @@ pub fn load_initrd(
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let addr = place_initrd(layout, kernel_end, size, path)?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, usize_from(size))
         .map_err(|source| BootError::CopyInitrd {
             path: path.to_owned(),
             source,
@@ -296,7 +297,12 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<u32, Bo
         .map_err(BootError::Cmdline)?
         .as_bytes_with_nul()
         .len();
-    Ok(len as u32)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most CMDLINE_MAX_SIZE (2 KiB)"
+    )]
+    let len = len as u32;
+    Ok(len)
 }
 
 /// What the boot structures tell the kernel about the platform beyond RAM.
@@ -325,11 +331,12 @@ pub fn linux_boot_params(
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = below_4g(CMDLINE_START);
     params.hdr.cmdline_size = cmdline_size;
     if let Some(initrd) = initrd {
-        params.hdr.ramdisk_image = initrd.addr as u32;
-        params.hdr.ramdisk_size = initrd.size as u32;
+        // Placed below INITRD_MAX_END by `place_initrd`.
+        params.hdr.ramdisk_image = below_4g(initrd.addr);
+        params.hdr.ramdisk_size = below_4g(initrd.size);
     }
     params.acpi_rsdp_addr = platform.acpi_rsdp.unwrap_or(0);
     let map = layout.e820_with_reserved(&platform.reserved);
@@ -344,7 +351,12 @@ pub fn linux_boot_params(
             r#type: entry.kind,
         };
     }
-    params.e820_entries = map.len().min(E820_MAX_ENTRIES) as u8;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most E820_MAX_ENTRIES (128)"
+    )]
+    let entries = map.len().min(E820_MAX_ENTRIES) as u8;
+    params.e820_entries = entries;
     params
 }
 
@@ -384,14 +396,19 @@ pub fn write_boot_params(
                     ..Default::default()
                 })
                 .collect();
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "one initrd, a short e820 map"
+            )]
+            let (nr_modules, memmap_entries) = (modules.len() as u32, memmap.len() as u32);
             let start_info = hvm_start_info {
                 magic: XEN_HVM_START_MAGIC_VALUE,
                 version: 1,
-                nr_modules: modules.len() as u32,
+                nr_modules,
                 modlist_paddr: PVH_MODLIST_START,
                 cmdline_paddr: CMDLINE_START,
                 memmap_paddr: PVH_MEMMAP_START,
-                memmap_entries: memmap.len() as u32,
+                memmap_entries,
                 rsdp_paddr: platform.acpi_rsdp.unwrap_or(0),
                 ..Default::default()
             };
@@ -407,6 +424,7 @@ pub fn write_boot_params(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, reason = "test values")]
 mod tests {
     use std::io::Write;
 

@@ -145,6 +145,11 @@ fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'sta
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test values"
+)]
 mod tests {
     use super::*;
 

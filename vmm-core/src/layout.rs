@@ -91,6 +91,17 @@ pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
         .then_some((base, irq))
 }
 
+/// `addr` as the 32-bit field of a firmware table (MP table, MADT, DSDT resources): the
+/// layout places everything such tables name below 4 GiB.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the layout's addresses below 4 GiB"
+)]
+pub(crate) fn below_4g(addr: u64) -> u32 {
+    debug_assert!(addr <= u64::from(u32::MAX));
+    addr as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

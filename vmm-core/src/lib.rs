@@ -1,6 +1,12 @@
 //! rvmm's virtual machine: guest memory, the KVM VM and its vCPUs, boot loading, CPUID, the
 //! port I/O and MMIO buses, and the VM's lifecycle. Knows nothing of HTTP, gRPC or Kubernetes.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod acpi;
 pub mod boot;
 pub mod builder;

@@ -1,5 +1,6 @@
 //! Guest RAM: the layout of its regions, the E820 map derived from it, and the mmap backing.
 
+use rvmm_devices::cast::usize_from;
 use vm_memory::GuestAddress;
 
 use crate::layout::{
@@ -170,7 +171,7 @@ pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap, Mem
     let ranges: Vec<(GuestAddress, usize)> = layout
         .ram_regions()
         .into_iter()
-        .map(|(start, len)| (start, len as usize))
+        .map(|(start, len)| (start, usize_from(len)))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)
 }

@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{APIC_START, EBDA_START, IOAPIC_START};
+use crate::layout::{APIC_START, EBDA_START, IOAPIC_START, below_4g};
 use crate::memory::GuestMemoryMmap;
 
 /// The most vCPUs whose entries fit in the 1 KiB the table has in the EBDA.
@@ -36,6 +36,9 @@ pub enum MptableError {
     /// No vCPUs.
     #[error("The MP table needs at least one vCPU")]
     NoCpus,
+    /// The table would lie where its 32-bit pointer cannot reach.
+    #[error("The MP table at {0:#x} lies above 4 GiB")]
+    AboveFourGiB(u64),
     /// Guest memory write failed.
     #[error("Cannot write the MP table to guest memory")]
     Write(#[source] vm_memory::GuestMemoryError),
@@ -73,7 +76,7 @@ pub fn mptable_bytes(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(b"ISA   ");
     count += 1;
     entries.extend_from_slice(&[MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&below_4g(IOAPIC_START).to_le_bytes());
     count += 1;
     for irq in 0..IOAPIC_PINS {
         // Bus IRQ n → IOAPIC pin n, conforming polarity and trigger (edge, active high).
@@ -88,6 +91,8 @@ pub fn mptable_bytes(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     const FLOATING_LEN: usize = 16;
     const HEADER_LEN: usize = 44;
     let table_addr = base + FLOATING_LEN as u64;
+    let table_pointer = u32::try_from(table_addr).map_err(|_| MptableError::AboveFourGiB(base))?;
+    #[allow(clippy::cast_possible_truncation, reason = "at most MAX_VCPUS entries")]
     let table_len = (HEADER_LEN + entries.len()) as u16;
 
     let mut header = Vec::with_capacity(HEADER_LEN);
@@ -99,7 +104,7 @@ pub fn mptable_bytes(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     header.extend_from_slice(&0u32.to_le_bytes()); // OEM table
     header.extend_from_slice(&0u16.to_le_bytes());
     header.extend_from_slice(&count.to_le_bytes());
-    header.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    header.extend_from_slice(&below_4g(APIC_START).to_le_bytes());
     header.extend_from_slice(&[0, 0, 0, 0]); // extended table length, checksum, reserved
     let mut table = header;
     table.extend_from_slice(&entries);
@@ -107,7 +112,7 @@ pub fn mptable_bytes(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
 
     let mut floating = Vec::with_capacity(FLOATING_LEN);
     floating.extend_from_slice(b"_MP_");
-    floating.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    floating.extend_from_slice(&table_pointer.to_le_bytes());
     floating.extend_from_slice(&[1, SPEC_REV, 0, 0, 0, 0, 0, 0]);
     floating[10] = checksum(&floating);
 
@@ -123,6 +128,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MptableError
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, reason = "test values")]
 mod tests {
     use super::*;
 
@@ -136,6 +142,14 @@ mod tests {
 
     fn u32_at(b: &[u8], off: usize) -> u32 {
         u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn a_table_above_4_gib_is_refused_not_pointed_to_by_its_low_bits() {
+        assert!(matches!(
+            mptable_bytes(1, 1 << 32),
+            Err(MptableError::AboveFourGiB(0x1_0000_0000))
+        ));
     }
 
     #[test]

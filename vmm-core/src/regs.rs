@@ -49,6 +49,7 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let bit = |n: u32| ((entry >> n) & 1) as u8;
     let granular = bit(55) == 1;
+    #[allow(clippy::cast_possible_truncation, reason = "a 20-bit limit")]
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
@@ -127,7 +128,9 @@ pub fn boot_sregs(mut sregs: kvm_sregs, entry: BootEntry) -> kvm_sregs {
     let data = segment_from_gdt(gdt[2], 2);
     let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    #[allow(clippy::cast_possible_truncation, reason = "a 4-entry GDT")]
+    let gdt_limit = (gdt.len() * 8 - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -183,6 +186,11 @@ pub fn boot_fpu() -> kvm_fpu {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test values"
+)]
 mod tests {
     use super::*;
 

@@ -19,19 +19,29 @@ pub use rvmm_devices::seccomp::{
 #[doc(hidden)]
 pub use rvmm_devices::seccomp::{ChildEnd, run_in_filtered_child};
 
+/// The size field of an ioctl number (14 bits; KVM's argument structs are far smaller).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "KVM structs of a few hundred bytes"
+)]
+const fn ioctl_size(size: usize) -> c_uint {
+    size as c_uint
+}
+
 /// `KVM_RUN`: entering the guest.
 pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);
 /// `KVM_GET_REGS`: the registers shown when the guest dies.
-pub const KVM_GET_REGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x81, size_of::<kvm_regs>() as c_uint);
+pub const KVM_GET_REGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x81, ioctl_size(size_of::<kvm_regs>()));
 /// `KVM_GET_SREGS`: the special registers shown when the guest dies.
-pub const KVM_GET_SREGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x83, size_of::<kvm_sregs>() as c_uint);
+pub const KVM_GET_SREGS: u64 =
+    ioctl_expr(_IOC_READ, KVMIO, 0x83, ioctl_size(size_of::<kvm_sregs>()));
 
 /// `KVM_SET_GSI_ROUTING`: the guest programmed or unmasked an MSI-X vector.
 pub const KVM_SET_GSI_ROUTING: u64 = ioctl_expr(
     _IOC_WRITE,
     KVMIO,
     0x6a,
-    size_of::<kvm_irq_routing>() as c_uint,
+    ioctl_size(size_of::<kvm_irq_routing>()),
 );
 /// `KVM_IOEVENTFD`: the guest moved a BAR holding queue notifications, or turned its decoding
 /// on or off.
@@ -39,7 +49,7 @@ pub const KVM_IOEVENTFD: u64 = ioctl_expr(
     _IOC_WRITE,
     KVMIO,
     0x79,
-    size_of::<kvm_ioeventfd>() as c_uint,
+    ioctl_size(size_of::<kvm_ioeventfd>()),
 );
 
 /// What a vCPU thread needs beyond the rules every thread shares: running the guest, handling
@@ -67,7 +77,13 @@ pub fn vcpu_rules() -> Vec<Allow> {
         // gettid. The kick's handler returns through rt_sigreturn (shared rules).
         Allow::args_match(
             libc::SYS_tgkill,
-            vec![vec![(0, pid), (2, vmm_sys_util::signal::SIGRTMIN() as u64)]],
+            vec![vec![
+                (0, pid),
+                (
+                    2,
+                    u64::from(vmm_sys_util::signal::SIGRTMIN().cast_unsigned()),
+                ),
+            ]],
         ),
     ];
     // The serial console's output to stdout or a file is a write, allowed for every thread (so

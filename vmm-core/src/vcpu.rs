@@ -342,11 +342,11 @@ pub fn describe_internal_error(suberror: u32, data: &[u64]) -> String {
 fn set_lvt_delivery_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
     let mut bytes = [0u8; 4];
     for (b, r) in bytes.iter_mut().zip(&regs[offset..offset + 4]) {
-        *b = *r as u8;
+        *b = r.to_ne_bytes()[0];
     }
     let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
     for (r, b) in regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
-        *r = b as std::os::raw::c_char;
+        *r = std::os::raw::c_char::from_ne_bytes([b]);
     }
 }
 
@@ -390,6 +390,11 @@ pub(crate) fn kick_thread(thread: libc::pthread_t) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test values"
+)]
 mod tests {
     use super::*;
 

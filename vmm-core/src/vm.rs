@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use rvmm_devices::cast::usize_from;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
@@ -102,7 +103,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Ioctl("create the VM", e))?;
-    vm.set_tss_address(KVM_TSS_START as usize)
+    vm.set_tss_address(usize_from(KVM_TSS_START))
         .map_err(|e| VmError::Ioctl("set the TSS address", e))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
         .map_err(|e| VmError::Ioctl("set the identity map address", e))?;
@@ -129,7 +130,7 @@ pub fn register_memory_with_flags(
     mem: &GuestMemoryMmap,
     flags: u32,
 ) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|_| {
@@ -139,7 +140,7 @@ pub fn register_memory_with_flags(
                 )
             })?;
         let slot_region = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

@@ -10,6 +10,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::cast::usize_from;
+
 pub use storage::{MemStorage, Storage};
 
 /// Backing images deeper than this are refused (QEMU allows more, but no real chain is).
@@ -282,7 +284,7 @@ impl DiskImage {
     /// image may be shorter than its overlay).
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let size = self.virtual_size();
-        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let inside = usize_from(size.saturating_sub(offset).min(buf.len() as u64));
         buf[inside..].fill(0);
         if inside == 0 {
             return Ok(());

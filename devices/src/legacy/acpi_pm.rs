@@ -19,21 +19,22 @@ use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use crate::BusDevice;
+use crate::cast::usize_from;
 
 /// First port of the block.
-pub const ACPI_PM_PORT_BASE: u64 = 0x600;
+pub const ACPI_PM_PORT_BASE: u64 = PM1_EVENT_PORT as u64;
 /// Ports in the block.
 pub const ACPI_PM_PORT_LEN: u64 = 8;
 /// The PM1a event block (status, then enable).
-pub const PM1_EVENT_PORT: u16 = ACPI_PM_PORT_BASE as u16;
+pub const PM1_EVENT_PORT: u16 = 0x600;
 /// Its length.
 pub const PM1_EVENT_LEN: u8 = 4;
 /// The PM1a control block.
-pub const PM1_CONTROL_PORT: u16 = ACPI_PM_PORT_BASE as u16 + 4;
+pub const PM1_CONTROL_PORT: u16 = PM1_EVENT_PORT + 4;
 /// Its length.
 pub const PM1_CONTROL_LEN: u8 = 2;
 /// The reset register.
-pub const RESET_PORT: u16 = ACPI_PM_PORT_BASE as u16 + 6;
+pub const RESET_PORT: u16 = PM1_EVENT_PORT + 6;
 /// What the guest writes to the reset register to reset the machine.
 pub const RESET_VALUE: u8 = 1;
 /// The SLP_TYP value of S5 (soft off), as the DSDT's `\_S5` package gives it.
@@ -197,7 +198,8 @@ impl<S: Trigger, P: PowerControl> AcpiPm<S, P> {
                     self.sleep();
                 }
             }
-            RESET if value as u8 == RESET_VALUE => {
+            // The reset register is one byte wide.
+            RESET if value.to_le_bytes()[0] == RESET_VALUE => {
                 log::info!("The guest wrote the ACPI reset register");
                 self.power.reset();
             }
@@ -232,7 +234,7 @@ impl<S: Trigger + Send, P: PowerControl> BusDevice for AcpiPm<S, P> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
             let (register, shift) = register_of(offset + i as u64);
-            *byte = (self.register(register) >> (8 * shift)) as u8;
+            *byte = self.register(register).to_le_bytes()[usize_from(shift)];
         }
     }
 

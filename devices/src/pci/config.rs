@@ -4,6 +4,7 @@
 //! fields keep their value whatever a guest writes.
 
 use super::BarRegion;
+use crate::cast::low_u32;
 
 /// Size of the conventional configuration space; a PCIe (ECAM) function's extended space past
 /// it reads as zero here (no extended capabilities).
@@ -169,8 +170,8 @@ impl ConfigSpace {
             };
         let size_mask = !(bar.size - 1);
         let offset = BAR0 + index * 4;
-        self.set_u32(offset, (addr as u32 & !0xf) | flags);
-        self.mask(offset, &((size_mask as u32) & !0xf).to_le_bytes());
+        self.set_u32(offset, (low_u32(addr) & !0xf) | flags);
+        self.mask(offset, &(low_u32(size_mask) & !0xf).to_le_bytes());
         if bar.is_64bit {
             self.set_u32(offset + 4, (addr >> 32) as u32);
             self.mask(offset + 4, &((size_mask >> 32) as u32).to_le_bytes());
@@ -200,7 +201,12 @@ impl ConfigSpace {
         self.bytes[offset + 1] = 0;
         self.bytes[offset + 2..end].copy_from_slice(body);
         self.write_mask[offset + 2..end].copy_from_slice(body_mask);
-        self.bytes[self.last_next_pointer] = offset as u8;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "asserted inside config space"
+        )]
+        let pointer = offset as u8;
+        self.bytes[self.last_next_pointer] = pointer;
         self.last_next_pointer = offset + 1;
         // Capabilities start on a dword boundary.
         self.next_capability = end.next_multiple_of(4);
@@ -285,7 +291,7 @@ impl ConfigSpace {
                 let bar = self.bars[index]?;
                 let addr = self.bar_address(index)?;
                 (addr != 0).then_some(BarRegion {
-                    index: index as u8,
+                    index: u8::try_from(index).ok()?,
                     addr,
                     len: bar.size,
                 })

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cast::usize_from;
+
 /// MSI-X capability ID.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
 /// Bytes per table entry.
@@ -20,6 +22,15 @@ pub const MSIX_ENTRY_SIZE: u64 = 16;
 pub const MSIX_CONTROL_OFFSET: usize = 2;
 /// The most vectors a function can have.
 pub const MSIX_MAX_VECTORS: u16 = 2048;
+
+/// The vector number of table entry `index` (or a table's length).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "tables hold at most MSIX_MAX_VECTORS entries"
+)]
+fn vector_of(index: usize) -> u16 {
+    index as u16
+}
 
 const CONTROL_ENABLE: u16 = 1 << 15;
 const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
@@ -157,7 +168,7 @@ impl MsixVectors {
     /// Delivers `index`'s pending interrupt if it can be delivered now.
     fn release_pending(&self, index: usize) -> io::Result<()> {
         if self.deliverable(index) && self.pending[index].swap(false, Ordering::SeqCst) {
-            return self.router.signal(index as u16);
+            return self.router.signal(vector_of(index));
         }
         Ok(())
     }
@@ -200,7 +211,7 @@ impl Msix {
 
     /// Number of vectors.
     pub fn vector_count(&self) -> u16 {
-        self.table.len() as u16
+        vector_of(self.table.len())
     }
 
     /// What the workers raise vectors through.
@@ -254,7 +265,7 @@ impl Msix {
         }
         let message = entry.message();
         if self.routed[index] != Some(message) {
-            match self.vectors.router.route(index as u16, Some(message)) {
+            match self.vectors.router.route(vector_of(index), Some(message)) {
                 Ok(()) => self.routed[index] = Some(message),
                 Err(e) => {
                     log::warn!("Cannot route MSI-X vector {index} to {message:x?}: {e}");
@@ -318,7 +329,7 @@ impl Msix {
             return Err(MalformedMsixAccess);
         }
         for (byte_index, byte) in data.iter_mut().enumerate() {
-            let first = (offset as usize + byte_index) * 8;
+            let first = (usize_from(offset) + byte_index) * 8;
             *byte = (0..8)
                 .filter(|bit| self.vectors.pending(first + bit))
                 .fold(0, |acc, bit| acc | 1 << bit);
@@ -376,7 +387,7 @@ impl Msix {
             self.vectors.masked[index].store(true, Ordering::SeqCst);
             self.vectors.pending[index].store(false, Ordering::SeqCst);
             if self.routed[index].take().is_some()
-                && let Err(e) = self.vectors.router.route(index as u16, None)
+                && let Err(e) = self.vectors.router.route(vector_of(index), None)
             {
                 log::warn!("Cannot remove the route of MSI-X vector {index}: {e}");
             }

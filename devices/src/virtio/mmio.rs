@@ -147,9 +147,11 @@ impl MmioTransport {
             0x24 => self.core.driver_features_select = value,
             0x30 => self.core.queue_select = value,
             0x38 if setup => {
-                if let Some(q) = self.core.selected_queue() {
+                // A size past 16 bits is invalid, like any other invalid size (not cut to
+                // its low bits): the size stays as it was.
+                if let (Some(q), Ok(size)) = (self.core.selected_queue(), u16::try_from(value)) {
                     // Sizes above the maximum are clamped to it by virtio-queue.
-                    q.set_size(value as u16);
+                    q.set_size(size);
                 }
             }
             0x44 if setup => {

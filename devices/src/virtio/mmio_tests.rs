@@ -1,3 +1,10 @@
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::sync::Mutex;
 
 use vm_memory::GuestAddress;
@@ -326,4 +333,16 @@ fn restoring_a_snapshot_of_another_device_or_impossible_queues_is_refused() {
     state.queues.pop();
     let err = other.restore_state(&saved).unwrap_err();
     assert!(err.to_string().contains("1 queues"), "{err}");
+}
+
+#[test]
+fn a_queue_size_past_16_bits_is_ignored_not_cut_to_its_low_bits() {
+    let (mut t, record, _) = transport(false);
+    negotiate(&mut t, VIRTIO_F_VERSION_1);
+    // 0x1_0008 cut to 16 bits would be a valid size of 8.
+    setup_queue(&mut t, 0, 0x1_0008, 0x10000);
+    setup_queue(&mut t, 1, 8, 0x20000);
+    write(&mut t, 0x70, ALL_OK);
+    let record = record.lock().unwrap();
+    assert_eq!(record.activations[0][0].0, 16);
 }

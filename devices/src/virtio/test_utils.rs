@@ -1,5 +1,12 @@
 //! Test doubles shared by the device tests.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -42,6 +49,8 @@ pub(crate) struct Record {
 pub(crate) struct FakeDevice {
     record: Arc<Mutex<Record>>,
     fail_activation: bool,
+    device_type: u32,
+    queue_sizes: Vec<u16>,
 }
 
 impl FakeDevice {
@@ -51,17 +60,28 @@ impl FakeDevice {
         let device = Self {
             record: record.clone(),
             fail_activation,
+            device_type: crate::virtio::TYPE_RNG,
+            queue_sizes: vec![16, 8],
         };
         (device, record)
+    }
+
+    /// A device of type `device_type` with queues of `queue_sizes`.
+    pub(crate) fn shaped(device_type: u32, queue_sizes: Vec<u16>) -> Self {
+        Self {
+            device_type,
+            queue_sizes,
+            ..Self::new(false).0
+        }
     }
 }
 
 impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
-        crate::virtio::TYPE_RNG
+        self.device_type
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 8]
+        &self.queue_sizes
     }
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1 | 1 << 3

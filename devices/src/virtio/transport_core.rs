@@ -12,6 +12,7 @@ use super::persist::{QueueSnapshot, RestoreError, SaveError, VirtioDeviceState, 
 use super::{
     ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, WorkerError,
 };
+use crate::cast::low_u32;
 
 // Device status bits.
 pub(crate) const STATUS_DRIVER: u32 = 2;
@@ -29,6 +30,12 @@ pub enum TransportError {
     /// A queue size the device gave is invalid.
     #[error("Invalid queue size {0}")]
     QueueSize(u16),
+    /// The device has more queues than the transport can notify.
+    #[error("{0} queues is more than the transport's {1}")]
+    TooManyQueues(usize, usize),
+    /// The device type has no PCI device ID (0x1040 + type must fit 16 bits).
+    #[error("Device type {0} has no virtio PCI device ID")]
+    DeviceType(u32),
     /// The interrupt line cannot be duplicated for the transport.
     #[error("Cannot set up the interrupt")]
     Interrupt(#[source] std::io::Error),
@@ -352,7 +359,7 @@ impl TransportCore {
 
 fn feature_page(features: u64, select: u32) -> u32 {
     match select {
-        0 => features as u32,
+        0 => low_u32(features),
         1 => (features >> 32) as u32,
         _ => 0,
     }

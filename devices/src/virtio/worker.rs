@@ -411,6 +411,11 @@ pub fn spawn_worker<H: DeviceHandler>(name: &str, handler: H) -> Result<WorkerHa
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test values"
+)]
 mod tests {
     use std::sync::Mutex;
 

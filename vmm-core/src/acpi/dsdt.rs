@@ -14,6 +14,7 @@ use rvmm_devices::legacy::{
 };
 
 use super::{AcpiPlatform, PciHostBridge, VirtioMmioDevice};
+use crate::layout::below_4g;
 use crate::pci::access::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 
 /// An interrupt the device consumes: edge-triggered, active high, not shared (every interrupt
@@ -31,9 +32,26 @@ fn device(aml: &mut Vec<u8>, path: &str, children: &[&dyn Aml]) {
     Device::new(Path::new(path), children.to_vec()).to_aml_bytes(aml);
 }
 
+/// A port constant (the port space is 16 bits) or a length within a port block.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "legacy port constants below 0x1000"
+)]
+fn port(x: u64) -> u16 {
+    debug_assert!(x <= 0xffff);
+    x as u16
+}
+
+/// The length byte of an `IO` descriptor.
+#[allow(clippy::cast_possible_truncation, reason = "port blocks of 8 bytes")]
+fn port_len(x: u64) -> u8 {
+    debug_assert!(x <= 0xff);
+    x as u8
+}
+
 fn serial_and_keyboard(aml: &mut Vec<u8>) {
-    let port = COM1_PORT_BASE as u16;
-    let ports = IO::new(port, port, 1, SERIAL_PORT_LEN as u8);
+    let port_base = port(COM1_PORT_BASE);
+    let ports = IO::new(port_base, port_base, 1, port_len(SERIAL_PORT_LEN));
     let irq = edge_interrupt(COM1_IRQ);
     let com1 = ResourceTemplate::new(vec![&ports, &irq]);
     device(
@@ -46,7 +64,7 @@ fn serial_and_keyboard(aml: &mut Vec<u8>) {
         ],
     );
     // The i8042 decodes its data port and its command/status port.
-    let data = I8042_PORT_BASE as u16;
+    let data = port(I8042_PORT_BASE);
     let command = data + 4;
     let data_port = IO::new(data, data, 1, 1);
     let command_port = IO::new(command, command, 1, 1);
@@ -63,7 +81,7 @@ fn serial_and_keyboard(aml: &mut Vec<u8>) {
 }
 
 fn virtio_mmio(aml: &mut Vec<u8>, index: usize, dev: &VirtioMmioDevice) {
-    let window = Memory32Fixed::new(true, dev.base as u32, dev.size as u32);
+    let window = Memory32Fixed::new(true, below_4g(dev.base), below_4g(dev.size));
     let irq = edge_interrupt(dev.irq);
     let resources = ResourceTemplate::new(vec![&window, &irq]);
     device(
@@ -71,7 +89,7 @@ fn virtio_mmio(aml: &mut Vec<u8>, index: usize, dev: &VirtioMmioDevice) {
         &format!("VR{index:02X}"),
         &[
             &name("_HID", &"LNRO0005"),
-            &name("_UID", &(index as u32)),
+            &name("_UID", &u32::try_from(index).unwrap_or(u32::MAX)),
             &name("_CRS", &resources),
         ],
     );
@@ -80,16 +98,16 @@ fn virtio_mmio(aml: &mut Vec<u8>, index: usize, dev: &VirtioMmioDevice) {
 fn pci_host_bridge(aml: &mut Vec<u8>, pci: &PciHostBridge) {
     let bus = AddressSpace::<u16>::new_bus_number(0, 0);
     let ports = IO::new(
-        CONFIG_ADDRESS_PORT as u16,
-        CONFIG_ADDRESS_PORT as u16,
+        port(CONFIG_ADDRESS_PORT),
+        port(CONFIG_ADDRESS_PORT),
         1,
-        CONFIG_PORTS_LEN as u8,
+        port_len(CONFIG_PORTS_LEN),
     );
     let mmio32 = AddressSpace::<u32>::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        pci.mmio32.start as u32,
-        (pci.mmio32.end - 1) as u32,
+        below_4g(pci.mmio32.start),
+        below_4g(pci.mmio32.end - 1),
         None,
     );
     let mmio64 = AddressSpace::<u64>::new_memory(
@@ -130,6 +148,7 @@ fn pci_host_bridge(aml: &mut Vec<u8>, pci: &PciHostBridge) {
 pub(super) fn body(platform: &AcpiPlatform) -> Vec<u8> {
     let mut aml = Vec::new();
     // SLP_TYPa and SLP_TYPb of S5, then two reserved fields.
+    #[allow(clippy::cast_possible_truncation, reason = "S5's SLP_TYP is 5")]
     let s5 = SLP_TYP_S5 as u8;
     name("\\_S5_", &Package::new(vec![&s5, &s5, &0u8, &0u8])).to_aml_bytes(&mut aml);
     let mut devices = Vec::new();

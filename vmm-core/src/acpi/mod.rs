@@ -31,7 +31,7 @@ use vm_memory::{Bytes, GuestAddress};
 use zerocopy::byteorder::{LE, U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
-use crate::layout::{ACPI_RSDP_START, APIC_START, BIOS_END, IOAPIC_START};
+use crate::layout::{ACPI_RSDP_START, APIC_START, BIOS_END, IOAPIC_START, below_4g};
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"RVMM  ";
@@ -153,7 +153,9 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup)
         .flag(Flags::Wbinvd);
-    fadt.sci_int = (SCI_IRQ as u16).into();
+    #[allow(clippy::cast_possible_truncation, reason = "IRQ 9")]
+    let sci = SCI_IRQ as u16;
+    fadt.sci_int = sci.into();
     // No SMI command port: the platform is in ACPI mode from the start (SCI_EN reads 1).
     fadt.pm1a_evt_blk = u32::from(PM1_EVENT_PORT).into();
     fadt.pm1_evt_len = PM1_EVENT_LEN;
@@ -188,15 +190,17 @@ fn madt(vcpus: u8) -> Vec<u8> {
         OEM_ID,
         *b"RVMMAPIC",
         OEM_REVISION,
-        LocalInterruptController::Address(APIC_START as u32),
+        LocalInterruptController::Address(below_4g(APIC_START)),
     );
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
     // The same IOAPIC ID as the MP table's.
-    madt.add_structure(IoApic::new(vcpus, IOAPIC_START as u32, 0));
+    madt.add_structure(IoApic::new(vcpus, below_4g(IOAPIC_START), 0));
+    #[allow(clippy::cast_possible_truncation, reason = "IRQ 9")]
+    let sci_source = SCI_IRQ as u8;
     madt.add_structure(InterruptSourceOverride::new(
-        SCI_IRQ as u8,
+        sci_source,
         SCI_IRQ,
         ACTIVE_HIGH_EDGE,
     ));

@@ -56,7 +56,7 @@ pub(super) fn pci_slot(index: usize) -> Option<PciSlot> {
     (bar + VIRTIO_BAR_SIZE <= PCI_MMIO32_START + PCI_MMIO32_SIZE).then_some(PciSlot {
         slot,
         bar,
-        intx_gsi: PCI_INTX_GSI_FIRST + (index as u32 % PCI_INTX_GSI_COUNT),
+        intx_gsi: PCI_INTX_GSI_FIRST + u32::from(slot - 1) % PCI_INTX_GSI_COUNT,
     })
 }
 
@@ -191,10 +191,10 @@ pub(super) fn attach_virtio_mmio(
             .map_err(|e| BuildError::Irq("virtio", e.into()))?;
         let transport = MmioTransport::new(device, mem.clone(), line)
             .map_err(|source| BuildError::Transport { index, source })?;
-        for (queue, event) in transport.queue_events().iter().enumerate() {
+        for (queue, event) in (0u32..).zip(transport.queue_events()) {
             let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
             vm_fd
-                .register_ioevent(event, &notify, queue as u32)
+                .register_ioevent(event, &notify, queue)
                 .map_err(|e| BuildError::IoEvent(index, e))?;
         }
         let transport = Arc::new(Mutex::new(transport));
@@ -259,6 +259,7 @@ pub(super) fn attach_virtio_pci(
             }
             None => None,
         };
+        #[allow(clippy::cast_possible_truncation, reason = "INTx GSIs are 16 to 23")]
         let placement = PciPlacement {
             bar_addr: slot.bar,
             intx,

@@ -4,6 +4,8 @@
 
 use std::io;
 
+use rvmm_devices::cast::usize_from;
+
 use super::DiskReader;
 
 /// The content of a FAT filesystem's boot sector that locates everything else.
@@ -105,14 +107,14 @@ impl Fat {
             bytes_per_sector,
             sectors_per_cluster,
             fat_start: reserved * bytes_per_sector,
-            fat_bits: fat_bits as u32,
+            fat_bits: u32::try_from(fat_bits).ok()?,
             root_dir: (fat_bits != 32).then_some((
                 (reserved + fats * fat_size) * bytes_per_sector,
                 root_sectors * bytes_per_sector,
             )),
             root_cluster: le32(sector, 44),
             data_start: data_sector * bytes_per_sector,
-            clusters: clusters as u32,
+            clusters: u32::try_from(clusters).ok()?,
             uuid: format!("{:04X}-{:04X}", serial >> 16, serial & 0xffff),
             label,
         })
@@ -177,7 +179,7 @@ impl Fat {
             if steps > self.clusters {
                 return Err(bad("FAT: a cluster chain loops".into()));
             }
-            let n = size.min(limit - out.len() as u64) as usize;
+            let n = usize_from(size.min(limit - out.len() as u64));
             let at = self.data_start + u64::from(c - 2) * size;
             let start = out.len();
             out.resize(start + n, 0);
@@ -190,7 +192,7 @@ impl Fat {
     fn root(&self, disk: &mut dyn DiskReader) -> io::Result<Vec<u8>> {
         match self.root_dir {
             Some((at, len)) => {
-                let mut out = vec![0u8; len as usize];
+                let mut out = vec![0u8; usize_from(len)];
                 disk.read(&mut out, at)?;
                 Ok(out)
             }

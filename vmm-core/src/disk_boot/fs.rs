@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 
+use rvmm_devices::cast::usize_from;
 use rvmm_devices::image::DiskImage;
 
 use super::DiskReader;
@@ -88,7 +89,7 @@ pub enum Content {
 
 /// Recognises the content of a partition.
 pub fn probe(part: &mut PartReader) -> io::Result<Content> {
-    let mut head = vec![0u8; 8192.min(part.size() as usize)];
+    let mut head = vec![0u8; usize_from(part.size().min(8192))];
     part.read(&mut head, 0)?;
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
     if at(1024 + 56, &[0x53, 0xef]) {

@@ -58,6 +58,7 @@ fn pe_sections(image: &[u8]) -> Vec<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, reason = "test values")]
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! and MBR (primary partitions and the logical ones in an extended partition). Pure parsing
 //! over a reader of the disk; sizes and counts are bounded before anything is allocated.
 
+use rvmm_devices::cast::usize_from;
+
 use super::DiskReader;
 
 /// Sector size the tables are read with (virtio-blk's logical block).
@@ -9,7 +11,7 @@ pub const SECTOR: u64 = 512;
 /// At most this many GPT entries are read (the usual table has 128).
 const MAX_GPT_ENTRIES: u32 = 1024;
 /// Logical partitions followed in an extended partition, at most.
-const MAX_LOGICAL: usize = 128;
+const MAX_LOGICAL: u32 = 128;
 
 /// A partition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,7 +198,7 @@ fn read_gpt(
                 "GPT partition entries lie past the end of the disk".into(),
             ));
         }
-        let mut table = vec![0u8; bytes as usize];
+        let mut table = vec![0u8; usize_from(bytes)];
         disk.read(&mut table, entries_lba * SECTOR)
             .map_err(PartitionError::Read)?;
         if crc32(&table) != entries_crc {
@@ -204,13 +206,12 @@ fn read_gpt(
             continue;
         }
         let mut parts = Vec::new();
-        for (i, entry) in table.chunks_exact(entry_size as usize).enumerate() {
+        for (number, entry) in (1u32..).zip(table.chunks_exact(entry_size as usize)) {
             let kind: [u8; 16] = entry[..16].try_into().expect("16 bytes");
             if kind == [0; 16] {
                 continue;
             }
             let (first, last) = (le64(entry, 32), le64(entry, 40));
-            let number = i as u32 + 1;
             if first > last || last > last_lba {
                 return Err(PartitionError::Invalid(format!(
                     "GPT partition {number} spans LBA {first} to {last}, outside the disk ({} sectors)",
@@ -241,12 +242,11 @@ fn read_mbr(
 ) -> Result<Vec<Partition>, PartitionError> {
     let mut parts = Vec::new();
     let mut extended = None;
-    for i in 0..4 {
+    for (number, i) in (1u32..).zip(0..4) {
         let (kind, lba, sectors) = mbr_entry(mbr, i);
         if kind == 0 || sectors == 0 {
             continue;
         }
-        let number = i as u32 + 1;
         let part = checked(number, kind, lba, sectors, size)?;
         if part.holds_no_filesystem() && extended.is_none() {
             extended = Some(lba);
@@ -269,7 +269,7 @@ fn read_mbr(
             }
             let (kind, rel, sectors) = mbr_entry(&ebr, 0);
             if kind != 0 && sectors != 0 {
-                parts.push(checked(5 + n as u32, kind, ebr_lba + rel, sectors, size)?);
+                parts.push(checked(5 + n, kind, ebr_lba + rel, sectors, size)?);
             }
             let (next_kind, next_rel, _) = mbr_entry(&ebr, 1);
             if next_kind == 0 || next_rel == 0 {

@@ -3,6 +3,13 @@
 //! `blscfg` and grubenv, systemd-boot's ESP, extlinux on MBR. Without the tools the tests
 //! skip with a reason (and fail under `CI=true`).
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use rvmm_devices::BusDevice;
+use rvmm_devices::cast::usize_from;
 use rvmm_devices::pci::{EXTENDED_CONFIG_SPACE_SIZE, PciAccessKind};
 
 use super::{Bdf, PciRoot};
@@ -40,11 +41,11 @@ impl PciConfigPorts {
             return None;
         }
         let bdf = Bdf {
-            bus: (self.address >> 16) as u8,
+            bus: ((self.address >> 16) & 0xff) as u8,
             device: ((self.address >> 11) & 0x1f) as u8,
             function: ((self.address >> 8) & 0x7) as u8,
         };
-        Some((bdf, (self.address & 0xfc) as usize + byte as usize))
+        Some((bdf, (self.address & 0xfc) as usize + usize_from(byte)))
     }
 
     /// A data-port access: `offset` 4-7, within the dword.
@@ -105,7 +106,7 @@ impl PciEcam {
     }
 
     fn target(&self, offset: u64, len: usize) -> Option<(Bdf, usize)> {
-        let register = (offset % EXTENDED_CONFIG_SPACE_SIZE as u64) as usize;
+        let register = usize_from(offset % EXTENDED_CONFIG_SPACE_SIZE as u64);
         if !matches!(len, 1 | 2 | 4) || !register.is_multiple_of(len) {
             self.root.malformed.count(
                 PciAccessKind::Config,
@@ -114,7 +115,7 @@ impl PciEcam {
             return None;
         }
         let bdf = Bdf {
-            bus: (offset >> 20) as u8,
+            bus: ((offset >> 20) & 0xff) as u8,
             device: ((offset >> 15) & 0x1f) as u8,
             function: ((offset >> 12) & 0x7) as u8,
         };

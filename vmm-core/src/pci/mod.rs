@@ -33,7 +33,7 @@ pub fn device_slot(index: usize) -> Option<u8> {
     index
         .checked_add(1)
         .filter(|&slot| slot < SLOTS)
-        .map(|slot| slot as u8)
+        .and_then(|slot| u8::try_from(slot).ok())
 }
 
 /// A function shared by the bus and the root complex.

@@ -17,6 +17,7 @@ use kvm_bindings::{
     kvm_irq_routing_msi,
 };
 use kvm_ioctls::VmFd;
+use rvmm_devices::cast::low_u32;
 use rvmm_devices::pci::msix::{MsiMessage, MsiRouter};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -65,7 +66,7 @@ pub fn routing_entries(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_e
             ..Default::default()
         };
         entry.u.msi = kvm_irq_routing_msi {
-            address_lo: message.address as u32,
+            address_lo: low_u32(message.address),
             address_hi: (message.address >> 32) as u32,
             data: message.data,
             ..Default::default()
@@ -172,6 +173,7 @@ impl KvmMsiVectors {
 }
 
 impl MsiRouter for KvmMsiVectors {
+    #[allow(clippy::cast_possible_truncation, reason = "made for a u16 count")]
     fn vector_count(&self) -> u16 {
         self.irqfds.len() as u16
     }

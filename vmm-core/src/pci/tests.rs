@@ -1,3 +1,10 @@
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use rvmm_devices::BusDevice;
 use rvmm_devices::pci::{
     BAR0, BarWriteEvent, COMMAND, COMMAND_MEMORY, ConfigSpace, MemoryBar, PciIdentity,

@@ -2,6 +2,7 @@
 //! (`KVM_MEM_LOG_DIRTY_PAGES`, `KVM_GET_DIRTY_LOG`) together with the VMM's own writes, which
 //! the guest memory's bitmap records (see `rvmm_devices::virtio::GuestMemoryMmap`).
 
+use rvmm_devices::cast::usize_from;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
@@ -58,7 +59,7 @@ impl DirtyPages {
                 .iter()
                 .map(|r| {
                     let pages = r.len().div_ceil(PAGE_SIZE);
-                    let mut bits = vec![u64::MAX; pages.div_ceil(64) as usize];
+                    let mut bits = vec![u64::MAX; usize_from(pages.div_ceil(64))];
                     if pages % 64 != 0 {
                         *bits.last_mut().expect("a region has pages") = (1 << (pages % 64)) - 1;
                     }

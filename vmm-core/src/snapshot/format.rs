@@ -30,6 +30,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use rvmm_devices::cast::usize_from;
+
 use super::VmState;
 use super::vm_state::VmStateV1;
 
@@ -147,7 +149,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<VmState, StateFileError> {
             got: bytes.len() as u64,
         });
     }
-    let payload = &payload[..len as usize];
+    let payload = &payload[..usize_from(len)];
     let expected = word(24);
     let found = crc32fast::hash(payload);
     if found != expected {

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rvmm_devices::cast::usize_from;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
@@ -84,7 +85,7 @@ pub fn write_memory_file(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, Memo
         let len = region.len();
         let mut at = 0u64;
         while at < len {
-            let n = CHUNK.min((len - at) as usize);
+            let n = usize_from(len - at).min(CHUNK);
             let buf = &mut chunk[..n];
             region
                 .get_slice(MemoryRegionAddress(at), n)

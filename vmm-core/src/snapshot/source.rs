@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+use rvmm_devices::cast::usize_from;
 
 use super::VmState;
 use super::dirty::{DirtyLogError, DirtyPages, PAGE_SIZE, clear_vmm_dirty, take_vmm_dirty};
@@ -87,12 +88,12 @@ impl MigrationSource {
         if running {
             self.machine.resume_devices();
         }
-        for (slot, region) in pages.regions.iter_mut().enumerate() {
+        for (slot, region) in (0u32..).zip(pages.regions.iter_mut()) {
             let kvm = self
                 .machine
                 .vm_fd
-                .get_dirty_log(slot as u32, region.len as usize)
-                .map_err(|e| DirtyLogError::Read(slot as u32, e))?;
+                .get_dirty_log(slot, usize_from(region.len))
+                .map_err(|e| DirtyLogError::Read(slot, e))?;
             for (mine, theirs) in region.bits.iter_mut().zip(kvm) {
                 *mine |= theirs;
             }

@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use super::header::{MAGIC, V3_HEADER_LEN};
+use crate::cast::usize_from;
 
 const CLUSTER_BITS: u32 = 16;
 const CLUSTER: u64 = 1 << CLUSTER_BITS;
@@ -47,9 +48,18 @@ pub fn create_overlay(
 /// name), refcount table, one refcount block, L1 table.
 pub fn overlay_bytes(backing: &[u8], backing_format: &str, size: u64) -> io::Result<Vec<u8>> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
-    if backing.is_empty() || backing.len() > super::header::MAX_BACKING_NAME as usize {
-        return Err(invalid("the backing file name must be 1 to 1023 bytes"));
-    }
+    let backing_len = u32::try_from(backing.len())
+        .ok()
+        .filter(|n| (1..=super::header::MAX_BACKING_NAME).contains(n))
+        .ok_or_else(|| invalid("the backing file name must be 1 to 1023 bytes"))?;
+    // The format extension and the name share the header's cluster.
+    let format = backing_format.as_bytes();
+    let format_len = u32::try_from(format.len())
+        .ok()
+        .filter(|_| {
+            V3_HEADER_LEN + 16 + format.len().div_ceil(8) * 8 + backing.len() <= 1 << CLUSTER_BITS
+        })
+        .ok_or_else(|| invalid("the backing format name is too long"))?;
     if size > super::header::MAX_VIRTUAL_SIZE {
         return Err(invalid("the virtual size is too large"));
     }
@@ -59,33 +69,37 @@ pub fn overlay_bytes(backing: &[u8], backing_format: &str, size: u64) -> io::Res
     // Header, refcount table, refcount block, L1.
     let (rt, rb, l1) = (CLUSTER, 2 * CLUSTER, 3 * CLUSTER);
     let clusters = 3 + l1_clusters;
-    let mut out = vec![0u8; (clusters * CLUSTER) as usize];
+    // Under MAX_VIRTUAL_SIZE the L1 table has at most 2^27 entries.
+    let l1_entries =
+        u32::try_from(l1_size).map_err(|_| invalid("the virtual size is too large"))?;
+    let mut out = vec![0u8; usize_from(clusters * CLUSTER)];
     let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
     put(0, &MAGIC);
     put(4, &3u32.to_be_bytes());
     put(20, &CLUSTER_BITS.to_be_bytes());
     put(24, &size.to_be_bytes());
-    put(36, &(l1_size as u32).to_be_bytes());
+    put(36, &l1_entries.to_be_bytes());
     put(40, &l1.to_be_bytes());
     put(48, &rt.to_be_bytes());
     put(56, &1u32.to_be_bytes());
     put(96, &4u32.to_be_bytes());
-    put(100, &(V3_HEADER_LEN as u32).to_be_bytes());
+    #[allow(clippy::cast_possible_truncation, reason = "a 104-byte constant")]
+    let header_len = V3_HEADER_LEN as u32;
+    put(100, &header_len.to_be_bytes());
     // Extensions: the backing format, then the end marker; the name follows.
     let mut at = V3_HEADER_LEN;
-    let format = backing_format.as_bytes();
     put(at, &BACKING_FORMAT_EXT.to_be_bytes());
-    put(at + 4, &(format.len() as u32).to_be_bytes());
+    put(at + 4, &format_len.to_be_bytes());
     put(at + 8, format);
     at += 8 + format.len().div_ceil(8) * 8;
     at += 8; // End marker (zeroes).
     put(8, &(at as u64).to_be_bytes());
-    put(16, &(backing.len() as u32).to_be_bytes());
+    put(16, &backing_len.to_be_bytes());
     put(at, backing);
     // The refcount table's first entry is the block; each cluster has refcount 1.
-    put(rt as usize, &rb.to_be_bytes());
-    for c in 0..clusters as usize {
-        put(rb as usize + 2 * c, &1u16.to_be_bytes());
+    put(usize_from(rt), &rb.to_be_bytes());
+    for c in 0..usize_from(clusters) {
+        put(usize_from(rb) + 2 * c, &1u16.to_be_bytes());
     }
     Ok(out)
 }

@@ -2,6 +2,8 @@
 //! cluster's bytes and checked against the file's length. Pure: no I/O, so it is fuzzed and
 //! unit-tested on byte arrays.
 
+use crate::cast::usize_from;
+
 /// `QFI\xfb`.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Header length of version 2 (and the fixed part of version 3).
@@ -177,6 +179,8 @@ impl Header {
             ));
         }
         let cluster_size = 1u64 << cluster_bits;
+        #[allow(clippy::cast_possible_truncation, reason = "a 72-byte constant")]
+        let v2_header_len = V2_HEADER_LEN as u32;
         let mut h = Header {
             version,
             cluster_bits,
@@ -190,7 +194,7 @@ impl Header {
             compatible: 0,
             autoclear: 0,
             refcount_order: 4,
-            header_length: V2_HEADER_LEN as u32,
+            header_length: v2_header_len,
             compression: Compression::Zlib,
             backing_file: None,
             backing_format: None,
@@ -362,7 +366,7 @@ impl Header {
                 ));
             }
         }
-        let name = head[offset as usize..offset as usize + len as usize].to_vec();
+        let name = head[usize_from(offset)..usize_from(offset) + len as usize].to_vec();
         if name.contains(&0) {
             return Err(field(
                 "backing_file_offset",
@@ -374,7 +378,7 @@ impl Header {
     }
 
     fn parse_extensions(&mut self, head: &[u8]) -> Result<(), HeaderError> {
-        let end = (self.cluster_size() as usize).min(head.len());
+        let end = usize_from(self.cluster_size()).min(head.len());
         let mut at = self.header_length as usize;
         loop {
             if at + 8 > end {

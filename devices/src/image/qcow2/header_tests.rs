@@ -1,3 +1,10 @@
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use super::*;
 use crate::image::qcow2::create::overlay_bytes;
 
@@ -48,4 +55,15 @@ fn extensions_without_an_end_marker_are_refused() {
             ..
         })
     ));
+}
+
+#[test]
+fn overlay_with_a_backing_format_too_long_for_the_header_cluster_is_refused() {
+    let format = "f".repeat(70_000);
+    let err = overlay_bytes(b"base", &format, 1 << 20).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert_eq!(err.to_string(), "the backing format name is too long");
+    // The longest name still fits with a format that leaves room for it.
+    let name = vec![b'n'; 1023];
+    assert!(overlay_bytes(&name, "qcow2", 1 << 20).is_ok());
 }

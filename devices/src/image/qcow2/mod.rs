@@ -19,6 +19,8 @@ pub mod tables;
 use std::collections::{BTreeSet, HashSet};
 use std::io;
 
+use crate::cast::usize_from;
+
 pub use create::create_overlay;
 
 /// An empty qcow2 image without a backing file, of `size` bytes (for tests elsewhere).
@@ -104,7 +106,7 @@ impl Qcow2 {
     /// [`Qcow2::set_backing`].
     pub fn open(storage: Box<dyn Storage>, writable: bool) -> Result<Self, OpenError> {
         let file_len = storage.len().map_err(OpenError::Io)?;
-        let mut head = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(file_len as usize)];
+        let mut head = vec![0u8; usize_from(file_len.min(1 << header::MAX_CLUSTER_BITS))];
         storage.read_at(&mut head, 0).map_err(OpenError::Io)?;
         let header = Header::parse(&head, file_len)?;
         let cluster_bits = header.cluster_bits;
@@ -162,11 +164,11 @@ impl Qcow2 {
         self.metadata.insert(0);
         let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
         self.metadata
-            .extend((h.l1_table_offset..l1_end).step_by(cs as usize));
+            .extend((h.l1_table_offset..l1_end).step_by(usize_from(cs)));
         let rt_end =
             h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << self.cluster_bits);
         self.metadata
-            .extend((h.refcount_table_offset..rt_end).step_by(cs as usize));
+            .extend((h.refcount_table_offset..rt_end).step_by(usize_from(cs)));
         self.metadata
             .extend(refs.table.iter().copied().filter(|&o| o != 0));
         for &entry in &self.l1 {
@@ -282,8 +284,8 @@ impl Qcow2 {
     /// For the guest cluster holding `offset`: its L1 index, the L2 table's offset (0: none)
     /// and its index in that table.
     fn l1_lookup(&self, offset: u64) -> io::Result<(usize, u64, usize)> {
-        let l1_index = (offset >> (self.cluster_bits + self.l2_bits)) as usize;
-        let index = ((offset >> self.cluster_bits) & ((1 << self.l2_bits) - 1)) as usize;
+        let l1_index = usize_from(offset >> (self.cluster_bits + self.l2_bits));
+        let index = usize_from((offset >> self.cluster_bits) & ((1 << self.l2_bits) - 1));
         let entry = *self
             .l1
             .get(l1_index)
@@ -365,7 +367,7 @@ impl Qcow2 {
                 sectors,
             } => {
                 self.decompress(at, sectors)?;
-                let within = (offset & (self.cluster_size() - 1)) as usize;
+                let within = usize_from(offset & (self.cluster_size() - 1));
                 buf.copy_from_slice(&self.cluster_buf[within..within + buf.len()]);
                 Ok(())
             }
@@ -377,7 +379,7 @@ impl Qcow2 {
         // QEMU: the data starts at `offset` and ends with the last of the sectors counted
         // from the sector holding `offset`.
         let len = (sectors * 512 - (offset & 511)).min(2 * self.cluster_size() + 512);
-        self.compressed_buf.resize(len as usize, 0);
+        self.compressed_buf.resize(usize_from(len), 0);
         let n = self.storage.read_upto(&mut self.compressed_buf, offset)?;
         compressed::decompress(
             self.header.compression,
@@ -392,7 +394,7 @@ impl Qcow2 {
         while done < buf.len() {
             let at = offset + done as u64;
             let (extent, n) = self.map_read(at, (buf.len() - done) as u64)?;
-            let n = n as usize;
+            let n = usize_from(n);
             self.read_extent(extent, at, &mut buf[done..done + n])?;
             done += n;
         }

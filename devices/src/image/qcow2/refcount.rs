@@ -10,6 +10,7 @@ use std::io;
 
 use super::header::{REFCOUNT_TABLE_FIELD_OFFSET, refcount_table_field};
 use super::tables::{Cache, decode_table, encode_table};
+use crate::cast::usize_from;
 use crate::image::Storage;
 
 /// Refcount blocks kept in memory.
@@ -51,7 +52,7 @@ impl Refcounts {
         table_clusters: u32,
         file_len: u64,
     ) -> io::Result<Self> {
-        let mut bytes = vec![0u8; (u64::from(table_clusters) << cluster_bits) as usize];
+        let mut bytes = vec![0u8; usize_from(u64::from(table_clusters) << cluster_bits)];
         storage.read_at(&mut bytes, table_offset)?;
         let table = decode_table(&bytes);
         let cs = 1u64 << cluster_bits;
@@ -115,7 +116,7 @@ impl Refcounts {
         if let Some(v) = victim {
             self.write_back(storage, v)?;
         }
-        let mut data = vec![0u8; self.cluster_size() as usize];
+        let mut data = vec![0u8; usize_from(self.cluster_size())];
         storage.read_at(&mut data, offset)?;
         Ok(Some(self.blocks.insert(victim, offset, data, false)))
     }
@@ -148,7 +149,7 @@ impl Refcounts {
     /// Adds `delta` to the refcount of `cluster`, whose block must exist.
     fn add(&mut self, storage: &dyn Storage, cluster: u64, delta: i64) -> io::Result<()> {
         let per_block = self.per_block();
-        let index = (cluster / per_block) as usize;
+        let index = usize_from(cluster / per_block);
         let slot = self
             .block(storage, index)?
             .ok_or_else(|| corrupt(format!("cluster {cluster} has no refcount block")))?;
@@ -184,15 +185,15 @@ impl Refcounts {
                 self.grow_table(storage, index + 1)?;
                 continue;
             }
-            if self.table[index as usize] == 0 {
+            if self.table[usize_from(index)] == 0 {
                 let offset = cluster << self.cluster_bits;
-                self.table[index as usize] = offset;
+                self.table[usize_from(index)] = offset;
                 self.table_dirty = true;
                 let victim = self.blocks.victim();
                 if let Some(v) = victim {
                     self.write_back(storage, v)?;
                 }
-                let data = vec![0u8; self.cluster_size() as usize];
+                let data = vec![0u8; usize_from(self.cluster_size())];
                 self.blocks.insert(victim, offset, data, true);
                 self.new_metadata.push(offset);
                 self.add(storage, cluster, 1)?;
@@ -255,7 +256,7 @@ impl Refcounts {
         // Everything dirty first: the new table points to the same blocks.
         self.write_dirty(storage)?;
         let start = self.end;
-        let has_block = |table: &[u64], i: u64| table.get(i as usize).is_some_and(|&e| e != 0);
+        let has_block = |table: &[u64], i: u64| table.get(usize_from(i)).is_some_and(|&e| e != 0);
         let mut clusters =
             (u64::from(self.table_clusters) * 2).max(min_entries.div_ceil(per_cluster));
         let needed = loop {
@@ -284,17 +285,20 @@ impl Refcounts {
                 "the refcount table would exceed QEMU's 8 MiB limit",
             ));
         }
-        self.table.resize((clusters * per_cluster) as usize, 0);
+        // Under the 8 MiB limit, so far below u32::MAX clusters.
+        let new_clusters = u32::try_from(clusters)
+            .map_err(|_| io::Error::new(io::ErrorKind::StorageFull, "refcount table too large"))?;
+        self.table.resize(usize_from(clusters * per_cluster), 0);
         let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
         for (k, &index) in needed.iter().enumerate() {
             let at = (start + k as u64) * cs;
-            self.table[index as usize] = at;
-            new_blocks.push((at, vec![0u8; cs as usize]));
+            self.table[usize_from(index)] = at;
+            new_blocks.push((at, vec![0u8; usize_from(cs)]));
         }
         let table_at = (start + needed.len() as u64) * cs;
         let new_end = start + needed.len() as u64 + clusters;
         for cluster in start..new_end {
-            let block = self.table[(cluster / per_block) as usize];
+            let block = self.table[usize_from(cluster / per_block)];
             match new_blocks.iter_mut().find(|(o, _)| *o == block) {
                 Some((_, data)) => write_refcount(data, cluster % per_block, self.order, 1),
                 None => self.add(storage, cluster, 1)?,
@@ -305,20 +309,20 @@ impl Refcounts {
             self.new_metadata.push(*offset);
         }
         self.new_metadata
-            .extend((table_at..table_at + clusters * cs).step_by(cs as usize));
+            .extend((table_at..table_at + clusters * cs).step_by(usize_from(cs)));
         for slot in self.blocks.dirty() {
             self.write_back(storage, slot)?;
         }
         storage.write_at(&encode_table(&self.table), table_at)?;
         storage.sync()?;
         storage.write_at(
-            &refcount_table_field(table_at, clusters as u32),
+            &refcount_table_field(table_at, new_clusters),
             REFCOUNT_TABLE_FIELD_OFFSET,
         )?;
         storage.sync()?;
         let (old_offset, old_clusters) = (self.table_offset, self.table_clusters);
         self.table_offset = table_at;
-        self.table_clusters = clusters as u32;
+        self.table_clusters = new_clusters;
         self.table_dirty = false;
         self.end = new_end;
         // The old table is unreferenced now: free its clusters.
@@ -334,7 +338,7 @@ pub fn read_refcount(block: &[u8], index: u64, order: u32) -> u64 {
     let bits = 1u64 << order;
     if bits >= 8 {
         let bytes = (bits / 8) as usize;
-        let at = index as usize * bytes;
+        let at = usize_from(index) * bytes;
         block[at..at + bytes]
             .iter()
             .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
@@ -351,15 +355,13 @@ pub fn write_refcount(block: &mut [u8], index: u64, order: u32, value: u64) {
     let bits = 1u64 << order;
     if bits >= 8 {
         let bytes = (bits / 8) as usize;
-        let at = index as usize * bytes;
-        for (i, b) in block[at..at + bytes].iter_mut().enumerate() {
-            *b = (value >> (8 * (bytes - 1 - i))) as u8;
-        }
+        let at = usize_from(index) * bytes;
+        block[at..at + bytes].copy_from_slice(&value.to_be_bytes()[8 - bytes..]);
     } else {
         let bit = index * bits;
         let mask = ((1u8 << bits) - 1) << (bit % 8);
         let byte = &mut block[(bit / 8) as usize];
-        *byte = (*byte & !mask) | (((value as u8) << (bit % 8)) & mask);
+        *byte = (*byte & !mask) | ((value.to_le_bytes()[0] << (bit % 8)) & mask);
     }
 }
 

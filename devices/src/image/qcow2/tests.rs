@@ -2,6 +2,13 @@
 //! checked by `qemu-img check` and read back by `qemu-img convert`. These need qemu-utils;
 //! without it they skip with a reason (and fail under `CI=true`).
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,6 +3,8 @@
 
 use std::io;
 
+use crate::cast::usize_from;
+
 use super::tables::{COPIED, Cluster, ZERO, encode_table, l2_entry};
 use super::{L1_CHUNK, Qcow2, corrupt};
 
@@ -102,12 +104,12 @@ impl Qcow2 {
         let tail = within + n;
         if within > 0 || tail < cs {
             self.fill_old(at - within, old)?;
-            let (head, rest) = self.cluster_buf.split_at(within as usize);
+            let (head, rest) = self.cluster_buf.split_at(usize_from(within));
             if !head.is_empty() {
                 self.storage.write_at(head, host)?;
             }
             if tail < cs {
-                self.storage.write_at(&rest[n as usize..], host + tail)?;
+                self.storage.write_at(&rest[usize_from(n)..], host + tail)?;
             }
         }
         let table = self.l2.get_mut(slot);
@@ -127,7 +129,7 @@ impl Qcow2 {
         match old {
             Cluster::Unallocated if self.backing.is_some() => {
                 // The last cluster may reach past the virtual size.
-                let n = (self.header.size - start).min(self.cluster_size()) as usize;
+                let n = usize_from((self.header.size - start).min(self.cluster_size()));
                 self.cluster_buf[n..].fill(0);
                 let backing = self.backing.as_mut().expect("checked");
                 backing.read_at(&mut self.cluster_buf[..n], start)
@@ -147,7 +149,7 @@ impl Qcow2 {
         while done < buf.len() {
             let at = offset + done as u64;
             let (host, n) = self.map_write(at, (buf.len() - done) as u64)?;
-            let n = n as usize;
+            let n = usize_from(n);
             self.storage.write_at(&buf[done..done + n], host)?;
             done += n;
         }
@@ -167,7 +169,7 @@ impl Qcow2 {
             if within == 0 && n == cs && self.header.version >= 3 {
                 self.zero_cluster(at)?;
             } else {
-                let zeroes = vec![0u8; n as usize];
+                let zeroes = vec![0u8; usize_from(n)];
                 self.write_at(&zeroes, at)?;
             }
             at += n;

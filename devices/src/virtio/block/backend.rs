@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::GuestMemoryMmap;
 use super::guest::HostBuf;
+use crate::cast::usize_from;
 
 /// How the device does its disk I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,6 +221,8 @@ impl SyncEngine {
         let mut first = 0;
         while first < iovecs.len() {
             let count = (iovecs.len() - first).min(IOV_MAX);
+            let iovcnt = libc::c_int::try_from(count)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             let offset_arg = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             let iov = iovecs[first..].as_ptr();
@@ -239,11 +242,11 @@ impl SyncEngine {
             } else if write {
                 // SAFETY: `iov` points to `count` iovecs describing guest memory that is mapped
                 // for as long as `mem` lives; the kernel only reads through them.
-                unsafe { libc::pwritev(fd, iov, count as libc::c_int, offset_arg) }
+                unsafe { libc::pwritev(fd, iov, iovcnt, offset_arg) }
             } else {
                 // SAFETY: as above; the kernel writes into guest memory, which the guest
                 // handed over to the device for this request.
-                unsafe { libc::preadv(fd, iov, count as libc::c_int, offset_arg) }
+                unsafe { libc::preadv(fd, iov, iovcnt, offset_arg) }
             };
             let Some(n) = transferred(n, write)? else {
                 continue;
@@ -274,7 +277,7 @@ fn transferred(n: isize, write: bool) -> io::Result<Option<usize>> {
             io::ErrorKind::UnexpectedEof.into()
         });
     }
-    Ok(Some(n as usize))
+    Ok(Some(n.unsigned_abs()))
 }
 
 impl SyncEngine {
@@ -351,10 +354,10 @@ fn unsupported(err: &io::Error) -> bool {
 
 fn write_zeroes_by_hand(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let zeroes = vec![0u8; usize_from(len).min(ZERO_CHUNK)];
     let end = offset + len;
     while offset < end {
-        let n = (end - offset).min(zeroes.len() as u64) as usize;
+        let n = usize_from((end - offset).min(zeroes.len() as u64));
         file.write_all_at(&zeroes[..n], offset)?;
         offset += n as u64;
     }
@@ -438,7 +441,7 @@ struct Slot {
 pub struct IoUringEngine {
     ring: IoUring,
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    free: Vec<usize>,
     in_flight: usize,
     event: EventFd,
     file: File,
@@ -485,10 +488,10 @@ impl IoUringEngine {
         })
     }
 
-    fn slot(&mut self) -> u32 {
+    fn slot(&mut self) -> usize {
         self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::default());
-            (self.slots.len() - 1) as u32
+            self.slots.len() - 1
         })
     }
 
@@ -518,7 +521,7 @@ impl DiskBackend for IoUringEngine {
     ) -> Option<io::Result<()>> {
         let index = self.slot();
         let fd = types::Fixed(FILE_INDEX);
-        let slot = &mut self.slots[index as usize];
+        let slot = &mut self.slots[index];
         slot.token = token;
         slot.expected = 0;
         slot.zero_range = None;
@@ -530,7 +533,11 @@ impl DiskBackend for IoUringEngine {
                     return Some(Err(e));
                 }
                 slot.expected = slot.iovecs.total();
-                let (ptr, len) = (slot.iovecs.0.as_ptr(), slot.iovecs.0.len() as u32);
+                let Ok(len) = u32::try_from(slot.iovecs.0.len()) else {
+                    self.free.push(index);
+                    return Some(Err(io::Error::from_raw_os_error(libc::EINVAL)));
+                };
+                let ptr = slot.iovecs.0.as_ptr();
                 if matches!(op, DiskOp::Read { .. }) {
                     opcode::Readv::new(fd, ptr, len).offset(offset).build()
                 } else {
@@ -570,7 +577,7 @@ impl DiskBackend for IoUringEngine {
                     .build()
             }
         };
-        match self.push(entry.user_data(u64::from(index))) {
+        match self.push(entry.user_data(index as u64)) {
             Ok(()) => {
                 self.in_flight += 1;
                 None
@@ -591,7 +598,7 @@ impl DiskBackend for IoUringEngine {
 
     fn reap(&mut self, done: &mut Completions) {
         for cqe in self.ring.completion() {
-            let index = cqe.user_data() as usize;
+            let index = usize_from(cqe.user_data());
             let result = cqe.result();
             let Some(slot) = self.slots.get(index) else {
                 log::error!("virtio-blk: io_uring completion for unknown slot {index}");
@@ -606,7 +613,7 @@ impl DiskBackend for IoUringEngine {
                     (_, true) if unsupported(&err) => Ok(()),
                     _ => Err(err),
                 }
-            } else if (result as u64) < slot.expected {
+            } else if u64::from(result.unsigned_abs()) < slot.expected {
                 // io_uring already retries short buffered transfers; what is left is the end
                 // of the file or a full disk.
                 Err(io::ErrorKind::UnexpectedEof.into())
@@ -614,7 +621,7 @@ impl DiskBackend for IoUringEngine {
                 Ok(())
             };
             done.push((slot.token, outcome));
-            self.free.push(index as u32);
+            self.free.push(index);
             self.in_flight -= 1;
         }
     }

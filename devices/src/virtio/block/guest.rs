@@ -13,6 +13,7 @@ use vm_memory::{
 };
 
 use super::super::{Bitmap, GuestMemoryMmap};
+use crate::cast::usize_from;
 
 /// Regions kept inline (low memory and memory above the 32-bit hole cover most guests).
 const FAST_REGIONS: usize = 2;
@@ -147,7 +148,7 @@ impl GuestView {
             // Wraps to a huge value below `start`, so one compare checks both ends; the
             // length check cannot overflow because `off < r.len`.
             let off = addr.raw_value().wrapping_sub(r.start);
-            (off < r.len && len as u64 <= r.len - off).then_some((r, off as usize))
+            (off < r.len && len as u64 <= r.len - off).then_some((r, usize_from(off)))
         })
     }
 
@@ -176,7 +177,7 @@ impl GuestView {
             };
             let off = addr.raw_value() - region.start_addr().raw_value();
             let n = left.min(region.len() - off);
-            region.bitmap().mark_dirty(off as usize, n as usize);
+            region.bitmap().mark_dirty(usize_from(off), usize_from(n));
             addr = GuestAddress(addr.raw_value() + n);
             left -= n;
         }

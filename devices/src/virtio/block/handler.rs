@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
@@ -21,7 +20,9 @@ use super::super::{DeviceHandler, GuestMemoryMmap, InterruptKind, VirtioInterrup
 use super::BlockCounters;
 use super::backend::{Completions, DiskBackend, DiskOp};
 use super::guest::{GuestView, HostBuf};
-use super::request::{BlockRequest, ID_BYTES, RequestLimits, RequestType, SECTOR_SIZE};
+use super::request::{
+    BlockRequest, ID_BYTES, RequestLimits, RequestType, SECTOR_SIZE, STATUS_IOERR, STATUS_OK,
+};
 use crate::log_limit::LogLimiter;
 use crate::{limited_log, limited_log_with};
 
@@ -64,7 +65,7 @@ struct InFlight {
     bytes: u32,
     /// For a FLUSH: the writes started before it, which it makes durable when it succeeds.
     covers: u64,
-    ops_left: u32,
+    ops_left: usize,
     failed: bool,
 }
 
@@ -314,7 +315,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 self.answers.push(Answer {
                     head,
                     status_addr: Some(req.status_addr),
-                    status: VIRTIO_BLK_S_IOERR as u8,
+                    status: STATUS_IOERR,
                     len: 1,
                     len_without_status: 0,
                 });
@@ -325,7 +326,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 self.answers.push(Answer {
                     head,
                     status_addr: Some(req.status_addr),
-                    status: VIRTIO_BLK_S_OK as u8,
+                    status: STATUS_OK,
                     len: written + 1,
                     len_without_status: written,
                 });
@@ -418,7 +419,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             .free
             .last()
             .copied()
-            .unwrap_or(self.in_flight.len() as u32);
+            .unwrap_or(slot_token(self.in_flight.len()));
         match self.backend.start(&self.mem, op, u64::from(token)) {
             Some(outcome) => {
                 if let Err(e) = outcome {
@@ -439,7 +440,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     /// Starts a discard or write-zeroes request (parsed in `requests[index]`): one operation
     /// per range.
     fn start_ranges(&mut self, index: usize, mut entry: InFlight) {
-        entry.ops_left = self.requests[index].ranges.len() as u32;
+        entry.ops_left = self.requests[index].ranges.len();
         let token = self.take_slot();
         self.in_flight[token as usize] = entry;
         let req = &self.requests[index];
@@ -543,28 +544,32 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         self.busy += 1;
         self.free.pop().unwrap_or_else(|| {
             self.in_flight.push(InFlight::default());
-            (self.in_flight.len() - 1) as u32
+            slot_token(self.in_flight.len() - 1)
         })
     }
 
     /// Accounts one finished operation; answers its request when it was the last one.
     fn op_done(&mut self, token: u64, outcome: io::Result<()>) {
-        let Some(request_type) = self.in_flight.get(token as usize).map(|e| e.request_type) else {
+        let slot = u32::try_from(token)
+            .ok()
+            .filter(|&slot| (slot as usize) < self.in_flight.len());
+        let Some(slot) = slot else {
             log::error!("virtio-blk: completion for unknown request {token}");
             return;
         };
+        let request_type = self.in_flight[slot as usize].request_type;
         let failed = outcome.is_err();
         if let Err(e) = outcome {
             self.host_error(request_type, &e);
         }
-        let entry = &mut self.in_flight[token as usize];
+        let entry = &mut self.in_flight[slot as usize];
         entry.failed |= failed;
         entry.ops_left = entry.ops_left.saturating_sub(1);
         if entry.ops_left > 0 {
             return;
         }
         let entry = std::mem::take(entry);
-        self.free.push(token as u32);
+        self.free.push(slot);
         self.busy -= 1;
         self.answer(entry);
     }
@@ -574,7 +579,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         let stats = &mut self.stats;
         let status = if entry.failed {
             stats.errors += 1;
-            VIRTIO_BLK_S_IOERR as u8
+            STATUS_IOERR
         } else {
             let bytes = u64::from(entry.bytes);
             match entry.request_type {
@@ -592,7 +597,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 }
                 _ => {}
             }
-            VIRTIO_BLK_S_OK as u8
+            STATUS_OK
         };
         self.answers.push(Answer {
             head: entry.head,
@@ -777,6 +782,15 @@ fn drain_eventfd(fd: std::os::fd::RawFd) {
 }
 
 /// Writes the id into the GET_ID buffers; returns the bytes written.
+/// The token of in-flight slot `index`.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "at most MAX_IN_FLIGHT (256) slots"
+)]
+fn slot_token(index: usize) -> u32 {
+    index as u32
+}
+
 fn write_id(mem: &GuestMemoryMmap, id: &[u8; ID_BYTES], data: &[(GuestAddress, u32)]) -> u32 {
     let mut written = 0usize;
     for &(addr, len) in data {
@@ -789,5 +803,7 @@ fn write_id(mem: &GuestMemoryMmap, id: &[u8; ID_BYTES], data: &[(GuestAddress, u
         }
         written += n;
     }
-    written as u32
+    #[allow(clippy::cast_possible_truncation, reason = "at most ID_BYTES (20)")]
+    let written = written as u32;
+    written
 }

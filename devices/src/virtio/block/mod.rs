@@ -447,7 +447,9 @@ fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
     put(8, &SIZE_MAX.to_le_bytes());
     put(12, &SEG_MAX.to_le_bytes());
     // geometry (16..20) and topology (24..32) are not offered: zeros.
-    put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+    #[allow(clippy::cast_possible_truncation, reason = "512")]
+    let block_size = SECTOR_SIZE as u32;
+    put(20, &block_size.to_le_bytes());
     // Writes land in the host page cache until a FLUSH.
     put(32, &[1]);
     put(34, &1u16.to_le_bytes());

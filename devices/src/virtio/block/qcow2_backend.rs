@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::super::GuestMemoryMmap;
 use super::backend::{Completions, DiskBackend, DiskOp, Engine};
 use super::guest::HostBuf;
+use crate::cast::usize_from;
 use crate::image::qcow2::{Extent, Qcow2};
 
 /// Where a qcow2 image waits between activations of its device (the worker owns it while it
@@ -28,6 +29,12 @@ pub type ImageSlot = Arc<Mutex<Option<Box<Qcow2>>>>;
 /// Sub-operation tokens carry this bit (request tokens are small slot indexes, and the stop
 /// flush's token is never handed to the engine).
 const SUB: u64 = 1 << 62;
+
+/// An offset or length inside one request's data buffer, which a `u32` spans.
+fn within_request(n: u64) -> io::Result<u32> {
+    u32::try_from(n)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "past a request's data"))
+}
 
 /// A request split into several engine operations.
 #[derive(Debug)]
@@ -96,7 +103,7 @@ impl Qcow2Backend {
                 out.push((token, result));
                 continue;
             }
-            let index = (token & !SUB) as usize;
+            let index = usize_from(token & !SUB);
             let Some(parent) = self.subs.get_mut(index).and_then(Option::take) else {
                 log::error!("virtio-blk: qcow2 completion for unknown operation {token:#x}");
                 continue;
@@ -136,7 +143,7 @@ impl Qcow2Backend {
         };
         let outcome = match target {
             Target::Buf(buf) => {
-                let part = buf.slice(done as u32, len as u32);
+                let part = buf.slice(within_request(done)?, within_request(len)?);
                 let op = if write {
                     DiskOp::WriteBuf {
                         offset: host,
@@ -172,7 +179,7 @@ impl Qcow2Backend {
         match outcome {
             Some(result) => {
                 if own & SUB != 0 {
-                    let index = (own & !SUB) as usize;
+                    let index = usize_from(own & !SUB);
                     self.subs[index] = None;
                     self.free_subs.push(index);
                 }
@@ -261,12 +268,13 @@ impl Qcow2Backend {
         done: u64,
         len: u64,
     ) -> io::Result<()> {
+        let done_in_buf = within_request(done)?;
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(len as usize, 0);
+        scratch.resize(usize_from(len), 0);
         let result = self.image().read_extent(extent, at, &mut scratch);
         if result.is_ok() {
             match target {
-                Target::Buf(buf) => buf.copy_from(done as u32, &scratch),
+                Target::Buf(buf) => buf.copy_from(done_in_buf, &scratch),
                 Target::List(data) => {
                     let mut pieces = std::mem::take(&mut self.pieces);
                     pieces_of(data, done, len, &mut pieces);
@@ -348,7 +356,12 @@ fn pieces_of(
         }
         let from = skip.max(start);
         let to = end.min(stop);
-        out.push((GuestAddress(addr.0 + (from - start)), (to - from) as u32));
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "a part of one descriptor's u32"
+        )]
+        let part = (to - from) as u32;
+        out.push((GuestAddress(addr.0 + (from - start)), part));
     }
 }
 

@@ -4,15 +4,32 @@
 //! all checked before any I/O is started. Nothing here knows about files.
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::super::GuestMemoryMmap;
 use super::guest::GuestView;
+
+// The status byte's values (virtio-bindings has them as `u32`).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "virtio-blk statuses are 0 to 2"
+)]
+pub(crate) const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "virtio-blk statuses are 0 to 2"
+)]
+pub(crate) const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "virtio-blk statuses are 0 to 2"
+)]
+const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// The guest memory accesses parsing needs: through vm-memory, or through a [`GuestView`].
 trait GuestAccess {
@@ -222,8 +239,8 @@ impl ParseError {
     /// The status byte the guest gets for this error.
     pub fn status(&self) -> u8 {
         match self {
-            Self::UnsupportedType(_) | Self::RangeFlags(_) => VIRTIO_BLK_S_UNSUPP as u8,
-            _ => VIRTIO_BLK_S_IOERR as u8,
+            Self::UnsupportedType(_) | Self::RangeFlags(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
         }
     }
 }

@@ -1,6 +1,13 @@
 //! Protocol tests: parsing, malformed chains, configuration, interrupts. Shared helpers for
 //! the I/O tests in `tests_io.rs` live here too.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

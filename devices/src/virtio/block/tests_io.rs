@@ -1,6 +1,13 @@
 //! I/O tests: every request type against a real file with both engines, host errors, flush
 //! ordering, counters.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::fs::OpenOptions;
 use std::io;
 use std::sync::Mutex;

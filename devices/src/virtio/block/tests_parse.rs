@@ -1,6 +1,13 @@
 //! Parser tests: limits on segments, lengths and discard / write-zeroes ranges, checked on
 //! descriptor lists directly (no queue).
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use vm_memory::{Bytes, GuestAddress};

@@ -2,6 +2,13 @@
 //! compressed, zero and backing-file clusters, on both engines; writes checked afterwards by
 //! `qemu-img check` and read back by `qemu-img convert`.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};

@@ -3,6 +3,13 @@
 //! its handler is simply dropped; clean and read-only disks are left alone. And pausing: the
 //! requests in flight complete first, then nothing reaches guest memory or the disk.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::io;
 use std::sync::Mutex;
 

@@ -177,8 +177,14 @@ pub trait NetBackend: Send + std::fmt::Debug {
     fn try_clone(&self) -> io::Result<Box<dyn NetBackend>>;
 }
 
+/// The iovec count for `readv`/`writev` (a guest chain's descriptors, bounded by the ring).
+fn iov_count(iovs: &[libc::iovec]) -> io::Result<libc::c_int> {
+    libc::c_int::try_from(iovs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 fn readv(fd: RawFd, bufs: &IoBufs<'_>) -> io::Result<usize> {
     let iovs = bufs.iovecs();
+    let count = iov_count(iovs)?;
     loop {
         // One buffer goes through `read`: cheaper than `readv` (no iovec array to import).
         let n = match iovs {
@@ -187,10 +193,10 @@ fn readv(fd: RawFd, bufs: &IoBufs<'_>) -> io::Result<usize> {
             [one] => unsafe { libc::read(fd, one.iov_base, one.iov_len) },
             // SAFETY: every iovec of `bufs` points to memory valid for writes of its length for
             // as long as `bufs` is borrowed; the kernel writes at most that much.
-            _ => unsafe { libc::readv(fd, iovs.as_ptr(), iovs.len() as libc::c_int) },
+            _ => unsafe { libc::readv(fd, iovs.as_ptr(), count) },
         };
         if n >= 0 {
-            return Ok(n as usize);
+            return Ok(n.unsigned_abs());
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {
@@ -201,6 +207,7 @@ fn readv(fd: RawFd, bufs: &IoBufs<'_>) -> io::Result<usize> {
 
 fn writev(fd: RawFd, bufs: &IoBufs<'_>) -> io::Result<usize> {
     let iovs = bufs.iovecs();
+    let count = iov_count(iovs)?;
     loop {
         // One buffer goes through `write`: cheaper than `writev`.
         let n = match iovs {
@@ -209,10 +216,10 @@ fn writev(fd: RawFd, bufs: &IoBufs<'_>) -> io::Result<usize> {
             [one] => unsafe { libc::write(fd, one.iov_base, one.iov_len) },
             // SAFETY: every iovec of `bufs` points to memory valid for reads of its length for
             // as long as `bufs` is borrowed; the kernel only reads it.
-            _ => unsafe { libc::writev(fd, iovs.as_ptr(), iovs.len() as libc::c_int) },
+            _ => unsafe { libc::writev(fd, iovs.as_ptr(), count) },
         };
         if n >= 0 {
-            return Ok(n as usize);
+            return Ok(n.unsigned_abs());
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {
@@ -320,6 +327,11 @@ impl Tap {
                 _ => TapError::Setup { name, source },
             }
         })?;
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_possible_wrap,
+            reason = "12 bytes"
+        )]
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int from the given reference.
         let ret = unsafe { ioctl_with_ref(&file, libc::TUNSETVNETHDRSZ as _, &hdr_len) };
@@ -352,9 +364,10 @@ fn set_iff(file: &File, name: &str, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: `ifreq` is plain old data for which all-zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
-    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    req.ifr_ifru.ifru_flags =
+        libc::c_short::try_from(flags).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: TUNSETIFF reads and updates the `ifreq` it is given, which lives on this frame.
     let ret = unsafe { ioctl_with_mut_ref(file, libc::TUNSETIFF as _, &mut req) };
     if ret < 0 {

@@ -452,7 +452,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
     ) -> Result<RxStep, virtio_queue::Error> {
         if len <= first.cap {
             self.deliver_head(head, len, from, 1);
-            self.complete_rx(mem, first.head, len as u32)?;
+            self.complete_rx(mem, first.head, frame_bytes(len))?;
             self.count_rx(len);
             return Ok(RxStep::Delivered);
         }
@@ -484,7 +484,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
             }
             let n = chain.cap.min(len - at);
             bufs.write_at(0, &self.bounce[at..at + n]);
-            more.push((chain.head, n as u32));
+            more.push((chain.head, frame_bytes(n)));
             at += n;
         }
         self.more_iovs = bufs.into_cache();
@@ -514,9 +514,13 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
                 RxStep::NoBuffers
             }
         } else {
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "fewer chains than the u16 ring size"
+            )]
             let count = (1 + more.len()) as u16;
             self.deliver_head(head, first.cap, from, count);
-            self.complete_rx(mem, first.head, first.cap as u32)?;
+            self.complete_rx(mem, first.head, frame_bytes(first.cap))?;
             for &(head, used) in &more {
                 self.complete_rx(mem, head, used)?;
             }
@@ -737,4 +741,14 @@ impl<I: ?Sized + VirtioInterrupt> MutEventSubscriber for NetHandler<I> {
         }
         self.update_interest(ops);
     }
+}
+
+/// A length within one frame as the used ring's `u32` (a frame is read into a buffer of at
+/// most [`MAX_BUFFER_LEN`] bytes, and a chain takes no more of it than the frame's length).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "at most MAX_BUFFER_LEN bytes"
+)]
+fn frame_bytes(n: usize) -> u32 {
+    n as u32
 }

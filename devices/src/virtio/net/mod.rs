@@ -211,7 +211,7 @@ pub fn random_mac() -> std::io::Result<[u8; 6]> {
     let mut mac = [0u8; 6];
     // SAFETY: `mac` is valid writable memory of the given length.
     let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
-    if n != mac.len() as isize {
+    if usize::try_from(n).ok() != Some(mac.len()) {
         return Err(std::io::Error::last_os_error());
     }
     mac[0] = (mac[0] & !0x01) | 0x02;
@@ -229,7 +229,9 @@ fn format_mac(mac: &[u8; 6]) -> String {
 fn config_space(mac: [u8; 6], mtu: Option<u16>) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     c[0..6].copy_from_slice(&mac);
-    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    #[allow(clippy::cast_possible_truncation, reason = "the status bit is 1")]
+    let link_up = VIRTIO_NET_S_LINK_UP as u16;
+    c[6..8].copy_from_slice(&link_up.to_le_bytes());
     // max_virtqueue_pairs: one pair (MQ is not offered).
     c[8..10].copy_from_slice(&1u16.to_le_bytes());
     c[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());

@@ -1,6 +1,13 @@
 //! Device and tx tests over a socket-pair backend. Shared helpers for the rx tests in
 //! `tests_rx.rs` and the tap tests in `tests_tap.rs` live here too.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

@@ -1,5 +1,12 @@
 //! RX tests over a socket-pair backend: headers, merged buffers, exhaustion, drops.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_bindings::virtio_net::*;

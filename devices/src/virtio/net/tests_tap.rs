@@ -7,6 +7,13 @@
 //! not, and the kernel frees the namespace with its taps once the thread ends and their
 //! descriptors close, even if the test fails or the process is killed. Nothing is left behind.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::QueueT;
 
 use super::interrupt::{NO_VECTOR, PciInterrupt};
+use crate::cast::low_u32;
 use crate::virtio::VirtioInterrupt;
 use crate::virtio::transport_core::{STATUS_NEEDS_RESET, TransportCore};
 
@@ -81,6 +82,12 @@ fn select(value: u64, part: Part) -> u64 {
     }
 }
 
+/// `value` in its field's type; `field` matched the access width to the field's, so a value
+/// too wide for it is a malformed access.
+fn narrow<T: TryFrom<u64>>(value: u64) -> Result<T, Malformed> {
+    T::try_from(value).map_err(|_| Malformed)
+}
+
 /// A malformed access: no field at that offset and width, or a write to a read-only field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Malformed;
@@ -123,7 +130,8 @@ impl CommonConfig<'_> {
                 let needs_reset = interrupt.needs_reset.load(Ordering::SeqCst);
                 u64::from(core.status | if needs_reset { STATUS_NEEDS_RESET } else { 0 })
             }
-            Field::ConfigGeneration => u64::from(core.config_generation as u8),
+            // The one-byte field shows the generation's low byte (it only has to change).
+            Field::ConfigGeneration => u64::from(core.config_generation & 0xff),
             Field::QueueSelect => u64::from(core.queue_select),
             Field::QueueMsixVector => u64::from(queue_vector()),
             Field::QueueNotifyOff => {
@@ -156,17 +164,17 @@ impl CommonConfig<'_> {
         let value = u64::from_le_bytes(bytes);
         let setup = self.core.queue_setup_allowed();
         match field {
-            Field::DeviceFeatureSelect => self.core.device_features_select = value as u32,
-            Field::DriverFeatureSelect => self.core.driver_features_select = value as u32,
-            Field::DriverFeature => self.core.write_driver_features_page(value as u32),
+            Field::DeviceFeatureSelect => self.core.device_features_select = narrow(value)?,
+            Field::DriverFeatureSelect => self.core.driver_features_select = narrow(value)?,
+            Field::DriverFeature => self.core.write_driver_features_page(narrow(value)?),
             Field::ConfigMsixVector => {
-                let vector = self.usable_vector(value as u16);
+                let vector = self.usable_vector(narrow(value)?);
                 self.interrupt.config_vector.store(vector, Ordering::SeqCst);
             }
-            Field::DeviceStatus => self.write_status(value as u32),
-            Field::QueueSelect => self.core.queue_select = u32::from(value as u16),
+            Field::DeviceStatus => self.write_status(narrow(value)?),
+            Field::QueueSelect => self.core.queue_select = u32::from(narrow::<u16>(value)?),
             Field::QueueMsixVector => {
-                let vector = self.usable_vector(value as u16);
+                let vector = self.usable_vector(narrow(value)?);
                 if let Some(slot) = self
                     .interrupt
                     .queue_vectors
@@ -179,7 +187,7 @@ impl CommonConfig<'_> {
                 if let Some(q) = self.core.selected_queue() {
                     // Sizes virtio-queue finds invalid (not a power of two, above the
                     // maximum) leave the size as it was.
-                    q.set_size(value as u16);
+                    q.set_size(narrow(value)?);
                 }
             }
             // Writing 0 is not allowed to the driver (§4.1.4.3.2) and has no effect.
@@ -231,9 +239,10 @@ impl CommonConfig<'_> {
             return;
         };
         let (low, high) = match part {
-            Part::Low => (Some(value as u32), None),
-            Part::High => (None, Some(value as u32)),
-            Part::Whole => (Some(value as u32), Some((value >> 32) as u32)),
+            // A half is a 4-byte access: its value is 32 bits.
+            Part::Low => (Some(low_u32(value)), None),
+            Part::High => (None, Some(low_u32(value))),
+            Part::Whole => (Some(low_u32(value)), Some((value >> 32) as u32)),
         };
         match which {
             Queue::Desc => q.set_desc_table_address(low, high),

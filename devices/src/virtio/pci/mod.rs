@@ -51,6 +51,10 @@ const COMMON_OFFSET: u64 = 0x0000;
 const ISR_OFFSET: u64 = 0x1000;
 const DEVICE_CONFIG_OFFSET: u64 = 0x2000;
 const REGION_LEN: u64 = 0x1000;
+/// Queues the notification region (up to the MSI-X table) has room for.
+const MAX_QUEUES: u32 = 1024;
+const _: () =
+    assert!(NOTIFY_OFFSET + MAX_QUEUES as u64 * NOTIFY_OFF_MULTIPLIER as u64 <= MSIX_TABLE_OFFSET);
 const MSIX_TABLE_OFFSET: u64 = 0x4000;
 /// The table's second page (a table of more than 256 vectors reaches into it).
 const MSIX_TABLE_SECOND_PAGE: u64 = MSIX_TABLE_OFFSET + REGION_LEN;
@@ -119,7 +123,8 @@ impl std::fmt::Debug for PciPlacement {
 impl VirtioPciTransport {
     /// How many MSI-X vectors a device wants: one per queue and one for configuration changes.
     pub fn msix_vectors_for(device: &dyn VirtioDevice) -> u16 {
-        device.queue_max_sizes().len() as u16 + 1
+        // More queues than that are refused by `new`.
+        u16::try_from(device.queue_max_sizes().len()).map_or(u16::MAX, |n| n.saturating_add(1))
     }
 
     /// Wraps `device` as a PCI function placed as `placement` says.
@@ -130,8 +135,13 @@ impl VirtioPciTransport {
     ) -> Result<Self, TransportError> {
         let core = TransportCore::new(device, mem)?;
         let queues = core.queues.len();
+        let queue_count = u32::try_from(queues)
+            .ok()
+            .filter(|&n| n <= MAX_QUEUES)
+            .ok_or(TransportError::TooManyQueues(queues, MAX_QUEUES as usize))?;
         let device_type = core.device.device_type();
-        let mut config = ConfigSpace::new(identity(device_type), 1, placement.intx_gsi);
+        let identity = identity(device_type).ok_or(TransportError::DeviceType(device_type))?;
+        let mut config = ConfigSpace::new(identity, 1, placement.intx_gsi);
         let bar = MemoryBar {
             size: VIRTIO_BAR_SIZE,
             is_64bit: true,
@@ -140,16 +150,19 @@ impl VirtioPciTransport {
         config.add_memory_bar(usize::from(VIRTIO_BAR), bar, placement.bar_addr);
         let msix = placement.msi.map(Msix::new);
         let msix_capability = msix.as_ref().map(|msix| {
-            let (body, mask) =
-                msix.capability(VIRTIO_BAR, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
+            let (body, mask) = msix.capability(
+                VIRTIO_BAR,
+                in_bar(MSIX_TABLE_OFFSET),
+                in_bar(MSIX_PBA_OFFSET),
+            );
             config.add_capability(MSIX_CAPABILITY_ID, &body, &mask)
         });
-        let notify_len = queues as u32 * NOTIFY_OFF_MULTIPLIER;
+        let notify_len = queue_count * NOTIFY_OFF_MULTIPLIER;
         add_virtio_capability(
             &mut config,
             CAP_COMMON,
             COMMON_OFFSET,
-            COMMON_CONFIG_LEN as u32,
+            in_bar(COMMON_CONFIG_LEN),
         );
         let mut notify = virtio_capability(CAP_NOTIFY, NOTIFY_OFFSET, notify_len).to_vec();
         notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
@@ -159,7 +172,7 @@ impl VirtioPciTransport {
             &mut config,
             CAP_DEVICE,
             DEVICE_CONFIG_OFFSET,
-            REGION_LEN as u32,
+            in_bar(REGION_LEN),
         );
         // The configuration access window: bar, offset, length and data are the driver's.
         let mut pci_cfg = virtio_capability(CAP_PCI_CFG, 0, 0).to_vec();
@@ -297,14 +310,16 @@ impl VirtioPciTransport {
 
     /// A write at `offset` in the notification region, when no ioeventfd took it.
     fn notify(&self, offset: u64, len: usize) -> bool {
-        let queue = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
-        let ok = offset.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER))
-            && len <= 4
-            && queue < self.core.queues.len() as u64;
-        if ok {
-            self.core.notify_queue(queue as u32);
+        let queue = u32::try_from(offset / u64::from(NOTIFY_OFF_MULTIPLIER))
+            .ok()
+            .filter(|&queue| (queue as usize) < self.core.queues.len());
+        match queue {
+            Some(queue) if offset.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) && len <= 4 => {
+                self.core.notify_queue(queue);
+                true
+            }
+            _ => false,
         }
-        ok
     }
 
     fn common(&mut self) -> CommonConfig<'_> {
@@ -337,6 +352,16 @@ impl VirtioPciTransport {
 }
 
 /// A `virtio_pci_cap` body (after the ID and next pointer) for region `cfg_type` of BAR 0.
+/// An offset or length inside the BAR, as the capabilities' `u32` fields hold it.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "inside the 32 KiB BAR (constants)"
+)]
+fn in_bar(x: u64) -> u32 {
+    debug_assert!(x <= VIRTIO_BAR_SIZE);
+    x as u32
+}
+
 fn virtio_capability(cfg_type: u8, offset: u64, len: u32) -> [u8; 14] {
     let mut body = [0u8; 14];
     // cap_len counts the whole capability: ID, next, this body and any trailing fields.
@@ -346,7 +371,7 @@ fn virtio_capability(cfg_type: u8, offset: u64, len: u32) -> [u8; 14] {
     };
     body[1] = cfg_type;
     body[2] = VIRTIO_BAR;
-    body[6..10].copy_from_slice(&(offset as u32).to_le_bytes());
+    body[6..10].copy_from_slice(&in_bar(offset).to_le_bytes());
     body[10..14].copy_from_slice(&len.to_le_bytes());
     body
 }
@@ -358,22 +383,25 @@ fn add_virtio_capability(config: &mut ConfigSpace, cfg_type: u8, offset: u64, le
 
 /// The identification registers of a device of virtio type `device_type`: the class codes a
 /// guest's generic tools show (QEMU's choices for the same devices).
-fn identity(device_type: u32) -> PciIdentity {
+fn identity(device_type: u32) -> Option<PciIdentity> {
     let (class, subclass) = match device_type {
         TYPE_NET => (0x02, 0x00),   // network, Ethernet
         TYPE_BLOCK => (0x01, 0x00), // mass storage, SCSI
         _ => (0xff, 0x00),          // unassigned class
     };
-    PciIdentity {
+    let device = u16::try_from(device_type)
+        .ok()
+        .and_then(|t| VIRTIO_PCI_DEVICE_ID_BASE.checked_add(t))?;
+    Some(PciIdentity {
         vendor: VIRTIO_PCI_VENDOR_ID,
-        device: VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
+        device,
         revision: REVISION,
         class,
         subclass,
         prog_if: 0,
         subsystem_vendor: VIRTIO_PCI_VENDOR_ID,
         subsystem: SUBSYSTEM_ID,
-    }
+    })
 }
 
 impl PciDevice for VirtioPciTransport {

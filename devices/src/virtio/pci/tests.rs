@@ -1,3 +1,10 @@
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "test fixtures use small known values"
+)]
+
 use std::sync::Mutex;
 
 use vm_memory::GuestAddress;
@@ -474,4 +481,42 @@ fn restoring_another_functions_state_is_refused_by_name_and_changes_nothing() {
 
 fn saved_config(saved: &VirtioDeviceSnapshot) -> Vec<u8> {
     pci_state(saved).config_space.clone()
+}
+
+fn placement() -> PciPlacement {
+    PciPlacement {
+        bar_addr: BAR_ADDR,
+        intx: EventFd::new(EFD_NONBLOCK).unwrap(),
+        intx_gsi: 17,
+        msi: None,
+        malformed: Arc::new(MalformedPciAccesses::default()),
+    }
+}
+
+#[test]
+fn a_device_with_more_queues_than_the_notify_region_holds_is_refused() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let device = FakeDevice::shaped(crate::virtio::TYPE_RNG, vec![8; 1025]);
+    assert!(matches!(
+        VirtioPciTransport::new(Box::new(device), mem.clone(), placement()),
+        Err(TransportError::TooManyQueues(1025, 1024))
+    ));
+    let device = FakeDevice::shaped(crate::virtio::TYPE_RNG, vec![8; 1024]);
+    assert!(VirtioPciTransport::new(Box::new(device), mem, placement()).is_ok());
+}
+
+#[test]
+fn a_device_type_without_a_16_bit_pci_device_id_is_refused() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    // 0x1040 + 0x1_0001 cut to 16 bits would pass for device ID 0x1041 (a network card).
+    let device = FakeDevice::shaped(0x1_0001, vec![8]);
+    assert!(matches!(
+        VirtioPciTransport::new(Box::new(device), mem.clone(), placement()),
+        Err(TransportError::DeviceType(0x1_0001))
+    ));
+    let device = FakeDevice::shaped(0xffff - 0x1040 + 1, vec![8]);
+    assert!(matches!(
+        VirtioPciTransport::new(Box::new(device), mem, placement()),
+        Err(TransportError::DeviceType(_))
+    ));
 }

@@ -124,7 +124,7 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
             }
             return Err(err);
         }
-        filled += n as usize;
+        filled += n.unsigned_abs();
     }
     Ok(())
 }
