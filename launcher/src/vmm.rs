@@ -21,18 +21,20 @@ use std::time::{Duration, Instant};
 
 use rvmm_core::metrics::VmMetrics;
 use rvmm_core::seccomp::{SpawnError, spawn_filtered};
-use rvmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
+use rvmm_core::{
+    BootInfo, MetricsHandle, Outcome, RebootCause, ShutdownReason, ShutdownRequest, StopReason,
+    VmConfig, VmEvent, VmHandle,
+};
 use serde_json::{Value, json};
 
 use crate::cli::SerialMode;
 use crate::config::VmConfigFile;
 use crate::console::Console;
 use crate::control_thread::ControlThread;
-use crate::dhcp::handler::LeaseChange;
 use crate::dhcp::served_nics;
-use crate::dhcp::server::{DhcpServer, LeaseEvent, format_mac};
+use crate::dhcp::server::{DhcpServer, LeaseEvent};
 use crate::errors::error_chain;
-use crate::events::EventMonitor;
+use crate::events::{Event, EventMonitor};
 use crate::seccomp::{control_rules, thread_filter_for, waiter_rules};
 
 #[path = "migration/mod.rs"]
@@ -43,17 +45,6 @@ pub use snapshot::{SnapshotError, file_url_path};
 #[path = "vmm_types.rs"]
 mod types;
 pub use types::*;
-
-/// The kernel file, or `disk N (PATH)` for a boot from a disk.
-fn boot_name(config: &VmConfig) -> String {
-    match &config.boot {
-        rvmm_core::BootSource::Kernel { kernel, .. } => kernel.display().to_string(),
-        rvmm_core::BootSource::Disk { index } => match config.disks.get(*index) {
-            Some(disk) => format!("disk {index} ({})", disk.path.display()),
-            None => format!("disk {index}"),
-        },
-    }
-}
 
 /// Opens (and closes) every file a boot of `config` reads, as the boot would: the kernel, the
 /// initrd (a disk boot reads its own from the disk) and the disks (read-write unless read-only). Image locks are not taken: the VM
@@ -187,9 +178,9 @@ impl Vmm {
         )
     }
 
-    /// Calls `listener` with every event the event monitor gets (`vm.booted`, `vm.paused`,
-    /// ..., `vmm.shutdown`) and its properties. It runs with the VMM's lock held, so it must
-    /// not call back into the [`Vmm`]: hand the event to a thread of its own instead.
+    /// Calls `listener` with every event the event monitor gets (the VM's booting, pausing,
+    /// ..., the VMM's own end). It runs with the VMM's lock held, so it must not call back
+    /// into the [`Vmm`]: hand the event to a thread of its own instead.
     pub fn on_event(&self, listener: EventListener) {
         self.listeners
             .lock()
@@ -197,16 +188,17 @@ impl Vmm {
             .push(listener);
     }
 
-    fn emit(&self, event: &str, properties: Value) {
+    fn emit(&self, event: impl Into<Event>) {
+        let event = event.into();
         for listener in self
             .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            listener(event, &properties);
+            listener(&event);
         }
-        self.events.emit(event, properties);
+        self.events.emit(&event);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -303,7 +295,9 @@ impl Vmm {
     pub fn boot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
         self.boot_locked(&mut inner)?;
-        self.emit("vm.booted", self.boot_properties(&inner));
+        if let Some(boot) = Self::boot_info(&inner) {
+            self.emit(VmEvent::Booted(boot));
+        }
         Ok(())
     }
 
@@ -361,19 +355,7 @@ impl Vmm {
         let vmm = Arc::downgrade(self);
         let listener = Box::new(move |event: &LeaseEvent| {
             if let Some(vmm) = vmm.upgrade() {
-                let (name, address) = match event.change {
-                    LeaseChange::Bound(ip) => ("net.dhcp-lease", ip),
-                    LeaseChange::Released(ip) => ("net.dhcp-release", ip),
-                };
-                vmm.emit(
-                    name,
-                    json!({
-                        "id": event.nic,
-                        "mac": format_mac(&event.mac),
-                        "address": address.to_string(),
-                        "prefix_len": event.prefix_len,
-                    }),
-                );
+                vmm.emit(Event::Dhcp(event.clone()));
             }
         });
         DhcpServer::start(&nics, self.settings.seccomp, listener)
@@ -387,7 +369,7 @@ impl Vmm {
         let console = slot.console.as_mut().expect("opened by boot_locked");
         log::info!(
             "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
-            boot_name(&slot.config),
+            BootInfo::of(&slot.config).source,
             slot.config.vcpus,
             slot.config.memory_bytes >> 20,
             slot.config.cpu_profile.name()
@@ -452,14 +434,15 @@ impl Vmm {
         Ok(())
     }
 
-    fn boot_properties(&self, inner: &Inner) -> Value {
-        match &inner.vm {
-            Some(slot) => json!({
-                "vcpus": slot.config.vcpus,
-                "memory_bytes": slot.config.memory_bytes,
-                "kernel": boot_name(&slot.config),
-            }),
-            None => Value::Null,
+    /// What the VM boots, if there is a VM.
+    fn boot_info(inner: &Inner) -> Option<BootInfo> {
+        inner.vm.as_ref().map(|slot| BootInfo::of(&slot.config))
+    }
+
+    /// The VM booted again: `vm.rebooted` (the VM is there: it just booted).
+    fn emit_rebooted(&self, inner: &Inner, cause: RebootCause) {
+        if let Some(boot) = Self::boot_info(inner) {
+            self.emit(VmEvent::Rebooted { boot, cause });
         }
     }
 
@@ -502,29 +485,26 @@ impl Vmm {
             Some(_) if reboot => StopReason::Requested,
             _ => reason,
         };
-        let properties = json!({ "reason": reason.to_string() });
         match active.stop {
-            Some(StopCause::Shutdown | StopCause::Exit) => self.emit("vm.shutdown", properties),
+            Some(StopCause::Shutdown | StopCause::Exit) => self.emit(reason.event()),
             Some(StopCause::Reboot) => {}
             None => {
                 // The guest ended itself (or KVM could not run it).
                 let code = match reason.outcome() {
                     Outcome::Clean => {
                         log::info!("{reason}");
-                        self.emit("vm.shutdown", properties);
                         EXIT_OK
                     }
                     Outcome::GuestCrash => {
                         eprintln!("rvmm: {reason}");
-                        self.emit("guest.crashed", properties);
                         EXIT_GUEST_CRASH
                     }
                     Outcome::VmmError => {
                         eprintln!("rvmm: {reason}");
-                        self.emit("vm.shutdown", properties);
                         EXIT_VMM_ERROR
                     }
                 };
+                self.emit(reason.event());
                 self.guest_ended(&mut inner, code);
             }
         }
@@ -561,20 +541,12 @@ impl Vmm {
         drop(active);
         match stop {
             Some(StopCause::Reboot) => {}
-            Some(StopCause::Shutdown | StopCause::Exit) => self.emit(
-                "vm.shutdown",
-                json!({ "reason": StopReason::Requested.to_string() }),
-            ),
-            None if exiting => self.emit(
-                "vm.shutdown",
-                json!({ "reason": StopReason::Reset.to_string() }),
-            ),
+            Some(StopCause::Shutdown | StopCause::Exit) => {
+                self.emit(VmEvent::Shutdown(ShutdownReason::Requested));
+            }
+            None if exiting => self.emit(VmEvent::Shutdown(ShutdownReason::Reset)),
             None => match self.boot_locked(&mut inner) {
-                Ok(()) => {
-                    let mut properties = self.boot_properties(&inner);
-                    properties["cause"] = json!("guest");
-                    self.emit("vm.rebooted", properties);
-                }
+                Ok(()) => self.emit_rebooted(&inner, RebootCause::Guest),
                 Err(e) => {
                     let reason = format!(
                         "Cannot boot the VM again after the guest reset: {}",
@@ -582,7 +554,7 @@ impl Vmm {
                     );
                     eprintln!("rvmm: {reason}");
                     self.clear_live_metrics();
-                    self.emit("vm.shutdown", json!({ "reason": reason }));
+                    self.emit(VmEvent::Shutdown(ShutdownReason::RebootFailed(reason)));
                     self.guest_ended(&mut inner, EXIT_VMM_ERROR);
                 }
             },
@@ -650,7 +622,7 @@ impl Vmm {
             && active.handle.pause()
         {
             slot.state = VmState::Paused;
-            self.emit("vm.paused", Value::Null);
+            self.emit(VmEvent::Paused);
         }
         Ok(())
     }
@@ -663,7 +635,7 @@ impl Vmm {
             && active.handle.resume()
         {
             slot.state = VmState::Running;
-            self.emit("vm.resumed", Value::Null);
+            self.emit(VmEvent::Resumed);
         }
         Ok(())
     }
@@ -721,10 +693,10 @@ impl Vmm {
             let e = VmmError::RebootFailed(Box::new(e));
             let reason = error_chain(&e);
             log::error!("{reason}");
-            self.emit("vm.shutdown", json!({ "reason": reason }));
+            self.emit(VmEvent::Shutdown(ShutdownReason::RebootFailed(reason)));
             return Err(e);
         }
-        self.emit("vm.rebooted", self.boot_properties(&inner));
+        self.emit_rebooted(&inner, RebootCause::Host);
         Ok(())
     }
 
@@ -869,7 +841,7 @@ impl Vmm {
             if let Some(slot) = inner.vm.as_mut() {
                 slot.state = VmState::Running;
             }
-            self.emit("vm.resumed", Value::Null);
+            self.emit(VmEvent::Resumed);
         }
         drop(inner);
         match running {
@@ -905,7 +877,7 @@ impl Vmm {
             console.close();
         }
         let code = inner.exit_code.unwrap_or(EXIT_OK);
-        self.emit("vmm.shutdown", json!({ "exit_code": code }));
+        self.emit(Event::VmmShutdown { exit_code: code });
     }
 }
 
