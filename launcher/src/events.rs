@@ -1,7 +1,9 @@
 //! `--event-monitor path=FILE|fd=N`: one JSON object per line for every change in the VM's
 //! life (`vm.booted`, `vm.paused`, `vm.resumed`, `vm.shutdown`, `vm.rebooted`, `guest.crashed`,
-//! `vmm.shutdown`) and in its NICs' DHCP leases (`net.dhcp-lease`, `net.dhcp-release`), each
-//! with a wall-clock timestamp and the VMM's uptime.
+//! `vm.snapshotted`, `vm.restored`, `vm.migration-started`, `vm.migrated`,
+//! `vm.migration-failed`, `vm.migration-received`), in its NICs' DHCP leases
+//! (`net.dhcp-lease`, `net.dhcp-release`) and the VMM's end (`vmm.shutdown`), each with a
+//! wall-clock timestamp and the VMM's uptime.
 //!
 //! The events are typed ([`Event`], wrapping rvmm-core's [`VmEvent`]); their names and
 //! properties here are the one place that turns them into text.

@@ -294,14 +294,13 @@ impl Vmm {
     /// `vm.boot`: builds the VM and starts its vCPUs.
     pub fn boot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
-        self.boot_locked(&mut inner)?;
-        if let Some(boot) = Self::boot_info(&inner) {
-            self.emit(VmEvent::Booted(boot));
-        }
+        let boot = self.boot_locked(&mut inner)?;
+        self.emit(VmEvent::Booted(boot));
         Ok(())
     }
 
-    fn boot_locked(self: &Arc<Self>, inner: &mut Inner) -> Result<(), VmmError> {
+    /// Boots the created (or shut down) VM; says what it booted.
+    fn boot_locked(self: &Arc<Self>, inner: &mut Inner) -> Result<BootInfo, VmmError> {
         if inner.exit_code.is_some() {
             return Err(VmmError::Exiting);
         }
@@ -325,6 +324,7 @@ impl Vmm {
             .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
+        let boot = BootInfo::of(&slot.config);
         self.start_dhcp_in(inner)?;
         let started = self.start_vm(inner);
         if started.is_err()
@@ -333,7 +333,7 @@ impl Vmm {
             // No VM runs: nobody to serve.
             slot.dhcp = None;
         }
-        started
+        started.map(|()| boot)
     }
 
     /// Starts the slot's DHCP server unless it runs (a reboot keeps it), before the guest can
@@ -432,18 +432,6 @@ impl Vmm {
             restarting: false,
         });
         Ok(())
-    }
-
-    /// What the VM boots, if there is a VM.
-    fn boot_info(inner: &Inner) -> Option<BootInfo> {
-        inner.vm.as_ref().map(|slot| BootInfo::of(&slot.config))
-    }
-
-    /// The VM booted again: `vm.rebooted` (the VM is there: it just booted).
-    fn emit_rebooted(&self, inner: &Inner, cause: RebootCause) {
-        if let Some(boot) = Self::boot_info(inner) {
-            self.emit(VmEvent::Rebooted { boot, cause });
-        }
     }
 
     /// Called on the waiter thread once the VM of `generation` has stopped and been torn down
@@ -546,7 +534,10 @@ impl Vmm {
             }
             None if exiting => self.emit(VmEvent::Shutdown(ShutdownReason::Reset)),
             None => match self.boot_locked(&mut inner) {
-                Ok(()) => self.emit_rebooted(&inner, RebootCause::Guest),
+                Ok(boot) => self.emit(VmEvent::Rebooted {
+                    boot,
+                    cause: RebootCause::Guest,
+                }),
                 Err(e) => {
                     let reason = format!(
                         "Cannot boot the VM again after the guest reset: {}",
@@ -689,14 +680,20 @@ impl Vmm {
         let slot = Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
         check_boot_files(&slot.config).map_err(VmmError::RebootRefused)?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
-        if let Err(e) = self.boot_locked(&mut inner) {
-            let e = VmmError::RebootFailed(Box::new(e));
-            let reason = error_chain(&e);
-            log::error!("{reason}");
-            self.emit(VmEvent::Shutdown(ShutdownReason::RebootFailed(reason)));
-            return Err(e);
-        }
-        self.emit_rebooted(&inner, RebootCause::Host);
+        let boot = match self.boot_locked(&mut inner) {
+            Ok(boot) => boot,
+            Err(e) => {
+                let e = VmmError::RebootFailed(Box::new(e));
+                let reason = error_chain(&e);
+                log::error!("{reason}");
+                self.emit(VmEvent::Shutdown(ShutdownReason::RebootFailed(reason)));
+                return Err(e);
+            }
+        };
+        self.emit(VmEvent::Rebooted {
+            boot,
+            cause: RebootCause::Host,
+        });
         Ok(())
     }
 
