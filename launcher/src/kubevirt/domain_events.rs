@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use rvmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
-use rvmm_core::{ShutdownReason, VmEvent};
+use rvmm_core::{CrashReason, ShutdownReason, VmEvent};
 use tokio::runtime::Handle;
 
 use super::backend::DomainRecord;
@@ -64,8 +64,8 @@ pub enum Change {
     Deleted,
     /// The VMM is exiting: send the final event if it is still owed, then stop.
     Exit,
-    /// The guest crashed (the reason): the Kubernetes event `GuestPanicked`.
-    GuestPanicked(String),
+    /// The guest crashed (how): the Kubernetes event `GuestPanicked`.
+    GuestPanicked(CrashReason),
     /// GuestPing found no guest agent: the Kubernetes event `GuestAgentPingFailed`.
     GuestAgentPingFailed,
     /// The guest's addresses changed (a DHCP lease); the state did not.
@@ -89,7 +89,7 @@ fn vm_changes(event: &VmEvent) -> Vec<Change> {
         VmEvent::Resumed | VmEvent::Rebooted { .. } => vec![Change::State(DomainState::RUNNING)],
         VmEvent::Shutdown(reason) => vec![Change::State(DomainState::shutoff(stop_reason(reason)))],
         VmEvent::Crashed(reason) => vec![
-            Change::GuestPanicked(reason.to_string()),
+            Change::GuestPanicked(reason.clone()),
             Change::State(DomainState::shutoff(Reason::Crashed)),
         ],
         // The domain's state does not change: a restored VM is not a KubeVirt domain, and the

@@ -370,9 +370,9 @@ fn every_vmm_event_maps_to_its_domain_changes() {
         (rebooted(RebootCause::Host), running()),
         (rebooted(RebootCause::Guest), running()),
         (
-            VmEvent::Crashed(crash).into(),
+            VmEvent::Crashed(crash.clone()).into(),
             vec![
-                Change::GuestPanicked("Guest reported a crash on vCPU 1".into()),
+                Change::GuestPanicked(crash),
                 Change::State(DomainState::new(LifeCycle::Shutoff, Reason::Crashed)),
             ],
         ),
