@@ -21,18 +21,20 @@ use std::time::{Duration, Instant};
 
 use rvmm_core::metrics::VmMetrics;
 use rvmm_core::seccomp::{SpawnError, spawn_filtered};
-use rvmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
+use rvmm_core::{
+    BootInfo, MetricsHandle, Outcome, RebootCause, ShutdownReason, ShutdownRequest, StopReason,
+    VmConfig, VmEvent, VmHandle,
+};
 use serde_json::{Value, json};
 
 use crate::cli::SerialMode;
 use crate::config::VmConfigFile;
 use crate::console::Console;
 use crate::control_thread::ControlThread;
-use crate::dhcp::handler::LeaseChange;
 use crate::dhcp::served_nics;
-use crate::dhcp::server::{DhcpServer, LeaseEvent, format_mac};
+use crate::dhcp::server::{DhcpServer, LeaseEvent};
 use crate::errors::error_chain;
-use crate::events::EventMonitor;
+use crate::events::{Event, EventMonitor};
 use crate::seccomp::{control_rules, thread_filter_for, waiter_rules};
 
 #[path = "migration/mod.rs"]
@@ -43,17 +45,6 @@ pub use snapshot::{SnapshotError, file_url_path};
 #[path = "vmm_types.rs"]
 mod types;
 pub use types::*;
-
-/// The kernel file, or `disk N (PATH)` for a boot from a disk.
-fn boot_name(config: &VmConfig) -> String {
-    match &config.boot {
-        rvmm_core::BootSource::Kernel { kernel, .. } => kernel.display().to_string(),
-        rvmm_core::BootSource::Disk { index } => match config.disks.get(*index) {
-            Some(disk) => format!("disk {index} ({})", disk.path.display()),
-            None => format!("disk {index}"),
-        },
-    }
-}
 
 /// Opens (and closes) every file a boot of `config` reads, as the boot would: the kernel, the
 /// initrd (a disk boot reads its own from the disk) and the disks (read-write unless read-only). Image locks are not taken: the VM
@@ -187,9 +178,9 @@ impl Vmm {
         )
     }
 
-    /// Calls `listener` with every event the event monitor gets (`vm.booted`, `vm.paused`,
-    /// ..., `vmm.shutdown`) and its properties. It runs with the VMM's lock held, so it must
-    /// not call back into the [`Vmm`]: hand the event to a thread of its own instead.
+    /// Calls `listener` with every event the event monitor gets (the VM's booting, pausing,
+    /// ..., the VMM's own end). It runs with the VMM's lock held, so it must not call back
+    /// into the [`Vmm`]: hand the event to a thread of its own instead.
     pub fn on_event(&self, listener: EventListener) {
         self.listeners
             .lock()
@@ -197,16 +188,17 @@ impl Vmm {
             .push(listener);
     }
 
-    fn emit(&self, event: &str, properties: Value) {
+    fn emit(&self, event: impl Into<Event>) {
+        let event = event.into();
         for listener in self
             .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            listener(event, &properties);
+            listener(&event);
         }
-        self.events.emit(event, properties);
+        self.events.emit(&event);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -302,12 +294,13 @@ impl Vmm {
     /// `vm.boot`: builds the VM and starts its vCPUs.
     pub fn boot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
-        self.boot_locked(&mut inner)?;
-        self.emit("vm.booted", self.boot_properties(&inner));
+        let boot = self.boot_locked(&mut inner)?;
+        self.emit(VmEvent::Booted(boot));
         Ok(())
     }
 
-    fn boot_locked(self: &Arc<Self>, inner: &mut Inner) -> Result<(), VmmError> {
+    /// Boots the created (or shut down) VM; says what it booted.
+    fn boot_locked(self: &Arc<Self>, inner: &mut Inner) -> Result<BootInfo, VmmError> {
         if inner.exit_code.is_some() {
             return Err(VmmError::Exiting);
         }
@@ -331,6 +324,7 @@ impl Vmm {
             .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
+        let boot = BootInfo::of(&slot.config);
         self.start_dhcp_in(inner)?;
         let started = self.start_vm(inner);
         if started.is_err()
@@ -339,7 +333,7 @@ impl Vmm {
             // No VM runs: nobody to serve.
             slot.dhcp = None;
         }
-        started
+        started.map(|()| boot)
     }
 
     /// Starts the slot's DHCP server unless it runs (a reboot keeps it), before the guest can
@@ -361,19 +355,7 @@ impl Vmm {
         let vmm = Arc::downgrade(self);
         let listener = Box::new(move |event: &LeaseEvent| {
             if let Some(vmm) = vmm.upgrade() {
-                let (name, address) = match event.change {
-                    LeaseChange::Bound(ip) => ("net.dhcp-lease", ip),
-                    LeaseChange::Released(ip) => ("net.dhcp-release", ip),
-                };
-                vmm.emit(
-                    name,
-                    json!({
-                        "id": event.nic,
-                        "mac": format_mac(&event.mac),
-                        "address": address.to_string(),
-                        "prefix_len": event.prefix_len,
-                    }),
-                );
+                vmm.emit(Event::Dhcp(event.clone()));
             }
         });
         DhcpServer::start(&nics, self.settings.seccomp, listener)
@@ -387,7 +369,7 @@ impl Vmm {
         let console = slot.console.as_mut().expect("opened by boot_locked");
         log::info!(
             "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
-            boot_name(&slot.config),
+            BootInfo::of(&slot.config).source,
             slot.config.vcpus,
             slot.config.memory_bytes >> 20,
             slot.config.cpu_profile.name()
@@ -452,17 +434,6 @@ impl Vmm {
         Ok(())
     }
 
-    fn boot_properties(&self, inner: &Inner) -> Value {
-        match &inner.vm {
-            Some(slot) => json!({
-                "vcpus": slot.config.vcpus,
-                "memory_bytes": slot.config.memory_bytes,
-                "kernel": boot_name(&slot.config),
-            }),
-            None => Value::Null,
-        }
-    }
-
     /// Called on the waiter thread once the VM of `generation` has stopped and been torn down
     /// (its disks flushed).
     fn vm_stopped(self: &Arc<Self>, generation: u64, reason: StopReason) {
@@ -502,29 +473,26 @@ impl Vmm {
             Some(_) if reboot => StopReason::Requested,
             _ => reason,
         };
-        let properties = json!({ "reason": reason.to_string() });
         match active.stop {
-            Some(StopCause::Shutdown | StopCause::Exit) => self.emit("vm.shutdown", properties),
+            Some(StopCause::Shutdown | StopCause::Exit) => self.emit(reason.event()),
             Some(StopCause::Reboot) => {}
             None => {
                 // The guest ended itself (or KVM could not run it).
                 let code = match reason.outcome() {
                     Outcome::Clean => {
                         log::info!("{reason}");
-                        self.emit("vm.shutdown", properties);
                         EXIT_OK
                     }
                     Outcome::GuestCrash => {
                         eprintln!("rvmm: {reason}");
-                        self.emit("guest.crashed", properties);
                         EXIT_GUEST_CRASH
                     }
                     Outcome::VmmError => {
                         eprintln!("rvmm: {reason}");
-                        self.emit("vm.shutdown", properties);
                         EXIT_VMM_ERROR
                     }
                 };
+                self.emit(reason.event());
                 self.guest_ended(&mut inner, code);
             }
         }
@@ -561,20 +529,15 @@ impl Vmm {
         drop(active);
         match stop {
             Some(StopCause::Reboot) => {}
-            Some(StopCause::Shutdown | StopCause::Exit) => self.emit(
-                "vm.shutdown",
-                json!({ "reason": StopReason::Requested.to_string() }),
-            ),
-            None if exiting => self.emit(
-                "vm.shutdown",
-                json!({ "reason": StopReason::Reset.to_string() }),
-            ),
+            Some(StopCause::Shutdown | StopCause::Exit) => {
+                self.emit(VmEvent::Shutdown(ShutdownReason::Requested));
+            }
+            None if exiting => self.emit(VmEvent::Shutdown(ShutdownReason::Reset)),
             None => match self.boot_locked(&mut inner) {
-                Ok(()) => {
-                    let mut properties = self.boot_properties(&inner);
-                    properties["cause"] = json!("guest");
-                    self.emit("vm.rebooted", properties);
-                }
+                Ok(boot) => self.emit(VmEvent::Rebooted {
+                    boot,
+                    cause: RebootCause::Guest,
+                }),
                 Err(e) => {
                     let reason = format!(
                         "Cannot boot the VM again after the guest reset: {}",
@@ -582,7 +545,7 @@ impl Vmm {
                     );
                     eprintln!("rvmm: {reason}");
                     self.clear_live_metrics();
-                    self.emit("vm.shutdown", json!({ "reason": reason }));
+                    self.emit(VmEvent::Shutdown(ShutdownReason::RebootFailed(reason)));
                     self.guest_ended(&mut inner, EXIT_VMM_ERROR);
                 }
             },
@@ -650,7 +613,7 @@ impl Vmm {
             && active.handle.pause()
         {
             slot.state = VmState::Paused;
-            self.emit("vm.paused", Value::Null);
+            self.emit(VmEvent::Paused);
         }
         Ok(())
     }
@@ -663,7 +626,7 @@ impl Vmm {
             && active.handle.resume()
         {
             slot.state = VmState::Running;
-            self.emit("vm.resumed", Value::Null);
+            self.emit(VmEvent::Resumed);
         }
         Ok(())
     }
@@ -717,14 +680,20 @@ impl Vmm {
         let slot = Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
         check_boot_files(&slot.config).map_err(VmmError::RebootRefused)?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
-        if let Err(e) = self.boot_locked(&mut inner) {
-            let e = VmmError::RebootFailed(Box::new(e));
-            let reason = error_chain(&e);
-            log::error!("{reason}");
-            self.emit("vm.shutdown", json!({ "reason": reason }));
-            return Err(e);
-        }
-        self.emit("vm.rebooted", self.boot_properties(&inner));
+        let boot = match self.boot_locked(&mut inner) {
+            Ok(boot) => boot,
+            Err(e) => {
+                let e = VmmError::RebootFailed(Box::new(e));
+                let reason = error_chain(&e);
+                log::error!("{reason}");
+                self.emit(VmEvent::Shutdown(ShutdownReason::RebootFailed(reason)));
+                return Err(e);
+            }
+        };
+        self.emit(VmEvent::Rebooted {
+            boot,
+            cause: RebootCause::Host,
+        });
         Ok(())
     }
 
@@ -869,7 +838,7 @@ impl Vmm {
             if let Some(slot) = inner.vm.as_mut() {
                 slot.state = VmState::Running;
             }
-            self.emit("vm.resumed", Value::Null);
+            self.emit(VmEvent::Resumed);
         }
         drop(inner);
         match running {
@@ -905,7 +874,7 @@ impl Vmm {
             console.close();
         }
         let code = inner.exit_code.unwrap_or(EXIT_OK);
-        self.emit("vmm.shutdown", json!({ "exit_code": code }));
+        self.emit(Event::VmmShutdown { exit_code: code });
     }
 }
 

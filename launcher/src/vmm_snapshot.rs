@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rvmm_core::snapshot::{CONFIG_FILE, RestoreError};
-use rvmm_core::{SaveError, SnapshotInfo};
-use serde_json::json;
+use rvmm_core::{RestoreReport, SaveError, SnapshotReport, VmEvent};
 
 use super::{Console, Inner, VmSlot, VmState, Vmm, VmmError};
 use crate::cli::SerialMode;
@@ -93,7 +92,11 @@ impl Vmm {
             info.memory_size,
             started.elapsed()
         );
-        self.emit("vm.snapshotted", snapshot_properties(&dir, &info, started));
+        self.emit(VmEvent::Snapshotted(SnapshotReport {
+            destination: dir,
+            info,
+            duration: started.elapsed(),
+        }));
         Ok(())
     }
 
@@ -164,13 +167,10 @@ impl Vmm {
             dir.display(),
             started.elapsed()
         );
-        self.emit(
-            "vm.restored",
-            json!({
-                "source_url": source_url,
-                "restore_ms": started.elapsed().as_secs_f64() * 1e3,
-            }),
-        );
+        self.emit(VmEvent::Restored(RestoreReport {
+            source: source_url.to_owned(),
+            duration: started.elapsed(),
+        }));
         Ok(())
     }
 }
@@ -182,20 +182,6 @@ fn forget_vm(inner: &mut Inner) {
     {
         console.close();
     }
-}
-
-fn snapshot_properties(
-    dir: &Path,
-    info: &SnapshotInfo,
-    started: std::time::Instant,
-) -> serde_json::Value {
-    json!({
-        "destination": dir,
-        "state_bytes": info.state_bytes,
-        "memory_bytes_written": info.memory_bytes,
-        "memory_size": info.memory_size,
-        "snapshot_ms": started.elapsed().as_secs_f64() * 1e3,
-    })
 }
 
 fn write_config(dir: &Path, file: &VmConfigFile) -> Result<(), SnapshotError> {

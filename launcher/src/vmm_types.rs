@@ -6,7 +6,6 @@ use rvmm_core::boot::BootError;
 use rvmm_core::seccomp::SpawnError;
 use rvmm_core::{BuildError, CpuProfile};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::config::{ConfigError, VmConfigFile};
 
@@ -157,7 +156,7 @@ fn is_config_build_error(err: &BuildError) -> bool {
 }
 
 /// Receives the VMM's events (see [`Vmm::on_event`]).
-pub type EventListener = Box<dyn Fn(&str, &Value) + Send + Sync>;
+pub type EventListener = Box<dyn Fn(&crate::events::Event) + Send + Sync>;
 
 /// What a guest-initiated reset does (`--on-reboot`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use rvmm_devices::Trigger;
 use rvmm_devices::legacy::PowerControl;
 
+use crate::events::{CrashReason, ShutdownReason, VmEnd, VmEvent};
 use crate::vcpu::kick_thread;
 
 /// What the vCPUs are asked to do.
@@ -98,31 +99,36 @@ impl StopReason {
             Self::KvmFailure { .. } => Outcome::VmmError,
         }
     }
-}
 
-fn with_regs(f: &mut fmt::Formatter<'_>, regs: &Option<RegisterSnapshot>) -> fmt::Result {
-    match regs {
-        Some(regs) => write!(f, " ({regs})"),
-        None => Ok(()),
+    /// How the VM ended, as its event says it: a shutdown or a guest crash.
+    pub fn end(&self) -> VmEnd {
+        match self {
+            Self::Reset => VmEnd::Shutdown(ShutdownReason::Reset),
+            Self::PowerOff => VmEnd::Shutdown(ShutdownReason::PowerOff),
+            Self::Requested => VmEnd::Shutdown(ShutdownReason::Requested),
+            Self::KvmFailure { vcpu, exit, regs } => VmEnd::Shutdown(ShutdownReason::KvmFailure {
+                vcpu: *vcpu,
+                exit: exit.clone(),
+                regs: *regs,
+            }),
+            Self::TripleFault { vcpu, regs } => VmEnd::Crashed(CrashReason::TripleFault {
+                vcpu: *vcpu,
+                regs: *regs,
+            }),
+            Self::GuestCrash { vcpu } => VmEnd::Crashed(CrashReason::Reported { vcpu: *vcpu }),
+        }
+    }
+
+    /// The event that reports this ending ([`VmEvent::Shutdown`] or [`VmEvent::Crashed`]).
+    pub fn event(&self) -> VmEvent {
+        self.end().into()
     }
 }
 
 impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Reset => write!(f, "Guest reset"),
-            Self::PowerOff => write!(f, "Guest powered off"),
-            Self::Requested => write!(f, "Stopped on request"),
-            Self::TripleFault { vcpu, regs } => {
-                write!(f, "Guest triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")?;
-                with_regs(f, regs)
-            }
-            Self::GuestCrash { vcpu } => write!(f, "Guest reported a crash on vCPU {vcpu}"),
-            Self::KvmFailure { vcpu, exit, regs } => {
-                write!(f, "KVM cannot run vCPU {vcpu}: {exit}")?;
-                with_regs(f, regs)
-            }
-        }
+        // One text per ending: its event's.
+        self.end().fmt(f)
     }
 }
 

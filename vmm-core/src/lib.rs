@@ -14,6 +14,7 @@ pub mod bus;
 pub mod control;
 pub mod cpuid;
 pub mod disk_boot;
+pub mod events;
 pub mod exit;
 pub mod layout;
 pub mod lifecycle;
@@ -33,6 +34,10 @@ pub use builder::{
 };
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
+pub use events::{
+    BootInfo, CrashReason, MigrationReport, RebootCause, ReceivedReport, RestoreReport,
+    ShutdownReason, SnapshotReport, VmEnd, VmEvent,
+};
 pub use exit::ExitReason;
 pub use lifecycle::{FlushError, RunningVm, ShutdownRequest, VmHandle};
 pub use machine::{SaveError, SnapshotInfo};

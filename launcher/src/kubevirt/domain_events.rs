@@ -1,19 +1,20 @@
 //! Domain events for virt-handler, from the VMM's own events.
 //!
 //! [`Vmm::on_event`] calls its listener with the VMM's lock held, so the listener only
-//! translates the event ([`changes_for`]), records the domain's new state and queues the
-//! changes; the `kubevirt-notify` thread builds each domain and delivers it through the
-//! [`Notifier`], in order:
+//! translates the event ([`changes_for`], an exhaustive `match` over [`Event`]), records the
+//! domain's new state and queues the changes; the `kubevirt-notify` thread builds each domain
+//! and delivers it through the [`Notifier`], in order:
 //!
-//! | VMM event | domain state | sent |
+//! | VMM event ([`Event`]) | domain state | sent |
 //! | --- | --- | --- |
-//! | `vm.booted`, `vm.migration-received` | Running | `ADDED` the first time, `MODIFIED` after |
-//! | `vm.paused` | Paused (User) | `MODIFIED` |
-//! | `vm.resumed`, `vm.rebooted` (also a guest's own reboot) | Running | `MODIFIED` |
-//! | `vm.shutdown` | Shutoff: Destroyed (stopped by rvmm: kill, delete, grace period over), Shutdown (the guest powered off, or reset after the power button), Failed (KVM could not run it, or it could not boot again), Migrated (after a live migration away) | `MODIFIED` |
-//! | `guest.crashed` | Shutoff (Crashed) | the Kubernetes event `GuestPanicked`, then `MODIFIED` |
-//! | `vmm.shutdown` | NoState (NonExistent), deletion timestamp | `MODIFIED`, the final event, unless sent already |
-//! | `net.dhcp-lease`, `net.dhcp-release` | unchanged; the guest's address in `Status.Interfaces` (cleared when the VM stops) | `MODIFIED` |
+//! | `Booted`, `MigrationReceived` | Running | `ADDED` the first time, `MODIFIED` after |
+//! | `Paused` | Paused (User) | `MODIFIED` |
+//! | `Resumed`, `Rebooted` (by the host or the guest) | Running | `MODIFIED` |
+//! | `Shutdown` | Shutoff: Destroyed (`Requested`: stopped by rvmm: kill, delete, grace period over), Shutdown (`PowerOff`, or `Reset` with nothing to boot it again or after the power button), Failed (`KvmFailure`, `RebootFailed`), Migrated (any, after a live migration away) | `MODIFIED` |
+//! | `Crashed` | Shutoff (Crashed) | the Kubernetes event `GuestPanicked`, then `MODIFIED` |
+//! | `VmmShutdown` | NoState (NonExistent), deletion timestamp | `MODIFIED`, the final event, unless sent already |
+//! | `Dhcp` (a lease bound or released) | unchanged; the guest's address in `Status.Interfaces` (cleared when the VM stops) | `MODIFIED` |
+//! | `Snapshotted`, `Restored`, `MigrationStarted`, `Migrated`, `MigrationFailed` | unchanged (a migration's progress goes out in its metadata) | nothing |
 //!
 //! The command backend adds its own: [`Change::Metadata`] (the grace-period metadata changed: a
 //! graceful shutdown was asked for or SIGTERM came), [`Change::Deleted`] and
@@ -34,15 +35,17 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use rvmm_core::StopReason;
 use rvmm_core::seccomp::{BpfProgram, SpawnError, spawn_filtered};
-use serde_json::Value;
+use rvmm_core::{CrashReason, ShutdownReason, VmEvent};
 use tokio::runtime::Handle;
 
 use super::backend::DomainRecord;
 use super::domain::{DomainState, LifeCycle, Reason};
 use super::notify::{DomainEvent, ExitDeadline, K8sEvent, Notifier, NotifyError, VmiRef};
+use crate::dhcp::handler::LeaseChange;
+use crate::dhcp::server::format_mac;
 use crate::errors::error_chain;
+use crate::events::Event;
 use crate::vmm::{EventListener, Vmm};
 
 /// How long a stopped VM's launcher waits for virt-handler to delete the domain.
@@ -61,8 +64,8 @@ pub enum Change {
     Deleted,
     /// The VMM is exiting: send the final event if it is still owed, then stop.
     Exit,
-    /// The guest crashed (the reason): the Kubernetes event `GuestPanicked`.
-    GuestPanicked(String),
+    /// The guest crashed (how): the Kubernetes event `GuestPanicked`.
+    GuestPanicked(CrashReason),
     /// GuestPing found no guest agent: the Kubernetes event `GuestAgentPingFailed`.
     GuestAgentPingFailed,
     /// The guest's addresses changed (a DHCP lease); the state did not.
@@ -70,33 +73,41 @@ pub enum Change {
 }
 
 /// The changes a VMM event means for the domain, in order.
-pub fn changes_for(event: &str, properties: &Value) -> Vec<Change> {
+pub fn changes_for(event: &Event) -> Vec<Change> {
     match event {
-        // A VM that came in by live migration appears as one that booted.
-        "vm.booted" | "vm.migration-received" => vec![Change::Booted],
-        "vm.paused" => vec![Change::State(DomainState::PAUSED_BY_USER)],
-        "vm.resumed" | "vm.rebooted" => vec![Change::State(DomainState::RUNNING)],
-        "vm.shutdown" => vec![Change::State(DomainState::shutoff(stop_reason(properties)))],
-        "guest.crashed" => vec![
-            Change::GuestPanicked(properties["reason"].as_str().unwrap_or_default().into()),
-            Change::State(DomainState::shutoff(Reason::Crashed)),
-        ],
-        "vmm.shutdown" => vec![Change::Exit],
-        "net.dhcp-lease" | "net.dhcp-release" => vec![Change::Interfaces],
-        _ => vec![],
+        Event::Vm(event) => vm_changes(event),
+        Event::Dhcp(_) => vec![Change::Interfaces],
+        Event::VmmShutdown { .. } => vec![Change::Exit],
     }
 }
 
-/// Why a VM stopped, from `vm.shutdown`'s `reason` (a [`StopReason`]'s text).
-fn stop_reason(properties: &Value) -> Reason {
-    let reason = properties["reason"].as_str().unwrap_or_default();
-    if reason == StopReason::Requested.to_string() {
-        Reason::Destroyed
-    } else if reason == StopReason::PowerOff.to_string() || reason == StopReason::Reset.to_string()
-    {
-        Reason::Shutdown
-    } else {
-        Reason::Failed
+fn vm_changes(event: &VmEvent) -> Vec<Change> {
+    match event {
+        // A VM that came in by live migration appears as one that booted.
+        VmEvent::Booted(_) | VmEvent::MigrationReceived(_) => vec![Change::Booted],
+        VmEvent::Paused => vec![Change::State(DomainState::PAUSED_BY_USER)],
+        VmEvent::Resumed | VmEvent::Rebooted { .. } => vec![Change::State(DomainState::RUNNING)],
+        VmEvent::Shutdown(reason) => vec![Change::State(DomainState::shutoff(stop_reason(reason)))],
+        VmEvent::Crashed(reason) => vec![
+            Change::GuestPanicked(reason.clone()),
+            Change::State(DomainState::shutoff(Reason::Crashed)),
+        ],
+        // The domain's state does not change: a restored VM is not a KubeVirt domain, and the
+        // migration's own progress reaches virt-handler through the migration metadata.
+        VmEvent::Snapshotted(_)
+        | VmEvent::Restored(_)
+        | VmEvent::MigrationStarted { .. }
+        | VmEvent::Migrated(_)
+        | VmEvent::MigrationFailed { .. } => vec![],
+    }
+}
+
+/// The Shutoff reason of a VM that stopped.
+fn stop_reason(reason: &ShutdownReason) -> Reason {
+    match reason {
+        ShutdownReason::Requested => Reason::Destroyed,
+        ShutdownReason::PowerOff | ShutdownReason::Reset => Reason::Shutdown,
+        ShutdownReason::KvmFailure { .. } | ShutdownReason::RebootFailed(_) => Reason::Failed,
     }
 }
 
@@ -164,8 +175,8 @@ impl DomainEvents {
     /// the VMM.
     pub fn listener(&self, record: Arc<DomainRecord>) -> EventListener {
         let changes = self.changes.clone();
-        Box::new(move |event, properties| {
-            for change in changes_for(event, properties) {
+        Box::new(move |event| {
+            for change in changes_for(event) {
                 // A stop after the VM migrated away is reported as Shutoff (Migrated).
                 let change = match change {
                     Change::State(state) => Change::State(record.event_state(state)),
@@ -181,9 +192,12 @@ impl DomainEvents {
                         }
                     }
                     Change::Interfaces => {
-                        let address = properties["address"].as_str().and_then(|a| a.parse().ok());
-                        if let (Some(mac), Some(address)) = (properties["mac"].as_str(), address) {
-                            record.set_guest_address(mac, address, event == "net.dhcp-lease");
+                        if let Event::Dhcp(lease) = event {
+                            let (address, held) = match lease.change {
+                                LeaseChange::Bound(address) => (address, true),
+                                LeaseChange::Released(address) => (address, false),
+                            };
+                            record.set_guest_address(&format_mac(&lease.mac), address, held);
                         }
                     }
                     _ => {}
@@ -379,378 +393,5 @@ impl EventSender {
 }
 
 #[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-    use crate::kubevirt::grpc::GrpcRuntime;
-    use crate::kubevirt::grpc::tests::{TempDir, fake_virt_handler_with_k8s_events};
-    use crate::kubevirt::proto::notify::v1::DomainEventRequest;
-    use crate::kubevirt::vmi::{LauncherDirs, Vmi, plan};
-    use crate::vmm::EXIT_OK;
-
-    /// The event thread sending to a fake virt-handler (or to none) in a temporary share
-    /// directory, for a synced kernel-boot VMI (no KVM: the VMM's events are fed to the
-    /// listener by hand).
-    struct Harness {
-        _dir: TempDir,
-        _runtime: GrpcRuntime,
-        vmm: Arc<Vmm>,
-        events: Option<DomainEvents>,
-        listener: EventListener,
-        received: tokio::sync::mpsc::UnboundedReceiver<DomainEventRequest>,
-        k8s_events: tokio::sync::mpsc::UnboundedReceiver<Value>,
-    }
-
-    impl Harness {
-        fn new(tag: &str) -> Self {
-            Self::with(tag, true, DELETE_WAIT)
-        }
-
-        fn with(tag: &str, virt_handler: bool, delete_wait: Duration) -> Self {
-            let dir = TempDir::new(tag);
-            let dirs = LauncherDirs::under(&dir.0);
-            let kernel = dirs.container_disks.join("kernel-boot/vmlinux");
-            std::fs::create_dir_all(kernel.parent().unwrap()).unwrap();
-            std::fs::write(&kernel, b"kernel").unwrap();
-            let vmi = Vmi::from_json(
-                json!({
-                    "metadata": {"name": "vm", "namespace": "ns", "uid": "u-1"},
-                    "spec": {"domain": {
-                        "devices": {"autoattachSerialConsole": false},
-                        "firmware": {"kernelBoot": {"container": {"kernelPath": "/vmlinux"}}},
-                        "memory": {"guest": "64Mi"}
-                    }}
-                })
-                .to_string()
-                .as_bytes(),
-            )
-            .unwrap();
-            let plan = plan(&vmi, &dirs).unwrap();
-            let record = Arc::new(DomainRecord::synced(vmi, plan));
-            let runtime = GrpcRuntime::start().unwrap();
-            let (received, k8s_events) = {
-                let _entered = runtime.handle().enter();
-                let (received, k8s_events) = fake_virt_handler_with_k8s_events(&dir.0, vec![1]);
-                if !virt_handler {
-                    std::fs::remove_file(dir.0.join("domain-notify-pipe.sock")).unwrap();
-                }
-                (received, k8s_events)
-            };
-            let vmm = Vmm::without_kvm();
-            let vmi_ref = VmiRef {
-                namespace: "ns".into(),
-                name: "vm".into(),
-                uid: "u-1".into(),
-            };
-            let events = DomainEvents::start(
-                Notifier::new(&dir.0),
-                runtime.handle().clone(),
-                record.clone(),
-                vmm.clone(),
-                vmi_ref,
-                delete_wait,
-                None,
-            )
-            .unwrap();
-            let listener = events.listener(record);
-            Self {
-                _dir: dir,
-                _runtime: runtime,
-                vmm,
-                events: Some(events),
-                listener,
-                received,
-                k8s_events,
-            }
-        }
-
-        fn send(&self, change: Change) {
-            self.events.as_ref().unwrap().sender().send(change).unwrap();
-        }
-
-        /// (type, status, reason, has a deletion timestamp) of each event delivered so far.
-        fn delivered(&mut self) -> Vec<(String, String, String, bool)> {
-            let mut seen = Vec::new();
-            while let Ok(request) = self.received.try_recv() {
-                let d: Value = serde_json::from_slice(&request.domain_json).unwrap();
-                seen.push((
-                    request.event_type,
-                    d["Status"]["Status"].as_str().unwrap().to_owned(),
-                    d["Status"]["Reason"].as_str().unwrap().to_owned(),
-                    d["ObjectMeta"].get("deletionTimestamp").is_some(),
-                ));
-            }
-            seen
-        }
-
-        /// Waits for `count` domain events.
-        fn wait_for(&mut self, count: usize) -> Vec<(String, String, String, bool)> {
-            let start = Instant::now();
-            let mut seen = Vec::new();
-            while seen.len() < count {
-                assert!(start.elapsed() < Duration::from_secs(20), "{seen:?}");
-                seen.extend(self.delivered());
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            seen
-        }
-
-        /// Ends the VMM as the launcher does and waits for the thread.
-        fn exit(mut self) -> Self {
-            (self.listener)("vmm.shutdown", &json!({"exit_code": 0}));
-            assert!(self.events.take().unwrap().finish(Duration::from_secs(3)));
-            self
-        }
-
-        /// Whether the VMM was asked to exit within `within`.
-        fn exits_within(&self, within: Duration) -> bool {
-            let (exited, exit) = std::sync::mpsc::channel();
-            let vmm = self.vmm.clone();
-            std::thread::spawn(move || exited.send(vmm.wait_for_exit()));
-            exit.recv_timeout(within).is_ok()
-        }
-    }
-
-    fn event(kind: &str, status: &str, reason: &str, gone: bool) -> (String, String, String, bool) {
-        (kind.into(), status.into(), reason.into(), gone)
-    }
-
-    #[test]
-    fn vm_life_reaches_virt_handler_in_order_with_the_final_event_before_exit() {
-        let h = Harness::new("events-life");
-        (h.listener)("vm.booted", &json!({"vcpus": 1}));
-        (h.listener)("vm.paused", &Value::Null);
-        h.send(Change::Metadata);
-        (h.listener)("vm.resumed", &Value::Null);
-        (h.listener)("vm.rebooted", &json!({"cause": "guest"}));
-        let killed = json!({"reason": StopReason::Requested.to_string()});
-        (h.listener)("vm.shutdown", &killed);
-        let mut h = h.exit();
-        assert_eq!(
-            h.delivered(),
-            [
-                event("ADDED", "Running", "Unknown", false),
-                event("MODIFIED", "Paused", "User", false),
-                event("MODIFIED", "Paused", "User", false),
-                event("MODIFIED", "Running", "Unknown", false),
-                event("MODIFIED", "Running", "Unknown", false),
-                event("MODIFIED", "Shutoff", "Destroyed", false),
-                event("MODIFIED", "NoState", "NonExistent", true),
-            ]
-        );
-    }
-
-    #[test]
-    fn guest_power_off_leaves_the_domain_until_virt_handler_deletes_it() {
-        let mut h = Harness::new("events-poweroff");
-        (h.listener)("vm.booted", &Value::Null);
-        let off = json!({"reason": StopReason::PowerOff.to_string()});
-        (h.listener)("vm.shutdown", &off);
-        assert_eq!(
-            h.wait_for(2),
-            [
-                event("ADDED", "Running", "Unknown", false),
-                event("MODIFIED", "Shutoff", "Shutdown", false),
-            ]
-        );
-        // virt-handler records the VMI's end from Shutoff, then deletes the domain; until
-        // then the launcher stays and the domain is not gone.
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(h.delivered(), []);
-        h.send(Change::Deleted);
-        assert_eq!(h.vmm.wait_for_exit(), EXIT_OK);
-        assert_eq!(
-            h.wait_for(1),
-            [event("MODIFIED", "NoState", "NonExistent", true)]
-        );
-        let mut h = h.exit();
-        assert_eq!(h.delivered(), [], "one final event");
-    }
-
-    #[test]
-    fn stopped_vm_that_is_not_deleted_ends_the_launcher_after_the_wait() {
-        let mut h = Harness::with("events-nodelete", true, Duration::from_millis(300));
-        (h.listener)("vm.booted", &Value::Null);
-        let start = Instant::now();
-        (h.listener)(
-            "guest.crashed",
-            &json!({"reason": "Guest triple fault on vCPU 0"}),
-        );
-        h.vmm.wait_for_exit();
-        assert!(start.elapsed() >= Duration::from_millis(300));
-        assert_eq!(
-            h.wait_for(2),
-            [
-                event("ADDED", "Running", "Unknown", false),
-                event("MODIFIED", "Shutoff", "Crashed", false),
-            ]
-        );
-        // The crash went to virt-handler as a Kubernetes event too, before the state.
-        let panicked = h.k8s_events.try_recv().unwrap();
-        assert_eq!(panicked["reason"], "GuestPanicked");
-        assert_eq!(
-            panicked["message"],
-            "GuestPanicked: Guest triple fault on vCPU 0"
-        );
-        assert_eq!(panicked["involvedObject"]["uid"], "u-1");
-    }
-
-    #[test]
-    fn a_vm_booted_again_waits_for_no_deletion() {
-        let mut h = Harness::with("events-reboot", true, Duration::from_millis(200));
-        (h.listener)("vm.booted", &Value::Null);
-        (h.listener)("vm.shutdown", &json!({"reason": "Stopped on request"}));
-        (h.listener)("vm.rebooted", &Value::Null);
-        assert_eq!(h.wait_for(3).len(), 3);
-        assert!(!h.exits_within(Duration::from_millis(600)));
-    }
-
-    #[test]
-    fn guest_agent_ping_failure_is_a_kubernetes_warning_about_the_vmi() {
-        let mut h = Harness::new("events-ping");
-        h.send(Change::GuestAgentPingFailed);
-        let start = Instant::now();
-        let event = loop {
-            if let Ok(event) = h.k8s_events.try_recv() {
-                break event;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert_eq!(
-            (&event["type"], &event["reason"], &event["message"]),
-            (
-                &json!("Warning"),
-                &json!("GuestAgentPingFailed"),
-                &json!("GuestAgentPing probe failed for VMI vm")
-            )
-        );
-    }
-
-    #[test]
-    fn exit_without_virt_handler_gives_up_on_the_last_events_in_time() {
-        let mut h = Harness::with("events-absent", false, DELETE_WAIT);
-        (h.listener)("vm.booted", &Value::Null);
-        h.send(Change::Metadata);
-        (h.listener)("vm.shutdown", &json!({"reason": "Stopped on request"}));
-        (h.listener)("vmm.shutdown", &json!({"exit_code": 0}));
-        let start = Instant::now();
-        assert!(h.events.take().unwrap().finish(Duration::from_secs(1)));
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            start.elapsed()
-        );
-    }
-
-    #[test]
-    fn a_dhcp_lease_reaches_virt_handler_in_status_interfaces_until_released() {
-        let mut h = Harness::new("lease");
-        let lease = json!({"id": "default", "mac": "02:00:00:00:00:01",
-                           "address": "10.0.2.2", "prefix_len": 24});
-        let lease6 = json!({"id": "default", "mac": "02:00:00:00:00:01",
-                            "address": "fd10:0:2::2", "prefix_len": 120});
-        let stopped = json!({"reason": StopReason::Requested.to_string()});
-        let interfaces = |ips: &[&str]| json!([{"Mac": "02:00:00:00:00:01", "Ip": ips[0], "IPs": ips, "InterfaceName": ""}]);
-        // Each event is built when sent, from the record as it is then: one at a time.
-        for (event, properties, expected) in [
-            ("vm.booted", json!({}), Value::Null),
-            ("net.dhcp-lease", lease.clone(), interfaces(&["10.0.2.2"])),
-            (
-                "net.dhcp-lease",
-                lease6,
-                interfaces(&["10.0.2.2", "fd10:0:2::2"]),
-            ),
-            (
-                "net.dhcp-release",
-                lease.clone(),
-                interfaces(&["fd10:0:2::2"]),
-            ),
-            (
-                "net.dhcp-lease",
-                lease,
-                interfaces(&["10.0.2.2", "fd10:0:2::2"]),
-            ),
-            ("vm.shutdown", stopped, Value::Null),
-        ] {
-            (h.listener)(event, &properties);
-            let start = Instant::now();
-            let request = loop {
-                if let Ok(request) = h.received.try_recv() {
-                    break request;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "{event} not delivered"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            let domain: Value = serde_json::from_slice(&request.domain_json).unwrap();
-            assert_eq!(domain["Status"]["Interfaces"], expected, "after {event}");
-        }
-        h.exit();
-    }
-
-    #[test]
-    fn vmm_exit_without_a_booted_vm_sends_nothing() {
-        let mut h = Harness::new("events-none").exit();
-        assert_eq!(h.delivered(), []);
-    }
-
-    #[test]
-    fn vmm_events_map_to_domain_changes() {
-        let none = Value::Null;
-        assert_eq!(changes_for("vm.booted", &none), [Change::Booted]);
-        assert_eq!(
-            changes_for("vm.paused", &none),
-            [Change::State(DomainState::PAUSED_BY_USER)]
-        );
-        for resumed in ["vm.resumed", "vm.rebooted"] {
-            assert_eq!(
-                changes_for(resumed, &none),
-                [Change::State(DomainState::RUNNING)]
-            );
-        }
-        assert_eq!(
-            changes_for("guest.crashed", &json!({"reason": "Guest triple fault"})),
-            [
-                Change::GuestPanicked("Guest triple fault".into()),
-                Change::State(DomainState::new(LifeCycle::Shutoff, Reason::Crashed))
-            ]
-        );
-        assert_eq!(
-            changes_for("vmm.shutdown", &json!({"exit_code": 0})),
-            [Change::Exit]
-        );
-        assert_eq!(changes_for("vm.created", &none), []);
-    }
-
-    #[test]
-    fn stopped_vm_reason_tells_kill_from_guest_shutdown_and_failure() {
-        let stopped = |reason: String| changes_for("vm.shutdown", &json!({ "reason": reason }));
-        let shutoff = |reason| vec![Change::State(DomainState::shutoff(reason))];
-        assert_eq!(
-            stopped(StopReason::Requested.to_string()),
-            shutoff(Reason::Destroyed)
-        );
-        assert_eq!(
-            stopped(StopReason::PowerOff.to_string()),
-            shutoff(Reason::Shutdown)
-        );
-        assert_eq!(
-            stopped(StopReason::Reset.to_string()),
-            shutoff(Reason::Shutdown)
-        );
-        let kvm = StopReason::KvmFailure {
-            vcpu: 0,
-            exit: "KVM_EXIT_INTERNAL_ERROR".into(),
-            regs: None,
-        };
-        assert_eq!(stopped(kvm.to_string()), shutoff(Reason::Failed));
-        assert_eq!(
-            stopped("Cannot boot the VM again after the guest reset: x".into()),
-            shutoff(Reason::Failed)
-        );
-    }
-}
+#[path = "domain_events_tests.rs"]
+mod tests;

@@ -21,8 +21,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
+use rvmm_core::MigrationReport;
 use serde::Serialize;
 
 pub use protocol::ProtocolError;
@@ -197,6 +198,23 @@ pub struct MigrationStats {
     pub end_timestamp: Option<f64>,
 }
 
+impl MigrationStats {
+    /// The completed migration's figures, as its event reports them.
+    pub fn report(&self) -> MigrationReport {
+        let millis = |ms: f64| Duration::try_from_secs_f64(ms / 1e3).unwrap_or_default();
+        let time =
+            |seconds: f64| UNIX_EPOCH + Duration::try_from_secs_f64(seconds).unwrap_or_default();
+        MigrationReport {
+            total: millis(self.total_ms),
+            downtime: millis(self.downtime_ms),
+            rounds: self.rounds,
+            memory_bytes: self.memory_bytes,
+            started_at: time(self.start_timestamp),
+            ended_at: time(self.end_timestamp.unwrap_or(self.start_timestamp)),
+        }
+    }
+}
+
 /// A migration in progress (and the last one's outcome), shared with whoever may cancel it.
 #[derive(Debug, Default)]
 pub(crate) struct MigrationSlot {
@@ -274,5 +292,23 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn migrated_event_carries_the_figures_of_the_stats() {
+        let started = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(3));
+        let stats = MigrationStats {
+            status: "completed",
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: 1.234_567,
+            rounds: 4,
+            memory_bytes: 64 << 20,
+            start_timestamp: unix_now() - 1.0,
+            end_timestamp: Some(unix_now()),
+        };
+        let event = crate::events::Event::from(rvmm_core::VmEvent::Migrated(stats.report()));
+        assert_eq!(event.name(), "vm.migrated");
+        assert_eq!(event.properties(), serde_json::json!(stats));
     }
 }

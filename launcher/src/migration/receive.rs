@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use rvmm_core::memory::{MemoryLayout, create_guest_memory};
 use rvmm_core::snapshot::{build_restored, decode_state};
-use serde_json::json;
+use rvmm_core::{ReceivedReport, VmEvent};
 
 use super::memory::receive_pages;
 use super::protocol::{self, Command, MAX_CONFIG, ProtocolError, answer, read_header};
@@ -140,14 +140,11 @@ impl Vmm {
         let result = self.serve_migration(&mut *stream, local);
         match result {
             Ok(bytes) => {
-                self.emit(
-                    "vm.migration-received",
-                    json!({
-                        "receiver_url": &receiver_url,
-                        "memory_bytes": bytes,
-                        "total_ms": started.elapsed().as_secs_f64() * 1e3,
-                    }),
-                );
+                self.emit(VmEvent::MigrationReceived(ReceivedReport {
+                    receiver: receiver_url,
+                    memory_bytes: bytes,
+                    duration: started.elapsed(),
+                }));
                 Ok(())
             }
             Err(e) => {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use rvmm_core::VmEvent;
 use rvmm_core::snapshot::{DirtyPages, MigrationSource, encode_state};
-use serde_json::json;
 
 use super::memory::send_pages;
 use super::protocol::{Command, read_answer, send_request, start_payload};
@@ -113,10 +113,9 @@ impl Vmm {
                 ..Default::default()
             });
         }
-        self.emit(
-            "vm.migration-started",
-            json!({ "destination_url": destination_url }),
-        );
+        self.emit(VmEvent::MigrationStarted {
+            destination: destination_url.to_owned(),
+        });
         let mut stats = MigrationStats {
             start_timestamp: unix_now(),
             ..Default::default()
@@ -150,16 +149,16 @@ impl Vmm {
                     stats.rounds,
                     stats.memory_bytes
                 );
-                self.emit("vm.migrated", json!(stats));
+                self.emit(VmEvent::Migrated(stats.report()));
                 Ok(stats)
             }
             Err(e) => {
                 let text = crate::errors::error_chain(&e);
                 log::warn!("Migration to {destination_url} {}: {text}", stats.status);
-                self.emit(
-                    "vm.migration-failed",
-                    json!({ "status": stats.status, "error": text }),
-                );
+                self.emit(VmEvent::MigrationFailed {
+                    cancelled: matches!(e, MigrationError::Cancelled),
+                    error: text,
+                });
                 Err(VmmError::Migration(e))
             }
         }
