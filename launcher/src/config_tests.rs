@@ -1,4 +1,6 @@
+use super::spec::DEFAULT_CMDLINE;
 use super::*;
+use rvmm_core::VmConfig;
 
 fn write_temp(name: &str, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("rvmm-config-{}-{name}", std::process::id()));
@@ -7,7 +9,8 @@ fn write_temp(name: &str, text: &str) -> PathBuf {
 }
 
 fn validate(text: &str) -> Result<(VmConfig, SerialMode), ConfigError> {
-    VmConfigFile::from_json(text)?.validate(Path::new("/dev/kvm"), CpuProfile::Host)
+    let spec = VmConfigFile::from_json(text)?.validate(&HostSettings::for_tests())?;
+    Ok((spec.config, spec.serial))
 }
 
 fn error(text: &str) -> String {

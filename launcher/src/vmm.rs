@@ -24,8 +24,7 @@ use rvmm_core::seccomp::{SpawnError, spawn_filtered};
 use rvmm_core::{MetricsHandle, Outcome, ShutdownRequest, StopReason, VmConfig, VmHandle};
 use serde_json::{Value, json};
 
-use crate::cli::SerialMode;
-use crate::config::VmConfigFile;
+use crate::config::{SerialMode, VmConfigFile, VmSpec};
 use crate::console::Console;
 use crate::control_thread::ControlThread;
 use crate::dhcp::handler::LeaseChange;
@@ -104,9 +103,7 @@ struct ActiveVm {
 
 #[derive(Debug)]
 struct VmSlot {
-    file: VmConfigFile,
-    config: VmConfig,
-    serial: SerialMode,
+    spec: VmSpec,
     /// Where the console's output is copied, instead of the settings' `serial_log`.
     serial_log: Option<PathBuf>,
     console: Option<Console>,
@@ -249,13 +246,13 @@ impl Vmm {
         &self.settings
     }
 
-    /// `vm.create`: validates `file` and keeps it as the VM to boot.
+    /// `vm.create`: validates `file` with this VMM's host settings and keeps it as the VM to
+    /// boot.
     pub fn create(&self, file: VmConfigFile) -> Result<(), VmmError> {
-        let (mut config, serial) = file
-            .validate(&self.settings.kvm_path, self.settings.cpu_profile)
+        let spec = file
+            .validate(&self.settings.host())
             .map_err(VmmError::Config)?;
-        config.seccomp = self.settings.seccomp;
-        self.create_validated(file, config, serial)
+        self.create_spec(spec)
     }
 
     /// [`Vmm::create`] with the console's output also appended to `serial_log` (virt-launcher
@@ -272,13 +269,8 @@ impl Vmm {
         Ok(())
     }
 
-    /// Keeps an already validated VM (from the command line's flags).
-    pub fn create_validated(
-        &self,
-        file: VmConfigFile,
-        config: VmConfig,
-        serial: SerialMode,
-    ) -> Result<(), VmmError> {
+    /// Keeps a validated VM ([`VmConfigFile::validate`]; `rvmm run`'s flags or `--config`).
+    pub fn create_spec(&self, spec: VmSpec) -> Result<(), VmmError> {
         let mut inner = self.lock();
         if inner.exit_code.is_some() {
             return Err(VmmError::Exiting);
@@ -287,9 +279,7 @@ impl Vmm {
             return Err(VmmError::AlreadyCreated(slot.state));
         }
         inner.vm = Some(VmSlot {
-            file,
-            config,
-            serial,
+            spec,
             serial_log: None,
             console: None,
             state: VmState::Created,
@@ -297,6 +287,12 @@ impl Vmm {
             dhcp: None,
         });
         Ok(())
+    }
+
+    /// The created VM's spec.
+    #[cfg(test)]
+    pub(crate) fn created_spec(&self) -> Option<VmSpec> {
+        self.lock().vm.as_ref().map(|slot| slot.spec.clone())
     }
 
     /// `vm.boot`: builds the VM and starts its vCPUs.
@@ -324,7 +320,7 @@ impl Vmm {
                 .as_ref()
                 .or(self.settings.serial_log.as_ref());
             let console = Console::open(
-                &slot.serial,
+                &slot.spec.serial,
                 log.map(PathBuf::as_path),
                 self.settings.seccomp,
             )
@@ -354,7 +350,7 @@ impl Vmm {
 
     /// The DHCP server of the NICs that have one.
     fn start_dhcp(self: &Arc<Self>, slot: &VmSlot) -> Result<Option<DhcpServer>, VmmError> {
-        let nics = served_nics(&slot.file, &slot.config);
+        let nics = served_nics(&slot.spec);
         if nics.is_empty() {
             return Ok(None);
         }
@@ -387,12 +383,13 @@ impl Vmm {
         let console = slot.console.as_mut().expect("opened by boot_locked");
         log::info!(
             "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
-            boot_name(&slot.config),
-            slot.config.vcpus,
-            slot.config.memory_bytes >> 20,
-            slot.config.cpu_profile.name()
+            boot_name(&slot.spec.config),
+            slot.spec.config.vcpus,
+            slot.spec.config.memory_bytes >> 20,
+            slot.spec.config.cpu_profile.name()
         );
-        let vm = rvmm_core::build_vm(&slot.config, console.output()).map_err(VmmError::Boot)?;
+        let vm =
+            rvmm_core::build_vm(&slot.spec.config, console.output()).map_err(VmmError::Boot)?;
         self.start_built(inner, vm, VmState::Running)
     }
 
@@ -439,7 +436,7 @@ impl Vmm {
         let slot = inner.vm.as_mut().expect("checked above");
         if self.settings.seccomp {
             // Its devices are open: what the VMM does not need again goes (crate::privileges).
-            crate::privileges::lower_after_boot(!slot.config.nets.is_empty());
+            crate::privileges::lower_after_boot(!slot.spec.config.nets.is_empty());
         }
         slot.state = state;
         slot.active = Some(ActiveVm {
@@ -455,9 +452,9 @@ impl Vmm {
     fn boot_properties(&self, inner: &Inner) -> Value {
         match &inner.vm {
             Some(slot) => json!({
-                "vcpus": slot.config.vcpus,
-                "memory_bytes": slot.config.memory_bytes,
-                "kernel": boot_name(&slot.config),
+                "vcpus": slot.spec.config.vcpus,
+                "memory_bytes": slot.spec.config.memory_bytes,
+                "kernel": boot_name(&slot.spec.config),
             }),
             None => Value::Null,
         }
@@ -715,7 +712,7 @@ impl Vmm {
     pub fn reboot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
         let slot = Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
-        check_boot_files(&slot.config).map_err(VmmError::RebootRefused)?;
+        check_boot_files(&slot.spec.config).map_err(VmmError::RebootRefused)?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
         if let Err(e) = self.boot_locked(&mut inner) {
             let e = VmmError::RebootFailed(Box::new(e));
@@ -748,9 +745,9 @@ impl Vmm {
         let inner = self.lock();
         let slot = inner.vm.as_ref().ok_or(VmmError::NotCreated)?;
         Ok(VmInfo {
-            config: slot.file.clone(),
+            config: slot.spec.to_file(),
             state: slot.state,
-            memory_actual_size: slot.config.memory_bytes,
+            memory_actual_size: slot.spec.config.memory_bytes,
         })
     }
 
