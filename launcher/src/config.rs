@@ -351,3 +351,6 @@ fn non_object_root(text: &str) -> Option<&'static str> {
 #[cfg(test)]
 #[path = "config_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod entry_points_tests;
