@@ -99,7 +99,7 @@ fn missing_disk_path_names_the_disk_entry() {
     ]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("--disk: path=/nonexistent/pvc/disk.img,id=pvc: /nonexistent/pvc/disk.img"),
+        stderr.contains("--disk[0] path: /nonexistent/pvc/disk.img: No such file"),
         "{stderr}"
     );
 }
@@ -117,7 +117,7 @@ fn missing_tap_and_bad_mac_name_the_net_entry() {
     let (code, stderr) = rejected(&["--kernel", k, "--net", "tap=tap0,mac=02:00:00:00:00"]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("--net: tap=tap0,mac=02:00:00:00:00: mac="),
+        stderr.contains("--net[0] mac: '02:00:00:00:00' is not like 52:54:00:12:34:56"),
         "{stderr}"
     );
 }
