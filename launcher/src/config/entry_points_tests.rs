@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use serde_json::{Value, json};
 
-use super::{ConfigError, HostSettings, Terms, VmConfigFile, VmSpec};
+use super::{HostSettings, Terms, VmConfigFile, VmSpec};
 use crate::api::routes::handle;
 use crate::cli::{Cli, Command, RunArgs, RunArgsError};
 use crate::vmm::Vmm;
@@ -66,13 +66,6 @@ fn from_vm_create(config: &Value) -> Result<VmSpec, String> {
     let (body, _) = reply.body.expect("an error body");
     let body: Value = serde_json::from_str(&body).unwrap();
     Err(body["error"].as_str().unwrap().to_string())
-}
-
-fn config_error(e: RunArgsError) -> ConfigError {
-    match e {
-        RunArgsError::Vm(e) | RunArgsError::ConfigFile { source: e, .. } => e,
-        RunArgsError::Flag(e) => panic!("not the validator's: {e}"),
-    }
 }
 
 #[test]
@@ -230,8 +223,13 @@ fn the_same_bad_value_is_the_same_error_named_in_each_entry_points_terms() {
             flag_error.to_string().starts_with(flag_text),
             "{flag_error}"
         );
-        let flag_error = config_error(flag_error);
-        let file_error = config_error(from_config_file("bad.json", &config).unwrap_err());
+        let flag_error = flag_error.config_error().expect("the validator's");
+        let file_error = from_config_file("bad.json", &config).unwrap_err();
+        assert!(
+            file_error.to_string().starts_with("--config "),
+            "{file_error}"
+        );
+        let file_error = file_error.config_error().expect("the validator's");
         assert!(
             file_error.to_string().starts_with(json_text),
             "{file_error}"
