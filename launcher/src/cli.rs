@@ -1,5 +1,5 @@
 //! The command line: `rvmm run ...`, its VM flags translated into the configuration model
-//! ([`vm_flags`]) and checked by its one validator into a [`VmSpec`], and the choice of the
+//! (`cli::vm_flags`) and checked by its one validator into a [`VmSpec`], and the choice of the
 //! virt-launcher mode (`rvmm virt-launcher ...` or the binary invoked as `virt-launcher`).
 
 mod vm_flags;
