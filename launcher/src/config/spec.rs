@@ -220,9 +220,10 @@ impl VmSpec {
             SerialMode::Socket(p) => (SerialModeName::Socket, None, Some(p.clone())),
         };
         VmConfigFile {
+            // As Cloud Hypervisor's vm.info: both counts.
             cpus: CpusConfig {
                 boot_vcpus: config.vcpus,
-                max_vcpus: None,
+                max_vcpus: Some(config.vcpus),
             },
             memory: MemoryConfig {
                 size: config.memory_bytes,
