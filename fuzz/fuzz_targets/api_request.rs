@@ -16,7 +16,7 @@
 //! an unknown path, a query string, a missing, raw or misplaced body) go to
 //! `api::routes::handle` on one VMM and are checked against a model of the VM's state (404
 //! before `vm.create`, 405 with `Allow` for a wrong method, 405 for what a created VM cannot
-//! do, `vm.info` giving back the created file, `vm.boot` failing with 400 for a bad payload or
+//! do, `vm.info` giving back the created VM's file form, `vm.boot` failing with 400 for a bad payload or
 //! 500 naming `/nonexistent/kvm`, the VM staying created); then the same calls, pipelined
 //! through the HTTP server to a fresh VMM, must get the same statuses (413 for a body over the
 //! server's limit, after which the server may close the connection). Configurations come from
@@ -305,11 +305,12 @@ fn call(u: &mut Unstructured<'_>, kind: u8) -> Result<Call> {
     })
 }
 
-/// The file `vm.create` keeps for `body`, or `None` if it answers 400.
+/// The VM `vm.create` keeps for `body` in its file form (what `vm.info` shows), or `None` if
+/// it answers 400.
 fn created_file(body: Option<&[u8]>) -> Option<VmConfigFile> {
     let file = VmConfigFile::from_json(std::str::from_utf8(body?).ok()?).ok()?;
-    file.validate(Path::new(KVM), CpuProfile::Host).ok()?;
-    Some(file)
+    let spec = file.validate(&new_vmm().settings().host()).ok()?;
+    Some(spec.to_file())
 }
 
 fn error_text(reply: &Reply) -> String {

@@ -8,13 +8,13 @@
 //! unknown key being refused (empty only for the key `""`; `?` for a key that is no string,
 //! `[N]` for a struct written as an array); a
 //! file that validates becomes a VM configuration with its vCPUs, memory, devices and KVM
-//! path.
+//! path, whose file form validates to the same VM again.
 
 #![no_main]
 
 use std::path::Path;
 
-use rvmm_launcher::config::{ConfigError, VmConfigFile};
+use rvmm_launcher::config::{ConfigError, HostSettings, Terms, VmConfigFile};
 use libfuzzer_sys::fuzz_target;
 use rvmm_core::{BootSource, CpuProfile};
 
@@ -41,7 +41,8 @@ fn top_level(path: &str) -> &str {
 fn check_error(err: &ConfigError) {
     let text = err.to_string();
     match err {
-        ConfigError::Parse { path, message } => {
+        ConfigError::Parse { field, message } => {
+            let path = &field.to_string();
             assert!(!message.is_empty(), "parse error without a message: {text}");
             // The path ends with the key being read, so an unknown key `""` at the top level
             // is the one empty path; a path outside the file's fields is an unknown key, `?`
@@ -62,15 +63,22 @@ fn check_error(err: &ConfigError) {
             assert_eq!(text, format!("{path}: {message}"));
         }
         ConfigError::Invalid { field, reason } => {
+            let json = reason.render(Terms::Json);
             assert!(
-                FIELDS.contains(&top_level(field)),
+                field.top_level().is_some_and(|top| FIELDS.contains(&top)),
                 "validation error on no field of the file: {text}"
             );
             assert!(
-                !reason.is_empty(),
+                !json.is_empty(),
                 "validation error without a reason: {text}"
             );
-            assert_eq!(text, format!("{field}: {reason}"));
+            assert_eq!(text, format!("{field}: {json}"));
+            // The flags' rendering names the same field, never an empty one.
+            let flags = err.render(Terms::Flags);
+            assert!(
+                flags.ends_with(&format!(": {}", reason.render(Terms::Flags))),
+                "{flags}"
+            );
         }
         ConfigError::Read { .. } | ConfigError::NotAFile(_) | ConfigError::TooLarge(_) => {
             panic!("from_json/validate read a file: {text}")
@@ -92,9 +100,15 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|e| panic!("re-serialised file does not parse: {e}\n{json}"));
     assert_eq!(file, again, "round trip changed the file:\n{json}");
 
-    match file.validate(Path::new(KVM), CpuProfile::Host) {
+    let host = HostSettings {
+        kvm_path: KVM.into(),
+        cpu_profile: CpuProfile::Host,
+        seccomp: true,
+    };
+    match file.validate(&host) {
         Err(e) => check_error(&e),
-        Ok((config, _serial)) => {
+        Ok(spec) => {
+            let config = &spec.config;
             assert_eq!(config.vcpus, file.cpus.boot_vcpus);
             assert_eq!(config.memory_bytes, file.memory.size);
             match &config.boot {
@@ -114,6 +128,13 @@ fuzz_target!(|data: &[u8]| {
             if let Some(cmdline) = &file.payload.cmdline {
                 assert_eq!(&config.cmdline, cmdline);
             }
+            assert_eq!(spec.dhcp.len(), file.net.len());
+            // The file form (vm.info, snapshots, migration) is the same VM again.
+            let again = spec
+                .to_file()
+                .validate(&host)
+                .unwrap_or_else(|e| panic!("the spec's file form does not validate: {e}"));
+            assert_eq!(again, spec, "the spec's file form is another VM");
         }
     }
 });

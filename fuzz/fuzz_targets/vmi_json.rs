@@ -20,7 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::LazyLock;
 
 use fuzz_common::fixture_dir;
-use rvmm_launcher::config::{ConfigError, SerialModeName, VmConfigFile};
+use rvmm_launcher::config::{ConfigError, HostSettings, SerialModeName, Terms, VmConfigFile};
 use rvmm_launcher::kubevirt::nocloud::NoCloudData;
 use rvmm_launcher::kubevirt::vmi::{LaunchPlan, LauncherDirs, PrepareStep, Vmi, VmiError, plan};
 use libfuzzer_sys::fuzz_target;
@@ -219,12 +219,12 @@ fn check_config_error(err: &ConfigError) {
     let text = err.to_string();
     match err {
         ConfigError::Invalid { field, reason } => {
-            let top = field.split(['.', '[']).next().unwrap_or_default();
+            let top = field.top_level().unwrap_or_default();
             assert!(
                 FIELDS.contains(&top),
                 "config error on no config field: {text}"
             );
-            assert!(!reason.is_empty(), "{text}");
+            assert!(!reason.render(Terms::Json).is_empty(), "{text}");
         }
         _ => panic!("validate failed without naming a field: {text}"),
     }
@@ -270,7 +270,12 @@ fn check_plan(vmi: &Vmi, plan: &LaunchPlan) {
     let again = VmConfigFile::from_json(&json)
         .unwrap_or_else(|e| panic!("the planned config does not parse back: {e}\n{json}"));
     assert_eq!(&again, config, "round trip changed the planned config");
-    if let Err(e) = config.validate(Path::new("/nonexistent/kvm"), CpuProfile::Host) {
+    let host = HostSettings {
+        kvm_path: "/nonexistent/kvm".into(),
+        cpu_profile: CpuProfile::Host,
+        seccomp: true,
+    };
+    if let Err(e) = config.validate(&host) {
         check_config_error(&e);
     }
     for step in &plan.prepare {

@@ -1,17 +1,15 @@
-//! The command line: `rvmm run ...`, validated into a [`VmConfig`], and the choice of the
+//! The command line: `rvmm run ...`, its VM flags translated into the configuration model
+//! (`cli::vm_flags`) and checked by its one validator into a [`VmSpec`], and the choice of the
 //! virt-launcher mode (`rvmm virt-launcher ...` or the binary invoked as `virt-launcher`).
+
+mod vm_flags;
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use rvmm_core::{BootSource, CpuProfile, Transport, VmConfig};
-use rvmm_devices::image::ImageFormat;
-use rvmm_devices::virtio::block::{BlockConfig, Engine};
-use rvmm_devices::virtio::net::NetConfig;
+use rvmm_core::CpuProfile;
 
-use crate::config::{VmConfigFile, dhcp_mac};
-use crate::dhcp::DhcpConfig;
-use crate::dhcp::flags::DHCP_KEYS;
+use crate::config::{ConfigError, HostSettings, SerialMode, Terms, VmConfigFile, VmSpec};
 use crate::keyvalue::KeyValues;
 use crate::kubevirt::launcher_flags::LauncherFlags;
 use crate::vmm::OnReboot;
@@ -188,20 +186,7 @@ fn parse_seccomp(text: &str) -> Result<SeccompMode, String> {
     }
 }
 
-/// Where the serial console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SerialMode {
-    /// The launcher's stdin/stdout.
-    Stdio,
-    /// Output appended to a file; no input.
-    File(PathBuf),
-    /// A unix socket a console client connects to.
-    Socket(PathBuf),
-    /// Output discarded, no input.
-    Off,
-}
-
-/// A flag's value is invalid.
+/// A host-side flag's value is invalid, or flags that exclude each other are given.
 #[derive(Debug, thiserror::Error)]
 #[error("--{flag}: {reason}")]
 pub struct InvalidFlag {
@@ -213,6 +198,37 @@ fn invalid(flag: &'static str, reason: impl Into<String>) -> InvalidFlag {
     InvalidFlag {
         flag,
         reason: reason.into(),
+    }
+}
+
+/// Why `rvmm run`'s flags give no VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunArgsError {
+    /// A host-side flag, or flags that exclude each other.
+    #[error(transparent)]
+    Flag(#[from] InvalidFlag),
+    /// A VM flag's value, as the one validator found it, named as the flag
+    /// (`--disk[1] path: ...`).
+    #[error("{}", .0.render(Terms::Flags))]
+    Vm(ConfigError),
+    /// The `--config` file.
+    #[error("--config {}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in the file's terms.
+        #[source]
+        source: ConfigError,
+    },
+}
+
+impl RunArgsError {
+    /// The configuration error, if the VM's description is what is wrong.
+    pub fn config_error(&self) -> Option<&ConfigError> {
+        match self {
+            Self::Vm(e) | Self::ConfigFile { source: e, .. } => Some(e),
+            Self::Flag(_) => None,
+        }
     }
 }
 
@@ -235,39 +251,6 @@ pub fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(1u64 << shift)
 }
 
-/// Parses `--serial`.
-pub fn parse_serial(text: &str) -> Result<SerialMode, InvalidFlag> {
-    let nonempty = |path: &str| {
-        if path.is_empty() {
-            Err(invalid("serial", format!("'{text}' needs a path")))
-        } else {
-            Ok(PathBuf::from(path))
-        }
-    };
-    match text.split_once('=') {
-        None if text == "stdio" => Ok(SerialMode::Stdio),
-        None if text == "off" => Ok(SerialMode::Off),
-        Some(("file", path)) => nonempty(path).map(SerialMode::File),
-        Some(("socket", path)) => nonempty(path).map(SerialMode::Socket),
-        _ => Err(invalid(
-            "serial",
-            format!("'{text}' is not stdio, file=PATH, socket=PATH or off"),
-        )),
-    }
-}
-
-/// Parses `--transport`.
-pub fn parse_transport(text: &str) -> Result<Transport, InvalidFlag> {
-    match text {
-        "mmio" => Ok(Transport::Mmio),
-        "pci" => Ok(Transport::Pci),
-        other => Err(invalid(
-            "transport",
-            format!("'{other}' is not mmio or pci"),
-        )),
-    }
-}
-
 /// Parses `--cpu-profile`; `auto` asks the host.
 pub fn parse_cpu_profile(text: &str, kvm_pvm_loaded: bool) -> Result<CpuProfile, InvalidFlag> {
     match text {
@@ -281,187 +264,17 @@ pub fn parse_cpu_profile(text: &str, kvm_pvm_loaded: bool) -> Result<CpuProfile,
     }
 }
 
-const DISK_KEYS: &[&str] = &["path", "readonly", "id", "engine", "format", "boot"];
-/// GET_ID answers with at most 20 bytes.
-pub(crate) const DISK_ID_MAX: usize = 20;
-
-/// A `--disk` entry: the device, and whether it is the boot disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskFlag {
-    /// The virtio-blk device.
-    pub block: BlockConfig,
-    /// `boot=on`.
-    pub boot: bool,
-}
-
-/// Parses one `--disk` entry.
-pub fn parse_disk(entry: &str) -> Result<DiskFlag, InvalidFlag> {
-    let bad = |reason: String| invalid("disk", format!("{entry}: {reason}"));
-    let kv = KeyValues::parse(entry, DISK_KEYS).map_err(|e| bad(e.to_string()))?;
-    let path = PathBuf::from(kv.required("path").map_err(|e| bad(e.to_string()))?);
-    let readonly = kv
-        .switch("readonly", false)
-        .map_err(|e| bad(e.to_string()))?;
-    let engine = match kv.get("engine") {
-        None | Some("sync") => Engine::Sync,
-        Some("io_uring") => Engine::IoUring,
-        Some(other) => return Err(bad(format!("engine={other}: expected sync or io_uring"))),
-    };
-    let format = match kv.get("format") {
-        None => None,
-        Some(name) => Some(
-            ImageFormat::from_name(name)
-                .ok_or_else(|| bad(format!("format={name}: expected raw or qcow2")))?,
-        ),
-    };
-    let boot = kv.switch("boot", false).map_err(|e| bad(e.to_string()))?;
-    let id = kv.get("id").map(str::to_string);
-    if let Some(id) = &id
-        && (id.is_empty() || id.len() > DISK_ID_MAX)
-    {
-        return Err(bad(format!("id must be 1 to {DISK_ID_MAX} bytes")));
-    }
-    // A block device is fine too; a directory or a missing path is not.
-    match std::fs::metadata(&path) {
-        Ok(meta) if meta.is_dir() => return Err(bad(format!("{} is a directory", path.display()))),
-        Ok(_) => {}
-        Err(e) => return Err(bad(format!("{}: {e}", path.display()))),
-    }
-    Ok(DiskFlag {
-        block: BlockConfig {
-            path,
-            readonly,
-            id,
-            engine,
-            format,
-        },
-        boot,
-    })
-}
-
-fn parse_disks(entries: &[String]) -> Result<Vec<DiskFlag>, InvalidFlag> {
-    let disks: Vec<DiskFlag> = entries
-        .iter()
-        .map(|e| parse_disk(e))
-        .collect::<Result<_, _>>()?;
-    for (i, disk) in disks.iter().enumerate() {
-        if let Some(id) = &disk.block.id
-            && disks[..i].iter().any(|d| d.block.id.as_ref() == Some(id))
-        {
-            return Err(invalid(
-                "disk",
-                format!("{}: id '{id}' is used twice", entries[i]),
-            ));
-        }
-    }
-    Ok(disks)
-}
-
-/// The NIC's `--net` keys; its DHCP server's are [`crate::dhcp::flags::DHCP_KEYS`].
-const NIC_KEYS: &[&str] = &["tap", "mac", "mtu", "id"];
-
-/// One `--net` entry's keys and values.
-fn net_keys(entry: &str) -> Result<KeyValues<'_>, crate::keyvalue::KeyValueError> {
-    KeyValues::parse(entry, &[NIC_KEYS, DHCP_KEYS].concat())
-}
-
-/// Parses a MAC address such as `52:54:00:12:34:56`.
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Parses one `--net` entry.
-pub fn parse_net(entry: &str) -> Result<NetConfig, InvalidFlag> {
-    let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
-    let kv = net_keys(entry).map_err(|e| bad(e.to_string()))?;
-    let tap = kv
-        .required("tap")
-        .map_err(|e| bad(e.to_string()))?
-        .to_string();
-    let mac = match kv.get("mac") {
-        None => None,
-        Some(text) => {
-            let mac = parse_mac(text).ok_or_else(|| {
-                bad(format!(
-                    "mac={text}: expected six hex bytes like 52:54:00:12:34:56"
-                ))
-            })?;
-            if mac[0] & 1 != 0 {
-                return Err(bad(format!(
-                    "mac={text}: a multicast address cannot be a NIC's"
-                )));
-            }
-            Some(mac)
-        }
-    };
-    let mtu = match kv.get("mtu") {
-        None => None,
-        Some(text) => Some(
-            text.parse::<u16>()
-                .ok()
-                .filter(|m| (68..=65535).contains(m))
-                .ok_or_else(|| bad(format!("mtu={text}: expected 68 to 65535")))?,
-        ),
-    };
-    let mac = match kv.get("dhcp") {
-        Some(_) => Some(dhcp_mac(mac).map_err(|e| bad(format!("mac: {e}")))?),
-        None => mac,
-    };
-    Ok(NetConfig {
-        tap,
-        mac,
-        mtu,
-        id: kv.get("id").map(str::to_string),
-    })
-}
-
-/// The DHCP server of one `--net` entry, if it has one ([`crate::dhcp::flags`]).
-pub fn parse_net_dhcp(entry: &str) -> Result<Option<DhcpConfig>, InvalidFlag> {
-    let bad = |reason: String| invalid("net", format!("{entry}: {reason}"));
-    let kv = net_keys(entry).map_err(|e| bad(e.to_string()))?;
-    crate::dhcp::flags::dhcp_from_net_keys(&kv).map_err(bad)
-}
-
-fn parse_nets(entries: &[String]) -> Result<Vec<NetConfig>, InvalidFlag> {
-    let nets: Vec<NetConfig> = entries
-        .iter()
-        .map(|e| parse_net(e))
-        .collect::<Result<_, _>>()?;
-    for (i, net) in nets.iter().enumerate() {
-        if nets[..i].iter().any(|n| n.tap == net.tap) {
-            return Err(invalid(
-                "net",
-                format!("{}: tap '{}' is used twice", entries[i], net.tap),
-            ));
-        }
-    }
-    Ok(nets)
-}
-
-/// `path` if it is a regular file, else why not.
-pub(crate) fn existing_file(path: &Path) -> Result<PathBuf, String> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(path.to_owned()),
-        Ok(_) => Err(format!("{} is not a regular file", path.display())),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
-
-/// A VM given on the command line: its file form (for `vm.info`), configuration and console.
-pub type VmSpec = (VmConfigFile, VmConfig, SerialMode);
-
 impl RunArgs {
+    /// The host-side settings the flags give every VM (`--kvm-device`, `--cpu-profile`,
+    /// `--seccomp`).
+    pub fn host_settings(&self, kvm_pvm_loaded: bool) -> Result<HostSettings, InvalidFlag> {
+        Ok(HostSettings {
+            kvm_path: self.kvm_device.clone(),
+            cpu_profile: parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?,
+            seccomp: self.seccomp.filters(),
+        })
+    }
+
     /// The flags given that describe a VM (which `--config` and `--restore` replace).
     fn vm_flags_given(&self) -> Vec<&'static str> {
         [
@@ -482,8 +295,18 @@ impl RunArgs {
         .collect()
     }
 
+    /// `--serial` alone, checked by the one validator: the console of a VM that comes from a
+    /// snapshot or a migration.
+    pub fn serial_mode(&self) -> Result<Option<SerialMode>, RunArgsError> {
+        let Some(text) = &self.serial else {
+            return Ok(None);
+        };
+        let config = vm_flags::serial_config(text).map_err(RunArgsError::Vm)?;
+        config.to_mode().map(Some).map_err(RunArgsError::Vm)
+    }
+
     /// `--restore`, checked against the flags that describe a VM (the snapshot does).
-    pub fn restore_spec(&self) -> Result<Option<RestoreSpec>, InvalidFlag> {
+    pub fn restore_spec(&self) -> Result<Option<RestoreSpec>, RunArgsError> {
         let Some(text) = &self.restore else {
             return Ok(None);
         };
@@ -496,7 +319,8 @@ impl RunArgs {
             return Err(invalid(
                 "restore",
                 format!("the snapshot describes the VM: drop {}", given.join(", ")),
-            ));
+            )
+            .into());
         }
         let kv = KeyValues::parse(text, &["source_url", "prefault"])
             .map_err(|e| invalid("restore", e.to_string()))?;
@@ -508,13 +332,13 @@ impl RunArgs {
             prefault: kv
                 .switch("prefault", false)
                 .map_err(|e| invalid("restore", e.to_string()))?,
-            serial: self.serial.as_deref().map(parse_serial).transpose()?,
+            serial: self.serial_mode()?,
         }))
     }
 
-    /// The VM on the command line, or `None` when only `--api-socket` is given (the VM comes
-    /// through `vm.create`) or `--restore` brings it.
-    pub fn vm_spec(&self, kvm_pvm_loaded: bool) -> anyhow::Result<Option<VmSpec>> {
+    /// The VM on the command line, checked with `host`'s settings; `None` when only
+    /// `--api-socket` is given (the VM comes through `vm.create`) or `--restore` brings it.
+    pub fn vm_spec(&self, host: &HostSettings) -> Result<Option<VmSpec>, RunArgsError> {
         if self.restore.is_some() {
             return Ok(None);
         }
@@ -525,26 +349,14 @@ impl RunArgs {
         {
             return Ok(None);
         }
-        self.spec(kvm_pvm_loaded).map(Some)
+        self.spec(host).map(Some)
     }
 
-    /// The VM configuration and console mode, from `--config` or from the flags.
-    pub fn to_config(&self, kvm_pvm_loaded: bool) -> anyhow::Result<(VmConfig, SerialMode)> {
-        let (_, config, serial) = self.spec(kvm_pvm_loaded)?;
-        Ok((config, serial))
-    }
-
-    /// The VM from `--config` (read once) or from the flags.
-    fn spec(&self, kvm_pvm_loaded: bool) -> anyhow::Result<VmSpec> {
-        let cpu_profile = parse_cpu_profile(&self.cpu_profile, kvm_pvm_loaded)?;
-        let Some(file) = &self.config else {
-            let (config, serial) = self.flags_to_config(cpu_profile)?;
-            let mut file = VmConfigFile::from_validated(&config, &serial);
-            // The DHCP servers are the launcher's, not the VM's: only the file keeps them.
-            for (net, entry) in file.net.iter_mut().zip(&self.net) {
-                net.dhcp = parse_net_dhcp(entry)?;
-            }
-            return Ok((file, config, serial));
+    /// The VM from `--config` (read once) or from the flags, through the one validator.
+    pub fn spec(&self, host: &HostSettings) -> Result<VmSpec, RunArgsError> {
+        let Some(path) = &self.config else {
+            let file = self.to_file().map_err(RunArgsError::Vm)?;
+            return file.validate(host).map_err(RunArgsError::Vm);
         };
         let given = self.vm_flags_given();
         if !given.is_empty() {
@@ -554,97 +366,13 @@ impl RunArgs {
             )
             .into());
         }
-        let context = || format!("--config {}", file.display());
-        let parsed =
-            VmConfigFile::load(file).map_err(|e| anyhow::Error::new(e).context(context()))?;
-        let (mut config, serial) = parsed
-            .validate(&self.kvm_device, cpu_profile)
-            .map_err(|e| anyhow::Error::new(e).context(context()))?;
-        config.seccomp = self.seccomp.filters();
-        Ok((parsed, config, serial))
-    }
-
-    fn flags_to_config(
-        &self,
-        cpu_profile: CpuProfile,
-    ) -> Result<(VmConfig, SerialMode), InvalidFlag> {
-        let memory = self.memory.as_deref().unwrap_or("512M");
-        let memory_bytes = parse_size(memory)
-            .ok_or_else(|| invalid("memory", format!("'{memory}' is not a size like 512M")))?;
-        let vcpus = self.vcpus.unwrap_or(1);
-        let max = rvmm_core::mptable::MAX_VCPUS;
-        if vcpus == 0 || vcpus > max {
-            return Err(invalid(
-                "vcpus",
-                format!("{vcpus} is out of range 1 to {max}"),
-            ));
-        }
-        rvmm_core::memory::MemoryLayout::new(memory_bytes)
-            .map_err(|e| invalid("memory", e.to_string()))?;
-        let disks = parse_disks(&self.disk)?;
-        let boot_disks: Vec<usize> = (0..disks.len()).filter(|&i| disks[i].boot).collect();
-        let boot = match self.kernel.as_deref() {
-            Some(kernel) => {
-                if !boot_disks.is_empty() {
-                    return Err(invalid(
-                        "disk",
-                        "boot=on and --kernel: boot from one or the other",
-                    ));
-                }
-                BootSource::Kernel {
-                    kernel: existing_file(kernel).map_err(|r| invalid("kernel", r))?,
-                    initrd: self
-                        .initrd
-                        .as_deref()
-                        .map(|p| existing_file(p).map_err(|r| invalid("initrd", r)))
-                        .transpose()?,
-                }
-            }
-            None => {
-                if disks.is_empty() {
-                    return Err(invalid(
-                        "kernel",
-                        "required (or a --disk to boot from, --config FILE, or --api-socket PATH)",
-                    ));
-                }
-                if self.initrd.is_some() {
-                    return Err(invalid(
-                        "initrd",
-                        "needs --kernel (a disk boot takes its initrd from the disk)",
-                    ));
-                }
-                if boot_disks.len() > 1 {
-                    return Err(invalid("disk", "boot=on is given for more than one disk"));
-                }
-                BootSource::Disk {
-                    index: boot_disks.first().copied().unwrap_or(0),
-                }
-            }
+        let in_file = |source| RunArgsError::ConfigFile {
+            path: path.clone(),
+            source,
         };
-        let transport = self.transport.as_deref().map(parse_transport).transpose()?;
-        let (transport, acpi) = crate::config::platform(transport, self.acpi)
-            .map_err(|reason| invalid("transport", reason))?;
-        let config = VmConfig {
-            vcpus,
-            memory_bytes,
-            cmdline: self.cmdline.clone().unwrap_or_else(|| match boot {
-                BootSource::Kernel { .. } => DEFAULT_CMDLINE.into(),
-                BootSource::Disk { .. } => String::new(),
-            }),
-            boot,
-            cpu_profile,
-            kvm_path: self.kvm_device.clone(),
-            rng: self.rng,
-            disks: disks.into_iter().map(|d| d.block).collect(),
-            nets: parse_nets(&self.net)?,
-            seccomp: self.seccomp.filters(),
-            transport,
-            acpi,
-        };
-        Ok((
-            config,
-            parse_serial(self.serial.as_deref().unwrap_or("stdio"))?,
-        ))
+        VmConfigFile::load(path)
+            .and_then(|file| file.validate(host))
+            .map_err(in_file)
     }
 }
 
@@ -720,23 +448,6 @@ mod tests {
     }
 
     #[test]
-    fn serial_modes_parse_and_bad_ones_name_the_flag() {
-        assert_eq!(parse_serial("stdio").unwrap(), SerialMode::Stdio);
-        assert_eq!(
-            parse_serial("file=/tmp/x").unwrap(),
-            SerialMode::File("/tmp/x".into())
-        );
-        assert_eq!(
-            parse_serial("socket=/run/s").unwrap(),
-            SerialMode::Socket("/run/s".into())
-        );
-        for bad in ["file=", "tty", "socket", "pipe=/x"] {
-            let err = parse_serial(bad).unwrap_err().to_string();
-            assert!(err.starts_with("--serial: "), "{err}");
-        }
-    }
-
-    #[test]
     fn cpu_profile_auto_follows_the_host() {
         assert_eq!(
             parse_cpu_profile("auto", true).unwrap(),
@@ -750,17 +461,6 @@ mod tests {
                 .to_string()
                 .starts_with("--cpu-profile")
         );
-    }
-
-    #[test]
-    fn valid_flags_become_a_vm_config() {
-        let (config, serial) = args(&["--memory", "64M", "--vcpus", "2"])
-            .to_config(false)
-            .unwrap();
-        assert_eq!(config.memory_bytes, 64 << 20);
-        assert_eq!(config.vcpus, 2);
-        assert_eq!(config.cpu_profile, CpuProfile::Host);
-        assert_eq!(serial, SerialMode::Stdio);
     }
 
     #[test]
@@ -779,185 +479,18 @@ mod tests {
     }
 
     #[test]
-    fn transport_and_acpi_flags_choose_the_platform() {
-        let (config, _) = args(&[]).to_config(false).unwrap();
-        assert_eq!((config.transport, config.acpi), (Transport::Mmio, true));
-        let (config, _) = args(&["--transport", "pci"]).to_config(false).unwrap();
-        assert_eq!((config.transport, config.acpi), (Transport::Pci, true));
-        let (config, _) = args(&["--acpi=false"]).to_config(false).unwrap();
-        assert_eq!((config.transport, config.acpi), (Transport::Mmio, false));
-        let err = args(&["--transport", "pci", "--acpi=false"])
-            .to_config(false)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(err, "--transport: the pci transport needs ACPI");
-        let err = args(&["--transport", "virtio"])
-            .to_config(false)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(err, "--transport: 'virtio' is not mmio or pci");
-    }
-
-    #[test]
     fn seccomp_is_on_unless_the_flag_says_false() {
-        assert!(args(&[]).to_config(false).unwrap().0.seccomp);
         for (flag, on) in [
             ("--seccomp=false", false),
             ("--seccomp=true", true),
             ("--seccomp=log", true),
         ] {
-            let (config, _) = args(&[flag]).to_config(false).unwrap();
-            assert_eq!(config.seccomp, on, "{flag}");
+            let a = args(&[flag]);
+            let spec = a.spec(&a.host_settings(false).unwrap()).unwrap();
+            assert_eq!(spec.config.seccomp, on, "{flag}");
         }
         assert_eq!(args(&["--seccomp=log"]).seccomp, SeccompMode::Log);
         let argv = ["rvmm", "run", "--kernel", "/proc/self/exe", "--seccomp=off"];
         assert!(Cli::try_parse_from(argv).is_err());
-    }
-
-    #[test]
-    fn bad_values_name_their_flag() {
-        let cases: [(&[&str], &str); 6] = [
-            (&["--vcpus", "0"], "--vcpus"),
-            (&["--vcpus", "33"], "--vcpus"),
-            (&["--memory", "1M"], "--memory"),
-            (&["--memory", "lots"], "--memory"),
-            (&["--initrd", "/nonexistent/initrd"], "--initrd"),
-            (&["--cpu-profile", "x"], "--cpu-profile"),
-        ];
-        for (extra, flag) in cases {
-            let err = args(extra).to_config(false).unwrap_err().to_string();
-            assert!(err.starts_with(flag), "{extra:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn disk_entries_become_block_configs() {
-        let flag = parse_disk(
-            "path=/proc/self/exe,readonly=on,id=root,engine=io_uring,format=qcow2,boot=on",
-        )
-        .unwrap();
-        let disk = &flag.block;
-        assert_eq!(disk.path, PathBuf::from("/proc/self/exe"));
-        assert!(disk.readonly);
-        assert_eq!(disk.id.as_deref(), Some("root"));
-        assert_eq!(disk.engine, Engine::IoUring);
-        assert_eq!(disk.format, Some(ImageFormat::Qcow2));
-        assert!(flag.boot);
-        let flag = parse_disk("path=/proc/self/exe").unwrap();
-        assert!(!flag.block.readonly);
-        assert_eq!(flag.block.engine, Engine::Sync);
-        assert_eq!(flag.block.format, None);
-        assert!(!flag.boot);
-    }
-
-    #[test]
-    fn bad_disk_entries_name_the_entry_and_the_problem() {
-        let cases = [
-            ("readonly=on", "'path' is required"),
-            (
-                "path=/nonexistent/disk.img",
-                "/nonexistent/disk.img: No such file",
-            ),
-            ("path=/tmp", "is a directory"),
-            (
-                "path=/proc/self/exe,engine=aio",
-                "engine=aio: expected sync or io_uring",
-            ),
-            (
-                "path=/proc/self/exe,readonly=maybe",
-                "readonly=maybe: expected on or off",
-            ),
-            ("path=/proc/self/exe,size=1G", "unknown key 'size'"),
-            (
-                "path=/proc/self/exe,id=aaaaaaaaaaaaaaaaaaaaa",
-                "id must be 1 to 20 bytes",
-            ),
-        ];
-        for (entry, reason) in cases {
-            let err = parse_disk(entry).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("--disk: {entry}: ")), "{err}");
-            assert!(err.contains(reason), "{entry}: {err}");
-        }
-        let twice = vec![
-            "path=/proc/self/exe,id=a".to_string(),
-            "path=/proc/self/exe,id=a".into(),
-        ];
-        assert!(
-            parse_disks(&twice)
-                .unwrap_err()
-                .to_string()
-                .contains("id 'a' is used twice")
-        );
-    }
-
-    #[test]
-    fn net_entries_become_net_configs() {
-        let net = parse_net("tap=tap0,mac=02:00:00:aa:bb:cc,mtu=1400,id=eth0").unwrap();
-        assert_eq!(net.tap, "tap0");
-        assert_eq!(net.mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
-        assert_eq!(net.mtu, Some(1400));
-        assert_eq!(net.id.as_deref(), Some("eth0"));
-        assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
-    }
-
-    #[test]
-    fn bad_net_entries_name_the_entry_and_the_problem() {
-        let cases = [
-            ("mac=02:00:00:00:00:01", "'tap' is required"),
-            ("tap=tap0,mac=02:00:00:00:00", "expected six hex bytes"),
-            ("tap=tap0,mac=02:00:00:00:00:0g", "expected six hex bytes"),
-            ("tap=tap0,mac=01:00:5e:00:00:01", "multicast"),
-            ("tap=tap0,mtu=20", "mtu=20: expected 68 to 65535"),
-            ("tap=tap0,queues=2", "unknown key 'queues'"),
-        ];
-        for (entry, reason) in cases {
-            let err = parse_net(entry).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("--net: {entry}: ")), "{err}");
-            assert!(err.contains(reason), "{entry}: {err}");
-        }
-        let twice = vec!["tap=tap0".to_string(), "tap=tap0,id=b".into()];
-        assert!(
-            parse_nets(&twice)
-                .unwrap_err()
-                .to_string()
-                .contains("tap 'tap0' is used twice")
-        );
-    }
-
-    #[test]
-    fn net_dhcp_keys_give_the_nic_a_mac_and_the_file_its_server() {
-        let entry = "tap=tap0,dhcp=10.0.2.2/24,dns=10.0.2.1";
-        let a = args(&["--net", entry]);
-        let (file, config, _) = a.vm_spec(false).unwrap().unwrap();
-        assert!(config.nets[0].mac.is_some(), "a MAC for the DHCP client");
-        let dhcp = file.net[0]
-            .dhcp
-            .as_ref()
-            .expect("the file carries the server");
-        assert_eq!(
-            (dhcp.address.as_deref(), dhcp.dns.len()),
-            (Some("10.0.2.2/24"), 1)
-        );
-        assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
-        let err = parse_net_dhcp("tap=tap0,dhcp=10.0.2.2/24,gateway=x").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "--net: tap=tap0,dhcp=10.0.2.2/24,gateway=x: gateway=x: not an IPv4 address"
-        );
-    }
-
-    #[test]
-    fn missing_or_non_file_kernel_is_rejected() {
-        let mut a = args(&[]);
-        a.kernel = Some("/nonexistent/vmlinux".into());
-        let err = a.to_config(false).unwrap_err().to_string();
-        assert!(err.starts_with("--kernel: /nonexistent/vmlinux"), "{err}");
-        a.kernel = Some("/tmp".into());
-        assert!(
-            a.to_config(false)
-                .unwrap_err()
-                .to_string()
-                .contains("not a regular file")
-        );
     }
 }

@@ -1,25 +1,29 @@
-//! `rvmm run --config vm.json`: a VM described in JSON with Cloud Hypervisor's `VmConfig` field
-//! names where rvmm has the feature. Unknown fields are rejected, and every error names the
-//! field (`disks[1].path: ...`).
+//! The one configuration model of a VM: [`VmConfigFile`], JSON with Cloud Hypervisor's
+//! `VmConfig` field names where rvmm has the feature (`rvmm run --config vm.json`, the
+//! `vm.create` body), which `rvmm run`'s flags and KubeVirt's VMIs are translated into, and
+//! its one validator, [`VmConfigFile::validate`], which makes the [`VmSpec`] the VMM takes.
+//! Unknown fields are rejected, and every error names the field ([`FieldPath`]) in the entry
+//! point's terms (`disks[1].path: ...`, `--disk[1] path: ...`).
+
+mod field;
+mod spec;
+
+pub use field::{FieldPath, Reason, Terms};
+pub use spec::{DISK_ID_MAX, HostSettings, SerialMode, VmSpec, parse_mac};
 
 use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use rvmm_core::{BootSource, CpuProfile, Transport, VmConfig};
-use rvmm_devices::image::ImageFormat;
-use rvmm_devices::virtio::block::{BlockConfig, Engine};
-use rvmm_devices::virtio::net::NetConfig as NicConfig;
+use rvmm_core::Transport;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{DISK_ID_MAX, SerialMode, existing_file, parse_mac};
 use crate::dhcp::DhcpConfig;
 
 const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
 /// Largest configuration accepted, from a file or an API body (a VM is a few hundred bytes).
 pub const MAX_CONFIG_BYTES: usize = 64 << 10;
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// The file's top level.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -81,20 +85,6 @@ impl From<Transport> for TransportName {
             Transport::Pci => TransportName::Pci,
         }
     }
-}
-
-/// The transport and ACPI choice, checked together: PCI needs ACPI (its host bridge, windows
-/// and interrupt routing are in the DSDT).
-pub(crate) fn platform(
-    transport: Option<Transport>,
-    acpi: Option<bool>,
-) -> Result<(Transport, bool), &'static str> {
-    let transport = transport.unwrap_or_default();
-    let acpi = acpi.unwrap_or(true);
-    if transport == Transport::Pci && !acpi {
-        return Err("the pci transport needs ACPI");
-    }
-    Ok((transport, acpi))
 }
 
 /// `cpus`.
@@ -247,28 +237,59 @@ pub enum ConfigError {
     /// Larger than [`MAX_CONFIG_BYTES`].
     #[error("{} is larger than {MAX_CONFIG_BYTES} bytes", .0.display())]
     TooLarge(PathBuf),
-    /// Not JSON, or not the expected shape.
-    #[error("{path}: {message}")]
+    /// Not JSON, or not the expected shape (a flag's text that is no value of its field).
+    #[error("{field}: {message}")]
     Parse {
-        /// The field path (`disks[1].readonly`), `.` for the top level.
-        path: String,
+        /// The field (`disks[1].readonly`), the top level for text that is no JSON object.
+        field: FieldPath,
         /// What is wrong.
         message: String,
     },
     /// A value is invalid.
-    #[error("{field}: {reason}")]
+    #[error("{field}: {}", .reason.render(Terms::Json))]
     Invalid {
-        /// The field path.
-        field: String,
+        /// The field.
+        field: FieldPath,
         /// What is wrong.
-        reason: String,
+        reason: Reason,
     },
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+impl ConfigError {
+    /// The error with its field named as `terms` name it (`--disk[1] path: ...` for the flags);
+    /// the `Display` text is the JSON's.
+    pub fn render(&self, terms: Terms) -> String {
+        match self {
+            Self::Parse { field, message } => format!("{}: {message}", field.render(terms)),
+            Self::Invalid { field, reason } => {
+                format!("{}: {}", field.render(terms), reason.render(terms))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The field the error is about, if it is about one.
+    pub fn field(&self) -> Option<&FieldPath> {
+        match self {
+            Self::Parse { field, .. } | Self::Invalid { field, .. } => Some(field),
+            Self::Read { .. } | Self::NotAFile(_) | Self::TooLarge(_) => None,
+        }
+    }
+}
+
+/// A value of `field` is invalid.
+pub(crate) fn invalid(field: FieldPath, reason: impl Into<Reason>) -> ConfigError {
     ConfigError::Invalid {
-        field: field.into(),
+        field,
         reason: reason.into(),
+    }
+}
+
+/// `text` is no value of `field`'s type.
+pub(crate) fn unparsable(field: FieldPath, message: impl Into<String>) -> ConfigError {
+    ConfigError::Parse {
+        field,
+        message: message.into(),
     }
 }
 
@@ -276,16 +297,14 @@ impl VmConfigFile {
     /// Parses JSON text, naming the field of any shape error.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         if let Some(found) = non_object_root(text) {
-            return Err(ConfigError::Parse {
-                path: ".".into(),
-                message: format!("the configuration must be a JSON object ({{...}}), not {found}"),
-            });
+            return Err(unparsable(
+                FieldPath::root(),
+                format!("the configuration must be a JSON object ({{...}}), not {found}"),
+            ));
         }
         let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| ConfigError::Parse {
-            path: e.path().to_string(),
-            message: e.inner().to_string(),
-        })
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| unparsable(FieldPath::from_serde(e.path()), e.inner().to_string()))
     }
 
     /// Reads and parses `path`: a regular file of at most [`MAX_CONFIG_BYTES`]. Opening does
@@ -313,197 +332,6 @@ impl VmConfigFile {
         }
         Self::from_json(&text)
     }
-
-    /// Checks every field and produces the VM configuration and console mode.
-    pub fn validate(
-        &self,
-        kvm_path: &Path,
-        cpu_profile: CpuProfile,
-    ) -> Result<(VmConfig, SerialMode), ConfigError> {
-        let max = rvmm_core::mptable::MAX_VCPUS;
-        let vcpus = self.cpus.boot_vcpus;
-        if vcpus == 0 || vcpus > max {
-            return Err(invalid(
-                "cpus.boot_vcpus",
-                format!("{vcpus} is out of range 1 to {max}"),
-            ));
-        }
-        if let Some(m) = self.cpus.max_vcpus
-            && m != vcpus
-        {
-            return Err(invalid(
-                "cpus.max_vcpus",
-                "must equal boot_vcpus (no vCPU hotplug)",
-            ));
-        }
-        rvmm_core::memory::MemoryLayout::new(self.memory.size)
-            .map_err(|e| invalid("memory.size", e.to_string()))?;
-        let disks: Vec<BlockConfig> = self
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| disk(i, d, &self.disks[..i]))
-            .collect::<Result<_, _>>()?;
-        let boot_disks: Vec<usize> = (0..self.disks.len())
-            .filter(|&i| self.disks[i].boot)
-            .collect();
-        let boot = match &self.payload.kernel {
-            Some(kernel) => {
-                if let Some(&i) = boot_disks.first() {
-                    return Err(invalid(
-                        format!("disks[{i}].boot"),
-                        "cannot boot from a disk and payload.kernel at once",
-                    ));
-                }
-                let kernel =
-                    existing_file(kernel).map_err(|reason| invalid("payload.kernel", reason))?;
-                let initrd = match &self.payload.initramfs {
-                    Some(p) => Some(existing_file(p).map_err(|r| invalid("payload.initramfs", r))?),
-                    None => None,
-                };
-                BootSource::Kernel { kernel, initrd }
-            }
-            None => {
-                if self.payload.initramfs.is_some() {
-                    return Err(invalid(
-                        "payload.initramfs",
-                        "needs payload.kernel (a disk boot takes its initrd from the disk)",
-                    ));
-                }
-                if boot_disks.len() > 1 {
-                    return Err(invalid(
-                        format!("disks[{}].boot", boot_disks[1]),
-                        "only one disk can be the boot disk",
-                    ));
-                }
-                let index = boot_disks.first().copied().unwrap_or(0);
-                if disks.is_empty() {
-                    return Err(invalid(
-                        "payload.kernel",
-                        "required (or a disk to boot from)",
-                    ));
-                }
-                BootSource::Disk { index }
-            }
-        };
-        let nets = self
-            .net
-            .iter()
-            .enumerate()
-            .map(|(i, n)| nic(i, n, &self.net[..i]))
-            .collect::<Result<_, _>>()?;
-        if let Some(rng) = &self.rng
-            && !matches!(rng.src.to_str(), Some("/dev/urandom" | "/dev/random"))
-        {
-            return Err(invalid(
-                "rng.src",
-                format!(
-                    "{}: rvmm's entropy comes from getrandom (/dev/urandom)",
-                    rng.src.display()
-                ),
-            ));
-        }
-        let serial = match &self.serial {
-            None => SerialMode::Stdio,
-            Some(s) => serial(s)?,
-        };
-        let (transport, acpi) = platform(self.transport.map(Into::into), self.acpi)
-            .map_err(|reason| invalid("acpi", reason))?;
-        let config = VmConfig {
-            vcpus,
-            memory_bytes: self.memory.size,
-            cmdline: self.payload.cmdline.clone().unwrap_or_else(|| match boot {
-                BootSource::Kernel { .. } => DEFAULT_CMDLINE.into(),
-                BootSource::Disk { .. } => String::new(),
-            }),
-            boot,
-            cpu_profile,
-            kvm_path: kvm_path.to_owned(),
-            rng: self.rng.is_some(),
-            disks,
-            nets,
-            // Filtered unless `rvmm run --seccomp=false` (which sets this afterwards).
-            seccomp: true,
-            transport,
-            acpi,
-        };
-        Ok((config, serial))
-    }
-}
-
-impl VmConfigFile {
-    /// The file that describes an already validated VM (a VM given by flags, for `vm.info`).
-    pub fn from_validated(config: &VmConfig, serial: &SerialMode) -> Self {
-        let mac = |m: &[u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        let (mode, file, socket) = match serial {
-            SerialMode::Stdio => (SerialModeName::Tty, None, None),
-            SerialMode::Off => (SerialModeName::Off, None, None),
-            SerialMode::File(p) => (SerialModeName::File, Some(p.clone()), None),
-            SerialMode::Socket(p) => (SerialModeName::Socket, None, Some(p.clone())),
-        };
-        Self {
-            cpus: CpusConfig {
-                boot_vcpus: config.vcpus,
-                max_vcpus: None,
-            },
-            memory: MemoryConfig {
-                size: config.memory_bytes,
-            },
-            payload: match &config.boot {
-                BootSource::Kernel { kernel, initrd } => PayloadConfig {
-                    kernel: Some(kernel.clone()),
-                    initramfs: initrd.clone(),
-                    cmdline: Some(config.cmdline.clone()),
-                },
-                BootSource::Disk { .. } => PayloadConfig {
-                    kernel: None,
-                    initramfs: None,
-                    cmdline: Some(config.cmdline.clone()).filter(|c| !c.is_empty()),
-                },
-            },
-            disks: config
-                .disks
-                .iter()
-                .enumerate()
-                .map(|(i, d)| DiskConfig {
-                    path: d.path.clone(),
-                    readonly: d.readonly,
-                    id: d.id.clone(),
-                    format: d.format.map(|f| f.name().to_string()),
-                    boot: config.boot == BootSource::Disk { index: i },
-                    engine: Some(
-                        match d.engine {
-                            Engine::Sync => "sync",
-                            Engine::IoUring => "io_uring",
-                        }
-                        .into(),
-                    ),
-                })
-                .collect(),
-            net: config
-                .nets
-                .iter()
-                .map(|n| NetConfig {
-                    tap: n.tap.clone(),
-                    mac: n.mac.as_ref().map(mac),
-                    mtu: n.mtu,
-                    id: n.id.clone(),
-                    dhcp: None,
-                })
-                .collect(),
-            rng: config.rng.then(|| RngConfig {
-                src: "/dev/urandom".into(),
-            }),
-            serial: Some(SerialConfig { mode, file, socket }),
-            transport: Some(config.transport.into()),
-            acpi: Some(config.acpi),
-        }
-    }
 }
 
 /// What the JSON text's root is when it is not an object (`None` for an object, or for text
@@ -520,126 +348,9 @@ fn non_object_root(text: &str) -> Option<&'static str> {
     })
 }
 
-fn disk(index: usize, d: &DiskConfig, before: &[DiskConfig]) -> Result<BlockConfig, ConfigError> {
-    let field = |name: &str| format!("disks[{index}].{name}");
-    match std::fs::metadata(&d.path) {
-        Ok(meta) if meta.is_dir() => {
-            return Err(invalid(
-                field("path"),
-                format!("{} is a directory", d.path.display()),
-            ));
-        }
-        Ok(_) => {}
-        Err(e) => return Err(invalid(field("path"), format!("{}: {e}", d.path.display()))),
-    }
-    if let Some(id) = &d.id {
-        if id.is_empty() || id.len() > DISK_ID_MAX {
-            return Err(invalid(
-                field("id"),
-                format!("must be 1 to {DISK_ID_MAX} bytes"),
-            ));
-        }
-        if before.iter().any(|b| b.id.as_ref() == Some(id)) {
-            return Err(invalid(field("id"), format!("'{id}' is used twice")));
-        }
-    }
-    let engine = match d.engine.as_deref() {
-        None | Some("sync") => Engine::Sync,
-        Some("io_uring") => Engine::IoUring,
-        Some(other) => {
-            return Err(invalid(
-                field("engine"),
-                format!("'{other}': expected sync or io_uring"),
-            ));
-        }
-    };
-    let format =
-        match d.format.as_deref() {
-            None => None,
-            Some(name) => Some(ImageFormat::from_name(name).ok_or_else(|| {
-                invalid(field("format"), format!("'{name}': expected raw or qcow2"))
-            })?),
-        };
-    Ok(BlockConfig {
-        path: d.path.clone(),
-        readonly: d.readonly,
-        id: d.id.clone(),
-        engine,
-        format,
-    })
-}
-
-fn nic(index: usize, n: &NetConfig, before: &[NetConfig]) -> Result<NicConfig, ConfigError> {
-    let field = |name: &str| format!("net[{index}].{name}");
-    if n.tap.is_empty() {
-        return Err(invalid(field("tap"), "must name a tap device"));
-    }
-    if before.iter().any(|b| b.tap == n.tap) {
-        return Err(invalid(field("tap"), format!("'{}' is used twice", n.tap)));
-    }
-    let mac = match &n.mac {
-        None => None,
-        Some(text) => {
-            let mac = parse_mac(text).ok_or_else(|| {
-                invalid(
-                    field("mac"),
-                    format!("'{text}' is not like 52:54:00:12:34:56"),
-                )
-            })?;
-            if mac[0] & 1 != 0 {
-                return Err(invalid(
-                    field("mac"),
-                    format!("'{text}' is a multicast address"),
-                ));
-            }
-            Some(mac)
-        }
-    };
-    if let Some(mtu) = n.mtu
-        && mtu < 68
-    {
-        return Err(invalid(field("mtu"), format!("{mtu} is below 68")));
-    }
-    let mut mac = mac;
-    if let Some(dhcp) = &n.dhcp {
-        dhcp.validate()
-            .map_err(|e| invalid(field(&format!("dhcp.{}", e.field)), e.reason))?;
-        mac = Some(dhcp_mac(mac).map_err(|e| invalid(field("mac"), e.to_string()))?);
-    }
-    Ok(NicConfig {
-        tap: n.tap.clone(),
-        mac,
-        mtu: n.mtu,
-        id: n.id.clone(),
-    })
-}
-
-/// The MAC of a NIC with a DHCP server, which answers only that MAC: the one given, else a
-/// random one fixed now.
-pub(crate) fn dhcp_mac(given: Option<[u8; 6]>) -> std::io::Result<[u8; 6]> {
-    match given {
-        Some(mac) => Ok(mac),
-        None => rvmm_devices::virtio::net::random_mac(),
-    }
-}
-
-fn serial(s: &SerialConfig) -> Result<SerialMode, ConfigError> {
-    let path = |p: &Option<PathBuf>, name: &str| {
-        p.clone().ok_or_else(|| {
-            invalid(
-                format!("serial.{name}"),
-                format!("required with mode {:?}", s.mode),
-            )
-        })
-    };
-    Ok(match s.mode {
-        SerialModeName::Off | SerialModeName::Null => SerialMode::Off,
-        SerialModeName::Tty => SerialMode::Stdio,
-        SerialModeName::File => SerialMode::File(path(&s.file, "file")?),
-        SerialModeName::Socket => SerialMode::Socket(path(&s.socket, "socket")?),
-    })
-}
-
 #[cfg(test)]
 #[path = "config_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod entry_points_tests;

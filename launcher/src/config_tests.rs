@@ -1,4 +1,6 @@
+use super::spec::DEFAULT_CMDLINE;
 use super::*;
+use rvmm_core::{CpuProfile, Transport, VmConfig};
 
 fn write_temp(name: &str, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("rvmm-config-{}-{name}", std::process::id()));
@@ -7,7 +9,8 @@ fn write_temp(name: &str, text: &str) -> PathBuf {
 }
 
 fn validate(text: &str) -> Result<(VmConfig, SerialMode), ConfigError> {
-    VmConfigFile::from_json(text)?.validate(Path::new("/dev/kvm"), CpuProfile::Host)
+    let spec = VmConfigFile::from_json(text)?.validate(&HostSettings::for_tests())?;
+    Ok((spec.config, spec.serial))
 }
 
 fn error(text: &str) -> String {
@@ -291,4 +294,67 @@ fn a_root_that_is_not_an_object_says_so() {
     }
     // Text that is not JSON keeps the parser's position.
     assert!(error("vm").contains("line 1 column 1"), "{}", error("vm"));
+}
+
+#[test]
+fn a_kernel_and_boot_disks_name_each_other() {
+    let disk = |boot: bool| json_disk("/proc/self/exe", boot);
+    assert_eq!(
+        error(&format!(
+            r#"{{"payload": {{"kernel": "/proc/self/exe"}}, "disks": [{}]}}"#,
+            disk(true)
+        )),
+        "disks[0].boot: conflicts with payload.kernel: boot from one or the other"
+    );
+    assert_eq!(
+        error(&format!(
+            r#"{{"disks": [{}, {}, {}]}}"#,
+            disk(false),
+            disk(true),
+            disk(true)
+        )),
+        "disks[2].boot: only one disk can be the boot disk"
+    );
+    assert_eq!(
+        error(&format!(
+            r#"{{"payload": {{"initramfs": "/proc/self/exe"}}, "disks": [{}]}}"#,
+            disk(false)
+        )),
+        "payload.initramfs: needs payload.kernel (a disk boot takes its initrd from the disk)"
+    );
+    let (config, _) = validate(&format!(
+        r#"{{"disks": [{}, {}]}}"#,
+        disk(false),
+        disk(true)
+    ))
+    .unwrap();
+    assert_eq!(config.boot, rvmm_core::BootSource::Disk { index: 1 });
+}
+
+#[test]
+fn an_empty_console_path_is_refused() {
+    let err = error(
+        r#"{"payload": {"kernel": "/proc/self/exe"}, "serial": {"mode": "File", "file": ""}}"#,
+    );
+    assert_eq!(err, "serial.file: must not be empty");
+}
+
+#[test]
+fn the_host_gives_the_kvm_device_cpu_profile_and_seccomp() {
+    let host = HostSettings {
+        kvm_path: "/dev/kvm-other".into(),
+        cpu_profile: CpuProfile::PvmSafe,
+        seccomp: false,
+    };
+    let spec = VmConfigFile::from_json(r#"{"payload": {"kernel": "/proc/self/exe"}}"#)
+        .unwrap()
+        .validate(&host)
+        .unwrap();
+    assert_eq!(spec.config.kvm_path, Path::new("/dev/kvm-other"));
+    assert_eq!(spec.config.cpu_profile, CpuProfile::PvmSafe);
+    assert!(!spec.config.seccomp);
+}
+
+fn json_disk(path: &str, boot: bool) -> String {
+    format!(r#"{{"path": "{path}", "boot": {boot}}}"#)
 }

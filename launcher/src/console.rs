@@ -15,7 +15,7 @@ use rvmm_core::{Serial, SerialOutput};
 use rvmm_devices::limited_log;
 use vmm_sys_util::terminal::Terminal;
 
-use crate::cli::SerialMode;
+use crate::config::SerialMode;
 use crate::console_socket::{SocketConsole, Tee};
 use crate::seccomp::serial_filter;
 

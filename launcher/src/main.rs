@@ -13,7 +13,7 @@ use std::time::Duration;
 use rvmm_core::cpuid::KVM_PVM_MODULE;
 use rvmm_core::seccomp::{DeniedAction, set_denied_action, single_malloc_arena};
 use rvmm_launcher::api::{ApiServer, ApiServerError, start_metrics_server};
-use rvmm_launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line, parse_cpu_profile};
+use rvmm_launcher::cli::{Command, RunArgs, SeccompMode, parse_command_line};
 use rvmm_launcher::events::EventMonitor;
 use rvmm_launcher::kubevirt::launcher_mode;
 use rvmm_launcher::panic::abort_on_panic;
@@ -58,9 +58,9 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(vmm) => vmm,
         Err(e) => return fail(EXIT_BAD_CONFIG, &e),
     };
-    let vm = match args.vm_spec(kvm_pvm_loaded) {
+    let vm = match args.vm_spec(&vmm.settings().host()) {
         Ok(vm) => vm,
-        Err(e) => return fail(EXIT_BAD_CONFIG, &e),
+        Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
     };
     let restore = match args.restore_spec() {
         Ok(restore) => restore,
@@ -107,20 +107,16 @@ fn run(args: &RunArgs) -> ExitCode {
         }
     }
     let grace = Duration::from_secs(args.grace_period_seconds);
-    if vm.is_none()
-        && let Some(text) = &args.serial
-    {
+    if vm.is_none() {
         // Without a VM on the command line, --serial is the console of one restored or
         // migrated in through the API.
-        match rvmm_launcher::cli::parse_serial(text) {
-            Ok(serial) => vmm.set_serial_override(Some(serial)),
+        match args.serial_mode() {
+            Ok(serial) => vmm.set_serial_override(serial),
             Err(e) => return fail(EXIT_BAD_CONFIG, &e.into()),
         }
     }
     let started = match (vm, restore) {
-        (Some((file, config, serial)), _) => vmm
-            .create_validated(file, config, serial)
-            .and_then(|()| vmm.boot()),
+        (Some(spec), _) => vmm.create_spec(spec).and_then(|()| vmm.boot()),
         (None, Some(spec)) => vmm.restore(&spec.source_url, spec.prefault, spec.serial),
         (None, None) => Ok(()),
     };
@@ -173,16 +169,16 @@ fn run(args: &RunArgs) -> ExitCode {
 
 /// The VMM with its host-side settings and event monitor.
 fn setup(args: &RunArgs, kvm_pvm_loaded: bool) -> anyhow::Result<Arc<Vmm>> {
-    let cpu_profile = parse_cpu_profile(&args.cpu_profile, kvm_pvm_loaded)?;
+    let host = args.host_settings(kvm_pvm_loaded)?;
     let events = match &args.event_monitor {
         Some(spec) => EventMonitor::open(spec)?,
         None => EventMonitor::disabled(),
     };
     let settings = VmmSettings {
-        kvm_path: args.kvm_device.clone(),
-        cpu_profile,
+        kvm_path: host.kvm_path,
+        cpu_profile: host.cpu_profile,
         serial_log: args.serial_log.clone(),
-        seccomp: args.seccomp.filters(),
+        seccomp: host.seccomp,
         on_reboot: args.on_reboot,
         exit_when_guest_ends: true,
     };

@@ -27,8 +27,7 @@ use rvmm_core::{
 };
 use serde_json::{Value, json};
 
-use crate::cli::SerialMode;
-use crate::config::VmConfigFile;
+use crate::config::{SerialMode, VmConfigFile, VmSpec};
 use crate::console::Console;
 use crate::control_thread::ControlThread;
 use crate::dhcp::served_nics;
@@ -95,9 +94,7 @@ struct ActiveVm {
 
 #[derive(Debug)]
 struct VmSlot {
-    file: VmConfigFile,
-    config: VmConfig,
-    serial: SerialMode,
+    spec: VmSpec,
     /// Where the console's output is copied, instead of the settings' `serial_log`.
     serial_log: Option<PathBuf>,
     console: Option<Console>,
@@ -241,13 +238,13 @@ impl Vmm {
         &self.settings
     }
 
-    /// `vm.create`: validates `file` and keeps it as the VM to boot.
+    /// `vm.create`: validates `file` with this VMM's host settings and keeps it as the VM to
+    /// boot.
     pub fn create(&self, file: VmConfigFile) -> Result<(), VmmError> {
-        let (mut config, serial) = file
-            .validate(&self.settings.kvm_path, self.settings.cpu_profile)
+        let spec = file
+            .validate(&self.settings.host())
             .map_err(VmmError::Config)?;
-        config.seccomp = self.settings.seccomp;
-        self.create_validated(file, config, serial)
+        self.create_spec(spec)
     }
 
     /// [`Vmm::create`] with the console's output also appended to `serial_log` (virt-launcher
@@ -264,13 +261,8 @@ impl Vmm {
         Ok(())
     }
 
-    /// Keeps an already validated VM (from the command line's flags).
-    pub fn create_validated(
-        &self,
-        file: VmConfigFile,
-        config: VmConfig,
-        serial: SerialMode,
-    ) -> Result<(), VmmError> {
+    /// Keeps a validated VM ([`VmConfigFile::validate`]; `rvmm run`'s flags or `--config`).
+    pub fn create_spec(&self, spec: VmSpec) -> Result<(), VmmError> {
         let mut inner = self.lock();
         if inner.exit_code.is_some() {
             return Err(VmmError::Exiting);
@@ -279,9 +271,7 @@ impl Vmm {
             return Err(VmmError::AlreadyCreated(slot.state));
         }
         inner.vm = Some(VmSlot {
-            file,
-            config,
-            serial,
+            spec,
             serial_log: None,
             console: None,
             state: VmState::Created,
@@ -289,6 +279,12 @@ impl Vmm {
             dhcp: None,
         });
         Ok(())
+    }
+
+    /// The created VM's spec.
+    #[cfg(test)]
+    pub(crate) fn created_spec(&self) -> Option<VmSpec> {
+        self.lock().vm.as_ref().map(|slot| slot.spec.clone())
     }
 
     /// `vm.boot`: builds the VM and starts its vCPUs.
@@ -317,14 +313,14 @@ impl Vmm {
                 .as_ref()
                 .or(self.settings.serial_log.as_ref());
             let console = Console::open(
-                &slot.serial,
+                &slot.spec.serial,
                 log.map(PathBuf::as_path),
                 self.settings.seccomp,
             )
             .map_err(|e| VmmError::Console(e.into()))?;
             slot.console = Some(console);
         }
-        let boot = BootInfo::of(&slot.config);
+        let boot = BootInfo::of(&slot.spec.config);
         self.start_dhcp_in(inner)?;
         let started = self.start_vm(inner);
         if started.is_err()
@@ -348,7 +344,7 @@ impl Vmm {
 
     /// The DHCP server of the NICs that have one.
     fn start_dhcp(self: &Arc<Self>, slot: &VmSlot) -> Result<Option<DhcpServer>, VmmError> {
-        let nics = served_nics(&slot.file, &slot.config);
+        let nics = served_nics(&slot.spec);
         if nics.is_empty() {
             return Ok(None);
         }
@@ -369,12 +365,13 @@ impl Vmm {
         let console = slot.console.as_mut().expect("opened by boot_locked");
         log::info!(
             "Booting {} with {} vCPU(s), {} MiB, CPU profile {}",
-            BootInfo::of(&slot.config).source,
-            slot.config.vcpus,
-            slot.config.memory_bytes >> 20,
-            slot.config.cpu_profile.name()
+            BootInfo::of(&slot.spec.config).source,
+            slot.spec.config.vcpus,
+            slot.spec.config.memory_bytes >> 20,
+            slot.spec.config.cpu_profile.name()
         );
-        let vm = rvmm_core::build_vm(&slot.config, console.output()).map_err(VmmError::Boot)?;
+        let vm =
+            rvmm_core::build_vm(&slot.spec.config, console.output()).map_err(VmmError::Boot)?;
         self.start_built(inner, vm, VmState::Running)
     }
 
@@ -421,7 +418,7 @@ impl Vmm {
         let slot = inner.vm.as_mut().expect("checked above");
         if self.settings.seccomp {
             // Its devices are open: what the VMM does not need again goes (crate::privileges).
-            crate::privileges::lower_after_boot(!slot.config.nets.is_empty());
+            crate::privileges::lower_after_boot(!slot.spec.config.nets.is_empty());
         }
         slot.state = state;
         slot.active = Some(ActiveVm {
@@ -678,7 +675,7 @@ impl Vmm {
     pub fn reboot(self: &Arc<Self>) -> Result<(), VmmError> {
         let mut inner = self.lock();
         let slot = Self::slot_in(&mut inner, "reboot", &[VmState::Running, VmState::Paused])?;
-        check_boot_files(&slot.config).map_err(VmmError::RebootRefused)?;
+        check_boot_files(&slot.spec.config).map_err(VmmError::RebootRefused)?;
         let mut inner = self.stop_active(inner, StopCause::Reboot);
         let boot = match self.boot_locked(&mut inner) {
             Ok(boot) => boot,
@@ -717,9 +714,9 @@ impl Vmm {
         let inner = self.lock();
         let slot = inner.vm.as_ref().ok_or(VmmError::NotCreated)?;
         Ok(VmInfo {
-            config: slot.file.clone(),
+            config: slot.spec.to_file(),
             state: slot.state,
-            memory_actual_size: slot.config.memory_bytes,
+            memory_actual_size: slot.spec.config.memory_bytes,
         })
     }
 

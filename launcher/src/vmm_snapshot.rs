@@ -11,7 +11,7 @@ use rvmm_core::snapshot::{CONFIG_FILE, RestoreError};
 use rvmm_core::{RestoreReport, SaveError, SnapshotReport, VmEvent};
 
 use super::{Console, Inner, VmSlot, VmState, Vmm, VmmError};
-use crate::cli::SerialMode;
+use crate::config::SerialMode;
 use crate::config::{ConfigError, VmConfigFile};
 
 /// Errors of a snapshot or a restore besides the VM's state.
@@ -83,7 +83,7 @@ impl Vmm {
             .handle
             .snapshot(&dir)
             .map_err(|e| VmmError::Snapshot(e.into()))?;
-        write_config(&dir, &slot.file).map_err(VmmError::Snapshot)?;
+        write_config(&dir, &slot.spec.to_file()).map_err(VmmError::Snapshot)?;
         log::info!(
             "Snapshot in {}: {} bytes of state, {} of {} bytes of memory written, {:?}",
             dir.display(),
@@ -116,15 +116,12 @@ impl Vmm {
             return Err(VmmError::AlreadyCreated(state));
         }
         let file = read_config(&dir).map_err(VmmError::Restore)?;
-        let (mut config, saved_serial) = file
-            .validate(&self.settings.kvm_path, self.settings.cpu_profile)
-            .map_err(|source| {
-                VmmError::Restore(SnapshotError::Config {
-                    path: dir.join(CONFIG_FILE),
-                    source,
-                })
-            })?;
-        config.seccomp = self.settings.seccomp;
+        let mut spec = file.validate(&self.settings.host()).map_err(|source| {
+            VmmError::Restore(SnapshotError::Config {
+                path: dir.join(CONFIG_FILE),
+                source,
+            })
+        })?;
         let mut inner = self.lock();
         if inner.exit_code.is_some() {
             return Err(VmmError::Exiting);
@@ -132,23 +129,19 @@ impl Vmm {
         if let Some(slot) = &inner.vm {
             return Err(VmmError::AlreadyCreated(slot.state));
         }
-        // vm.info shows the console the VM really has.
-        let (file, serial) = match serial {
-            Some(serial) => (VmConfigFile::from_validated(&config, &serial), serial),
-            None => (file, saved_serial),
-        };
+        if let Some(serial) = serial {
+            spec.serial = serial;
+        }
         let console = Console::open(
-            &serial,
+            &spec.serial,
             self.settings.serial_log.as_deref(),
             self.settings.seccomp,
         )
         .map_err(|e| VmmError::Console(e.into()))?;
-        let vm = rvmm_core::snapshot::restore_vm(&config, &dir, prefault, console.output())
+        let vm = rvmm_core::snapshot::restore_vm(&spec.config, &dir, prefault, console.output())
             .map_err(|e| VmmError::Restore(e.into()))?;
         inner.vm = Some(VmSlot {
-            file,
-            config,
-            serial,
+            spec,
             serial_log: None,
             console: Some(console),
             state: VmState::Created,

@@ -7,7 +7,7 @@ use rvmm_core::seccomp::SpawnError;
 use rvmm_core::{BuildError, CpuProfile};
 use serde::Serialize;
 
-use crate::config::{ConfigError, VmConfigFile};
+use crate::config::{ConfigError, HostSettings, VmConfigFile};
 
 /// Exit code: the guest powered off or reset, or the VMM was asked to stop.
 pub const EXIT_OK: u8 = 0;
@@ -197,6 +197,17 @@ pub struct VmmSettings {
     /// When false the stopped VM stays defined, in state `Shutdown`, and [`Vmm::vm_end_code`]
     /// tells how it ended: virt-launcher mode exits once virt-handler deleted the domain.
     pub exit_when_guest_ends: bool,
+}
+
+impl VmmSettings {
+    /// What every VM of this VMM takes from the host ([`VmConfigFile::validate`]).
+    pub fn host(&self) -> HostSettings {
+        HostSettings {
+            kvm_path: self.kvm_path.clone(),
+            cpu_profile: self.cpu_profile,
+            seccomp: self.seccomp,
+        }
+    }
 }
 
 /// `vm.info`'s answer.

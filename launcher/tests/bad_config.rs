@@ -99,7 +99,7 @@ fn missing_disk_path_names_the_disk_entry() {
     ]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("--disk: path=/nonexistent/pvc/disk.img,id=pvc: /nonexistent/pvc/disk.img"),
+        stderr.contains("--disk[0] path: /nonexistent/pvc/disk.img: No such file"),
         "{stderr}"
     );
 }
@@ -117,7 +117,7 @@ fn missing_tap_and_bad_mac_name_the_net_entry() {
     let (code, stderr) = rejected(&["--kernel", k, "--net", "tap=tap0,mac=02:00:00:00:00"]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("--net: tap=tap0,mac=02:00:00:00:00: mac="),
+        stderr.contains("--net[0] mac: '02:00:00:00:00' is not like 52:54:00:12:34:56"),
         "{stderr}"
     );
 }
@@ -156,4 +156,37 @@ fn a_kvm_device_that_is_not_kvm_says_so() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("/dev/null is not a KVM device"), "{stderr}");
     assert!(!stderr.contains("KVM_CAP"), "{stderr}");
+}
+
+#[test]
+fn one_bad_value_names_the_flag_on_the_command_line_and_the_field_in_a_config_file() {
+    let (code, flags) = rejected(&[
+        "--kernel",
+        "/proc/self/exe",
+        "--disk",
+        "path=/proc/self/exe",
+        "--disk",
+        "path=/nonexistent/b.img",
+    ]);
+    assert_eq!(code, 2);
+    let config = temp_file(
+        "disks.json",
+        br#"{"payload": {"kernel": "/proc/self/exe"},
+            "disks": [{"path": "/proc/self/exe"}, {"path": "/nonexistent/b.img"}]}"#,
+    );
+    let (code, file) = rejected(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    let reason = "/nonexistent/b.img: No such file or directory";
+    assert_eq!(
+        flags.trim_end(),
+        format!("rvmm: --disk[1] path: {reason} (os error 2)")
+    );
+    assert_eq!(
+        file.trim_end(),
+        format!(
+            "rvmm: --config {}: disks[1].path: {reason} (os error 2)",
+            config.display()
+        )
+    );
+    std::fs::remove_file(config).unwrap();
 }

@@ -76,7 +76,7 @@ impl Transport {
 }
 
 /// Everything needed to build a VM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     /// Number of vCPUs (1 to 32).
     pub vcpus: u8,

@@ -23,19 +23,18 @@ pub mod socket;
 
 pub use config::{DhcpConfig, DhcpConfigError, LeaseConfig};
 
-use rvmm_core::VmConfig;
 use server::ServedNic;
 
-use crate::config::VmConfigFile;
+use crate::config::VmSpec;
 
-/// The NICs of a validated VM that have a DHCP server: its settings from `file`, the tap, MAC
-/// and MTU the NIC has in `config` (validation gave every such NIC a MAC).
-pub fn served_nics(file: &VmConfigFile, config: &VmConfig) -> Vec<ServedNic> {
-    file.net
+/// The NICs of a validated VM that have a DHCP server, with the tap, MAC and MTU the NIC has
+/// (validation gave every such NIC a MAC).
+pub fn served_nics(spec: &VmSpec) -> Vec<ServedNic> {
+    spec.dhcp
         .iter()
-        .zip(&config.nets)
-        .filter_map(|(net, nic)| {
-            let dhcp = net.dhcp.clone()?;
+        .zip(&spec.config.nets)
+        .filter_map(|(dhcp, nic)| {
+            let dhcp = dhcp.clone()?;
             let mac = nic.mac?;
             Some(ServedNic {
                 nic: nic.id.clone().unwrap_or_else(|| nic.tap.clone()),

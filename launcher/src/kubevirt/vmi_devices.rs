@@ -67,13 +67,13 @@ pub(super) fn disks(
             ));
         }
         if let Some(serial) = &disk.serial
-            && serial.len() > crate::cli::DISK_ID_MAX
+            && serial.len() > crate::config::DISK_ID_MAX
         {
             return Err(unsupported(
                 format!("{field}.serial"),
                 format!(
                     "'{serial}' is longer than virtio-blk's {} bytes",
-                    crate::cli::DISK_ID_MAX
+                    crate::config::DISK_ID_MAX
                 ),
             ));
         }
@@ -440,7 +440,7 @@ pub(super) fn interfaces(vmi: &Vmi) -> Result<Vec<PlannedInterface>, VmiError> {
         let mac = match &iface.mac_address {
             Some(text) => {
                 let mac = text.replace('-', ":").to_ascii_lowercase();
-                match crate::cli::parse_mac(&mac) {
+                match crate::config::parse_mac(&mac) {
                     Some(bytes) if bytes[0] & 1 == 0 => mac,
                     Some(_) => {
                         return Err(invalid(

@@ -181,7 +181,7 @@ fn prepared_fedora_plan_passes_config_validation() {
     assert_eq!(&iso[16 * 2048 + 1..16 * 2048 + 6], b"CD001");
     assert!(plan.serial_socket.unwrap().parent().unwrap().is_dir());
     plan.config
-        .validate(Path::new("/dev/kvm"), rvmm_core::CpuProfile::Host)
+        .validate(&crate::config::HostSettings::for_tests())
         .unwrap();
 }
 
@@ -432,7 +432,7 @@ fn vmi_without_kernel_boot_boots_the_disk_with_the_lowest_boot_order() {
     prepare(&ordered).unwrap();
     ordered
         .config
-        .validate(Path::new("/dev/kvm"), rvmm_core::CpuProfile::Host)
+        .validate(&crate::config::HostSettings::for_tests())
         .unwrap();
     // Secure Boot is KubeVirt's default for EFI.
     let vmi = edited(FEDORA, |v| {
@@ -532,7 +532,7 @@ fn interface_without_mac_gets_a_stable_one() {
     let second = plan(&vmi, &pod.dirs).unwrap().interfaces[0].mac.clone();
     assert_eq!(first, second);
     assert!(first.starts_with("52:54:00:"), "{first}");
-    assert!(crate::cli::parse_mac(&first).is_some());
+    assert!(crate::config::parse_mac(&first).is_some());
 }
 
 #[test]

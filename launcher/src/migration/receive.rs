@@ -13,8 +13,7 @@ use rvmm_core::{ReceivedReport, VmEvent};
 use super::memory::receive_pages;
 use super::protocol::{self, Command, MAX_CONFIG, ProtocolError, answer, read_header};
 use super::{MigrationError, MigrationUrl, Stream};
-use crate::cli::SerialMode;
-use crate::config::VmConfigFile;
+use crate::config::{SerialMode, VmConfigFile, VmSpec};
 use crate::vmm::{Console, VmSlot, VmState, Vmm, VmmError};
 
 /// A bound migration socket, waiting for its sender.
@@ -84,9 +83,7 @@ struct Local {
 
 /// What the receiver has so far.
 struct Incoming {
-    file: VmConfigFile,
-    config: rvmm_core::VmConfig,
-    serial: SerialMode,
+    spec: VmSpec,
     memory: rvmm_core::memory::GuestMemoryMmap,
 }
 
@@ -237,24 +234,16 @@ impl Vmm {
                 own.clone()
             }
         };
-        let serial = local.serial.clone();
-        let (mut config, saved_serial) = file
-            .validate(&self.settings.kvm_path, self.settings.cpu_profile)
+        let mut spec = file
+            .validate(&self.settings.host())
             .map_err(|e| crate::errors::error_chain(&e))?;
-        config.seccomp = self.settings.seccomp;
-        let layout =
-            MemoryLayout::new(config.memory_bytes).map_err(|e| crate::errors::error_chain(&e))?;
+        if let Some(serial) = &local.serial {
+            spec.serial = serial.clone();
+        }
+        let layout = MemoryLayout::new(spec.config.memory_bytes)
+            .map_err(|e| crate::errors::error_chain(&e))?;
         let memory = create_guest_memory(&layout).map_err(|e| crate::errors::error_chain(&e))?;
-        let (file, serial) = match serial {
-            Some(serial) => (VmConfigFile::from_validated(&config, &serial), serial),
-            None => (file, saved_serial),
-        };
-        Ok(Incoming {
-            file,
-            config,
-            serial,
-            memory,
-        })
+        Ok(Incoming { spec, memory })
     }
 
     /// Builds the VM from the received state, paused.
@@ -268,17 +257,20 @@ impl Vmm {
             ));
         }
         let console = Console::open(
-            &incoming.serial,
+            &incoming.spec.serial,
             self.settings.serial_log.as_deref(),
             self.settings.seccomp,
         )
         .map_err(|e| format!("Cannot set up the serial console: {e}"))?;
-        let vm = build_restored(&incoming.config, &state, incoming.memory, console.output())
-            .map_err(|e| crate::errors::error_chain(&e))?;
+        let vm = build_restored(
+            &incoming.spec.config,
+            &state,
+            incoming.memory,
+            console.output(),
+        )
+        .map_err(|e| crate::errors::error_chain(&e))?;
         inner.vm = Some(VmSlot {
-            file: incoming.file,
-            config: incoming.config,
-            serial: incoming.serial,
+            spec: incoming.spec,
             serial_log: None,
             console: Some(console),
             state: VmState::Created,

@@ -97,7 +97,8 @@ impl Vmm {
                 .as_ref()
                 .map(|a| a.handle.clone())
                 .ok_or(VmmError::NotCreated)?;
-            let config = serde_json::to_vec(&slot.file).expect("a configuration always serialises");
+            let config = serde_json::to_vec(&slot.spec.to_file())
+                .expect("a configuration always serialises");
             (handle, config)
         };
         let cancel = Arc::new(Canceller::default());
