@@ -301,7 +301,7 @@ impl Notifier {
     }
 
     /// Delivers `event`, retrying until [`Self::total_timeout`] (or the exit deadline); a
-    /// refusal is not retried.
+    /// refusal or a virt-handler without our notify version is not retried.
     pub async fn send(&mut self, event: &DomainEvent) -> Result<(), NotifyError> {
         self.deliver(Call::Domain(event.request())).await
     }
@@ -338,7 +338,10 @@ impl Notifier {
                 .await
             {
                 Ok(()) => return Ok(()),
-                Err(e @ NotifyError::Refused(_)) => return Err(e),
+                // Neither gets better by asking again.
+                Err(e @ (NotifyError::Refused(_) | NotifyError::NoCommonVersion { .. })) => {
+                    return Err(e);
+                }
                 Err(e) => {
                     // Reconnect next time: the socket may have been recreated.
                     self.client = None;
