@@ -30,7 +30,8 @@ pub mod vcpu;
 pub mod vm;
 
 pub use builder::{
-    BootSource, BuildError, Serial, SerialOutput, Transport, Vm, VmConfig, build_vm,
+    AddressSpace, BootSource, BuildError, CustomDevice, CustomVirtioDevice, DeviceInterrupt,
+    FactoryError, Serial, SerialOutput, Transport, Vm, VmBuilder, VmConfig, build_vm,
 };
 pub use control::{Outcome, RunState, StopReason, VmControl};
 pub use cpuid::CpuProfile;
