@@ -1,0 +1,92 @@
+//! Shared by vmm-core's KVM tests: KVM detection, the tiny test guests, the examples.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Whether tests that need /dev/kvm can run: without it they skip with a printed reason,
+/// except under CI=true (the convention of launcher/tests/common).
+pub fn kvm_available(test: &str) -> bool {
+    let reason = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => return true,
+        Err(e) => format!("/dev/kvm cannot be opened: {e}"),
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: {reason}; CI=true requires KVM");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
+/// Builds the tiny guests (guest-images/tiny/build) once per test binary; `<name>.elf`.
+pub fn tiny_guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let out = workspace().join("target").join("tiny-guests");
+        let status = Command::new("bash")
+            .arg(workspace().join("guest-images/tiny/build"))
+            .arg(&out)
+            .status()
+            .expect("run guest-images/tiny/build");
+        assert!(status.success(), "building the tiny guests failed");
+        out
+    });
+    dir.join(format!("{name}.elf"))
+}
+
+/// The example `name`; the first call builds them all, in this test's profile.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .args(["build", "--quiet", "-p", "rvmm-core", "--examples"])
+            .arg("--target-dir")
+            .arg(profile_dir.parent().unwrap());
+        if profile_dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build --examples");
+        assert!(status.success(), "building the examples failed");
+        profile_dir.join("examples")
+    });
+    dir.join(name)
+}
+
+/// A serial console output the test reads afterwards.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
