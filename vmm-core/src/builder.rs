@@ -1,5 +1,14 @@
 //! The VM builder: a straight recipe of `setup_*`/`attach_*` steps from a [`VmConfig`] to a
-//! [`Vm`] ready to start.
+//! [`Vm`] ready to start. [`VmBuilder`] is its public face, [`build_vm`] the launcher's.
+//!
+//! Embedder devices ([`CustomDevice`], [`CustomVirtioDevice`]) come from factories, called at
+//! every build. A bus device runs on the vCPU thread that touched its range, under the vCPU
+//! seccomp filter when the VM has one ([`VmBuilder::seccomp`]): besides computing and taking
+//! locks it may write to files it holds open and to eventfds (raising its interrupt is one),
+//! nothing more; work that needs other system calls belongs on a thread of the device's own,
+//! started by the factory (which runs on the thread building the VM). A VM with embedder
+//! devices cannot be snapshotted, migrated or restored: the snapshot format has no place for
+//! their state, so [`VmHandle::snapshot`] refuses, naming the device.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,7 +38,7 @@ pub use self::custom::{
 use self::custom::{attach_custom_devices, check_ranges, interrupt_gsis};
 pub(crate) use self::virtio::{Placement, create_virtio_devices, place, start_worker_threads};
 use self::virtio::{attach_virtio_mmio, attach_virtio_pci};
-pub use self::vm_builder::VmBuilder;
+pub use self::vm_builder::{DEFAULT_CMDLINE, VmBuilder};
 use crate::acpi::{AcpiError, AcpiPlatform, write_acpi_tables};
 use crate::boot::{
     BootError, LoadedKernel, PlatformInfo, build_cmdline, load_initrd, load_initrd_bytes,

@@ -1,22 +1,6 @@
 //! Devices an embedder brings: a port I/O or MMIO device ([`BusDevice`]) at an address range it
 //! chooses, with an optional interrupt line, and virtio devices ([`VirtioDevice`]) on the VM's
-//! transport.
-//!
-//! Each is given as a factory, called every time the VM is built: a [`VmBuilder`] can build
-//! its VM again (a reboot), and a device's state belongs to one VM.
-//!
-//! A bus device runs on the vCPU thread that touched its range, under the vCPU seccomp filter
-//! when the VM has one ([`VmBuilder::seccomp`]): besides computing and taking locks it may
-//! write to files it holds open and to eventfds (raising its interrupt is one), nothing more.
-//! Work that needs other system calls belongs on a thread of the device's own, started by the
-//! factory (which runs on the thread building the VM).
-//!
-//! A VM with such devices cannot be snapshotted or migrated: the snapshot format has no place
-//! for their state, so [`VmHandle::snapshot`](crate::VmHandle::snapshot) refuses, naming the
-//! device.
-//!
-//! [`VmBuilder`]: super::VmBuilder
-//! [`VmBuilder::seccomp`]: super::VmBuilder::seccomp
+//! transport; the rules are in the [`builder`](super) module's documentation.
 
 use std::fmt;
 use std::ops::Range;
