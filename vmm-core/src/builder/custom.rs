@@ -363,9 +363,10 @@ pub(crate) fn interrupt_gsis(
             (PCI_INTX_GSI_FIRST..PCI_INTX_GSI_FIRST + PCI_INTX_GSI_COUNT).contains(&gsi)
         }
     };
+    let taken = |gsi: u32| used(gsi) || (acpi && gsi == SCI_IRQ);
     let free: Vec<u32> = (VIRTIO_IRQ_FIRST..=VIRTIO_IRQ_LAST)
         .rev()
-        .filter(|&gsi| !used(gsi) && !(acpi && gsi == SCI_IRQ))
+        .filter(|&gsi| !taken(gsi))
         .take(count)
         .collect();
     match free.len() == count {
