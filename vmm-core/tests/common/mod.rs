@@ -56,8 +56,10 @@ pub fn example(name: &str) -> PathBuf {
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        // The whole workspace, as `cargo test --workspace` resolves its features: after that
+        // this build has nothing to do.
         cargo
-            .args(["build", "--quiet", "-p", "rvmm-core", "--examples"])
+            .args(["build", "--quiet", "--workspace", "--examples"])
             .arg("--target-dir")
             .arg(profile_dir.parent().unwrap());
         if profile_dir.ends_with("release") {
