@@ -67,6 +67,10 @@ pub mod seccomp;
 mod trigger;
 pub mod virtio;
 
+/// The rust-vmm crates this crate's API speaks in (queues, guest memory, eventfds), for an
+/// embedder's devices to use the same versions.
+pub use {virtio_queue, vm_memory, vmm_sys_util};
+
 pub use bus_device::BusDevice;
 pub use pausable::{Pausable, PauseError};
 pub use trigger::EventFdTrigger;
