@@ -2,51 +2,15 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
+#[path = "../../../launcher/tests/common/guests.rs"]
+mod guests;
 
-/// Whether tests that need /dev/kvm can run: without it they skip with a printed reason,
-/// except under CI=true (the convention of launcher/tests/common).
-pub fn kvm_available(test: &str) -> bool {
-    let reason = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => return true,
-        Err(e) => format!("/dev/kvm cannot be opened: {e}"),
-    };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {reason}; CI=true requires KVM");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    false
-}
-
-/// Builds the tiny guests (guest-images/tiny/build) once per test binary; `<name>.elf`.
-pub fn tiny_guest(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let out = workspace().join("target").join("tiny-guests");
-        let status = Command::new("bash")
-            .arg(workspace().join("guest-images/tiny/build"))
-            .arg(&out)
-            .status()
-            .expect("run guest-images/tiny/build");
-        assert!(status.success(), "building the tiny guests failed");
-        out
-    });
-    dir.join(format!("{name}.elf"))
-}
+#[allow(unused_imports)] // each test binary uses a different part
+pub use guests::{kvm_available, tiny_guest};
 
 /// The example `name`; the first call builds them all, in this test's profile.
 pub fn example(name: &str) -> PathBuf {
