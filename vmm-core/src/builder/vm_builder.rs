@@ -235,6 +235,22 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_with_embedder_devices_is_refused_naming_one() {
+        let builder = VmBuilder::new(BootSource::kernel("/nonexistent")).virtio_device(
+            CustomVirtioDevice::new("mine", || Ok(rvmm_devices::virtio::rng::Rng::new())),
+        );
+        let dir = Path::new("/nonexistent/snapshot");
+        let err = builder
+            .restore(dir, false, Box::new(std::io::sink()))
+            .unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap();
+        assert_eq!(
+            cause.to_string(),
+            "Device mine is the embedder's: a snapshot cannot restore it"
+        );
+    }
+
+    #[test]
     fn a_failing_factory_names_its_device() {
         let builder = VmBuilder::new(BootSource::kernel("/nonexistent")).virtio_device(
             CustomVirtioDevice::new("mine", || -> Result<rvmm_devices::virtio::rng::Rng, _> {
