@@ -48,7 +48,6 @@
 //! ```
 
 #![deny(missing_docs)]
-
 #![warn(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,

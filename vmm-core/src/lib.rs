@@ -36,7 +36,6 @@
 //! filters unless [`VmBuilder::seccomp`] turns them off.
 
 #![deny(missing_docs)]
-
 #![warn(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,
