@@ -1,11 +1,22 @@
 //! The VM builder: a straight recipe of `setup_*`/`attach_*` steps from a [`VmConfig`] to a
-//! [`Vm`] ready to start.
+//! [`Vm`] ready to start. [`VmBuilder`] is its public face, [`build_vm`] the launcher's.
+//!
+//! Embedder devices ([`CustomDevice`], [`CustomVirtioDevice`]) come from factories, called at
+//! every build. A bus device runs on the vCPU thread that touched its range, under the vCPU
+//! seccomp filter when the VM has one ([`VmBuilder::seccomp`]): besides computing and taking
+//! locks it may write to files it holds open and to eventfds (raising its interrupt is one),
+//! nothing more; work that needs other system calls belongs on a thread of the device's own,
+//! started by the factory (which runs on the thread building the VM). A VM with embedder
+//! devices cannot be snapshotted, migrated or restored: the snapshot format has no place for
+//! their state, so [`VmHandle::snapshot`] refuses, naming the device.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+mod custom;
 mod virtio;
+mod vm_builder;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use rvmm_devices::EventFdTrigger;
@@ -20,8 +31,14 @@ use rvmm_devices::virtio::VirtioDevice;
 use rvmm_devices::virtio::block::{BlockConfig, DiskSync};
 use rvmm_devices::virtio::net::NetConfig;
 
+pub(crate) use self::custom::CustomDevices;
+pub use self::custom::{
+    AddressSpace, CustomDevice, CustomVirtioDevice, DeviceInterrupt, FactoryError,
+};
+use self::custom::{attach_custom_devices, check_ranges, interrupt_gsis};
 pub(crate) use self::virtio::{Placement, create_virtio_devices, place, start_worker_threads};
 use self::virtio::{attach_virtio_mmio, attach_virtio_pci};
+pub use self::vm_builder::{DEFAULT_CMDLINE, VmBuilder};
 use crate::acpi::{AcpiError, AcpiPlatform, write_acpi_tables};
 use crate::boot::{
     BootError, LoadedKernel, PlatformInfo, build_cmdline, load_initrd, load_initrd_bytes,
@@ -241,6 +258,38 @@ pub enum BuildError {
     /// The snapshot's serial port state is invalid.
     #[error("Cannot restore the serial port")]
     Serial(#[source] SerialRestoreError),
+    /// An embedder device's range is invalid or taken.
+    #[error("Device {name}: {space} range {base:#x}+{len:#x} overlaps {owner}")]
+    ReservedRange {
+        /// The device.
+        name: String,
+        /// Port I/O or MMIO.
+        space: &'static str,
+        /// Start of its range.
+        base: u64,
+        /// Length of its range.
+        len: u64,
+        /// What the range collides with, and where that is.
+        owner: String,
+    },
+    /// More embedder devices want an interrupt than the IOAPIC has free pins.
+    #[error("No free interrupt lines for {wanted} devices")]
+    NoFreeInterrupt {
+        /// Devices that asked for a line.
+        wanted: usize,
+    },
+    /// A restore asked of a VM with embedder devices, whose state a snapshot cannot hold.
+    #[error("Device {0} is the embedder's: a snapshot cannot restore it")]
+    CustomDeviceRestore(String),
+    /// An embedder's factory failed.
+    #[error("Cannot create device {name}")]
+    CustomDevice {
+        /// The device.
+        name: String,
+        /// What the factory returned.
+        #[source]
+        source: FactoryError,
+    },
 }
 
 /// A VM built and ready to start.
@@ -263,6 +312,8 @@ pub struct Vm {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) layout: MemoryLayout,
     pub(crate) seccomp: bool,
+    /// The embedder's devices, by name (a snapshot refuses them).
+    pub(crate) custom: Vec<String>,
 }
 
 /// The virtio devices of a configuration, and what the VM keeps of them besides the devices.
@@ -275,15 +326,31 @@ pub(crate) struct VirtioDevices {
     pub(crate) syncs: Vec<DiskSync>,
 }
 
-/// Builds the VM described by `config`, its console writing to `serial_out`.
+/// Builds the VM described by `config`, its console writing to `serial_out` (the launcher's
+/// entry; [`VmBuilder`] adds the embedder's devices).
 pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, BuildError> {
+    build(config, &CustomDevices::default(), serial_out)
+}
+
+/// Builds the VM described by `config` with the embedder's `custom` devices.
+fn build(
+    config: &VmConfig,
+    custom: &CustomDevices,
+    serial_out: SerialOutput,
+) -> Result<Vm, BuildError> {
     check_platform(config)?;
     let layout = MemoryLayout::new(config.memory_bytes)?;
+    check_ranges(&layout, &custom.bus)?;
     let mem = create_guest_memory(&layout)?;
     // The user's files are checked before KVM is touched.
     let mut virtio = create_virtio_devices(config)?;
+    for device in &custom.virtio {
+        virtio.devices.push(device.create()?);
+    }
     start_worker_threads(&mut virtio.devices, config.seccomp)?;
     let placement = place(config.transport, virtio.devices.len())?;
+    let wanted = custom.bus.iter().filter(|d| d.wants_interrupt()).count();
+    let gsis = interrupt_gsis(&placement, config.acpi, wanted)?;
     let platform = setup_acpi(&mem, &layout, config, &placement)?;
     let kernel = setup_boot(&mem, &layout, config, &placement, &platform)?;
     setup_mptable(&mem, config.vcpus)?;
@@ -308,6 +375,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         virtio.devices,
         &placement,
     )?;
+    attach_custom_devices(&vm_fd, (&mut pio, &mut mmio), &custom.bus, &gsis)?;
     let (exits, recorders) = ExitCounters::new(usize::from(config.vcpus));
     let vcpus = setup_vcpus(&kvm, &vm_fd, config, &kernel, recorders)?;
     let metrics = MetricsHandle::new(
@@ -334,6 +402,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, Build
         mem,
         layout,
         seccomp: config.seccomp,
+        custom: custom.names(),
     })
 }
 
@@ -620,6 +689,7 @@ impl Vm {
             vm_fd: self.vm_fd,
             mem: self.mem,
             layout: self.layout,
+            custom: self.custom,
         });
         Ok(RunningVm {
             threads,

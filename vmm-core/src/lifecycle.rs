@@ -1,5 +1,13 @@
 //! A running VM: pause, resume, stop, and waiting for the end.
 //!
+//! [`Vm::start`](crate::Vm::start) returns the [`RunningVm`], the VM's owner: it dereferences
+//! to a [`VmHandle`], whose clones (from [`RunningVm::handle`]) control the VM from any thread:
+//! [`pause`](VmHandle::pause), [`resume`](VmHandle::resume), [`stop`](VmHandle::stop),
+//! [`request_shutdown`](VmHandle::request_shutdown) (ACPI power button or Ctrl-Alt-Del),
+//! [`snapshot`](VmHandle::snapshot), [`metrics`](VmHandle::metrics), [`state`](VmHandle::state),
+//! [`flush_disks`](VmHandle::flush_disks). The owner alone can [`wait`](RunningVm::wait) for
+//! the end, which tells why the VM stopped.
+//!
 //! Teardown: the VM ends on the thread that calls [`RunningVm::wait`] or drops the
 //! [`RunningVm`]. After the vCPU threads are joined the devices are dropped there, which stops
 //! their workers: each virtio-blk worker completes its I/O in flight and flushes its disk if it

@@ -35,6 +35,9 @@ pub enum SaveError {
     /// The VM has stopped.
     #[error("The VM has stopped")]
     Gone,
+    /// The VM has a device of the embedder's, whose state a snapshot cannot hold.
+    #[error("Device {0} is the embedder's: a snapshot cannot hold its state")]
+    CustomDevice(String),
     /// KVM's MSR list cannot be read.
     #[error("Cannot read KVM's list of MSRs")]
     MsrList(#[source] kvm_ioctls::Error),
@@ -149,6 +152,8 @@ pub(crate) struct Machine {
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) layout: MemoryLayout,
+    /// The embedder's devices, by name: their state has no place in a snapshot.
+    pub(crate) custom: Vec<String>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,6 +215,9 @@ impl Machine {
 
     /// The whole VM's state; the vCPUs and devices must be paused.
     pub(crate) fn save_state(&self) -> Result<VmState, SaveError> {
+        if let Some(name) = self.custom.first() {
+            return Err(SaveError::CustomDevice(name.clone()));
+        }
         let xsave = self.kvm.check_extension_int(Cap::Xsave2);
         if xsave > XSAVE_BYTES {
             return Err(SaveError::Xsave(xsave));

@@ -310,7 +310,7 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
 /// Names a `KVM_EXIT_INTERNAL_ERROR`; for an emulation failure, with the instruction's bytes
-/// (data[0] holds flags, then one byte of length and up to 15 bytes of instruction).
+/// (`data[0]` holds flags, then one byte of length and up to 15 bytes of instruction).
 pub fn describe_internal_error(suberror: u32, data: &[u64]) -> String {
     let kind = match suberror {
         KVM_INTERNAL_ERROR_EMULATION => "emulation failure",

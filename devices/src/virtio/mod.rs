@@ -115,6 +115,60 @@ pub fn take_queues<const N: usize>(
 }
 
 /// A virtio device, independent of the transport that exposes it.
+///
+/// The transport (virtio-mmio or virtio-pci) handles the driver's side: feature negotiation,
+/// queue set-up, status, interrupts. The device says what it offers and, at
+/// [`VirtioDevice::activate`], takes the queues. rvmm's devices hand them to a worker thread
+/// of their own ([`DeviceWorker`] with a [`DeviceHandler`], woken by the queues' eventfds):
+/// [`rng`] is the shortest complete example. Only the methods without a default are required;
+/// a device without a worker is paused whenever the vCPUs are, and one that does not
+/// implement [`VirtioDevice::save_state`] makes snapshots of its VM fail.
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use rvmm_devices::virtio::{
+///     ActivateError, ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
+///     VirtioInterrupt,
+/// };
+///
+/// /// One queue the driver fills and nobody empties (a real device gives the queues to a
+/// /// worker, which pops the driver's buffers, uses them and interrupts the driver).
+/// #[derive(Default)]
+/// struct Sink(Vec<ActiveQueue>);
+///
+/// impl VirtioDevice for Sink {
+///     fn device_type(&self) -> u32 {
+///         42
+///     }
+///     fn queue_max_sizes(&self) -> &[u16] {
+///         &[64]
+///     }
+///     fn features(&self) -> u64 {
+///         VIRTIO_F_VERSION_1
+///     }
+///     fn ack_features(&mut self, _features: u64) {}
+///     fn read_config(&self, _offset: u64, data: &mut [u8]) {
+///         data.fill(0);
+///     }
+///     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+///     fn activate(
+///         &mut self,
+///         _mem: GuestMemoryMmap,
+///         _interrupt: Arc<dyn VirtioInterrupt>,
+///         queues: Vec<ActiveQueue>,
+///     ) -> Result<(), ActivateError> {
+///         self.0 = queues;
+///         Ok(())
+///     }
+///     fn reset(&mut self) {
+///         self.0.clear();
+///     }
+/// }
+///
+/// let sink = Sink::default();
+/// assert!(sink.save_state().is_none() && sink.is_paused());
+/// ```
 pub trait VirtioDevice: Send {
     /// Virtio device type (`TYPE_BLOCK`, ...).
     fn device_type(&self) -> u32;
@@ -194,12 +248,22 @@ pub trait VirtioDevice: Send {
         self.worker().and_then(DeviceWorker::queue_states)
     }
 
-    /// The device-specific state a snapshot keeps.
-    fn save_state(&self) -> VirtioDeviceState;
+    /// The device-specific state a snapshot keeps; `None` (the default) for a device that
+    /// cannot be saved, such as an embedder's, whose state has no place in the snapshot format:
+    /// a snapshot of its VM fails.
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        None
+    }
 
     /// Takes the device-specific state of a snapshot, before the transport re-activates the
-    /// device. Fails when the snapshot does not fit the configured device.
-    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError>;
+    /// device. Fails when the snapshot does not fit the configured device, and (the default)
+    /// for a device that cannot be saved.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
+        Err(RestoreError::DeviceKind {
+            saved: state.kind(),
+            configured: "unsaved",
+        })
+    }
 }
 
 /// Copies the part of a device's configuration space `config` that a guest read at `offset`

@@ -126,6 +126,9 @@ pub enum SaveError {
     /// The device runs: its queues move under the snapshot.
     #[error("The {0} device is not paused")]
     NotPaused(&'static str),
+    /// The device keeps no state a snapshot can hold ([`super::VirtioDevice::save_state`]).
+    #[error("The virtio device of type {0} cannot be saved")]
+    Unsaved(u32),
 }
 
 /// Errors restoring a device from a snapshot.

@@ -127,8 +127,8 @@ impl VirtioDevice for FakeDevice {
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
     }
-    fn save_state(&self) -> persist::VirtioDeviceState {
-        persist::VirtioDeviceState::Rng
+    fn save_state(&self) -> Option<persist::VirtioDeviceState> {
+        Some(persist::VirtioDeviceState::Rng)
     }
     fn restore_state(
         &mut self,

@@ -287,7 +287,10 @@ impl TransportCore {
     /// The device's own state and the queues (with the device's positions in its rings while
     /// it runs); the device must be paused.
     pub(crate) fn save(&self) -> Result<(VirtioDeviceState, Vec<QueueSnapshot>), SaveError> {
-        let device = self.device.save_state();
+        let device = self
+            .device
+            .save_state()
+            .ok_or(SaveError::Unsaved(self.device.device_type()))?;
         if !self.device.is_paused() {
             return Err(SaveError::NotPaused(device.kind()));
         }

@@ -15,7 +15,8 @@ use super::{
 };
 use crate::dhcp::DhcpConfig;
 
-pub(super) const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// A kernel's command line unless the configuration gives one: the library's default.
+pub(super) use rvmm_core::builder::DEFAULT_CMDLINE;
 /// GET_ID answers with at most 20 bytes.
 pub const DISK_ID_MAX: usize = 20;
 /// The smallest MTU an IPv4 host must accept (RFC 791).

@@ -6,7 +6,7 @@
 //! presents it: the PM1a blocks and reset register of [`rvmm_devices::legacy::AcpiPm`] (the power
 //! button is a fixed event, S5 the only sleep state), the SCI on IRQ 9 made edge-triggered by
 //! an interrupt source override (so an irqfd raises it), the IOAPIC and a local APIC per vCPU,
-//! the i8042, and no CMOS RTC or VGA. The DSDT ([`dsdt`]) is static data, no loops: AML runs
+//! the i8042, and no CMOS RTC or VGA. The DSDT (module `dsdt`) is static data, no loops: AML runs
 //! slowly on hosts that emulate the guest's instructions.
 
 mod dsdt;

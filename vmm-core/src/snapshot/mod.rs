@@ -4,7 +4,7 @@
 //! VM's configuration):
 //!
 //! - `state.bin`: every component's state ([`VmState`]) behind a fixed header (see
-//!   [`format`]): the magic `RVMMSNAP`, the format version, the payload's length and its
+//!   [`format`](mod@format)): the magic `RVMMSNAP`, the format version, the payload's length and its
 //!   CRC-32, then the payload in postcard's documented, stable encoding.
 //! - `memory.bin`: guest RAM, its regions back to back in guest-address order (the region
 //!   at 4 GiB follows the one below the MMIO hole). Pages of zeros are not written: the file is

@@ -193,6 +193,7 @@ pub fn build_restored(
         mem,
         layout,
         seccomp: config.seccomp,
+        custom: Vec::new(),
     })
 }
 

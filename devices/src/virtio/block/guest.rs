@@ -36,10 +36,10 @@ impl FastRegion {
     };
 }
 
-/// A guest buffer resolved to host memory by [`GuestView`]: `len` bytes at `ptr`, inside one
-/// mapping of the guest memory the view keeps alive. Only the view builds one, after checking
-/// the bounds, so a backend handed a `HostBuf` together with that memory may pass it to the
-/// kernel as it is.
+/// A guest buffer resolved to host memory by `GuestView` (the worker's view of guest memory):
+/// `len` bytes at `ptr`, inside one mapping of the guest memory the view keeps alive. Only the
+/// view builds one, after checking the bounds, so a backend handed a `HostBuf` together with
+/// that memory may pass it to the kernel as it is.
 #[derive(Clone, Copy, Debug)]
 pub struct HostBuf {
     ptr: *mut u8,

@@ -546,8 +546,8 @@ impl VirtioDevice for Block {
         Some(&mut self.worker)
     }
 
-    fn save_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Block(self.persist())
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        Some(VirtioDeviceState::Block(self.persist()))
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {

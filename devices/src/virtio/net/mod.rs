@@ -322,8 +322,8 @@ impl VirtioDevice for Net {
         Some(&mut self.worker)
     }
 
-    fn save_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Net(self.persist())
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        Some(VirtioDeviceState::Net(self.persist()))
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {

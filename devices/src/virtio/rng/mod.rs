@@ -95,8 +95,8 @@ impl VirtioDevice for Rng {
         Some(&mut self.worker)
     }
 
-    fn save_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Rng
+    fn save_state(&self) -> Option<VirtioDeviceState> {
+        Some(VirtioDeviceState::Rng)
     }
 
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), RestoreError> {
