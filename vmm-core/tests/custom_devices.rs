@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Captured, kvm_available, tiny_guest};
+use common::{SharedConsole, kvm_available, tiny_guest};
 use rvmm_core::{BootSource, CustomDevice, CustomVirtioDevice, StopReason, Transport, VmBuilder};
 use rvmm_devices::BusDevice;
 use rvmm_devices::virtio::block::{Block, BlockConfig};
@@ -16,7 +16,7 @@ use rvmm_devices::virtio::rng::Rng;
 /// Runs the `pci` tiny guest with `device` as the VM's one virtio-pci function; its serial
 /// output once it has reset.
 fn run_pci_guest(device: CustomVirtioDevice) -> String {
-    let serial = Captured::default();
+    let serial = SharedConsole::default();
     let vm = VmBuilder::new(BootSource::kernel(tiny_guest("pci")))
         .memory_mib(64)
         .cmdline("console=ttyS0")
@@ -58,7 +58,7 @@ fn kvm_mmio_guest_drives_an_embedder_virtio_device_after_rvmms_own() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("embedder.img");
     std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-    let serial = Captured::default();
+    let serial = SharedConsole::default();
     let config = BlockConfig {
         path: path.clone(),
         ..Default::default()
@@ -109,7 +109,7 @@ fn kvm_a_vm_with_embedder_devices_refuses_a_snapshot_naming_the_device() {
     if !kvm_available("embedder device snapshot") {
         return;
     }
-    let serial = Captured::default();
+    let serial = SharedConsole::default();
     let vm = VmBuilder::new(BootSource::kernel(tiny_guest("ticker")))
         .memory_mib(64)
         .device(CustomDevice::mmio("silent", 0xd100_0000, 0x1000, |_| Ok(Silent)).with_interrupt())

@@ -5,11 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Captured, kvm_available, tiny_guest};
+use common::{SharedConsole, kvm_available, tiny_guest};
 use rvmm_core::{BootSource, RunState, StopReason, VmBuilder};
 
 /// The numbers of the `tick: <n>` lines the ticker guest printed.
-fn ticks(console: &Captured) -> Vec<u64> {
+fn ticks(console: &SharedConsole) -> Vec<u64> {
     let text = console.text();
     text.lines()
         .filter_map(|l| l.strip_prefix("tick: "))
@@ -17,7 +17,7 @@ fn ticks(console: &Captured) -> Vec<u64> {
         .collect()
 }
 
-fn wait_for_ticks(console: &Captured, count: usize) {
+fn wait_for_ticks(console: &SharedConsole, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while ticks(console).len() < count {
         assert!(Instant::now() < deadline, "no progress: {}", console.text());
@@ -35,7 +35,7 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
         .vcpus(2)
         .memory_mib(64)
         .cmdline("");
-    let first = Captured::default();
+    let first = SharedConsole::default();
     let vm = builder
         .build(Box::new(first.clone()))
         .unwrap()
@@ -52,7 +52,7 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
     handle.stop();
     assert_eq!(vm.wait(), StopReason::Requested);
 
-    let second = Captured::default();
+    let second = SharedConsole::default();
     let restored = builder
         .restore(&dir, false, Box::new(second.clone()))
         .unwrap()

@@ -1,13 +1,17 @@
 //! Shared by vmm-core's KVM tests: KVM detection, the tiny test guests, the examples.
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
+#[path = "../../../launcher/tests/common/fixtures.rs"]
+mod fixtures;
 #[path = "../../../launcher/tests/common/guests.rs"]
 mod guests;
+
+#[allow(unused_imports)] // each test binary uses a different part
+pub use fixtures::SharedConsole;
 
 #[allow(unused_imports)] // each test binary uses a different part
 pub use guests::{kvm_available, tiny_guest};
@@ -34,25 +38,4 @@ pub fn example(name: &str) -> PathBuf {
         profile_dir.join("examples")
     });
     dir.join(name)
-}
-
-/// A serial console output the test reads afterwards.
-#[derive(Clone, Default)]
-pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Everything written so far, as text.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
