@@ -2,6 +2,7 @@
 //! stop requests, and the reason the VM stopped.
 
 use std::fmt;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -151,6 +152,8 @@ struct Shared {
 pub struct VmControl {
     shared: Mutex<Shared>,
     changed: Condvar,
+    /// Where the VM's events go ([`VmControl::subscribe`]).
+    subscribers: Mutex<Vec<Sender<VmEvent>>>,
 }
 
 impl VmControl {
@@ -172,7 +175,27 @@ impl VmControl {
                 vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
             }),
             changed: Condvar::new(),
+            subscribers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The VM's events from now on: paused, resumed, and its end (a shutdown or a crash, once
+    /// every vCPU has left). A receiver that is dropped is forgotten at the next event.
+    pub fn subscribe(&self) -> Receiver<VmEvent> {
+        let (sender, receiver) = channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sender);
+        receiver
+    }
+
+    /// Sends `event` to every subscriber still listening.
+    pub(crate) fn publish(&self, event: &VmEvent) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.send(event.clone()).is_ok());
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -273,6 +296,12 @@ impl VmControl {
     pub(crate) fn vcpu_exited(&self, index: usize) {
         let mut shared = self.lock();
         shared.vcpus[index].exited = true;
+        if shared.vcpus.iter().all(|v| v.exited) {
+            // Sent before the waiters wake, so whoever `wait_stopped` returns to finds it.
+            // (Lock order: `shared`, then `subscribers`; nothing takes them the other way.)
+            let reason = shared.reason.clone().unwrap_or(StopReason::Requested);
+            self.publish(&reason.event());
+        }
         self.changed.notify_all();
     }
 

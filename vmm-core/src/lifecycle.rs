@@ -25,6 +25,7 @@ use rvmm_devices::virtio::block::{BlockError, DiskSync};
 use crate::builder::{Keyboard, Power, Serial};
 use crate::bus::Bus;
 use crate::control::{RunState, StopReason, VmControl};
+use crate::events::VmEvent;
 use crate::machine::{Machine, SaveError, SnapshotInfo};
 use crate::metrics::{MetricsHandle, VmMetrics};
 
@@ -226,6 +227,7 @@ impl VmHandle {
             let cause = std::error::Error::source(&e).map(ToString::to_string);
             log::error!("{e}: {}", cause.unwrap_or_default());
         }
+        self.control.publish(&VmEvent::Paused);
         true
     }
 
@@ -237,7 +239,19 @@ impl VmHandle {
         if let Some(machine) = self.machine.upgrade() {
             machine.resume_devices();
         }
-        self.control.resume()
+        let resumed = self.control.resume();
+        if resumed {
+            self.control.publish(&VmEvent::Resumed);
+        }
+        resumed
+    }
+
+    /// The VM's events from now on, as they happen: [`VmEvent::Paused`] and
+    /// [`VmEvent::Resumed`] (whoever paused or resumed it), then its end,
+    /// [`VmEvent::Shutdown`] or [`VmEvent::Crashed`], once every vCPU has left (the same
+    /// event [`RunningVm::wait`]'s reason gives with [`StopReason::event`]).
+    pub fn events(&self) -> std::sync::mpsc::Receiver<VmEvent> {
+        self.control.subscribe()
     }
 
     /// Writes a snapshot of the paused VM into `dir`: `state.bin` and the sparse

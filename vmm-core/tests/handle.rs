@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{SharedConsole, kvm_available, tiny_guest};
-use rvmm_core::{BootSource, RunState, StopReason, VmBuilder};
+use rvmm_core::{BootSource, RunState, ShutdownReason, StopReason, VmBuilder, VmEvent};
 
 /// The numbers of the `tick: <n>` lines the ticker guest printed.
 fn ticks(console: &SharedConsole) -> Vec<u64> {
@@ -26,7 +26,7 @@ fn wait_for_ticks(console: &SharedConsole, count: usize) {
 }
 
 #[test]
-fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
+fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there_with_its_events() {
     if !kvm_available("VmBuilder snapshot and restore") {
         return;
     }
@@ -43,7 +43,9 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
         .unwrap();
     wait_for_ticks(&first, 2);
     let handle = vm.handle();
+    let events = handle.events();
     assert!(handle.pause());
+    assert_eq!(events.try_recv(), Ok(VmEvent::Paused));
     assert_eq!(vm.state(), RunState::Paused);
     let info = handle.snapshot(&dir).unwrap();
     assert_eq!(info.memory_size, 64 << 20);
@@ -51,6 +53,11 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
     let last = *ticks(&first).last().unwrap();
     handle.stop();
     assert_eq!(vm.wait(), StopReason::Requested);
+    // The end comes once every vCPU has left, which wait() waited for.
+    assert_eq!(
+        events.try_recv(),
+        Ok(VmEvent::Shutdown(ShutdownReason::Requested))
+    );
 
     let second = SharedConsole::default();
     let restored = builder
@@ -59,7 +66,9 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
         .start()
         .unwrap();
     assert_eq!(restored.state(), RunState::Paused);
+    let events = restored.handle().events();
     assert!(restored.resume());
+    assert_eq!(events.try_recv(), Ok(VmEvent::Resumed));
     wait_for_ticks(&second, 1);
     let next = ticks(&second)[0];
     assert!(
@@ -68,5 +77,9 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there() {
     );
     restored.stop();
     assert_eq!(restored.wait(), StopReason::Requested);
+    assert_eq!(
+        events.try_recv(),
+        Ok(VmEvent::Shutdown(ShutdownReason::Requested))
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
