@@ -348,7 +348,7 @@ fn build(
         virtio.devices.push(device.create()?);
     }
     start_worker_threads(&mut virtio.devices, config.seccomp)?;
-    let placement = place(config.transport, virtio.devices.len(), config.acpi)?;
+    let placement = place(config.transport, virtio.devices.len())?;
     let wanted = custom.bus.iter().filter(|d| d.wants_interrupt()).count();
     let gsis = interrupt_gsis(&placement, config.acpi, wanted)?;
     let platform = setup_acpi(&mem, &layout, config, &placement)?;

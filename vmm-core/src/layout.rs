@@ -82,14 +82,9 @@ pub const PCI_INTX_GSI_COUNT: u32 = 8;
 /// Size of one virtio-mmio device's register window.
 pub const VIRTIO_MMIO_DEVICE_SIZE: u64 = 0x1000;
 
-/// The MMIO window and interrupt line of the `index`th virtio device, if there is room. With
-/// ACPI the lines skip the SCI's (IRQ 9, level-triggered and the guest's ACPI driver's), so
-/// the fifth device and those after it get the next line up; without ACPI they keep 5, 6, ...
-pub fn virtio_slot(index: usize, acpi: bool) -> Option<(u64, u32)> {
-    let mut irq = VIRTIO_IRQ_FIRST.checked_add(u32::try_from(index).ok()?)?;
-    if acpi && irq >= rvmm_devices::legacy::SCI_IRQ {
-        irq = irq.checked_add(1)?;
-    }
+/// The MMIO window and interrupt line of the `index`th virtio device, if there is room.
+pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
+    let irq = VIRTIO_IRQ_FIRST.checked_add(u32::try_from(index).ok()?)?;
     let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_DEVICE_SIZE;
     (irq <= VIRTIO_IRQ_LAST
         && base + VIRTIO_MMIO_DEVICE_SIZE <= VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE)
@@ -113,24 +108,10 @@ mod tests {
 
     #[test]
     fn virtio_slots_are_consecutive_pages_with_their_own_irqs_until_the_pins_run_out() {
-        assert_eq!(virtio_slot(0, false), Some((0xd000_0000, 5)));
-        assert_eq!(virtio_slot(1, false), Some((0xd000_1000, 6)));
-        assert_eq!(virtio_slot(4, false), Some((0xd000_4000, 9)));
-        assert_eq!(virtio_slot(18, false), Some((0xd001_2000, 23)));
-        assert_eq!(virtio_slot(19, false), None);
-        assert_eq!(virtio_slot(usize::MAX, false), None);
-    }
-
-    #[test]
-    fn virtio_mmio_lines_skip_the_sci_with_acpi() {
-        assert_eq!(virtio_slot(3, true), Some((0xd000_3000, 8)));
-        assert_eq!(virtio_slot(4, true), Some((0xd000_4000, 10)));
-        assert_eq!(virtio_slot(17, true), Some((0xd001_1000, 23)));
-        assert_eq!(virtio_slot(18, true), None);
-        let lines: Vec<u32> = (0..18)
-            .filter_map(|i| virtio_slot(i, true))
-            .map(|s| s.1)
-            .collect();
-        assert!(!lines.contains(&rvmm_devices::legacy::SCI_IRQ));
+        assert_eq!(virtio_slot(0), Some((0xd000_0000, 5)));
+        assert_eq!(virtio_slot(1), Some((0xd000_1000, 6)));
+        assert_eq!(virtio_slot(18), Some((0xd001_2000, 23)));
+        assert_eq!(virtio_slot(19), None);
+        assert_eq!(virtio_slot(usize::MAX), None);
     }
 }

@@ -481,9 +481,9 @@ mod tests {
 
     #[test]
     fn interrupts_take_the_highest_pins_the_virtio_devices_and_sci_leave() {
-        let mmio = place(Transport::Mmio, 2, true).unwrap();
+        let mmio = place(Transport::Mmio, 2).unwrap();
         assert_eq!(interrupt_gsis(&mmio, true, 2).unwrap(), vec![23, 22]);
-        let pci = place(Transport::Pci, 2, true).unwrap();
+        let pci = place(Transport::Pci, 2).unwrap();
         assert_eq!(interrupt_gsis(&pci, true, 3).unwrap(), vec![15, 14, 13]);
         let all = interrupt_gsis(&pci, true, 10).unwrap();
         assert!(!all.contains(&SCI_IRQ));
@@ -491,7 +491,7 @@ mod tests {
             interrupt_gsis(&pci, true, 11),
             Err(BuildError::NoFreeInterrupt { wanted: 11 })
         ));
-        let full = place(Transport::Mmio, 19, false).unwrap();
+        let full = place(Transport::Mmio, 19).unwrap();
         assert!(interrupt_gsis(&full, false, 1).is_err());
     }
 }

@@ -60,16 +60,11 @@ pub(super) fn pci_slot(index: usize) -> Option<PciSlot> {
     })
 }
 
-/// Where each of `count` devices goes on `transport` (with ACPI, virtio-mmio lines leave the
-/// SCI's free).
-pub(crate) fn place(
-    transport: Transport,
-    count: usize,
-    acpi: bool,
-) -> Result<Placement, BuildError> {
+/// Where each of `count` devices goes on `transport`.
+pub(crate) fn place(transport: Transport, count: usize) -> Result<Placement, BuildError> {
     match transport {
         Transport::Mmio => (0..count)
-            .map(|i| virtio_slot(i, acpi).ok_or(BuildError::TooManyDevices(i)))
+            .map(|i| virtio_slot(i).ok_or(BuildError::TooManyDevices(i)))
             .collect::<Result<_, _>>()
             .map(Placement::Mmio),
         Transport::Pci => (0..count)
@@ -323,7 +318,7 @@ mod tests {
 
     #[test]
     fn mmio_devices_go_on_the_command_line_only_without_acpi() {
-        let placement = place(Transport::Mmio, 2, false).unwrap();
+        let placement = place(Transport::Mmio, 2).unwrap();
         assert_eq!(
             placement.cmdline(false),
             vec![
@@ -335,13 +330,13 @@ mod tests {
         assert_eq!(placement.mmio_devices().len(), 2);
         let layout = MemoryLayout::new(64 << 20).unwrap();
         assert!(placement.host_bridge(&layout).is_none());
-        let pci = place(Transport::Pci, 2, true).unwrap();
+        let pci = place(Transport::Pci, 2).unwrap();
         assert!(pci.cmdline(false).is_empty());
         let bridge = pci.host_bridge(&layout).unwrap();
         assert_eq!(bridge.intx, vec![(1, 16), (2, 17)]);
         assert_eq!(bridge.mmio64, 4 << 30..68 << 30);
         assert!(matches!(
-            place(Transport::Pci, 40, true),
+            place(Transport::Pci, 40),
             Err(BuildError::TooManyDevices(31))
         ));
     }

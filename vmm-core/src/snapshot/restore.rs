@@ -122,7 +122,7 @@ pub fn build_restored(
         });
     }
     start_worker_threads(&mut virtio.devices, config.seccomp)?;
-    let placement = place(config.transport, virtio.devices.len(), config.acpi)?;
+    let placement = place(config.transport, virtio.devices.len())?;
     let kvm = open_kvm(&config.kvm_path).map_err(BuildError::Vm)?;
     check_capabilities(&kvm).map_err(BuildError::Vm)?;
     let vm_fd = Arc::new(create_vm(&kvm).map_err(BuildError::Vm)?);
