@@ -181,21 +181,43 @@ impl VmControl {
 
     /// The VM's events from now on: paused, resumed, and its end (a shutdown or a crash, once
     /// every vCPU has left). A receiver that is dropped is forgotten at the next event.
+    /// The channel closes after the end, so a receiver's iteration ends there; a subscriber
+    /// that comes after the end gets the end alone.
     pub fn subscribe(&self) -> Receiver<VmEvent> {
         let (sender, receiver) = channel();
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(sender);
+        // Lock order: `shared`, then `subscribers` (as every publisher holds them).
+        let shared = self.lock();
+        if Self::ended(&shared) {
+            let _ = sender.send(Self::end_event(&shared));
+        } else {
+            self.subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(sender);
+        }
         receiver
     }
 
-    /// Sends `event` to every subscriber still listening.
-    pub(crate) fn publish(&self, event: &VmEvent) {
+    /// Sends `event` to every subscriber still listening. Callers hold `shared`, so events
+    /// go out in the order the state changed.
+    fn publish(&self, _shared: &Shared, event: &VmEvent) {
         self.subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    /// Every vCPU thread has left: the VM has ended.
+    fn ended(shared: &Shared) -> bool {
+        shared.vcpus.iter().all(|v| v.exited)
+    }
+
+    fn end_event(shared: &Shared) -> VmEvent {
+        shared
+            .reason
+            .clone()
+            .unwrap_or(StopReason::Requested)
+            .event()
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -242,7 +264,11 @@ impl VmControl {
         {
             shared = self.changed.wait(shared).unwrap_or_else(|p| p.into_inner());
         }
-        shared.run == RunState::Paused
+        let paused = shared.run == RunState::Paused;
+        if paused {
+            self.publish(&shared, &VmEvent::Paused);
+        }
+        paused
     }
 
     /// Lets paused vCPUs run again. Returns false when the VM is not paused.
@@ -252,6 +278,7 @@ impl VmControl {
             return false;
         }
         shared.run = RunState::Running;
+        self.publish(&shared, &VmEvent::Resumed);
         self.changed.notify_all();
         true
     }
@@ -296,11 +323,14 @@ impl VmControl {
     pub(crate) fn vcpu_exited(&self, index: usize) {
         let mut shared = self.lock();
         shared.vcpus[index].exited = true;
-        if shared.vcpus.iter().all(|v| v.exited) {
-            // Sent before the waiters wake, so whoever `wait_stopped` returns to finds it.
-            // (Lock order: `shared`, then `subscribers`; nothing takes them the other way.)
-            let reason = shared.reason.clone().unwrap_or(StopReason::Requested);
-            self.publish(&reason.event());
+        if Self::ended(&shared) {
+            // Sent before the waiters wake, so whoever `wait_stopped` returns to finds it;
+            // then the channels close (nothing follows the end).
+            self.publish(&shared, &Self::end_event(&shared));
+            self.subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
         self.changed.notify_all();
     }
@@ -382,6 +412,52 @@ mod tests {
     use std::thread;
 
     use super::*;
+
+    #[test]
+    fn events_end_with_the_stop_and_the_channel_closes_after_it() {
+        let control = VmControl::new(1);
+        let early = control.subscribe();
+        control.request_stop(StopReason::PowerOff);
+        assert!(
+            early.try_recv().is_err(),
+            "nothing before the last vCPU leaves"
+        );
+        control.vcpu_exited(0);
+        let end = VmEvent::Shutdown(ShutdownReason::PowerOff);
+        assert_eq!(early.recv(), Ok(end.clone()));
+        assert!(early.recv().is_err(), "the channel closes after the end");
+        let late = control.subscribe();
+        assert_eq!(late.recv(), Ok(end));
+        assert!(late.recv().is_err());
+    }
+
+    #[test]
+    fn pause_resume_and_the_end_are_events_in_their_order() {
+        let control = Arc::new(VmControl::new(1));
+        let events = control.subscribe();
+        let c = control.clone();
+        let vcpu = thread::spawn(move || {
+            while c.vcpu_may_run(0, || {}) {
+                thread::yield_now();
+            }
+            c.vcpu_exited(0);
+        });
+        assert!(control.pause());
+        assert!(!control.pause());
+        assert!(control.resume());
+        control.request_stop(StopReason::Requested);
+        assert_eq!(control.wait_stopped(), StopReason::Requested);
+        vcpu.join().unwrap();
+        let seen: Vec<VmEvent> = events.iter().collect();
+        assert_eq!(
+            seen,
+            [
+                VmEvent::Paused,
+                VmEvent::Resumed,
+                VmEvent::Shutdown(ShutdownReason::Requested)
+            ]
+        );
+    }
 
     #[test]
     fn first_stop_reason_wins() {

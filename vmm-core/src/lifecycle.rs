@@ -227,7 +227,6 @@ impl VmHandle {
             let cause = std::error::Error::source(&e).map(ToString::to_string);
             log::error!("{e}: {}", cause.unwrap_or_default());
         }
-        self.control.publish(&VmEvent::Paused);
         true
     }
 
@@ -239,17 +238,14 @@ impl VmHandle {
         if let Some(machine) = self.machine.upgrade() {
             machine.resume_devices();
         }
-        let resumed = self.control.resume();
-        if resumed {
-            self.control.publish(&VmEvent::Resumed);
-        }
-        resumed
+        self.control.resume()
     }
 
-    /// The VM's events from now on, as they happen: [`VmEvent::Paused`] and
-    /// [`VmEvent::Resumed`] (whoever paused or resumed it), then its end,
-    /// [`VmEvent::Shutdown`] or [`VmEvent::Crashed`], once every vCPU has left (the same
-    /// event [`RunningVm::wait`]'s reason gives with [`StopReason::event`]).
+    /// The VM's events from now on, in the order they happen: [`VmEvent::Paused`] (once the
+    /// vCPUs are out of the guest) and [`VmEvent::Resumed`], whoever paused or resumed it,
+    /// then its end, [`VmEvent::Shutdown`] or [`VmEvent::Crashed`], once every vCPU has left
+    /// (the event [`RunningVm::wait`]'s reason gives with [`StopReason::event`]), after which
+    /// the channel closes. Subscribing after the end gives the end alone.
     pub fn events(&self) -> std::sync::mpsc::Receiver<VmEvent> {
         self.control.subscribe()
     }

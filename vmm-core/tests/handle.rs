@@ -81,5 +81,6 @@ fn kvm_a_builders_vm_pauses_snapshots_and_a_restore_goes_on_from_there_with_its_
         events.try_recv(),
         Ok(VmEvent::Shutdown(ShutdownReason::Requested))
     );
+    assert!(events.recv().is_err(), "the channel closes after the end");
     std::fs::remove_dir_all(&dir).unwrap();
 }
