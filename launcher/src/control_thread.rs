@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, mpsc};
 
-use rvmm_core::seccomp::{BpfProgram, SpawnError, spawn_confined};
+use rvmm_core::seccomp::{BpfProgram, Capability, SpawnError, spawn_confined};
 use tokio::sync::oneshot;
 
 /// An operation handed to the thread.
@@ -32,25 +32,16 @@ pub struct ControlThread {
 
 impl ControlThread {
     /// Starts the thread, named `name`, filtered with `filter` (none: `--seccomp=false`).
+    /// It keeps its capabilities to open devices, until the first boot lowers them.
     pub fn start(name: &str, filter: Option<BpfProgram>) -> Result<Self, SpawnError> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        // A panic aborts the process (crate::panic::abort_on_panic), as in release builds:
-        // nothing is caught here.
-        // It keeps its capabilities to open devices, until the first boot lowers them.
         let filtered = filter.is_some();
-        spawn_confined(name, filter, None, move || {
-            for job in queue {
-                crate::privileges::apply_ceiling();
-                job();
-            }
-        })?;
-        let jobs = Arc::new(jobs);
+        let this = Self::spawn(name, filter, None)?;
         if filtered {
             // When a VM boots on another thread (the main thread's --kernel or --restore, a
             // migration's receiving thread), an empty job makes this one lower its
             // capabilities then, not at its next operation. Weak: the thread still ends once
             // every handle is dropped.
-            let weak = Arc::downgrade(&jobs);
+            let weak = Arc::downgrade(&this.jobs);
             crate::privileges::on_lowered(Box::new(move || {
                 let Some(jobs) = weak.upgrade() else {
                     return false;
@@ -58,7 +49,32 @@ impl ControlThread {
                 jobs.send(Box::new(|| {})).is_ok()
             }));
         }
-        Ok(Self { jobs })
+        Ok(this)
+    }
+
+    /// Starts a thread for operations that only read the VMM's state (the API's `GET`
+    /// requests): the same filter as [`ControlThread::start`]'s, no capabilities at all.
+    pub fn start_reader(name: &str, filter: Option<BpfProgram>) -> Result<Self, SpawnError> {
+        Self::spawn(name, filter, Some(&[]))
+    }
+
+    fn spawn(
+        name: &str,
+        filter: Option<BpfProgram>,
+        keep: Option<&'static [Capability]>,
+    ) -> Result<Self, SpawnError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        // A panic aborts the process (crate::panic::abort_on_panic), as in release builds:
+        // nothing is caught here.
+        spawn_confined(name, filter, keep, move || {
+            for job in queue {
+                crate::privileges::apply_ceiling();
+                job();
+            }
+        })?;
+        Ok(Self {
+            jobs: Arc::new(jobs),
+        })
     }
 
     /// Queues `call` on the thread without waiting for it; dropped if the thread is gone.

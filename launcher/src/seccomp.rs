@@ -1,7 +1,8 @@
 //! The seccomp filters of the launcher's own threads: the API threads (`api`, and `metrics`
 //! with `--metrics-addr`), virt-launcher mode's gRPC runtime thread (`rvmm-grpc`) and
 //! `kubevirt-notify`, the DHCP server's thread (`dhcp`, its own filter in [`crate::dhcp`]), the signal thread, the VM's waiter, the console's input threads, the
-//! control threads (`vmm-control`, `vm-restart`, `launcher-control`; snapshots, restores and
+//! control threads (`vmm-control`, `vm-restart`, `launcher-control`, and `vmm-query` for the
+//! API's reads; snapshots, restores and
 //! the API's live migrations run there), virt-launcher mode's migration threads
 //! (`kubevirt-migrate`, `kubevirt-receive`), timers, and the main thread once the VM runs
 //! (both modes). The mechanism and the rules every filtered thread shares are in

@@ -2,7 +2,8 @@
 //! Hypervisor's API: the `memtest` guest (which checks every page of its area on every pass)
 //! moves over a unix socket and over TCP on loopback while it writes memory, the source exits
 //! 0 and the guest goes on at the destination; a migration the receiver drops half way leaves
-//! the source running.
+//! the source running; while a migration waits on a stalled receiver, the source's API still
+//! answers its queries and refuses a second migration.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 
 use common::http::{call, free_port, wait_for_socket};
-use common::memtest::{API_TIMEOUT, events_named, migrate, passes, put, start_memtest, state};
+use common::memtest::{
+    API_TIMEOUT, events_named, memtest_running, migrate, passes, put, start_memtest, state,
+};
 use common::process::{Rvmm, TestDir, wait_for_text};
 use common::{assert_threads_confined, kvm_available};
 
@@ -116,10 +119,7 @@ fn kvm_migration_the_receiver_drops_half_way_leaves_the_source_running() {
     if !kvm_available("abandoned migration") {
         return;
     }
-    let dir = TestDir::new("migrate-abandoned");
-    let socket = dir.path("api.sock");
-    let _source = start_memtest(&dir, "1", 4);
-    wait_for_text(&dir.path("serial.log"), " ok\n", 1);
+    let (dir, socket, _source) = memtest_running("migrate-abandoned");
     // A receiver that takes Start, Config and part of the memory, then goes away.
     let listener = UnixListener::bind(dir.path("migration.sock")).unwrap();
     let receiver = std::thread::spawn(move || {
@@ -158,4 +158,52 @@ fn kvm_migration_the_receiver_drops_half_way_leaves_the_source_running() {
         metrics.contains("rvmm_migration_rounds{status=\"failed\"}"),
         "{metrics}"
     );
+}
+
+#[test]
+fn kvm_queries_answer_while_a_migration_waits_on_a_stalled_receiver() {
+    if !kvm_available("queries during a migration") {
+        return;
+    }
+    let (dir, socket, _source) = memtest_running("migrate-stalled");
+    // A receiver that reads Start and then says nothing until the test is done asking.
+    let listener = UnixListener::bind(dir.path("migration.sock")).unwrap();
+    let (started, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let (started_tx, started_rx) = started;
+    let (release_tx, release_rx) = release;
+    let receiver = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let (command, len) = read_request(&mut stream);
+        assert_eq!(command, 1, "start");
+        let mut payload = vec![0u8; len as usize];
+        stream.read_exact(&mut payload).unwrap();
+        started_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+    });
+    let body = format!(
+        r#"{{"destination_url": "unix:{}"}}"#,
+        dir.path("migration.sock").display()
+    );
+    let sender = {
+        let (socket, body) = (socket.clone(), body.clone());
+        std::thread::spawn(move || call(&socket, "PUT", "/api/v1/vm.send-migration", Some(&body)))
+    };
+    started_rx.recv().unwrap();
+    // Each of these would wait for the migration's end (the client's 60 s read timeout
+    // fails the test) if it queued behind the migration.
+    let ping = call(&socket, "GET", "/api/v1/vmm.ping", None);
+    assert_eq!(ping.status, 200, "{}", ping.body);
+    assert_eq!(state(&socket), "Running");
+    let counters = call(&socket, "GET", "/api/v1/vm.counters", None);
+    assert_eq!(counters.status, 200, "{}", counters.body);
+    let metrics = call(&socket, "GET", "/metrics", None).body;
+    assert!(
+        metrics.contains("rvmm_migration_rounds{status=\"running\"}"),
+        "{metrics}"
+    );
+    release_tx.send(()).unwrap();
+    receiver.join().unwrap();
+    let answer = sender.join().unwrap();
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert_eq!(state(&socket), "Running");
 }

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::http::wait_for_socket;
-use common::memtest::{API_TIMEOUT, passes, put, restore_paused, start_memtest, state};
+use common::memtest::{
+    API_TIMEOUT, memtest_running, passes, put, restore_paused, start_memtest, state,
+};
 use common::process::{Rvmm, TestDir, read_until, wait_for_path, wait_for_text};
 use common::{assert_threads_confined, kvm_available, tiny_guest};
 
@@ -171,10 +173,7 @@ fn kvm_corrupt_truncated_foreign_and_mismatched_snapshots_are_refused_by_name() 
     if !kvm_available("bad snapshots") {
         return;
     }
-    let dir = TestDir::new("snapshot-bad");
-    let socket = dir.path("api.sock");
-    let _source = start_memtest(&dir, "1", 4);
-    wait_for_text(&dir.path("serial.log"), " ok\n", 1);
+    let (dir, socket, _source) = memtest_running("snapshot-bad");
     put(&socket, "vm.pause", None);
     let good = dir.path("good");
     snapshot(&socket, &good);

@@ -3,8 +3,11 @@
 //!
 //! One thread runs a single-threaded tokio runtime with a task per client, so a slow, stuck or
 //! half-closed client only ever holds its own connection. The VM operations themselves are
-//! blocking calls into [`Vmm`], made one at a time on the `vmm-control` thread; the API
-//! thread only moves bytes, under a narrow seccomp filter ([`crate::seccomp::api_filter`]).
+//! blocking calls into [`Vmm`], made one at a time on the `vmm-control` thread; `GET` requests
+//! (`vmm.ping`, `vm.info`, `vm.counters`, `/metrics`), which only read, run on the `vmm-query`
+//! thread instead, so they answer while an operation runs (a live migration takes minutes).
+//! The API thread only moves bytes, under a narrow seccomp filter
+//! ([`crate::seccomp::api_filter`]).
 
 pub mod routes;
 
@@ -90,12 +93,21 @@ impl ApiServerError {
     }
 }
 
+/// Where the unix socket's requests run.
+#[derive(Clone, Debug)]
+struct Workers {
+    /// VM operations, one at a time.
+    control: ControlThread,
+    /// `GET` requests, which only read: never queued behind an operation.
+    query: ControlThread,
+}
+
 /// Which requests a listener serves, and where they run.
 #[derive(Clone, Debug)]
 enum Scope {
-    /// Everything (the unix socket). VM operations run on the control thread when there is
-    /// one, else inline on the runtime's thread (fuzzing).
-    Api(Option<ControlThread>),
+    /// Everything (the unix socket). Requests run on the workers when there are some, else
+    /// inline on the runtime's thread (fuzzing).
+    Api(Option<Workers>),
     /// `GET /metrics` alone (TCP): reading counters, answered inline.
     MetricsOnly,
 }
@@ -116,14 +128,19 @@ impl ApiServer {
         };
         let control_filter =
             thread_filter_for(seccomp, control_rules()).map_err(ApiServerError::Seccomp)?;
-        let control =
-            ControlThread::start("vmm-control", control_filter).map_err(ApiServerError::Thread)?;
+        let workers = Workers {
+            control: ControlThread::start("vmm-control", control_filter.clone())
+                .map_err(ApiServerError::Thread)?,
+            // The GET requests ran on vmm-control before: the same filter, no capabilities.
+            query: ControlThread::start_reader("vmm-query", control_filter)
+                .map_err(ApiServerError::Thread)?,
+        };
         spawn_server("api", seccomp, move || async move {
             let listener = tokio::net::UnixListener::from_std(listener)?;
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
-                        let scope = Scope::Api(Some(control.clone()));
+                        let scope = Scope::Api(Some(workers.clone()));
                         tokio::spawn(serve_connection(stream, vmm.clone(), scope));
                     }
                     Err(e) => accept_failed(&e).await,
@@ -309,15 +326,23 @@ async fn answer(
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    let reads = routes::only_reads(&method);
     let run = move || {
         let body = (!body.is_empty()).then_some(&body[..]);
         routes::handle(&vmm, &method, &path, body)
     };
     let reply = match scope {
-        Scope::Api(Some(control)) => control
-            .run(run)
-            .await
-            .unwrap_or_else(|e| Reply::error(500, e.to_string())),
+        Scope::Api(Some(workers)) => {
+            let worker = if reads {
+                &workers.query
+            } else {
+                &workers.control
+            };
+            worker
+                .run(run)
+                .await
+                .unwrap_or_else(|e| Reply::error(500, e.to_string()))
+        }
         Scope::Api(None) | Scope::MetricsOnly => run(),
     };
     if reply.exit_after {

@@ -91,7 +91,15 @@ fn done(result: Result<(), VmmError>) -> Reply {
     }
 }
 
-/// The endpoints under [`API_PREFIX`] and the method each takes.
+/// Whether a request with this method only reads: every `GET` endpoint (`vmm.ping`,
+/// `vm.info`, `vm.counters`, `/metrics`) does, and a `GET` of any other path is refused
+/// unchanged. Such requests may run beside a VM operation.
+pub fn only_reads(method: &str) -> bool {
+    method == "GET"
+}
+
+/// The endpoints under [`API_PREFIX`] and the method each takes; every `GET` one only reads
+/// ([`only_reads`]).
 pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vmm.ping", "GET"),
     ("vmm.shutdown", "PUT"),

@@ -1,11 +1,11 @@
 //! Snapshot and migration tests through rvmm's API: the `memtest` tiny guest, restoring a
 //! snapshot, migrating between two rvmm processes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::http::{call, wait_for_socket};
-use super::process::{Rvmm, TestDir};
+use super::process::{Rvmm, TestDir, wait_for_text};
 use super::tiny_guest;
 
 /// How long an API socket may take to appear.
@@ -66,6 +66,16 @@ pub fn start_memtest(dir: &TestDir, vcpus: &str, mib: u32) -> Rvmm {
     ]);
     wait_for_socket(&socket, API_TIMEOUT);
     vmm
+}
+
+/// A one-vCPU memtest guest over 4 MiB in a new test directory `name`, once it has passed
+/// its first check: the directory, the API socket and the VMM.
+pub fn memtest_running(name: &str) -> (TestDir, PathBuf, Rvmm) {
+    let dir = TestDir::new(name);
+    let socket = dir.path("api.sock");
+    let vmm = start_memtest(&dir, "1", 4);
+    wait_for_text(&dir.path("serial.log"), " ok\n", 1);
+    (dir, socket, vmm)
 }
 
 /// The events of an event-monitor file with `name`, as JSON.
