@@ -204,7 +204,7 @@ fn boot_disks_and_the_kernel_exclude_each_other() {
     );
     assert_eq!(
         spec_of(&["--vcpus", "2"]).unwrap_err(),
-        "--kernel: required (or a disk to boot from)"
+        "--kernel: required (or a --disk to boot from, --config FILE, or --api-socket PATH)"
     );
 }
 

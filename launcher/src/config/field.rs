@@ -210,6 +210,9 @@ pub enum Reason {
         /// Why.
         hint: &'static str,
     },
+    /// Neither a kernel nor a disk to boot from; on the command line the VM may also come
+    /// from `--config` or, later, the API.
+    NoBootSource,
 }
 
 impl Reason {
@@ -221,6 +224,13 @@ impl Reason {
                 format!("conflicts with {}: {hint}", other.render(terms))
             }
             Self::Needs { other, hint } => format!("needs {} ({hint})", other.render(terms)),
+            Self::NoBootSource => match terms {
+                Terms::Json => "required (or a disk to boot from)".into(),
+                Terms::Flags => {
+                    "required (or a --disk to boot from, --config FILE, or --api-socket PATH)"
+                        .into()
+                }
+            },
         }
     }
 }

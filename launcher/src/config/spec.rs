@@ -175,10 +175,7 @@ impl VmConfigFile {
                 ));
             }
             if self.disks.is_empty() {
-                return Err(invalid(
-                    field("payload.kernel"),
-                    "required (or a disk to boot from)",
-                ));
+                return Err(invalid(field("payload.kernel"), Reason::NoBootSource));
             }
             return Ok(BootSource::Disk {
                 index: boot_disks.first().copied().unwrap_or(0),
