@@ -239,7 +239,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     fn serve_queue(&mut self) -> Result<usize, virtio_queue::Error> {
         let mut completed = 0;
         loop {
-            self.queue.disable_notification(&self.mem)?;
+            self.queue.disable_notification(&self.view)?;
             while self.busy < MAX_IN_FLIGHT {
                 let limit = BATCH.min(MAX_IN_FLIGHT - self.busy);
                 let taken = self.take_batch(limit)?;
@@ -255,7 +255,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 self.throttled = true;
                 break;
             }
-            if !self.queue.enable_notification(&self.mem)? {
+            if !self.queue.enable_notification(&self.view)? {
                 break;
             }
         }
@@ -284,7 +284,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     fn take_batch(&mut self, limit: usize) -> Result<usize, virtio_queue::Error> {
         self.staged.clear();
         let mut taken = 0;
-        let mut chains = self.queue.iter(&self.mem)?;
+        let mut chains = self.queue.iter(&self.view)?;
         while taken < limit {
             let Some(chain) = chains.next() else {
                 break;
@@ -478,7 +478,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
                 Some(addr) if self.view.write_u8(addr, answer.status) => answer.len,
                 _ => answer.len_without_status,
             };
-            self.queue.add_used(&self.mem, answer.head, len)?;
+            self.queue.add_used(&self.view, answer.head, len)?;
             self.added += 1;
         }
         Ok(count)
@@ -528,7 +528,7 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         // One check per batch: with EVENT_IDX virtio-queue compares the driver's used_event
         // against everything added since the last check; without it one interrupt covers the
         // batch.
-        if self.queue.needs_notification(&self.mem)?
+        if self.queue.needs_notification(&self.view)?
             && let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0))
         {
             limited_log!(

@@ -565,3 +565,5 @@ mod tests_parse;
 mod tests_qcow2;
 #[cfg(test)]
 mod tests_stop;
+#[cfg(test)]
+mod tests_view;
