@@ -7,6 +7,9 @@
 //! eventfds (KVM ioeventfds in a VM) and signals the driver through a [`VirtioInterrupt`].
 
 pub mod block;
+mod guest_view;
+#[cfg(test)]
+mod guest_view_tests;
 pub mod mmio;
 pub mod net;
 pub mod pci;

@@ -10,7 +10,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::GuestMemoryMmap;
-use super::guest::HostBuf;
+use super::super::guest_view::HostBuf;
 use crate::cast::usize_from;
 
 /// How the device does its disk I/O.

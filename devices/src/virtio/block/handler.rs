@@ -16,10 +16,10 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::super::guest_view::{GuestView, HostBuf};
 use super::super::{DeviceHandler, GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use super::BlockCounters;
 use super::backend::{Completions, DiskBackend, DiskOp};
-use super::guest::{GuestView, HostBuf};
 use super::request::{
     BlockRequest, ID_BYTES, RequestLimits, RequestType, SECTOR_SIZE, STATUS_IOERR, STATUS_OK,
 };

@@ -4,7 +4,6 @@
 //! requests through a [`DiskBackend`] (synchronous system calls or io_uring, see [`Engine`]).
 
 mod backend;
-mod guest;
 mod handler;
 mod persist;
 mod qcow2_backend;
@@ -22,10 +21,10 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+pub use super::guest_view::HostBuf;
 pub use backend::{
     Completions, DiskBackend, DiskOp, Engine, IoUringEngine, SyncEngine, open_backend,
 };
-pub use guest::HostBuf;
 pub use handler::{BlockHandler, DiskContext};
 pub use persist::BlockState;
 pub use qcow2_backend::{ImageSlot, Qcow2Backend};
@@ -565,5 +564,3 @@ mod tests_parse;
 mod tests_qcow2;
 #[cfg(test)]
 mod tests_stop;
-#[cfg(test)]
-mod tests_view;

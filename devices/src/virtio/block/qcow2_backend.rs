@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::super::GuestMemoryMmap;
+use super::super::guest_view::HostBuf;
 use super::backend::{Completions, DiskBackend, DiskOp, Engine};
-use super::guest::HostBuf;
 use crate::cast::usize_from;
 use crate::image::qcow2::{Extent, Qcow2};
 

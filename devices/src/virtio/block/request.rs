@@ -12,7 +12,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::super::GuestMemoryMmap;
-use super::guest::GuestView;
+use super::super::guest_view::GuestView;
 
 // The status byte's values (virtio-bindings has them as `u32`).
 #[allow(

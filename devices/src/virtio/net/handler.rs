@@ -27,10 +27,11 @@ use std::sync::atomic::Ordering;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{GuestMemory, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::super::guest_view::GuestView;
 use super::super::{ActiveQueue, DeviceHandler, GuestMemoryMmap, InterruptKind, VirtioInterrupt};
 use super::NetCounters;
 use super::backend::{IoBufs, IovecCache, NetBackend, VNET_HDR_LEN};
@@ -125,8 +126,9 @@ impl Tally {
 /// The worker's side of a virtio-net device: owns both queues and the backend.
 #[allow(missing_debug_implementations)]
 pub struct NetHandler<I: ?Sized + VirtioInterrupt = dyn VirtioInterrupt> {
-    /// Shared so the rx path can hold guest slices while it updates the handler.
-    mem: Arc<GuestMemoryMmap>,
+    /// Guest memory through the worker's lookup-light view; shared so the rx path can hold
+    /// guest slices while it updates the handler.
+    mem: Arc<GuestView>,
     rx: Queue,
     rx_notify: EventFd,
     tx: Queue,
@@ -176,7 +178,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         mrg_rxbuf: bool,
     ) -> Self {
         Self {
-            mem: Arc::new(mem),
+            mem: Arc::new(GuestView::new(mem)),
             rx: rx.queue,
             rx_notify: rx.notify,
             tx: tx.queue,
@@ -320,7 +322,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         Ok(delivered)
     }
 
-    fn rx_drain(&mut self, mem: &GuestMemoryMmap) -> Result<usize, virtio_queue::Error> {
+    fn rx_drain(&mut self, mem: &GuestView) -> Result<usize, virtio_queue::Error> {
         let mut delivered = 0;
         // The driver need not kick while buffers remain: re-enabled when they run out.
         self.rx.disable_notification(mem)?;
@@ -371,7 +373,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
         Ok(())
     }
 
-    fn rx_frame(&mut self, mem: &GuestMemoryMmap) -> Result<RxStep, virtio_queue::Error> {
+    fn rx_frame(&mut self, mem: &GuestView) -> Result<RxStep, virtio_queue::Error> {
         let mut head = IoBufs::new(std::mem::take(&mut self.head_iovs));
         let step = self.rx_frame_into(mem, &mut head);
         self.head_iovs = head.into_cache();
@@ -380,7 +382,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
 
     fn rx_frame_into<'m>(
         &mut self,
-        mem: &'m GuestMemoryMmap,
+        mem: &'m GuestView,
         head: &mut IoBufs<'m>,
     ) -> Result<RxStep, virtio_queue::Error> {
         let Some(first) = self.pop_rx_chain(mem, head)? else {
@@ -444,7 +446,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
     /// buffer at their own offsets; those before `from` are already in `head`.
     fn finish_frame<'m>(
         &mut self,
-        mem: &'m GuestMemoryMmap,
+        mem: &'m GuestView,
         first: RxChain,
         head: &IoBufs<'m>,
         len: usize,
@@ -552,7 +554,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
     /// translated, once) into `bufs`, which must be empty; `None` when the ring is empty.
     fn pop_rx_chain<'m>(
         &mut self,
-        mem: &'m GuestMemoryMmap,
+        mem: &'m GuestView,
         bufs: &mut IoBufs<'m>,
     ) -> Result<Option<RxChain>, virtio_queue::Error> {
         let Some(chain) = self.rx.iter(mem)?.next() else {
@@ -578,7 +580,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
 
     fn complete_rx(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestView,
         head: u16,
         len: u32,
     ) -> Result<(), virtio_queue::Error> {
@@ -637,7 +639,7 @@ impl<I: ?Sized + VirtioInterrupt> NetHandler<I> {
 fn signal<I: ?Sized + VirtioInterrupt>(
     queue: &mut Queue,
     index: u16,
-    mem: &GuestMemoryMmap,
+    mem: &GuestView,
     added: &mut usize,
     interrupt: &I,
 ) -> Result<(), virtio_queue::Error> {
@@ -662,7 +664,7 @@ type GuestSlice<'m> = vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, sup
 /// Appends the guest buffer of `desc` to `bufs`, checked and translated once; false if any of
 /// it is not guest memory. A buffer the device may write (rx) is marked dirty now: frames go
 /// in through raw iovecs, which vm-memory does not see.
-fn push_guest<'m>(bufs: &mut IoBufs<'m>, mem: &'m GuestMemoryMmap, desc: &Descriptor) -> bool {
+fn push_guest<'m>(bufs: &mut IoBufs<'m>, mem: &'m GuestView, desc: &Descriptor) -> bool {
     let len = desc.len() as usize;
     if len == 0 {
         return true;
@@ -673,12 +675,16 @@ fn push_guest<'m>(bufs: &mut IoBufs<'m>, mem: &'m GuestMemoryMmap, desc: &Descri
         }
         bufs.push_slice(&slice);
     };
-    if let Ok(slice) = mem.get_slice(desc.addr(), len) {
-        push(bufs, slice);
-        return true;
-    }
-    // Across regions, or not guest memory at all.
-    for slice in mem.get_slices(desc.addr(), len) {
+    let access = if desc.is_write_only() {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    // One slice inside a region the view keeps inline; across regions, several.
+    let Ok(slices) = GuestMemory::get_slices(mem, desc.addr(), len, access) else {
+        return false;
+    };
+    for slice in slices {
         match slice {
             Ok(slice) => push(bufs, slice),
             Err(_) => return false,

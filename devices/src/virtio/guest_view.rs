@@ -1,17 +1,18 @@
-//! A lookup-light view of guest memory for the per-request accesses of the worker.
+//! A lookup-light view of guest memory for the per-request accesses of device workers.
 //!
-//! Every request checks its header, data and status addresses and later writes its status.
-//! Through [`GuestMemoryMmap`] each of those is a region search through several pointers
-//! (collection, `Arc`, mapping), which the page-cache copy of the I/O itself has usually
-//! evicted from the L1 cache by the next request. [`GuestView`] keeps the bounds and host
-//! addresses of the first regions inline, so the common case is a few compares on one cache
-//! line; anything else (more regions, a buffer spanning two) goes to vm-memory as before.
+//! A virtio-blk request checks its header, data and status addresses and later writes its
+//! status; a virtio-net frame translates each buffer of its chain. Through
+//! [`GuestMemoryMmap`] each of those is a region search through several pointers (collection,
+//! `Arc`, mapping), which the data copy itself has usually evicted from the L1 cache by the
+//! next request. [`GuestView`] keeps the bounds and host addresses of the first regions
+//! inline, so the common case is a few compares on one cache line; anything else (more
+//! regions, a buffer spanning two) goes to vm-memory as before.
 //!
 //! virtio-queue reads the rings and descriptors through the view as well: it implements
 //! vm-memory's [`GuestMemory`], so an access inside an inline region becomes one
 //! `VolatileSlice` at once, without vm-memory's region search and slice-iterator adapters
-//! (their moves of large values were about a tenth of the worker's time at 4 KiB; README,
-//! virtio-blk request path).
+//! (their moves of large values were about a tenth of the block worker's time at 4 KiB;
+//! README, virtio-blk request path).
 
 use vm_memory::bitmap::{BS, Bitmap as _};
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
@@ -20,7 +21,7 @@ use vm_memory::{
     MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
-use super::super::{Bitmap, GuestMemoryMmap};
+use super::{Bitmap, GuestMemoryMmap};
 use crate::cast::usize_from;
 
 /// Regions kept inline (low memory and memory above the 32-bit hole cover most guests).
@@ -123,6 +124,11 @@ pub(crate) struct GuestView {
 // which is itself `Send`; they are only dereferenced for volatile accesses to guest memory,
 // which any thread holding the memory may make.
 unsafe impl Send for GuestView {}
+
+// SAFETY: every method takes `&self` and only reads the inline fields, makes volatile accesses
+// to guest memory or marks the regions' atomic dirty bitmaps, as `&GuestMemoryMmap` (which is
+// `Sync`) allows from several threads at once.
+unsafe impl Sync for GuestView {}
 
 impl GuestView {
     /// A view of `mem` (which it keeps alive).

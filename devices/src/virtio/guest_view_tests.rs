@@ -14,7 +14,7 @@ use vm_memory::{
 };
 
 use super::GuestMemoryMmap;
-use super::guest::GuestView;
+use super::guest_view::GuestView;
 
 /// Two adjacent regions (both kept inline by the view) and two the view leaves to vm-memory,
 /// with holes between (the last is where virtio-queue's mock puts indirect tables).
