@@ -107,15 +107,16 @@ pub fn lock_image(file: &File, path: &Path, access: ImageAccess) -> Result<(), I
         if locked_by_others(file, byte).map_err(lock_error)? {
             // The file may stay open (a caller reporting the error): it must not keep
             // others out.
-            unlock_all(file, access);
+            unlock_image(file, access);
             return Err(ImageLockError::InUse(path.to_owned()));
         }
     }
     Ok(())
 }
 
-/// Drops the locks [`lock_image`] took for `access`.
-fn unlock_all(file: &File, access: ImageAccess) {
+/// Drops the locks [`lock_image`] took for `access` on `file`'s open file description (so
+/// through any duplicate of it), letting another user take the image.
+pub fn unlock_image(file: &File, access: ImageAccess) {
     let held = access.held().iter().map(|&bit| PERM_BASE + i64::from(bit));
     let refused = access
         .refused()

@@ -493,6 +493,12 @@ impl Vmm {
     pub fn resume(&self) -> Result<(), VmmError> {
         let mut inner = self.lock();
         let slot = Self::slot_in(&mut inner, "resume", &[VmState::Paused])?;
+        if let Some(active) = &slot.active {
+            active
+                .handle
+                .reacquire_disk_locks()
+                .map_err(VmmError::DisksTaken)?;
+        }
         if let Some(active) = &slot.active
             && active.handle.resume()
         {

@@ -95,6 +95,10 @@ pub enum VmmError {
     /// A migration is already under way.
     #[error("A migration is already in progress")]
     MigrationBusy,
+    /// The VM handed its disks to a migration's receiver, which holds one still: it stays
+    /// paused rather than write a disk another VM may be running on.
+    #[error("Cannot resume: the migration's receiver has the disks")]
+    DisksTaken(#[source] rvmm_core::DiskLockError),
     /// A NIC's DHCP server cannot start.
     #[error("Cannot start the DHCP server")]
     Dhcp(#[source] crate::dhcp::server::DhcpError),

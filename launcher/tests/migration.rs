@@ -3,7 +3,10 @@
 //! moves over a unix socket and over TCP on loopback while it writes memory, the source exits
 //! 0 and the guest goes on at the destination; a migration the receiver drops half way leaves
 //! the source running; while a migration waits on a stalled receiver, the source's API still
-//! answers its queries and refuses a second migration.
+//! answers its queries and refuses a second migration. A VM with a writable disk hands the
+//! disk's image lock to the destination (the same file, as on shared storage), and takes it
+//! back when the migration fails, or stays paused while someone else (a QEMU VM, standing in
+//! for a receiver that runs the VM) holds it.
 
 mod common;
 
@@ -12,7 +15,8 @@ use std::os::unix::net::UnixListener;
 
 use common::http::{call, free_port, wait_for_socket};
 use common::memtest::{
-    API_TIMEOUT, events_named, memtest_running, migrate, passes, put, start_memtest, state,
+    API_TIMEOUT, events_named, memtest_running, migrate, passes, put, start_memtest,
+    start_memtest_with, state,
 };
 use common::process::{Rvmm, TestDir, wait_for_text};
 use common::{assert_threads_confined, kvm_available};
@@ -206,4 +210,154 @@ fn kvm_queries_answer_while_a_migration_waits_on_a_stalled_receiver() {
     let answer = sender.join().unwrap();
     assert_eq!(answer.status, 500, "{}", answer.body);
     assert_eq!(state(&socket), "Running");
+}
+
+/// `qemu-io` writing a sector of the raw image at `disk`: QEMU's own image locks decide
+/// whether it may (rvmm takes the same ones). Returns what it printed when it was refused.
+fn qemu_io_write(disk: &std::path::Path) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(disk)
+        .output()
+        .expect("qemu-io (Debian's qemu-utils)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && !text.contains("lock") {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// A 16 MiB raw disk in `dir`, and the `--disk` argument for it.
+fn writable_disk(dir: &TestDir) -> (std::path::PathBuf, String) {
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let arg = format!("path={}", disk.display());
+    (disk, arg)
+}
+
+#[test]
+fn kvm_live_migration_hands_a_writable_disk_over_to_the_destination() {
+    if !kvm_available("migration with a disk") {
+        return;
+    }
+    let dir = TestDir::new("migrate-disk");
+    let (disk, disk_arg) = writable_disk(&dir);
+    let mut source = start_memtest_with(&dir, "1", 4, &["--disk", &disk_arg]);
+    let mut destination = start_receiver(&dir);
+    wait_for_text(&dir.path("serial.log"), " ok\n", 1);
+    let refused = qemu_io_write(&disk).expect_err("the source holds the disk");
+    assert!(refused.contains("lock"), "{refused}");
+
+    let url = format!("unix:{}", dir.path("migration.sock").display());
+    migrate(&dir.path("api.sock"), &dir.path("dst.sock"), &url);
+    assert_eq!(source.wait(API_TIMEOUT), Some(0), "source exit");
+    let dst_socket = dir.path("dst.sock");
+    assert_eq!(state(&dst_socket), "Running");
+    wait_for_text(&dir.path("dst.log"), " ok\n", 2);
+    // The destination holds the disk now, as the source did.
+    let refused = qemu_io_write(&disk).expect_err("the destination holds the disk");
+    assert!(refused.contains("lock"), "{refused}");
+    put(&dst_socket, "vmm.shutdown", None);
+    assert_eq!(destination.wait(API_TIMEOUT), Some(0));
+    qemu_io_write(&disk).expect("the disk is free once the VM is gone");
+}
+
+/// A receiver that answers every request until State, then goes away; `at_state` runs first.
+fn receiver_dropping_at_state(
+    listener: UnixListener,
+    at_state: impl FnOnce() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        loop {
+            let (command, len) = read_request(&mut stream);
+            let mut payload = vec![0u8; usize::try_from(len).unwrap()];
+            stream.read_exact(&mut payload).unwrap();
+            if command == 4 {
+                at_state();
+                return;
+            }
+            answer_ok(&mut stream);
+        }
+    })
+}
+
+#[test]
+fn kvm_a_failed_migration_takes_the_disk_back_or_stays_paused_while_another_holds_it() {
+    if !kvm_available("failed migration with a disk") {
+        return;
+    }
+    let dir = TestDir::new("migrate-disk-back");
+    let (disk, disk_arg) = writable_disk(&dir);
+    let _source = start_memtest_with(&dir, "1", 4, &["--disk", &disk_arg]);
+    let socket = dir.path("api.sock");
+    wait_for_text(&dir.path("serial.log"), " ok\n", 1);
+    let sock_path = dir.path("migration.sock");
+    let body = format!(r#"{{"destination_url": "unix:{}"}}"#, sock_path.display());
+
+    // The receiver goes away at State, after the source let go of the disk: it takes the
+    // disk back and runs on.
+    let receiver = receiver_dropping_at_state(UnixListener::bind(&sock_path).unwrap(), || {});
+    let answer = call(&socket, "PUT", "/api/v1/vm.send-migration", Some(&body));
+    receiver.join().unwrap();
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert_eq!(state(&socket), "Running");
+    let seen = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap()).len();
+    wait_for_text(&dir.path("serial.log"), " ok\n", seen + 1);
+    let refused = qemu_io_write(&disk).expect_err("the source has the disk again");
+    assert!(refused.contains("lock"), "{refused}");
+
+    // This time a QEMU VM takes the disk while it is free (standing in for a receiver that
+    // runs the VM): the source must not run on it, and stays paused until the disk is free.
+    std::fs::remove_file(&sock_path).unwrap();
+    let (holder_tx, holder_rx) = std::sync::mpsc::channel();
+    let disk_for_holder = disk.clone();
+    let receiver = receiver_dropping_at_state(UnixListener::bind(&sock_path).unwrap(), move || {
+        let holder = std::process::Command::new("qemu-system-x86_64")
+            .args(["-S", "-nodefaults", "-display", "none", "-drive"])
+            .arg(format!(
+                "file={},format=raw,if=virtio",
+                disk_for_holder.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (Debian's qemu-system-x86)");
+        // Until QEMU holds the image, a write of ours would still be allowed (it starts
+        // slowly on a loaded machine).
+        let start = std::time::Instant::now();
+        while qemu_io_write(&disk_for_holder).is_ok() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(300),
+                "QEMU never locked the disk"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        holder_tx.send(holder).unwrap();
+    });
+    let answer = call(&socket, "PUT", "/api/v1/vm.send-migration", Some(&body));
+    receiver.join().unwrap();
+    let mut holder = holder_rx.recv().unwrap();
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert_eq!(state(&socket), "Paused");
+    let refused = call(&socket, "PUT", "/api/v1/vm.resume", None);
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        refused.body.contains("receiver has the disks") && refused.body.contains("in use"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(state(&socket), "Paused");
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    put(&socket, "vm.resume", None);
+    assert_eq!(state(&socket), "Running");
+    let seen = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap()).len();
+    wait_for_text(&dir.path("serial.log"), " ok\n", seen + 1);
 }

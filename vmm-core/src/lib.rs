@@ -75,6 +75,6 @@ pub use events::{
     ShutdownReason, SnapshotReport, VmEnd, VmEvent,
 };
 pub use exit::ExitReason;
-pub use lifecycle::{FlushError, RunningVm, ShutdownRequest, VmHandle};
+pub use lifecycle::{DiskLockError, FlushError, RunningVm, ShutdownRequest, VmHandle};
 pub use machine::{SaveError, SnapshotInfo};
 pub use metrics::{DiskMetrics, MetricsHandle, NicMetrics, VmMetrics};

@@ -45,6 +45,21 @@ pub enum FlushError {
     },
 }
 
+/// Errors taking back the disks' image locks.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskLockError {
+    /// Another VMM has a disk for writing meanwhile (a migration's destination that runs the
+    /// VM): this VM must not run.
+    #[error("Cannot take the disks back")]
+    Taken {
+        /// The disk.
+        path: std::path::PathBuf,
+        /// Why (names who is in the way when it can).
+        #[source]
+        source: BlockError,
+    },
+}
+
 /// A VM whose vCPUs are running (or paused). Dropping it stops the VM hard (like
 /// [`VmHandle::stop`]) and tears it down like [`RunningVm::wait`].
 ///
@@ -230,9 +245,16 @@ impl VmHandle {
         true
     }
 
-    /// Lets the devices, then the vCPUs, run again; false when the VM was not paused.
+    /// Lets the devices, then the vCPUs, run again; false when the VM was not paused, or
+    /// when its disks were handed over ([`VmHandle::release_disk_locks`]) and another VMM
+    /// holds one now (logged with the disk).
     pub fn resume(&self) -> bool {
         if self.control.state() != RunState::Paused {
+            return false;
+        }
+        if let Err(e) = self.reacquire_disk_locks() {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            log::error!("The VM stays paused: {e}: {}", cause.unwrap_or_default());
             return false;
         }
         if let Some(machine) = self.machine.upgrade() {
@@ -281,5 +303,29 @@ impl VmHandle {
     /// returned it confirms the teardown's flush and reports failures.
     pub fn flush_disks(&self) -> Result<(), FlushError> {
         flush_all(&self.disk_syncs)
+    }
+
+    /// Hands the writable disks over to another VMM, as QEMU inactivates its images at the
+    /// end of a migration: drops their image locks, so a live migration's destination can
+    /// open them when it builds the VM. Call with the VM paused and its disks flushed; before
+    /// it runs here again, the locks must be taken back ([`VmHandle::resume`] does).
+    pub fn release_disk_locks(&self) {
+        for disk in self.disk_syncs.iter() {
+            disk.release_lock();
+        }
+    }
+
+    /// Takes the writable disks' image locks back after [`VmHandle::release_disk_locks`] (a
+    /// migration that failed). Fails, naming the disk, when another VMM holds one: then the
+    /// destination may be running the VM, and this one must stay paused.
+    pub fn reacquire_disk_locks(&self) -> Result<(), DiskLockError> {
+        for disk in self.disk_syncs.iter() {
+            disk.reacquire_lock()
+                .map_err(|source| DiskLockError::Taken {
+                    path: disk.path().to_owned(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 }

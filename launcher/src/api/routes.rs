@@ -71,7 +71,7 @@ fn vmm_error(err: &VmmError) -> Reply {
         VmmError::WrongState { .. } | VmmError::AlreadyCreated(_) | VmmError::Exiting => 405,
         VmmError::Config(_) | VmmError::Console(_) | VmmError::Url { .. } => 400,
         VmmError::Boot(_) | VmmError::Restore(_) | VmmError::Dhcp(_) if err.is_bad_config() => 400,
-        VmmError::MigrationBusy => 409,
+        VmmError::MigrationBusy | VmmError::DisksTaken(_) => 409,
         VmmError::Boot(_)
         | VmmError::Waiter(_)
         | VmmError::Snapshot(_)

@@ -154,6 +154,7 @@ impl Vmm {
                 Ok(stats)
             }
             Err(e) => {
+                self.note_left_paused(&handle);
                 let text = crate::errors::error_chain(&e);
                 log::warn!("Migration to {destination_url} {}: {text}", stats.status);
                 self.emit(VmEvent::MigrationFailed {
@@ -162,6 +163,21 @@ impl Vmm {
                 });
                 Err(VmmError::Migration(e))
             }
+        }
+    }
+
+    /// After a failed migration whose VM could not run again here (its receiver kept a disk):
+    /// the VM is Paused for the API too, and `vm.resume` retries once the disk is free.
+    fn note_left_paused(&self, handle: &rvmm_core::VmHandle) {
+        if handle.state() != rvmm_core::RunState::Paused {
+            return;
+        }
+        let mut inner = self.lock();
+        if let Some(slot) = inner.vm.as_mut()
+            && slot.state == VmState::Running
+        {
+            slot.state = VmState::Paused;
+            self.emit(VmEvent::Paused);
         }
     }
 
@@ -245,6 +261,9 @@ fn migrate(
         if let Err(e) = handle.flush_disks() {
             return Err(MigrationError::Invalid(crate::errors::error_chain(&e)));
         }
+        // The receiver opens the disks when it builds the VM from State: it needs their
+        // image locks (on shared storage the image is the same file).
+        handle.release_disk_locks();
         let state = encode_state(&source.save_state()?)?;
         request(&mut *stream, Command::State, &state)?;
         if cancel.load(Ordering::SeqCst) {
@@ -263,8 +282,11 @@ fn migrate(
     if result.is_err() {
         // Best effort: the receiver drops what it has; the connection may be gone already.
         let _ = send_request(&mut *stream, Command::Abandon, &[]);
-        if paused {
-            source.resume();
+        // With its disks handed over, the VM runs here again only once they are this end's
+        // again: if the receiver holds one (it may have run the VM, its answer to Complete
+        // lost, say), two VMs would write the same disk, so it stays paused.
+        if paused && !source.resume() {
+            log::error!("The VM stays paused after the failed migration");
         }
     }
     result

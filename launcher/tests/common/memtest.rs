@@ -45,9 +45,17 @@ pub fn passes(text: &str) -> Vec<u64> {
 /// `rvmm run` of memtest over `mib` MiB with the API on `dir`'s `api.sock`, console to
 /// `serial.log`, events to `events.jsonl`; returns once the API listens.
 pub fn start_memtest(dir: &TestDir, vcpus: &str, mib: u32) -> Rvmm {
+    start_memtest_with(dir, vcpus, mib, &[])
+}
+
+/// [`start_memtest`] with more `rvmm run` arguments (a disk, say).
+pub fn start_memtest_with(dir: &TestDir, vcpus: &str, mib: u32, extra: &[&str]) -> Rvmm {
     let kernel = tiny_guest("memtest");
     let socket = dir.path("api.sock");
-    let vmm = Rvmm::start(&[
+    let cmdline = format!("memtest.mib={mib}");
+    let serial = format!("file={}", dir.path("serial.log").display());
+    let events = format!("path={}", dir.path("events.jsonl").display());
+    let mut args = vec![
         "run",
         "--kernel",
         kernel.to_str().unwrap(),
@@ -56,14 +64,16 @@ pub fn start_memtest(dir: &TestDir, vcpus: &str, mib: u32) -> Rvmm {
         "--vcpus",
         vcpus,
         "--cmdline",
-        &format!("memtest.mib={mib}"),
+        &cmdline,
         "--serial",
-        &format!("file={}", dir.path("serial.log").display()),
+        &serial,
         "--event-monitor",
-        &format!("path={}", dir.path("events.jsonl").display()),
+        &events,
         "--api-socket",
         socket.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let vmm = Rvmm::start(&args);
     wait_for_socket(&socket, API_TIMEOUT);
     vmm
 }

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -42,7 +42,7 @@ use super::{
     VirtioDevice, VirtioInterrupt, WorkerError, read_config_bytes, take_queues,
 };
 use crate::image::{DiskImage, ImageError, ImageFormat};
-use crate::image_lock::{ImageAccess, ImageLockError, lock_image};
+use crate::image_lock::{ImageAccess, ImageLockError, lock_image, unlock_image};
 use crate::seccomp::WorkerKind;
 
 /// Size of the device's only queue.
@@ -141,12 +141,34 @@ pub enum BlockError {
 pub struct DiskSync {
     path: PathBuf,
     file: File,
+    /// The image locks were handed over ([`DiskSync::release_lock`]).
+    released: AtomicBool,
 }
 
 impl DiskSync {
     /// The disk's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Hands the image over to another VMM (a live migration's destination, once the VM is
+    /// paused and the disk flushed): drops the device's image locks, which belong to the file
+    /// description this handle shares with the device. The VM must not run here again
+    /// before [`DiskSync::reacquire_lock`] succeeds.
+    pub fn release_lock(&self) {
+        unlock_image(&self.file, ImageAccess::Write);
+        self.released.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the image locks back after [`DiskSync::release_lock`] (a migration that failed);
+    /// refused while another VMM has the image for writing. Does nothing when they were not
+    /// released.
+    pub fn reacquire_lock(&self) -> Result<(), BlockError> {
+        if self.released.load(Ordering::SeqCst) {
+            lock_image(&self.file, &self.path, ImageAccess::Write).map_err(BlockError::Locked)?;
+            self.released.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// Makes every write completed so far durable (`fdatasync`; the file is the device's, so
@@ -345,6 +367,7 @@ impl Block {
         Ok(Some(DiskSync {
             path: self.path.clone(),
             file,
+            released: AtomicBool::new(false),
         }))
     }
 

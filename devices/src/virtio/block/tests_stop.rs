@@ -418,3 +418,43 @@ fn requests_mark_the_guest_pages_the_device_writes_dirty_and_no_others() {
         assert!(!dirty(&mem, HDR), "{engine:?}: header");
     }
 }
+
+/// A second writable device on `disk`, as another VMM (a migration's destination) opens it.
+fn second_writer(disk: &TempDisk) -> Result<Block, BlockError> {
+    Block::new(BlockConfig {
+        path: disk.path.clone(),
+        readonly: false,
+        id: None,
+        engine: Engine::Sync,
+        format: None,
+    })
+}
+
+#[test]
+fn a_released_disk_lock_lets_another_writer_in_and_is_taken_back_only_once_it_left() {
+    let disk = TempDisk::patterned("handover", 4096);
+    let dev = block(&disk, false, Engine::Sync);
+    let sync = dev.disk_sync().unwrap().expect("writable disk");
+    let Err(refused) = second_writer(&disk) else {
+        panic!("a second writer got the locked image");
+    };
+    assert!(matches!(refused, BlockError::Locked(_)), "{refused}");
+
+    sync.release_lock();
+    let other = second_writer(&disk).expect("the released image can be taken");
+    let err = sync.reacquire_lock().unwrap_err();
+    assert!(
+        err.to_string().contains("Cannot lock the disk image"),
+        "{err}"
+    );
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains(&disk.path.display().to_string()),
+        "{err}"
+    );
+    drop(other);
+    sync.reacquire_lock().unwrap();
+    assert!(matches!(second_writer(&disk), Err(BlockError::Locked(_))));
+}
