@@ -2,7 +2,10 @@
 //! virtio-rng is snapshotted while its /init beats (`rvmm.beat`: every 2 s it reads the disk
 //! past the page cache and pings the host through the NIC), killed, restored with `rvmm run
 //! --restore` and resumed: the beat count goes on from where it was, without a reboot, and the
-//! disk and the NIC still work. One boot; needs KVM and the built image (as linux_guest.rs).
+//! disk and the NIC still work. The restored VM then moves by live migration to an rvmm in
+//! another network namespace (its own tap, the host side with the same addresses, as a
+//! KubeVirt target pod has), over the same disk file: the count goes on there too, disk and
+//! NIC working. One boot; needs KVM and the built image (as linux_guest.rs).
 
 mod common;
 
@@ -13,8 +16,8 @@ use std::time::{Duration, Instant};
 use common::http::wait_for_socket;
 use common::kvm_available;
 use common::linux::{base_cmdline, image_dir, manifest};
-use common::memtest::{put, state};
-use common::netns::{GUEST_IP, HOST_IP, TestNetwork, test_network};
+use common::memtest::{migrate, put, state};
+use common::netns::{GUEST_IP, HOST_IP, TestNetwork, ip, test_network};
 use common::process::{Rvmm, TestDir};
 
 /// Emulated guests are slow here (about a minute to init on an idle machine; a loaded one
@@ -65,19 +68,35 @@ fn spawn_in(net: &TestNetwork, args: &[&str]) -> Rvmm {
     Rvmm(child)
 }
 
+/// The host side of `net`'s tap gets the MAC address every test namespace's tap has here, so
+/// that the guest's neighbour entry for the host stays right after it moves to another
+/// namespace (in KubeVirt both pods' bridges answer for the gateway alike).
+fn same_host_mac(net: &TestNetwork) {
+    ip(&[
+        "-n",
+        &net.name,
+        "link",
+        "set",
+        "tap0",
+        "address",
+        "02:72:76:6d:00:01",
+    ])
+    .expect("set the tap's MAC address");
+}
+
 /// On virtio-mmio. Ignored for CI's time budget (four minutes of emulated Linux): the PCI
 /// run below covers the vCPU, clock and memory restore, the tiny-guest tests cover the
 /// virtio-mmio transport's. Passed here (2026-12-04, `--ignored`) with the TSC deadline fix.
 #[test]
 #[ignore = "CI time: the PCI run covers the same restore; run with --ignored"]
-fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
+fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_restore_and_live_migration() {
     snapshot_kill_restore("linux snapshot/restore", "mmio");
 }
 
 /// The same on a PCI machine (KubeVirt's platform): Linux's virtio-pci driver with MSI-X, the
 /// BARs where the kernel put them, ACPI.
 #[test]
-fn kvm_linux_guest_on_pci_with_disk_and_nic_goes_on_after_snapshot_kill_restore() {
+fn kvm_linux_guest_on_pci_with_disk_and_nic_goes_on_after_snapshot_restore_and_live_migration() {
     snapshot_kill_restore("linux snapshot/restore on PCI", "pci");
 }
 
@@ -92,6 +111,12 @@ fn snapshot_kill_restore(test: &str, transport: &str) {
     let Some(net) = test_network(&format!("lsnap{}", &transport[..1])) else {
         return;
     };
+    // Where the VM moves last, by live migration.
+    let Some(target_net) = test_network(&format!("lmig{}", &transport[..1])) else {
+        return;
+    };
+    same_host_mac(&net);
+    same_host_mac(&target_net);
     let dir = TestDir::new(&format!("linux-snapshot-{transport}"));
     let m = manifest(&images);
     let disk = dir.path("rootfs.ext4");
@@ -165,6 +190,40 @@ fn snapshot_kill_restore(test: &str, transport: &str) {
         "disk or NIC broken after restore: {text}"
     );
     assert!(!text.contains("RVMM-INIT"), "rebooted: {text}");
-    put(&api2, "vmm.shutdown", None);
-    assert_eq!(restored.wait(Duration::from_secs(60)), Some(0));
+
+    // Live migration of the restored VM to the other namespace, disk and all.
+    let (log3, api3) = (dir.path("console3.log"), dir.path("api3.sock"));
+    let mut target = spawn_in(
+        &target_net,
+        &[
+            "run",
+            "--serial",
+            &format!("file={}", log3.display()),
+            "--api-socket",
+            api3.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api3, Duration::from_secs(60));
+    let url = format!("unix:{}", dir.path("migration.sock").display());
+    migrate(&api2, &api3, &url);
+    assert_eq!(
+        restored.wait(Duration::from_secs(60)),
+        Some(0),
+        "source exit"
+    );
+    let last = beats(&log2).0.last().unwrap().0;
+    assert_eq!(state(&api3), "Running");
+    let after = wait_for_beat(&log3, last + 2);
+    let text = std::fs::read_to_string(&log3).unwrap();
+    assert!(
+        after[0].0 <= last + 1,
+        "beats lost in the migration: {last} then {text}"
+    );
+    assert!(
+        after.iter().all(|b| b.1),
+        "disk or NIC broken after the migration: {text}"
+    );
+    assert!(!text.contains("RVMM-INIT"), "rebooted: {text}");
+    put(&api3, "vmm.shutdown", None);
+    assert_eq!(target.wait(Duration::from_secs(60)), Some(0));
 }

@@ -120,7 +120,10 @@ pub(crate) fn take_vmm_dirty(mem: &GuestMemoryMmap) -> DirtyPages {
             .iter()
             .map(|r| {
                 let bitmap = std::ops::Deref::deref(r).bitmap();
-                let bits = bitmap.get_and_reset();
+                let mut bits = bitmap.get_and_reset();
+                // A word per 64 pages whatever the bitmap holds: KVM's log is merged into
+                // these words, and a shorter bitmap would drop the rest of it.
+                bits.resize(usize_from(r.len().div_ceil(PAGE_SIZE).div_ceil(64)), 0);
                 RegionDirty {
                     guest_addr: r.start_addr().0,
                     len: r.len(),
@@ -194,5 +197,32 @@ mod tests {
         let all = DirtyPages::all(&mem);
         assert_eq!(all.count(), 100);
         assert_eq!(all.ranges(), vec![(0, 100 * PAGE_SIZE)]);
+    }
+
+    #[test]
+    fn the_vmm_bitmap_of_a_region_gives_a_word_per_64_pages_even_when_it_has_fewer() {
+        use vm_memory::mmap::MmapRegionBuilder;
+        // A region built without a bitmap of its size (vm-memory's default is empty).
+        let mmap = MmapRegionBuilder::new(130 * 4096)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .build()
+            .unwrap();
+        let region = crate::memory::GuestRegionMmap::new(mmap, vm_memory::GuestAddress(0)).unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        let mut pages = take_vmm_dirty(&mem);
+        assert_eq!(pages.regions[0].bits, vec![0; 3]);
+        // What KVM's log adds is kept, to the last page.
+        let kvm = DirtyPages {
+            regions: vec![RegionDirty {
+                guest_addr: 0,
+                len: 130 * PAGE_SIZE,
+                bits: vec![1, 0, 1 << 1],
+            }],
+        };
+        pages.merge(&kvm);
+        assert_eq!(
+            pages.ranges(),
+            vec![(0, PAGE_SIZE), (129 * PAGE_SIZE, PAGE_SIZE)]
+        );
     }
 }

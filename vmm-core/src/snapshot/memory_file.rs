@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rvmm_devices::cast::usize_from;
+use rvmm_devices::virtio::Bitmap;
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
@@ -169,7 +171,9 @@ pub fn map_memory_file(
         if len == 0 || len % PAGE != 0 {
             return Err(MemoryFileError::Layout);
         }
-        let mmap = MmapRegionBuilder::new(len)
+        // With a dirty bitmap of the region's size, as booted memory has: the devices' writes
+        // (used rings, disk reads) must be seen by a later live migration of this VM.
+        let mmap = MmapRegionBuilder::new_with_bitmap(len, Bitmap::with_len(len))
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE | populate)
@@ -243,6 +247,21 @@ mod tests {
             .read_slice(&mut buf[..3], GuestAddress(0x1234))
             .unwrap();
         assert_eq!(&buf[..3], b"low");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_mapped_memory_file_records_the_pages_written_through_it() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let path = temp("bitmap");
+        write_memory_file(&mem, &path).unwrap();
+        let restored = map_memory_file(&path, &memory_regions(&mem), false).unwrap();
+        restored.write_obj(1u32, GuestAddress(0x5004)).unwrap();
+        let region = restored.find_region(GuestAddress(0)).unwrap();
+        let bitmap = std::ops::Deref::deref(region).bitmap();
+        assert!(bitmap.is_addr_set(0x5000), "the written page");
+        assert!(!bitmap.is_addr_set(0x6000), "another page");
+        assert_eq!(bitmap.len(), 256, "a bit for every page");
         std::fs::remove_file(path).unwrap();
     }
 
