@@ -84,9 +84,10 @@ fn same_host_mac(net: &TestNetwork) {
     .expect("set the tap's MAC address");
 }
 
-/// On virtio-mmio. Ignored for CI's time budget (four minutes of emulated Linux): the PCI
-/// run below covers the vCPU, clock and memory restore, the tiny-guest tests cover the
-/// virtio-mmio transport's. Passed here (2026-12-04, `--ignored`) with the TSC deadline fix.
+/// On virtio-mmio. Ignored for CI's time budget (two minutes of emulated Linux): the PCI
+/// run below covers the vCPU, clock and memory restore and the migration, the tiny-guest
+/// tests cover the virtio-mmio transport's. Passed here (2026-12-05, `--ignored`, 110 s,
+/// with the live migration step).
 #[test]
 #[ignore = "CI time: the PCI run covers the same restore; run with --ignored"]
 fn kvm_linux_guest_with_disk_and_nic_goes_on_after_snapshot_restore_and_live_migration() {
