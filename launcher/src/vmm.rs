@@ -704,9 +704,10 @@ impl Vmm {
             if !first {
                 return Some(None);
             }
-            if slot.state == VmState::Paused {
-                // A paused guest cannot see the press: let it run to shut down.
-                active.handle.resume();
+            // A paused guest cannot see the press: let it run to shut down (unless it cannot
+            // run here: a failed migration's receiver holds its disks; the grace period
+            // ends it then).
+            if slot.state == VmState::Paused && active.handle.resume() {
                 was_paused = true;
             }
             Some(Some(press_power_button(active)))

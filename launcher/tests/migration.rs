@@ -306,10 +306,16 @@ fn kvm_live_migration_hands_a_writable_disk_over_to_the_destination() {
     qemu_io_write(&disk).expect("the disk is free once the VM is gone");
 }
 
-/// A receiver that answers every request until State, then goes away; `at_state` runs first.
-fn receiver_dropping_at_state(
+/// The protocol's State and Complete commands.
+const STATE: u16 = 4;
+const COMPLETE: u16 = 5;
+
+/// A receiver that answers every request until `last`, then goes away without answering it;
+/// `at_last` runs first.
+fn receiver_dropping_at(
+    last: u16,
     listener: UnixListener,
-    at_state: impl FnOnce() + Send + 'static,
+    at_last: impl FnOnce() + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
@@ -317,8 +323,8 @@ fn receiver_dropping_at_state(
             let (command, len) = read_request(&mut stream);
             let mut payload = vec![0u8; usize::try_from(len).unwrap()];
             stream.read_exact(&mut payload).unwrap();
-            if command == 4 {
-                at_state();
+            if command == last {
+                at_last();
                 return;
             }
             answer_ok(&mut stream);
@@ -341,7 +347,7 @@ fn kvm_a_failed_migration_takes_the_disk_back_or_stays_paused_while_another_hold
 
     // The receiver goes away at State, after the source let go of the disk: it takes the
     // disk back and runs on.
-    let receiver = receiver_dropping_at_state(UnixListener::bind(&sock_path).unwrap(), || {});
+    let receiver = receiver_dropping_at(STATE, UnixListener::bind(&sock_path).unwrap(), || {});
     let answer = call(&socket, "PUT", "/api/v1/vm.send-migration", Some(&body));
     receiver.join().unwrap();
     assert_eq!(answer.status, 500, "{}", answer.body);
@@ -356,29 +362,30 @@ fn kvm_a_failed_migration_takes_the_disk_back_or_stays_paused_while_another_hold
     std::fs::remove_file(&sock_path).unwrap();
     let (holder_tx, holder_rx) = std::sync::mpsc::channel();
     let disk_for_holder = disk.clone();
-    let receiver = receiver_dropping_at_state(UnixListener::bind(&sock_path).unwrap(), move || {
-        let holder = std::process::Command::new("qemu-system-x86_64")
-            .args(["-S", "-nodefaults", "-display", "none", "-drive"])
-            .arg(format!(
-                "file={},format=raw,if=virtio",
-                disk_for_holder.display()
-            ))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (Debian's qemu-system-x86)");
-        // Until QEMU holds the image, a write of ours would still be allowed (it starts
-        // slowly on a loaded machine).
-        let start = std::time::Instant::now();
-        while qemu_io_write(&disk_for_holder).is_ok() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(300),
-                "QEMU never locked the disk"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        holder_tx.send(holder).unwrap();
-    });
+    let receiver =
+        receiver_dropping_at(STATE, UnixListener::bind(&sock_path).unwrap(), move || {
+            let holder = std::process::Command::new("qemu-system-x86_64")
+                .args(["-S", "-nodefaults", "-display", "none", "-drive"])
+                .arg(format!(
+                    "file={},format=raw,if=virtio",
+                    disk_for_holder.display()
+                ))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-system-x86_64 (Debian's qemu-system-x86)");
+            // Until QEMU holds the image, a write of ours would still be allowed (it starts
+            // slowly on a loaded machine).
+            let start = std::time::Instant::now();
+            while qemu_io_write(&disk_for_holder).is_ok() {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(300),
+                    "QEMU never locked the disk"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            holder_tx.send(holder).unwrap();
+        });
     let answer = call(&socket, "PUT", "/api/v1/vm.send-migration", Some(&body));
     receiver.join().unwrap();
     let mut holder = holder_rx.recv().unwrap();
@@ -398,5 +405,30 @@ fn kvm_a_failed_migration_takes_the_disk_back_or_stays_paused_while_another_hold
     put(&socket, "vm.resume", None);
     assert_eq!(state(&socket), "Running");
     let seen = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap()).len();
+    wait_for_text(&dir.path("serial.log"), " ok\n", seen + 1);
+}
+
+/// Once Complete is sent the receiver may be running the VM; when its answer does not come,
+/// the source cannot know, so it does not run its copy: it stays paused for whoever manages
+/// the VM (as QEMU's source stays in `postmigrate`), and `vm.resume` is theirs to call.
+#[test]
+fn kvm_a_migration_whose_complete_goes_unanswered_leaves_the_source_paused() {
+    if !kvm_available("unanswered Complete") {
+        return;
+    }
+    let (dir, socket, _source) = memtest_running("migrate-unanswered");
+    let sock_path = dir.path("migration.sock");
+    let receiver = receiver_dropping_at(COMPLETE, UnixListener::bind(&sock_path).unwrap(), || {});
+    let body = format!(r#"{{"destination_url": "unix:{}"}}"#, sock_path.display());
+    let answer = call(&socket, "PUT", "/api/v1/vm.send-migration", Some(&body));
+    receiver.join().unwrap();
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert_eq!(state(&socket), "Paused");
+    let seen = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap()).len();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let now = passes(&std::fs::read_to_string(dir.path("serial.log")).unwrap()).len();
+    assert_eq!(now, seen, "the paused source ran on");
+    put(&socket, "vm.resume", None);
+    assert_eq!(state(&socket), "Running");
     wait_for_text(&dir.path("serial.log"), " ok\n", seen + 1);
 }

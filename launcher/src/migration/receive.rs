@@ -198,7 +198,17 @@ impl Vmm {
                 }
                 Command::Complete if built => {
                     let resumed = self.resume_incoming();
-                    answer(stream, resumed.clone()).map_err(ProtocolError::Io)?;
+                    let answered = answer(stream, resumed.clone());
+                    if resumed.is_ok() {
+                        // The VM runs here now, whether or not the sender hears so: dropping
+                        // it could leave its writes to the disks behind an older VM's. The
+                        // sender keeps its copy paused when the answer does not come.
+                        if let Err(e) = answered {
+                            log::warn!("The migrated VM runs here; the sender was not told: {e}");
+                        }
+                        return Ok(bytes);
+                    }
+                    answered.map_err(ProtocolError::Io)?;
                     return resumed.map(|()| bytes).map_err(MigrationError::Invalid);
                 }
                 Command::Abandon => return Err(MigrationError::Cancelled),

@@ -211,6 +211,8 @@ fn migrate(
     let cancel = &canceller.flag;
     let mut source = MigrationSource::new(handle)?;
     let mut paused = false;
+    // Set once Complete is on its way: from then on the receiver may run the VM.
+    let mut completing = false;
     let result = (|| {
         request(&mut *stream, Command::Start, &start_payload())?;
         request(&mut *stream, Command::Config, config)?;
@@ -269,7 +271,13 @@ fn migrate(
         if cancel.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
         }
-        request(&mut *stream, Command::Complete, &[])?;
+        completing = true;
+        let completed = request(&mut *stream, Command::Complete, &[]);
+        // A refusal is the receiver's word that the VM does not run there.
+        if let Err(MigrationError::Protocol(super::ProtocolError::Refused { .. })) = &completed {
+            completing = false;
+        }
+        completed?;
         stats.downtime_ms = down.elapsed().as_secs_f64() * 1e3;
         Ok(())
     })();
@@ -282,10 +290,15 @@ fn migrate(
     if result.is_err() {
         // Best effort: the receiver drops what it has; the connection may be gone already.
         let _ = send_request(&mut *stream, Command::Abandon, &[]);
-        // With its disks handed over, the VM runs here again only once they are this end's
-        // again: if the receiver holds one (it may have run the VM, its answer to Complete
-        // lost, say), two VMs would write the same disk, so it stays paused.
-        if paused && !source.resume() {
+        // After Complete went out the receiver may be running the VM (its answer lost, say):
+        // this copy stays paused, for whoever manages the VM to decide (QEMU's source stays
+        // in `postmigrate` likewise). Before, it runs again once its disks are this end's
+        // again (`VmHandle::resume` takes them back; if someone holds one, it stays paused).
+        if completing {
+            log::error!(
+                "The VM stays paused: the migration failed after Complete was sent, so the receiver may be running it"
+            );
+        } else if paused && !source.resume() {
             log::error!("The VM stays paused after the failed migration");
         }
     }

@@ -8,7 +8,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -44,6 +44,10 @@ pub struct DiskContext {
     pub counters: Arc<BlockCounters>,
     /// The disk's path, to name it in messages.
     pub path: PathBuf,
+    /// Set while the image's locks are handed to another VMM ([`super::DiskSync::release_lock`],
+    /// a live migration's receiver): the worker must not write the image, not even the flush
+    /// when it stops (a qcow2 image's cached tables would overwrite the other VMM's).
+    pub handed_over: Arc<AtomicBool>,
 }
 
 /// Token of the flush made when the worker stops (request tokens are `u32` slot indexes).

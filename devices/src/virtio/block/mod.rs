@@ -141,8 +141,9 @@ pub enum BlockError {
 pub struct DiskSync {
     path: PathBuf,
     file: File,
-    /// The image locks were handed over ([`DiskSync::release_lock`]).
-    released: AtomicBool,
+    /// The image locks are handed over ([`DiskSync::release_lock`]); shared with the device,
+    /// whose worker then writes nothing to the image.
+    handed_over: Arc<AtomicBool>,
 }
 
 impl DiskSync {
@@ -156,17 +157,17 @@ impl DiskSync {
     /// description this handle shares with the device. The VM must not run here again
     /// before [`DiskSync::reacquire_lock`] succeeds.
     pub fn release_lock(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
         unlock_image(&self.file, ImageAccess::Write);
-        self.released.store(true, Ordering::SeqCst);
     }
 
     /// Takes the image locks back after [`DiskSync::release_lock`] (a migration that failed);
     /// refused while another VMM has the image for writing. Does nothing when they were not
     /// released.
     pub fn reacquire_lock(&self) -> Result<(), BlockError> {
-        if self.released.load(Ordering::SeqCst) {
+        if self.handed_over.load(Ordering::SeqCst) {
             lock_image(&self.file, &self.path, ImageAccess::Write).map_err(BlockError::Locked)?;
-            self.released.store(false, Ordering::SeqCst);
+            self.handed_over.store(false, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -224,6 +225,8 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     acked: u64,
     counters: Arc<BlockCounters>,
+    /// See [`DiskContext::handed_over`].
+    handed_over: Arc<AtomicBool>,
     worker: DeviceWorker,
 }
 
@@ -318,6 +321,7 @@ impl Block {
             config: config_space(capacity),
             acked: 0,
             counters: Arc::new(BlockCounters::default()),
+            handed_over: Arc::default(),
             worker: DeviceWorker::new(worker_name(&id)),
         })
     }
@@ -367,7 +371,7 @@ impl Block {
         Ok(Some(DiskSync {
             path: self.path.clone(),
             file,
-            released: AtomicBool::new(false),
+            handed_over: self.handed_over.clone(),
         }))
     }
 
@@ -411,6 +415,7 @@ impl Block {
             id: self.id,
             counters: self.counters.clone(),
             path: self.path.clone(),
+            handed_over: self.handed_over.clone(),
         };
         Ok(BlockHandler::new(
             mem,

@@ -289,6 +289,7 @@ fn context(dev: &Block, read_only: bool) -> DiskContext {
         id: *dev.id(),
         counters: dev.counters(),
         path: dev.path().to_path_buf(),
+        handed_over: Default::default(),
     }
 }
 

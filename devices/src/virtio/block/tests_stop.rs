@@ -26,6 +26,8 @@ use super::*;
 enum Seen {
     Start(&'static str, u64),
     Done(u64, bool),
+    /// The backend wrote its cached image metadata back (a qcow2 image's tables).
+    WriteBack,
 }
 
 type Log = Arc<Mutex<Vec<Seen>>>;
@@ -76,6 +78,10 @@ impl DiskBackend for Recording {
         self.record_done(&done[before..]);
         result
     }
+    fn write_back(&mut self) -> io::Result<()> {
+        self.log.lock().unwrap().push(Seen::WriteBack);
+        self.inner.write_back()
+    }
     fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         self.inner.completion_fd()
     }
@@ -123,18 +129,30 @@ fn handler_over(
     vq: &MockSplitQueue<'_, GuestMemoryMmap>,
     backend: Box<dyn DiskBackend>,
 ) -> BlockHandler<CountingInterrupt> {
+    handler_signalling(dev, mem, vq, backend, Arc::default())
+}
+
+/// [`handler_over`] signalling through `interrupt`.
+fn handler_signalling(
+    dev: &Block,
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+    backend: Box<dyn DiskBackend>,
+    interrupt: Arc<CountingInterrupt>,
+) -> BlockHandler<CountingInterrupt> {
     let disk = DiskContext {
         limits: dev.limits(),
         read_only: dev.readonly(),
         id: *dev.id(),
         counters: dev.counters(),
         path: dev.path().to_path_buf(),
+        handed_over: dev.handed_over.clone(),
     };
     BlockHandler::new(
         mem.clone(),
         vq.create_queue().unwrap(),
         EventFd::new(EFD_NONBLOCK).unwrap(),
-        Arc::new(CountingInterrupt::default()),
+        interrupt,
         backend,
         disk,
     )
@@ -180,6 +198,57 @@ fn stopping_the_worker_flushes_a_written_disk() {
         );
         assert_eq!(status(&mem, 0), S_OK);
     }
+}
+
+#[test]
+fn a_disk_handed_to_another_vmm_is_not_flushed_when_the_worker_stops() {
+    for engine in engines() {
+        let Setup {
+            disk: _disk,
+            dev,
+            mem,
+        } = setup("handed-over", engine);
+        let vq = MockSplitQueue::new(&mem, 16);
+        add_request(&mem, &vq, 0, 0, VIRTIO_BLK_T_OUT, 2, &[(DATA, 512, R)]);
+        let log = Log::default();
+        let h = handler_over(&dev, &mem, &vq, recording(&dev, &log));
+        let worker = spawn_worker("test-blk-handed", h).unwrap();
+        wait_for_used(&vq);
+        // A live migration's source after its final flush: the receiver has the image now.
+        dev.disk_sync().unwrap().unwrap().release_lock();
+        worker.stop();
+        assert_eq!(
+            stop_flushes(&log),
+            0,
+            "{engine:?}: wrote a handed-over image"
+        );
+    }
+}
+
+#[test]
+fn a_worker_whose_queue_broke_still_settles_its_image_when_paused() {
+    let Setup {
+        disk: _disk,
+        dev,
+        mem,
+    } = setup("broken-pause", Engine::Sync);
+    let vq = MockSplitQueue::new(&mem, 16);
+    // An available index 100 ahead of a 16-entry queue: the queue is broken at once.
+    vq.avail().idx().store(100);
+    let log = Log::default();
+    let interrupt = Arc::new(CountingInterrupt::default());
+    let h = handler_signalling(&dev, &mem, &vq, recording(&dev, &log), interrupt.clone());
+    let worker = spawn_worker("test-blk-broken", h).unwrap();
+    let start = std::time::Instant::now();
+    while interrupt.needs_reset.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed().as_secs() < 10, "the queue never broke");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    worker.pause().unwrap();
+    // A snapshot or a migration's receiver opens the image next: its metadata is written.
+    let seen = log.lock().unwrap().clone();
+    assert!(seen.contains(&Seen::WriteBack), "{seen:?}");
+    worker.stop();
 }
 
 #[test]

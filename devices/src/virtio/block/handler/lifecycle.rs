@@ -3,6 +3,7 @@
 //! if anything was written since the last one).
 
 use std::io;
+use std::sync::atomic::Ordering;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueState;
@@ -29,7 +30,10 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
         self.free.clear();
         self.busy = 0;
         waited?;
-        if self.disk.read_only || !self.has_unflushed_writes() {
+        if self.disk.read_only
+            || self.disk.handed_over.load(Ordering::SeqCst)
+            || !self.has_unflushed_writes()
+        {
             return Ok(());
         }
         let outcome = match self
@@ -66,6 +70,19 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
     /// Waits for every operation in flight and returns its request to the guest (status,
     /// used entry, interrupt): what a pause needs before the worker parks.
     pub fn complete_in_flight(&mut self) -> Result<usize, virtio_queue::Error> {
+        self.settle_image();
+        let completed = self.flush_answers()?;
+        self.notify_guest()?;
+        self.stats.publish(&self.disk.counters);
+        Ok(completed)
+    }
+}
+
+impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
+    /// Waits for every operation in flight (their answers queued) and writes a qcow2 image's
+    /// cached metadata to the file: a snapshot or a migration's receiver opens the image
+    /// afresh and must see every completed write.
+    fn settle_image(&mut self) {
         if let Err(e) = self.backend.wait_all(&mut self.done) {
             log::warn!(
                 "virtio-blk: waiting for the I/O in flight on {} failed: {e}",
@@ -73,18 +90,12 @@ impl<I: ?Sized + VirtioInterrupt> BlockHandler<I> {
             );
         }
         self.finish_done();
-        // A qcow2 image's cached metadata goes to the file: a snapshot or the migration's
-        // destination opens the image afresh and must see every completed write.
         if let Err(e) = self.backend.write_back() {
             log::error!(
                 "virtio-blk: cannot write back the metadata of {}: {e}",
                 self.disk.path.display()
             );
         }
-        let completed = self.flush_answers()?;
-        self.notify_guest()?;
-        self.stats.publish(&self.disk.counters);
-        Ok(completed)
     }
 }
 
@@ -94,6 +105,8 @@ where
 {
     fn quiesce(&mut self) {
         if self.broken {
+            // The queue waits for a reset, but the image is settled all the same.
+            self.settle_image();
             return;
         }
         if let Err(e) = self.complete_in_flight() {
