@@ -432,3 +432,84 @@ fn kvm_a_migration_whose_complete_goes_unanswered_leaves_the_source_paused() {
     assert_eq!(state(&socket), "Running");
     wait_for_text(&dir.path("serial.log"), " ok\n", seen + 1);
 }
+
+/// A sender scripted from a snapshot's files (`config.json`, `memory.bin`, `state.bin`) over
+/// rvmm's own protocol module, which closes the connection as soon as Complete is sent: the
+/// receiver resumes the VM and then cannot answer. The VM runs there all the same (it may be
+/// writing its disks already; dropping it would leave them behind an older copy).
+#[test]
+fn kvm_a_receiver_keeps_the_vm_it_resumed_when_its_answer_to_complete_cannot_be_sent() {
+    use rvmm_launcher::vmm::migration::protocol::{
+        Command, read_answer, send_request, start_payload, write_header,
+    };
+    if !kvm_available("unanswerable Complete") {
+        return;
+    }
+    let (dir, socket, mut source) = memtest_running("migrate-receiver-keeps");
+    put(&socket, "vm.pause", None);
+    let snap = dir.path("snap");
+    let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
+    put(&socket, "vm.snapshot", Some(&body));
+    put(&socket, "vmm.shutdown", None);
+    assert_eq!(source.wait(API_TIMEOUT), Some(0));
+
+    let mut destination = start_receiver(&dir);
+    let url = format!("unix:{}", dir.path("migration.sock").display());
+    let receive = {
+        let (socket, body) = (
+            dir.path("dst.sock"),
+            format!(r#"{{"receiver_url": "{url}"}}"#),
+        );
+        std::thread::spawn(move || {
+            call(&socket, "PUT", "/api/v1/vm.receive-migration", Some(&body))
+        })
+    };
+    let path = dir.path("migration.sock");
+    let start = std::time::Instant::now();
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(stream) => break stream,
+            Err(_) if start.elapsed() < API_TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("the receiver never listened: {e}"),
+        }
+    };
+    let mut request = |command: Command, payload: &[u8]| {
+        send_request(&mut stream, command, payload).unwrap();
+        read_answer(&mut stream, command).unwrap();
+    };
+    request(Command::Start, &start_payload());
+    request(
+        Command::Config,
+        &std::fs::read(snap.join("config.json")).unwrap(),
+    );
+    // The memory's non-zero pages (the guest's RAM starts at 0 in one region at this size).
+    let memory = std::fs::read(snap.join("memory.bin")).unwrap();
+    for (index, chunk) in memory.chunks(1 << 20).enumerate() {
+        if chunk.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let mut payload = Vec::with_capacity(24 + chunk.len());
+        payload.extend_from_slice(&1u64.to_le_bytes());
+        payload.extend_from_slice(&((index as u64) << 20).to_le_bytes());
+        payload.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
+        payload.extend_from_slice(chunk);
+        request(Command::Memory, &payload);
+    }
+    request(
+        Command::State,
+        &std::fs::read(snap.join("state.bin")).unwrap(),
+    );
+    write_header(&mut stream, Command::Complete, 0).unwrap();
+    drop(stream);
+
+    let received = receive.join().unwrap();
+    assert_eq!(received.status, 204, "{}", received.body);
+    let dst_socket = dir.path("dst.sock");
+    assert_eq!(state(&dst_socket), "Running");
+    let text = wait_for_text(&dir.path("dst.log"), " ok\n", 2);
+    assert!(!text.contains("CORRUPT"), "{text}");
+    put(&dst_socket, "vmm.shutdown", None);
+    assert_eq!(destination.wait(API_TIMEOUT), Some(0));
+}
